@@ -1,0 +1,59 @@
+"""Names shared by every writer and reader of FLAIR data.
+
+The values follow the FLAIR download layout and the per-user TFRecord format of
+apple/ml-flair (see FLAIR_REFERENCE.md, "Download layout" and "Per-user
+TFRecords"). Nothing else in the project spells these strings out.
+"""
+
+# --- Downloaded dataset directory -------------------------------------------
+METADATA_FILE = "labels_and_metadata.json"
+LABEL_RELATIONSHIP_FILE = "label_relationship.txt"
+SMALL_IMAGES_DIR = "small_images"
+RAW_IMAGES_DIR = "raw_images"
+IMAGE_EXTENSION = ".jpg"
+
+# Keys of one record of labels_and_metadata.json.
+USER_ID_KEY = "user_id"
+IMAGE_ID_KEY = "image_id"
+LABELS_KEY = "labels"
+FINE_GRAINED_LABELS_KEY = "fine_grained_labels"
+PARTITION_KEY = "partition"
+REQUIRED_RECORD_KEYS = (USER_ID_KEY, IMAGE_ID_KEY, LABELS_KEY,
+                        FINE_GRAINED_LABELS_KEY, PARTITION_KEY)
+
+# --- Partitions ---------------------------------------------------------------
+TRAIN = "train"
+VAL = "val"
+TEST = "test"
+PARTITIONS = (TRAIN, VAL, TEST)
+# Some texts and copies of the data call the validation partition "dev".
+PARTITION_ALIASES = {"dev": VAL}
+
+# --- Per-user TFRecords directory --------------------------------------------
+TFRECORD_SUFFIX = ".tfrecords"
+LABEL_INDEX_FILE = "label_index.json"
+# The name the original ml-flair scripts wrote and read; accepted on input.
+LEGACY_LABEL_INDEX_FILE = "label_to_index.json"
+LABEL_INDEX_FILES = (LABEL_INDEX_FILE, LEGACY_LABEL_INDEX_FILE)
+
+# tf.train.Example feature keys.
+IMAGE_FEATURE = "image/encoded_jpeg"
+LABELS_FEATURE = LABELS_KEY
+FINE_GRAINED_LABELS_FEATURE = FINE_GRAINED_LABELS_KEY
+
+# Decoded image shape: FLAIR's small images are 256x256 RGB.
+IMAGE_SIZE = 256
+IMAGE_CHANNELS = 3
+IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, IMAGE_CHANNELS)
+
+# The 17 coarse labels, most frequent first (image counts of the full dataset,
+# statistics.json computed from explore_labels.ipynb in apple/ml-flair).
+COARSE_LABELS = (
+    "structure", "equipment", "material", "outdoor", "plant", "food",
+    "animal", "liquid", "art", "interior_room", "light", "recreation",
+    "celebration", "fire", "music", "games", "religion",
+)
+
+# ImageNet channel statistics used by torchvision's ResNet-18 preprocessing.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)

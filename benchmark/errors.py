@@ -1,0 +1,51 @@
+"""One error type for bad user input, and the command-line wrapper that turns it
+into a one-line message and a non-zero exit code instead of a traceback."""
+
+import functools
+import signal
+import sys
+from typing import Callable, NoReturn
+
+
+class FlairInputError(ValueError):
+  """Bad input from the user: a flag, a file or a record.
+
+  The message must name the flag, file or record and say what was expected;
+  command-line entry points print it on one line and exit with status 1.
+  """
+
+
+def _exit_on_sigterm(signum, frame) -> NoReturn:
+  del frame
+  raise SystemExit(128 + signum)
+
+
+def install_sigterm_handler() -> None:
+  """Makes SIGTERM raise `SystemExit(143)` so `finally` blocks and context
+  managers (for instance the TFF worker shutdown) run before the process exits.
+
+  Only effective when called from the main thread (a Python restriction).
+  """
+  signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+def exit_on_input_error(main: Callable) -> Callable:
+  """Wraps an absl `main(argv)`: a `FlairInputError` becomes one line on stderr
+  ("error: <message>") and exit status 1; Ctrl-C becomes exit status 130.
+
+  Also installs `install_sigterm_handler()`.
+  """
+
+  @functools.wraps(main)
+  def wrapped(argv):
+    install_sigterm_handler()
+    try:
+      return main(argv)
+    except FlairInputError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+    except KeyboardInterrupt:
+      print("interrupted", file=sys.stderr)
+      sys.exit(130)
+
+  return wrapped

@@ -1,0 +1,65 @@
+"""Shared test fixtures: the real FLAIR sample, generated FLAIR-like data, and
+a guard that no TFF worker process outlives the test session."""
+
+import os
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAIR_SAMPLE_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared",
+                                "flair_sample")
+SAMPLE_NUM_IMAGES = 35
+SAMPLE_NUM_USERS = 15
+
+
+@pytest.fixture(scope="session")
+def flair_sample_dir():
+  """The real 35-image FLAIR sample in ../shared (read-only); skips if absent."""
+  if not os.path.isdir(FLAIR_SAMPLE_DIR):
+    pytest.skip(f"real FLAIR sample not found at {FLAIR_SAMPLE_DIR} "
+                "(it lives in ../shared beside the repository)")
+  return FLAIR_SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def prepared_sample_dir(flair_sample_dir, tmp_path_factory):
+  """The real sample prepared into per-user TFRecords (session-wide, read-only
+  by convention: tests must not modify it)."""
+  import prepare_tfrecords
+  out = str(tmp_path_factory.mktemp("sample_tfrecords"))
+  prepare_tfrecords.prepare(flair_sample_dir, out, num_workers=1,
+                            show_progress=False)
+  return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset_dir(tmp_path_factory):
+  """A small generated FLAIR-like dataset directory (60 users, seed 0)."""
+  from benchmark import synthetic_dataset
+  out = str(tmp_path_factory.mktemp("synthetic_dataset"))
+  synthetic_dataset.generate(out, num_users=60, seed=0)
+  return out
+
+
+@pytest.fixture(scope="session")
+def prepared_synthetic_dir(synthetic_dataset_dir, tmp_path_factory):
+  """`synthetic_dataset_dir` prepared into per-user TFRecords."""
+  import prepare_tfrecords
+  out = str(tmp_path_factory.mktemp("synthetic_tfrecords"))
+  prepare_tfrecords.prepare(synthetic_dataset_dir, out, num_workers=1,
+                            show_progress=False)
+  return out
+
+
+def pytest_sessionfinish(session, exitstatus):
+  """Fails the run if a TFF worker_binary child is still alive at the end."""
+  del exitstatus
+  try:
+    from benchmark import tff_runtime
+  except ImportError:
+    return
+  leftover = tff_runtime.stop_worker_children()
+  if leftover:
+    print(f"\nerror: TFF worker_binary processes outlived their tests: "
+          f"{leftover} (stopped now)")
+    session.exitstatus = 1
