@@ -57,3 +57,12 @@ COARSE_LABELS = (
 # ImageNet channel statistics used by torchvision's ResNet-18 preprocessing.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# --- Trainer outputs in --save_model_dir (central and federated) -------------
+FLAGS_FILE = "flags.json"
+METRICS_CSV_FILE = "metrics.csv"
+FINAL_METRICS_FILE = "final_metrics.json"
+TENSORBOARD_DIR = "tensorboard"
+# Best weights by val loss; format with trainer="central"/"federated" and the
+# number of model outputs (FLAIR_REFERENCE.md names resnet18_central_17labels).
+BEST_WEIGHTS_FILE_PATTERN = "resnet18_{trainer}_{num_outputs}labels.h5"
