@@ -1,0 +1,306 @@
+"""ResNet-18 in the torchvision layout, as a Keras functional model.
+
+The body follows torchvision's `resnet18` (He et al. 2016, "Deep Residual
+Learning for Image Recognition", arXiv 1512.03385; torchvision
+`models/resnet.py`): a 7x7/2 convolution with 64 filters, normalisation, ReLU,
+3x3/2 max-pooling, four stages of two basic blocks (64, 128, 256, 512
+filters; the first block of stages 2-4 has stride 2 and a 1x1 convolution +
+normalisation shortcut), global average pooling and a dense classifier that
+returns logits. Every layer carries the name listed in FLAIR_REFERENCE.md
+("Model"), so that the published ImageNet `resnet18.h5` loads by layer name
+(see `benchmark.restore`).
+
+Preprocessing is part of the model, in front of `initial_padding`:
+
+1. crop to `crop_size`: a random crop (its own offset for every image) when
+   training, the centre crop at inference;
+2. random horizontal flip (probability 1/2 per image) when training only;
+3. rescale by 1/255;
+4. normalise with the ImageNet channel mean and std
+   (`constants.IMAGENET_MEAN` / `IMAGENET_STD`).
+
+The crop and flip are two small layers built on TensorFlow's random ops rather
+than Keras `RandomCrop`/`RandomFlip`: in TF 2.14 those hold a hidden
+`tf.random.Generator` variable (created with `force_generator=True`), crop a
+whole batch at one offset, and at inference *resize* the image
+(`smart_resize`) instead of cropping it. The layers here create no variables
+at all, so the model can be traced inside a TFF computation
+(`tff.learning.models.from_keras_model`), and their random ops carry op-level
+seeds derived from `seed`.
+"""
+
+from typing import Optional, Sequence
+import zlib
+
+import numpy as np
+import tensorflow as tf
+
+from benchmark import constants
+from benchmark import errors
+
+# Filters per stage and blocks per stage of ResNet-18 (torchvision
+# `resnet18`: BasicBlock, layers [2, 2, 2, 2]).
+STAGE_FILTERS = (64, 128, 256, 512)
+BLOCKS_PER_STAGE = (2, 2, 2, 2)
+INITIAL_FILTERS = 64
+
+# Groups of every GroupNormalization layer. 32 is the default of Wu & He 2018,
+# "Group Normalization" (ECCV, arXiv 1803.08494, Sec. 4: G = 32 works best for
+# ResNet on ImageNet) and of tensorflow-addons' GroupNormalization, which the
+# original FLAIR benchmark used with its default; every width of ResNet-18
+# (64..512) is a multiple of 32.
+GROUP_NORM_GROUPS = 32
+# torchvision's BatchNorm2d default epsilon; used for both norms so that
+# converted ImageNet statistics normalise as they did in PyTorch.
+NORM_EPSILON = 1e-5
+
+
+def _layer_seed(seed: int, layer_name: str) -> int:
+  """A 31-bit seed for one layer, fixed by (`seed`, `layer_name`).
+
+  Keras initializers given the same seed draw the same values, so every layer
+  gets its own seed; CRC-32 (not Python's salted `hash`) keeps it stable
+  across processes.
+  """
+  sequence = np.random.SeedSequence([seed, zlib.crc32(layer_name.encode())])
+  return int(sequence.generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def _is_training(training) -> "bool | tf.Tensor":
+  """Normalises Keras' `training` argument: None means inference."""
+  if training is None:
+    return False
+  if tf.is_tensor(training):
+    return tf.cast(training, tf.bool)
+  return bool(training)
+
+
+def _cond(predicate, true_fn, false_fn):
+  """`true_fn()` / `false_fn()` for a Python bool, `tf.cond` for a tensor."""
+  if isinstance(predicate, bool):
+    return true_fn() if predicate else false_fn()
+  return tf.cond(predicate, true_fn, false_fn)
+
+
+@tf.keras.utils.register_keras_serializable(package="flair")
+class CropImages(tf.keras.layers.Layer):
+  """Crops a batch of images to `(height, width)`: random when training,
+  central at inference.
+
+  Input: `[batch, in_height, in_width, channels]`, any real dtype; output:
+  `[batch, height, width, channels]`, float32 (the layer's compute dtype).
+  When training, each image gets its own offset, drawn uniformly from all
+  `(in_height - height + 1) * (in_width - width + 1)` positions (the
+  torchvision `RandomCrop` distribution). At inference the offset is
+  `((in_height - height) // 2, (in_width - width) // 2)`, as torchvision's
+  `CenterCrop`. The layer creates no variables.
+  """
+
+  def __init__(self, height: int, width: int, seed: Optional[int] = None,
+               **kwargs):
+    super().__init__(**kwargs)
+    self.height = int(height)
+    self.width = int(width)
+    self.seed = seed
+
+  def call(self, images, training=None):
+    images = tf.cast(images, self.compute_dtype)
+    shape = tf.shape(images)
+    spare = tf.stack([shape[1] - self.height, shape[2] - self.width])
+
+    def random_offsets():
+      uniform = tf.random.uniform([shape[0], 2], seed=self.seed)
+      offsets = tf.cast(
+          tf.floor(uniform * tf.cast(spare + 1, tf.float32)), tf.int32)
+      return tf.minimum(offsets, spare)  # Guards uniform == 1 - ulp rounding.
+
+    def center_offsets():
+      return tf.tile((spare // 2)[tf.newaxis, :], [shape[0], 1])
+
+    offsets = _cond(_is_training(training), random_offsets, center_offsets)
+    rows = offsets[:, 0:1] + tf.range(self.height)[tf.newaxis, :]
+    cols = offsets[:, 1:2] + tf.range(self.width)[tf.newaxis, :]
+    cropped = tf.gather(images, rows, axis=1, batch_dims=1)
+    return tf.gather(cropped, cols, axis=2, batch_dims=1)
+
+  def compute_output_shape(self, input_shape):
+    shape = tf.TensorShape(input_shape).as_list()
+    return tf.TensorShape([shape[0], self.height, self.width] + shape[3:])
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(height=self.height, width=self.width, seed=self.seed)
+    return config
+
+
+@tf.keras.utils.register_keras_serializable(package="flair")
+class RandomHorizontalFlip(tf.keras.layers.Layer):
+  """Mirrors each image left-right with probability 1/2 when training.
+
+  Input and output: `[batch, height, width, channels]`; identity at
+  inference. The layer creates no variables.
+  """
+
+  def __init__(self, seed: Optional[int] = None, **kwargs):
+    super().__init__(**kwargs)
+    self.seed = seed
+
+  def call(self, images, training=None):
+    images = tf.cast(images, self.compute_dtype)
+
+    def flip():
+      flip_mask = tf.random.uniform(
+          [tf.shape(images)[0], 1, 1, 1], seed=self.seed) < 0.5
+      return tf.where(flip_mask, tf.reverse(images, axis=[2]), images)
+
+    return _cond(_is_training(training), flip, lambda: images)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(seed=self.seed)
+    return config
+
+
+class _Builder:
+  """Creates the named layers of one model, with seeds derived from `seed`."""
+
+  def __init__(self, pretrained: bool, seed: int):
+    self.pretrained = pretrained
+    self.seed = seed
+
+  def conv(self, x, name: str, filters: int, kernel_size: int, stride: int):
+    return tf.keras.layers.Conv2D(
+        filters, kernel_size, strides=stride, padding="valid", use_bias=False,
+        kernel_initializer=tf.keras.initializers.HeNormal(
+            seed=_layer_seed(self.seed, name)),
+        name=name)(x)
+
+  def norm(self, x, name: str):
+    if self.pretrained:
+      # training=False at every call: the layer always normalises with its
+      # moving statistics and never updates them; gamma and beta still train.
+      return tf.keras.layers.BatchNormalization(
+          epsilon=NORM_EPSILON, name=name)(x, training=False)
+    return tf.keras.layers.GroupNormalization(
+        groups=GROUP_NORM_GROUPS, epsilon=NORM_EPSILON, name=name)(x)
+
+  def basic_block(self, x, scope: str, filters: int, stride: int,
+                  downsample: bool):
+    shortcut = x
+    out = tf.keras.layers.ZeroPadding2D(1, name=f"{scope}_conv1_padding")(x)
+    out = self.conv(out, f"{scope}_conv1_3x3", filters, 3, stride)
+    out = self.norm(out, f"{scope}_norm1")
+    out = tf.keras.layers.ReLU(name=f"{scope}_relu1")(out)
+    out = tf.keras.layers.ZeroPadding2D(1, name=f"{scope}_conv2_padding")(out)
+    out = self.conv(out, f"{scope}_conv2_3x3", filters, 3, 1)
+    out = self.norm(out, f"{scope}_norm2")
+    if downsample:
+      stage = scope.split("_")[0]
+      shortcut = self.conv(x, f"{stage}_downsample_conv_1x1", filters, 1,
+                           stride)
+      shortcut = self.norm(shortcut, f"{stage}_downsample_norm")
+    out = tf.keras.layers.Add(name=f"{scope}_add")([out, shortcut])
+    return tf.keras.layers.ReLU(name=f"{scope}_relu2")(out)
+
+
+def _check_positive_ints(name: str, values: Sequence[int], length: int):
+  if (not isinstance(values, (tuple, list)) or len(values) != length or
+      not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+              for v in values) or
+      min(values) <= 0):
+    raise ValueError(f"{name} must be {length} positive integers, got "
+                     f"{values!r}")
+
+
+def resnet18(input_shape: Sequence[int] = constants.IMAGE_SHAPE,
+             num_classes: int = len(constants.COARSE_LABELS),
+             pretrained: bool = False,
+             crop_size: Sequence[int] = (224, 224),
+             seed: int = 0) -> tf.keras.Model:
+  """Builds ResNet-18 with FLAIR preprocessing inside; returns logits.
+
+  Args:
+    input_shape: `(height, width, 3)` of the input images; FLAIR's small images
+      are `(256, 256, 3)`.
+    num_classes: number of logits (17 coarse labels, ~1,628 fine-grained, or
+      1 with a binary label).
+    pretrained: False builds the GroupNorm variant (32 groups, see
+      `GROUP_NORM_GROUPS`; no batch statistics, so it suits DP and small
+      client batches). True builds the BatchNorm variant meant for ImageNet
+      weights: its BatchNormalization layers always run in inference mode, so
+      their moving mean/variance (non-trainable) never change and only gamma
+      and beta train.
+    crop_size: `(crop_height, crop_width)` in pixels (the `--image_height`,
+      `--image_width` flags; 224x224 in the FLAIR paper). Must fit inside
+      `input_shape`.
+    seed: seeds every initializer (He-normal for the convolutions, Glorot-
+      uniform for the classifier; each layer gets its own seed derived from
+      this one) and the op-level seeds of the random crop and flip. The same
+      seed gives the same initial weights.
+
+  Returns:
+    A `tf.keras.Model` named "resnet18", not compiled. Input: float32
+    `[batch, height, width, 3]` pixel values in [0, 255] (a uint8 tensor is
+    cast by Keras). Output: float32 logits `[batch, num_classes]`.
+
+  Raises:
+    ValueError: `input_shape` is not 3 positive integers with 3 channels,
+      `crop_size` is not 2 positive integers, `num_classes` or `seed` is not a
+      valid integer.
+    benchmark.errors.FlairInputError (a ValueError): `crop_size` is larger
+      than the input image.
+  """
+  _check_positive_ints("input_shape", input_shape, 3)
+  if input_shape[2] != len(constants.IMAGENET_MEAN):
+    raise ValueError(f"input_shape must have {len(constants.IMAGENET_MEAN)} "
+                     f"(RGB) channels, got {tuple(input_shape)}")
+  _check_positive_ints("crop_size", crop_size, 2)
+  if crop_size[0] > input_shape[0] or crop_size[1] > input_shape[1]:
+    raise errors.FlairInputError(
+        f"crop_size (image_height, image_width) {tuple(crop_size)} must fit "
+        f"inside the input images {tuple(input_shape[:2])}")
+  if (not isinstance(num_classes, (int, np.integer)) or
+      isinstance(num_classes, bool) or num_classes <= 0):
+    raise ValueError(f"num_classes must be a positive integer, got "
+                     f"{num_classes!r}")
+  if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+    raise ValueError(f"seed must be an integer, got {seed!r}")
+  input_shape = tuple(int(v) for v in input_shape)
+  crop_height, crop_width = (int(v) for v in crop_size)
+  seed = int(seed)
+  builder = _Builder(pretrained=bool(pretrained), seed=seed)
+
+  images = tf.keras.Input(shape=input_shape, dtype=tf.float32, name="image")
+  x = CropImages(crop_height, crop_width, seed=_layer_seed(seed, "crop"),
+                 name="crop")(images)
+  x = RandomHorizontalFlip(seed=_layer_seed(seed, "flip"), name="flip")(x)
+  x = tf.keras.layers.Rescaling(1.0 / 255.0, name="rescale")(x)
+  x = tf.keras.layers.Normalization(
+      axis=-1, mean=list(constants.IMAGENET_MEAN),
+      variance=[s**2 for s in constants.IMAGENET_STD],
+      name="imagenet_normalization")(x)
+
+  x = tf.keras.layers.ZeroPadding2D(3, name="initial_padding")(x)
+  x = builder.conv(x, "initial_conv", INITIAL_FILTERS, 7, 2)
+  x = builder.norm(x, "initial_norm")
+  x = tf.keras.layers.ReLU(name="initial_relu")(x)
+  x = tf.keras.layers.ZeroPadding2D(1, name="pooling_padding")(x)
+  x = tf.keras.layers.MaxPooling2D(3, strides=2, name="initial_pooling")(x)
+
+  in_filters = INITIAL_FILTERS
+  for stage, (filters, blocks) in enumerate(
+      zip(STAGE_FILTERS, BLOCKS_PER_STAGE), start=1):
+    for block in range(1, blocks + 1):
+      stride = 2 if (block == 1 and stage > 1) else 1
+      downsample = block == 1 and (stride != 1 or in_filters != filters)
+      x = builder.basic_block(x, f"layer{stage}_block{block}", filters,
+                              stride, downsample)
+      in_filters = filters
+
+  x = tf.keras.layers.GlobalAveragePooling2D(name="global_pooling")(x)
+  logits = tf.keras.layers.Dense(
+      num_classes,
+      kernel_initializer=tf.keras.initializers.GlorotUniform(
+          seed=_layer_seed(seed, "classifier")),
+      name="classifier")(x)
+  return tf.keras.Model(images, logits, name="resnet18")
