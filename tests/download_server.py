@@ -1,0 +1,189 @@
+"""A small local HTTP file server for the downloader tests.
+
+Serves a directory tree on 127.0.0.1 (a free port) from a daemon thread,
+honours single `Range: bytes=START-[END]` requests (206 / 416), records every
+request (path, Range header, status), and injects faults per path: a fixed
+status reply (404, 500...) or a connection dropped after N body bytes, for a
+given number of requests or for all of them. The server stops on `stop()` /
+leaving the `with` block, and by itself after `max_lifetime_s` at the latest.
+"""
+
+import dataclasses
+import http.server
+import os
+import re
+import socket
+import threading
+import urllib.parse
+from typing import Optional
+
+_RANGE_RE = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+
+@dataclasses.dataclass
+class Fault:
+  """A misbehaviour for requests of one path.
+
+  Attributes:
+    status: reply with this HTTP status (and a short body) instead of the file.
+    drop_after_bytes: announce the full body, send only this many bytes of it,
+      then close the connection.
+    times: how many requests it applies to; None = every request.
+  """
+  status: Optional[int] = None
+  drop_after_bytes: Optional[int] = None
+  times: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  path: str  # URL path without the leading '/', e.g. "labels/x.json".
+  range: Optional[str]  # The Range header, if any.
+  status: int  # Status sent (or announced, for a dropped connection).
+
+
+class FileServer:
+  """Serves `root` over HTTP on 127.0.0.1; use as a context manager."""
+
+  def __init__(self, root: str, max_lifetime_s: float = 120.0):
+    self.root = os.path.abspath(root)
+    self.requests: list[Request] = []
+    self._faults: dict[str, Fault] = {}
+    self._lock = threading.Lock()
+    self._httpd = None
+    self._thread = None
+    self._timer = None
+    self._max_lifetime_s = max_lifetime_s
+
+  @property
+  def url(self) -> str:
+    host, port = self._httpd.server_address[:2]
+    return f"http://{host}:{port}/"
+
+  def set_fault(self, path: str, fault: Optional[Fault]) -> None:
+    with self._lock:
+      if fault is None:
+        self._faults.pop(path, None)
+      else:
+        self._faults[path] = fault
+
+  def count(self, path: str) -> int:
+    """Number of requests received for `path`."""
+    with self._lock:
+      return sum(1 for r in self.requests if r.path == path)
+
+  def requests_for(self, path: str) -> list[Request]:
+    with self._lock:
+      return [r for r in self.requests if r.path == path]
+
+  def _take_fault(self, path: str) -> Optional[Fault]:
+    with self._lock:
+      fault = self._faults.get(path)
+      if fault is None:
+        return None
+      if fault.times is not None:
+        fault.times -= 1
+        if fault.times <= 0:
+          del self._faults[path]
+      return fault
+
+  def _record(self, path: str, range_header: Optional[str], status: int):
+    with self._lock:
+      self.requests.append(Request(path, range_header, status))
+
+  def start(self) -> "FileServer":
+    server = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      timeout = 10  # Socket timeout: a stuck client cannot hold a thread.
+
+      def log_message(self, format, *args):  # pylint: disable=redefined-builtin
+        del format, args  # Quiet.
+
+      def _reply_status(self, path, range_header, status):
+        server._record(path, range_header, status)
+        body = f"status {status}\n".encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+      def do_GET(self):  # pylint: disable=invalid-name
+        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+        path = path.lstrip("/")
+        range_header = self.headers.get("Range")
+        fault = server._take_fault(path)
+        if fault is not None and fault.status is not None:
+          self._reply_status(path, range_header, fault.status)
+          return
+        local = os.path.realpath(os.path.join(server.root, path))
+        if (os.path.commonpath([local, server.root]) != server.root or
+            not os.path.isfile(local)):
+          self._reply_status(path, range_header, 404)
+          return
+        with open(local, "rb") as f:
+          data = f.read()
+        size = len(data)
+        start, end, status = 0, size - 1, 200
+        if range_header:
+          match = _RANGE_RE.match(range_header.strip())
+          if match:
+            start = int(match.group(1))
+            end = min(int(match.group(2)), size - 1) if match.group(2) else (
+                size - 1)
+            if start >= size or start > end:
+              server._record(path, range_header, 416)
+              self.send_response(416)
+              self.send_header("Content-Range", f"bytes */{size}")
+              self.send_header("Content-Length", "0")
+              self.end_headers()
+              return
+            status = 206
+        body = data[start:end + 1]
+        server._record(path, range_header, status)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Accept-Ranges", "bytes")
+        if status == 206:
+          self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.end_headers()
+        if fault is not None and fault.drop_after_bytes is not None:
+          self.wfile.write(body[:fault.drop_after_bytes])
+          self.wfile.flush()
+          self.close_connection = True
+          self.connection.shutdown(socket.SHUT_RDWR)
+          return
+        self.wfile.write(body)
+
+    class Server(http.server.ThreadingHTTPServer):
+      daemon_threads = True
+
+      def handle_error(self, request, client_address):
+        del request, client_address  # Dropped connections are expected.
+
+    self._httpd = Server(("127.0.0.1", 0), Handler)
+    self._thread = threading.Thread(
+        target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+        name="test-file-server", daemon=True)
+    self._thread.start()
+    self._timer = threading.Timer(self._max_lifetime_s, self._httpd.shutdown)
+    self._timer.daemon = True
+    self._timer.start()
+    return self
+
+  def stop(self) -> None:
+    if self._httpd is None:
+      return
+    self._timer.cancel()
+    self._httpd.shutdown()
+    self._httpd.server_close()
+    self._thread.join(timeout=10)
+    self._httpd = None
+
+  def __enter__(self) -> "FileServer":
+    return self.start()
+
+  def __exit__(self, *exc_info) -> None:
+    self.stop()

@@ -1,0 +1,447 @@
+"""Tests of download_dataset.py against a real HTTP server on 127.0.0.1.
+
+The server (tests/download_server.py) serves a FLAIR-layout tree built here
+from the real sample in ../shared/flair_sample (or, where that is absent, from
+the synthetic generator): the two label files and all 43 small-image and 43
+raw-image archive names, the images spread over them round-robin.
+"""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+import download_dataset
+from benchmark import constants
+from benchmark import errors
+from download_server import Fault
+from download_server import FileServer
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = [download_dataset.SMALL_ARCHIVE_URL_PATH.format(index=i)
+         for i in range(download_dataset.NUM_ARCHIVES)]
+RAW = [download_dataset.RAW_ARCHIVE_URL_PATH.format(index=i)
+       for i in range(download_dataset.NUM_ARCHIVES)]
+METADATA_URL, RELATIONSHIP_URL = [p for p, _ in download_dataset.LABEL_FILES]
+
+
+# --- The served tree -------------------------------------------------------------
+
+
+def _write_archive(path, image_dir, files):
+  """A .tar.gz with a directory entry `image_dir/` and `image_dir/<name>`
+  members holding the bytes of `files` ({name: bytes})."""
+  with tarfile.open(path, "w:gz") as tar:
+    entry = tarfile.TarInfo(image_dir)
+    entry.type, entry.mode = tarfile.DIRTYPE, 0o755
+    tar.addfile(entry)
+    for name, data in files.items():
+      info = tarfile.TarInfo(f"{image_dir}/{name}")
+      info.size, info.mode = len(data), 0o644
+      tar.addfile(info, io.BytesIO(data))
+
+
+def build_tree(source_dir, root):
+  """Writes a FLAIR server tree under `root` from a dataset directory.
+
+  Returns:
+    {"images": {image_id: jpeg bytes}, "archive_of": {image_id: archive
+    index}}.
+  """
+  with open(os.path.join(source_dir, constants.METADATA_FILE), "rb") as f:
+    metadata = f.read()
+  records = json.loads(metadata)
+  ids = [str(r[constants.IMAGE_ID_KEY]) for r in records]
+  images = {}
+  for image_id in ids:
+    with open(os.path.join(source_dir, constants.SMALL_IMAGES_DIR,
+                           image_id + constants.IMAGE_EXTENSION), "rb") as f:
+      images[image_id] = f.read()
+  os.makedirs(os.path.join(root, "labels"))
+  with open(os.path.join(root, METADATA_URL), "wb") as f:
+    f.write(metadata)
+  relationship = os.path.join(source_dir, constants.LABEL_RELATIONSHIP_FILE)
+  if os.path.exists(relationship):
+    shutil.copyfile(relationship, os.path.join(root, RELATIONSHIP_URL))
+  else:  # The sample lacks it; a made-up mapping (not FLAIR's real one).
+    pairs = sorted({(fine, r[constants.LABELS_KEY][0]) for r in records
+                    for fine in r[constants.FINE_GRAINED_LABELS_KEY]})
+    with open(os.path.join(root, RELATIONSHIP_URL), "w") as f:
+      f.writelines(f"{fine} -> {coarse}\n" for fine, coarse in pairs)
+  archive_of = {image_id: i % download_dataset.NUM_ARCHIVES
+                for i, image_id in enumerate(ids)}
+  for index in range(download_dataset.NUM_ARCHIVES):
+    files = {i + constants.IMAGE_EXTENSION: images[i] for i in ids
+             if archive_of[i] == index}
+    for url_path, image_dir in ((SMALL[index], constants.SMALL_IMAGES_DIR),
+                                (RAW[index], constants.RAW_IMAGES_DIR)):
+      os.makedirs(os.path.dirname(os.path.join(root, url_path)), exist_ok=True)
+      _write_archive(os.path.join(root, url_path), image_dir, files)
+  return {"images": images, "archive_of": archive_of}
+
+
+@pytest.fixture(scope="module")
+def source_dir(request):
+  """The real FLAIR sample, or the synthetic dataset where it is absent."""
+  try:
+    return request.getfixturevalue("flair_sample_dir")
+  except pytest.skip.Exception:
+    return request.getfixturevalue("synthetic_dataset_dir")
+
+
+@pytest.fixture(scope="module")
+def tree(source_dir, tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("server_root"))
+  info = build_tree(source_dir, root)
+  info["root"] = root
+  return info
+
+
+@pytest.fixture
+def server(tree):
+  with FileServer(tree["root"], max_lifetime_s=60) as s:
+    yield s
+
+
+def _download(server, dataset_dir, **kwargs):
+  options = dict(show_progress=False, max_retries=2, retry_backoff_s=0.01,
+                 timeout_s=10, num_workers=4, num_unpack_workers=2)
+  options.update(kwargs)
+  return download_dataset.download(str(dataset_dir), data_url=server.url,
+                                   **options)
+
+
+def _files_under(root):
+  """Relative paths of all files and links under `root`, bookkeeping
+  directory excluded."""
+  found = set()
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if d != download_dataset.STATE_DIR]
+    for name in filenames + [d for d in dirnames
+                             if os.path.islink(os.path.join(dirpath, d))]:
+      found.add(os.path.relpath(os.path.join(dirpath, name), root))
+  return found
+
+
+def _read(path):
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def _assert_images_identical(dataset_dir, tree, image_dir=constants.SMALL_IMAGES_DIR):
+  for image_id, data in tree["images"].items():
+    path = os.path.join(dataset_dir, image_dir,
+                        image_id + constants.IMAGE_EXTENSION)
+    assert _read(path) == data, path
+
+
+# --- Full download ---------------------------------------------------------------------
+
+
+def test_full_download_gives_documented_layout(server, tree, tmp_path):
+  dataset_dir = tmp_path / "flair"
+  summary = _download(server, dataset_dir)
+
+  expected = {constants.METADATA_FILE, constants.LABEL_RELATIONSHIP_FILE}
+  expected |= {os.path.join(constants.SMALL_IMAGES_DIR,
+                            i + constants.IMAGE_EXTENSION)
+               for i in tree["images"]}
+  # Exactly the layout: no archives left behind, no .part files, no raw.
+  assert _files_under(dataset_dir) == expected
+  _assert_images_identical(dataset_dir, tree)
+  for url_path, name in download_dataset.LABEL_FILES:
+    assert _read(dataset_dir / name) == _read(os.path.join(tree["root"],
+                                                           url_path))
+  assert summary.num_images_verified == len(tree["images"])
+  assert sorted(summary.unpacked) == sorted(SMALL)
+  assert summary.resumed == ()
+  # Every file requested exactly once; raw archives never without the flag.
+  for path in SMALL + [METADATA_URL, RELATIONSHIP_URL]:
+    assert server.count(path) == 1, path
+  assert all(server.count(p) == 0 for p in RAW)
+  assert all(r.range is None for r in server.requests)
+
+
+def test_raw_images_and_kept_archives(server, tree, tmp_path):
+  dataset_dir = tmp_path / "flair"
+  summary = _download(server, dataset_dir, download_raw=True,
+                      keep_archives=True)
+  _assert_images_identical(dataset_dir, tree)
+  _assert_images_identical(dataset_dir, tree, constants.RAW_IMAGES_DIR)
+  assert summary.num_images_verified == 2 * len(tree["images"])
+  for url_path in SMALL + RAW:
+    kept = dataset_dir / os.path.basename(url_path)
+    assert _read(kept) == _read(os.path.join(tree["root"], url_path))
+
+
+def test_rerun_after_success_makes_no_request(server, tree, tmp_path):
+  dataset_dir = tmp_path / "flair"
+  _download(server, dataset_dir)
+  num_requests = len(server.requests)
+  summary = _download(server, dataset_dir)
+  assert len(server.requests) == num_requests  # Not one request, images or not.
+  assert summary.fetched == () and summary.unpacked == ()
+  assert len(summary.skipped) == len(SMALL) + 2
+  assert summary.num_images_verified == len(tree["images"])
+
+
+def test_rerun_refetches_only_the_archive_of_a_lost_image(server, tree,
+                                                          tmp_path):
+  dataset_dir = tmp_path / "flair"
+  _download(server, dataset_dir)
+  image_id = sorted(tree["images"])[0]
+  lost_archive = SMALL[tree["archive_of"][image_id]]
+  os.remove(dataset_dir / constants.SMALL_IMAGES_DIR /
+            (image_id + constants.IMAGE_EXTENSION))
+  summary = _download(server, dataset_dir)
+  assert summary.fetched == (lost_archive,)
+  assert server.count(lost_archive) == 2
+  assert all(server.count(p) == 1 for p in SMALL if p != lost_archive)
+  _assert_images_identical(dataset_dir, tree)
+
+
+# --- Interrupted transfers ------------------------------------------------------------
+
+
+def _archive_with_images(tree):
+  """The URL path and size of a served archive that holds an image."""
+  index = tree["archive_of"][sorted(tree["images"])[0]]
+  path = SMALL[index]
+  return path, os.path.getsize(os.path.join(tree["root"], path))
+
+
+def test_dropped_connection_then_rerun_resumes(server, tree, tmp_path):
+  dataset_dir = tmp_path / "flair"
+  target, size = _archive_with_images(tree)
+  cut = size // 2
+  server.set_fault(target, Fault(drop_after_bytes=cut, times=1))
+  with pytest.raises(download_dataset.DownloadError,
+                     match=rf"{target}.*closed after {cut} of {size} bytes"):
+    _download(server, dataset_dir, max_retries=0, num_workers=1)
+  part = dataset_dir / (os.path.basename(target) +
+                        download_dataset.PART_SUFFIX)
+  assert os.path.getsize(part) == cut
+  assert not (dataset_dir / os.path.basename(target)).exists()
+  # Archives finished in the first run: unpacked (marker) or fully on disk.
+  finished = [p for p in SMALL if p != target and (
+      (dataset_dir / download_dataset.STATE_DIR /
+       (os.path.basename(p) + download_dataset.MARKER_SUFFIX)).exists() or
+      (dataset_dir / os.path.basename(p)).exists())]
+  assert finished, "the first run should have completed some archives"
+
+  summary = _download(server, dataset_dir)
+
+  for path in finished:
+    assert server.count(path) == 1, f"{path} was fetched again"
+  for path in SMALL:
+    assert server.count(path) in (1, 2), path  # At most one resume each.
+  first, second = server.requests_for(target)
+  assert first.range is None
+  assert second.range == f"bytes={cut}-" and second.status == 206
+  assert target in summary.resumed and target in summary.fetched
+  assert not part.exists()
+  _assert_images_identical(dataset_dir, tree)
+  assert server.count(METADATA_URL) == 1
+
+
+def test_dropped_connection_is_retried_with_range_in_the_same_run(
+    server, tree, tmp_path):
+  target, size = _archive_with_images(tree)
+  server.set_fault(target, Fault(drop_after_bytes=size // 3, times=1))
+  summary = _download(server, tmp_path / "flair", max_retries=1)
+  assert [r.range for r in server.requests_for(target)] == [
+      None, f"bytes={size // 3}-"]
+  assert summary.resumed == (target,)
+  _assert_images_identical(tmp_path / "flair", tree)
+
+
+def test_complete_part_file_is_finished_without_a_body(server, tree, tmp_path):
+  dataset_dir = tmp_path / "flair"
+  target, size = _archive_with_images(tree)
+  os.makedirs(dataset_dir)
+  shutil.copyfile(os.path.join(tree["root"], target),
+                  dataset_dir / (os.path.basename(target) + ".part"))
+  _download(server, dataset_dir)
+  (request,) = server.requests_for(target)
+  assert request.range == f"bytes={size}-" and request.status == 416
+  _assert_images_identical(dataset_dir, tree)
+
+
+def test_server_errors_are_retried_then_succeed(server, tree, tmp_path):
+  server.set_fault(SMALL[1], Fault(status=503, times=2))
+  _download(server, tmp_path / "flair", max_retries=2)
+  assert server.count(SMALL[1]) == 3
+  _assert_images_identical(tmp_path / "flair", tree)
+
+
+# --- Errors ------------------------------------------------------------------------------
+
+
+def test_not_found_fails_at_once_naming_the_url(server, tmp_path):
+  server.set_fault(SMALL[3], Fault(status=404))
+  with pytest.raises(download_dataset.DownloadError) as info:
+    _download(server, tmp_path / "flair", max_retries=3)
+  assert f"HTTP 404): {server.url}{SMALL[3]}" in str(info.value)
+  assert server.count(SMALL[3]) == 1  # Not retried.
+
+
+def test_repeated_server_errors_give_up_after_max_retries(server, tmp_path):
+  server.set_fault(RELATIONSHIP_URL, Fault(status=500))
+  with pytest.raises(download_dataset.DownloadError,
+                     match=r"HTTP 500 .*label_relationship.txt.*after 3 "):
+    _download(server, tmp_path / "flair", max_retries=2)
+  assert server.count(RELATIONSHIP_URL) == 3
+  assert all(server.count(p) == 0 for p in SMALL)  # Labels come first.
+
+
+@pytest.mark.parametrize("status,expected", [(404, "HTTP 404"),
+                                             (500, "HTTP 500")])
+def test_cli_exits_nonzero_with_one_line_error(server, tmp_path, status,
+                                               expected):
+  server.set_fault(SMALL[4], Fault(status=status))
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO_ROOT, "download_dataset.py"),
+       f"--dataset_dir={tmp_path / 'flair'}", f"--data_url={server.url}",
+       "--noprogress", "--max_retries=1", "--retry_backoff_s=0.01",
+       "--num_workers=2"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr
+  error_lines = [line for line in result.stderr.splitlines()
+                 if line.startswith("error:")]
+  assert len(error_lines) == 1, result.stderr
+  assert expected in error_lines[0] and server.url + SMALL[4] in error_lines[0]
+
+
+def test_cli_success_prints_summary(server, tree, tmp_path):
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO_ROOT, "download_dataset.py"),
+       f"--dataset_dir={tmp_path / 'flair'}", f"--data_url={server.url}",
+       "--noprogress"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
+  assert result.returncode == 0, result.stderr
+  assert f"{len(tree['images'])} images verified" in result.stdout
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_disk_full_is_a_one_line_error(server, tmp_path):
+  dataset_dir = tmp_path / "flair"
+  os.makedirs(dataset_dir)
+  part = dataset_dir / (constants.METADATA_FILE + download_dataset.PART_SUFFIX)
+  os.symlink("/dev/full", part)  # Every write there fails with ENOSPC.
+  with pytest.raises(download_dataset.DownloadError,
+                     match=rf"disk full while writing {part}"):
+    _download(server, dataset_dir)
+  assert "\n" not in str(download_dataset.DownloadError)
+
+
+def test_bad_data_url_names_the_flag(tmp_path):
+  with pytest.raises(errors.FlairInputError, match="--data_url"):
+    download_dataset.download(str(tmp_path), data_url="ftp://example.org/")
+
+
+def test_missing_images_are_reported(source_dir, tmp_path):
+  root = tmp_path / "root"
+  build_tree(source_dir, str(root))
+  with open(root / METADATA_URL) as f:
+    records = json.load(f)
+  extra = dict(records[0], image_id="999000999")
+  with open(root / METADATA_URL, "w") as f:
+    json.dump(records + [extra], f)
+  dataset_dir = tmp_path / "flair"
+  with FileServer(str(root), max_lifetime_s=60) as server:
+    with pytest.raises(download_dataset.MissingImagesError,
+                       match=r"1 image\(s\) .*small_images/999000999.jpg"
+                       ) as info:
+      _download(server, dataset_dir)
+  assert info.value.missing == ("small_images/999000999.jpg",)
+  report = dataset_dir / download_dataset.MISSING_IMAGES_REPORT
+  assert report.read_text().splitlines() == ["small_images/999000999.jpg"]
+
+
+# --- Malicious archives -----------------------------------------------------------------
+
+
+def _malicious_member(kind, outside):
+  """(TarInfo, data) for one hostile member; `outside` is a path outside the
+  dataset directory that must stay untouched."""
+  if kind == "dotdot":
+    info = tarfile.TarInfo("../evil")
+  elif kind == "dotdot_deep":
+    info = tarfile.TarInfo("small_images/../../../../evil")
+  elif kind == "absolute":
+    info = tarfile.TarInfo(os.path.join(outside, "evil_abs"))
+  elif kind == "symlink":
+    info = tarfile.TarInfo("small_images/escape")
+    info.type, info.linkname = tarfile.SYMTYPE, "../" * 12 + outside.lstrip("/")
+  elif kind == "hardlink":
+    info = tarfile.TarInfo("small_images/hard")
+    info.type, info.linkname = tarfile.LNKTYPE, "../" * 12 + "etc/passwd"
+  elif kind == "device":
+    info = tarfile.TarInfo("small_images/dev")
+    info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 1, 3
+  else:
+    raise ValueError(kind)
+  data = b"evil" if info.isreg() else b""
+  info.size = len(data)
+  return info, data
+
+
+@pytest.mark.parametrize(
+    "kind", ["dotdot", "dotdot_deep", "absolute", "symlink", "hardlink",
+             "device"])
+def test_malicious_archive_writes_nothing_outside(kind, tree, tmp_path):
+  root = tmp_path / "root"
+  shutil.copytree(tree["root"], root)
+  outside = tmp_path / "outside"
+  os.makedirs(outside)
+  (outside / "keep.txt").write_text("untouched")
+  image_id = sorted(tree["images"])[0]
+  index = tree["archive_of"][image_id]
+  evil, data = _malicious_member(kind, str(outside))
+  with tarfile.open(root / SMALL[index], "w:gz") as tar:
+    benign = tarfile.TarInfo(f"small_images/{image_id}.jpg")
+    benign.size = len(tree["images"][image_id])
+    tar.addfile(benign, io.BytesIO(tree["images"][image_id]))
+    tar.addfile(evil, io.BytesIO(data))
+    if kind == "symlink":  # Then try to write through the link.
+      through = tarfile.TarInfo("small_images/escape/evil_through")
+      through.size = 4
+      tar.addfile(through, io.BytesIO(b"evil"))
+  before = sorted(p for p in _walk_all(tmp_path)
+                  if not p.startswith("flair"))
+  dataset_dir = tmp_path / "flair"
+
+  with FileServer(str(root), max_lifetime_s=60) as server:
+    with pytest.raises(download_dataset.UnsafeArchiveError) as info:
+      _download(server, dataset_dir)
+
+  message = str(info.value)
+  archive_name = os.path.basename(SMALL[index])
+  assert archive_name in message and repr(evil.name) in message, message
+  assert "\n" not in message
+  # Nothing written outside the dataset directory.
+  after = sorted(p for p in _walk_all(tmp_path) if not p.startswith("flair"))
+  assert after == before
+  assert not any("evil" in p for p in _walk_all(tmp_path))
+  assert not os.path.exists("/evil") and not os.path.exists("/evil_abs")
+  # Nothing of the refused archive installed, and no link anywhere.
+  assert not (dataset_dir / "small_images" / f"{image_id}.jpg").exists()
+  assert not (dataset_dir / download_dataset.STATE_DIR /
+              (archive_name + download_dataset.MARKER_SUFFIX)).exists()
+  assert not any(os.path.islink(os.path.join(tmp_path, p))
+                 for p in _walk_all(tmp_path))
+
+
+def _walk_all(root):
+  """Relative paths of every entry (files, dirs, links) under `root`."""
+  found = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    for name in dirnames + filenames:
+      found.append(os.path.relpath(os.path.join(dirpath, name), root))
+  return found
