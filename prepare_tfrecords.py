@@ -1,0 +1,609 @@
+"""Converts a downloaded FLAIR dataset directory into per-user TFRecords.
+
+  python prepare_tfrecords.py --dataset_dir D --tfrecords_dir T \
+      [--num_workers N] [--skip_bad_images] [--report_path P]
+
+Reads `D/labels_and_metadata.json` and `D/small_images/<image_id>.jpg` and
+writes, as FLAIR_REFERENCE.md ("Per-user TFRecords") specifies:
+
+* `T/<partition>/<user_id>.tfrecords`: one `tf.train.Example` per image of the
+  user (in metadata order) with `image/encoded_jpeg` (the JPEG file's bytes,
+  unchanged), `labels` and `fine_grained_labels` (int64 label indices);
+* `T/label_index.json`: `{"labels": {name: index}, "fine_grained_labels":
+  {name: index}}`, indices in sorted label order over the labels found in the
+  metadata (of the records that are written).
+
+Steps:
+1. Every record and image is checked before anything is written: malformed
+   JSON, a record that is not an object or misses a field, a field of the
+   wrong type, an unknown partition (`dev` is read as `val`), a user in two
+   partitions, a repeated image id, a missing image, a file that is not a
+   256x256 JPEG Pillow can open. All problems are collected; by default the
+   run stops with the full list (exit status 1). With `--skip_bad_images` the
+   records with problems are skipped and listed, with the reason, in a JSON
+   report (default `T/skipped_images.json`). Nothing is dropped silently.
+2. Users are written in parallel by a process pool (`--num_workers`, default
+   all cores), one whole file per task, each to a temporary name and then
+   renamed (`io_utils.atomic_path`): a final `<user_id>.tfrecords` is always
+   complete. A rerun skips users whose final file exists, so an interrupted
+   run resumes (this assumes the inputs did not change in between); stale
+   temporary files of an interrupted run are removed.
+3. `label_index.json` is written last, then a summary of users and images
+   per partition.
+
+TensorFlow is imported only by the processes that write (about 12 s each).
+"""
+
+import collections
+import dataclasses
+import json
+import multiprocessing
+import os
+import re
+import sys
+from typing import Any, Iterable, Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from benchmark import constants
+from benchmark import errors
+from benchmark import io_utils
+
+# Report of the skipped records, written in the tfrecords directory by default.
+SKIPPED_IMAGES_REPORT_FILE = "skipped_images.json"
+# The first bytes of every JPEG file (SOI marker followed by a marker's 0xFF),
+# ITU-T T.81 Annex B.
+_JPEG_MAGIC = b"\xff\xd8\xff"
+# Records checked per task of the pool.
+_CHECK_CHUNK_SIZE = 256
+# How many problems the one-line error message lists (the log lists all).
+_PROBLEMS_IN_MESSAGE = 5
+# Temporary files of io_utils.atomic_path for a "<name>.tfrecords" target.
+_TEMP_FILE_PATTERN = re.compile(
+    r"^\..+" + re.escape(constants.TFRECORD_SUFFIX) + r"\..+\.tmp$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """One bad input item.
+
+  Attributes:
+    message: what is wrong, naming the file and what was expected.
+    record_index: 0-based index of the record in labels_and_metadata.json,
+      None for a problem with no record.
+    image_id: the record's image id (as a string), when known.
+    user_id: the record's user id, when known.
+  """
+  message: str
+  record_index: Optional[int] = None
+  image_id: Optional[str] = None
+  user_id: Optional[str] = None
+
+  def describe(self) -> str:
+    """One line naming the record and the problem."""
+    if self.record_index is None:
+      return self.message
+    return (f"record {self.record_index} (image_id {self.image_id!r}, "
+            f"user_id {self.user_id!r}): {self.message}")
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+class BadInputError(errors.FlairInputError):
+  """Bad records or images; `problems` lists every one found."""
+
+  def __init__(self, message: str, problems: Sequence[Problem]):
+    super().__init__(message)
+    self.problems = list(problems)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareSummary:
+  """What `prepare` wrote.
+
+  Attributes:
+    tfrecords_dir: the output directory.
+    users: users per partition (all files of the partition, including those
+      found complete from an earlier run).
+    images: images per partition, likewise.
+    users_written: user files written by this run.
+    users_already_complete: user files found complete and skipped (resume).
+    skipped: the records skipped with `skip_bad_images` (empty otherwise).
+    report_path: the skip report written, or None.
+    label_index_path: path of label_index.json.
+  """
+  tfrecords_dir: str
+  users: dict[str, int]
+  images: dict[str, int]
+  users_written: int
+  users_already_complete: int
+  skipped: tuple[Problem, ...]
+  report_path: Optional[str]
+  label_index_path: str
+
+  def describe(self) -> str:
+    """A multi-line human-readable summary."""
+    lines = [f"prepared {self.tfrecords_dir}:"]
+    for partition in constants.PARTITIONS:
+      lines.append(f"  {partition:5s}: {self.users[partition]:7d} users, "
+                   f"{self.images[partition]:8d} images")
+    lines.append(f"  total: {sum(self.users.values()):7d} users, "
+                 f"{sum(self.images.values()):8d} images "
+                 f"({self.users_written} user files written now, "
+                 f"{self.users_already_complete} already complete)")
+    if self.report_path is not None:
+      lines.append(f"  skipped {len(self.skipped)} bad records; list in "
+                   f"{self.report_path}")
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Record:
+  index: int
+  user_id: str
+  image_id: str
+  labels: tuple[str, ...]
+  fine_grained_labels: tuple[str, ...]
+  partition: str
+
+
+# --- Checking ------------------------------------------------------------------
+
+
+def _load_metadata(dataset_dir: str) -> list[Any]:
+  if not os.path.isdir(dataset_dir):
+    raise errors.FlairInputError(
+        f"--dataset_dir {dataset_dir!r} is not a directory (expected a FLAIR "
+        f"dataset directory with {constants.METADATA_FILE})")
+  path = os.path.join(dataset_dir, constants.METADATA_FILE)
+  try:
+    with open(path, "rb") as f:
+      data = json.load(f)
+  except FileNotFoundError:
+    raise errors.FlairInputError(
+        f"metadata file {path} not found (expected the FLAIR "
+        f"{constants.METADATA_FILE} in --dataset_dir)") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise errors.FlairInputError(
+        f"metadata file {path} is not valid JSON: {e}") from None
+  if not isinstance(data, list):
+    raise errors.FlairInputError(
+        f"metadata file {path} must hold a JSON list of records, got a "
+        f"{type(data).__name__}")
+  if not data:
+    raise errors.FlairInputError(f"metadata file {path} holds no records")
+  return data
+
+
+def _is_safe_file_name(name: str) -> bool:
+  return (bool(name) and "/" not in name and "\\" not in name
+          and "\0" not in name and not name.startswith("."))
+
+
+def _parse_record(index: int, raw: Any
+                  ) -> tuple[Optional[_Record], list[Problem]]:
+  """Checks the fields of one record; returns the record or its problems."""
+  if not isinstance(raw, dict):
+    return None, [Problem(f"is a {type(raw).__name__}, expected a JSON object "
+                          f"with {list(constants.REQUIRED_RECORD_KEYS)}",
+                          index)]
+  image_id = raw.get(constants.IMAGE_ID_KEY)
+  user_id = raw.get(constants.USER_ID_KEY)
+  shown_image_id = None if image_id is None else str(image_id)
+  shown_user_id = None if user_id is None else str(user_id)
+
+  def problem(message):
+    return Problem(message, index, shown_image_id, shown_user_id)
+
+  problems = []
+  missing = [k for k in constants.REQUIRED_RECORD_KEYS if k not in raw]
+  if missing:
+    problems.append(problem(f"missing field(s) {missing}"))
+  if constants.IMAGE_ID_KEY in raw:
+    if isinstance(image_id, int) and not isinstance(image_id, bool) and (
+        image_id >= 0):
+      image_id = str(image_id)
+    elif not (isinstance(image_id, str) and _is_safe_file_name(image_id)):
+      problems.append(problem(
+          f"{constants.IMAGE_ID_KEY} must be a non-negative integer or a "
+          f"string usable as a file name, got {image_id!r}"))
+  if constants.USER_ID_KEY in raw and not (
+      isinstance(user_id, str) and _is_safe_file_name(user_id)):
+    problems.append(problem(
+        f"{constants.USER_ID_KEY} must be a string usable as a file name (no "
+        f"'/', not starting with '.'), got {user_id!r}"))
+  for key in (constants.LABELS_KEY, constants.FINE_GRAINED_LABELS_KEY):
+    if key in raw:
+      value = raw[key]
+      if not (isinstance(value, list)
+              and all(isinstance(v, str) and v for v in value)):
+        problems.append(problem(
+            f"{key} must be a list of non-empty strings, got {value!r}"))
+  partition = raw.get(constants.PARTITION_KEY)
+  if constants.PARTITION_KEY in raw:
+    partition = constants.PARTITION_ALIASES.get(partition, partition)
+    if partition not in constants.PARTITIONS:
+      problems.append(problem(
+          f"unknown {constants.PARTITION_KEY} {raw[constants.PARTITION_KEY]!r}"
+          f" (expected one of {list(constants.PARTITIONS)} or "
+          f"{list(constants.PARTITION_ALIASES)})"))
+  if problems:
+    return None, problems
+  return _Record(index, user_id, image_id,
+                 tuple(raw[constants.LABELS_KEY]),
+                 tuple(raw[constants.FINE_GRAINED_LABELS_KEY]),
+                 partition), []
+
+
+def _image_path(dataset_dir: str, image_id: str) -> str:
+  return os.path.join(dataset_dir, constants.SMALL_IMAGES_DIR,
+                      image_id + constants.IMAGE_EXTENSION)
+
+
+def _check_image(path: str) -> Optional[str]:
+  """None if `path` is a 256x256 JPEG that Pillow opens; else the problem."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with open(path, "rb") as f:
+      head = f.read(len(_JPEG_MAGIC))
+  except FileNotFoundError:
+    return f"image file {path} not found"
+  except OSError as e:
+    return f"image file {path} cannot be read: {e}"
+  if head != _JPEG_MAGIC:
+    return (f"image file {path} is not a JPEG (its first bytes are "
+            f"{head!r}, expected {_JPEG_MAGIC!r})")
+  try:
+    with Image.open(path) as image:
+      image_format, size = image.format, image.size
+      image.verify()
+  except Exception as e:  # pylint: disable=broad-except
+    # Pillow raises several types (UnidentifiedImageError, OSError,
+    # SyntaxError, ...) for a corrupt file.
+    return f"image file {path} cannot be opened as an image: {e}"
+  if image_format != "JPEG":
+    return f"image file {path} is a {image_format} image, expected JPEG"
+  expected = (constants.IMAGE_SIZE, constants.IMAGE_SIZE)
+  if size != expected:
+    return (f"image file {path} is {size[0]}x{size[1]} pixels, expected "
+            f"{expected[0]}x{expected[1]} (FLAIR's small images)")
+  return None
+
+
+def _check_images(paths: Sequence[str]) -> list[Optional[str]]:
+  """Pool task: `_check_image` for each path."""
+  return [_check_image(path) for path in paths]
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+  for start in range(0, len(items), size):
+    yield items[start:start + size]
+
+
+def _progress(iterable, show: bool, **kwargs):
+  if not show:
+    return iterable
+  import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm.tqdm(iterable, **kwargs)
+
+
+def _check_records(dataset_dir: str, raw_records: list[Any], pool,
+                   show_progress: bool) -> tuple[list[_Record], list[Problem]]:
+  """All records checked: (good records, problems in record order)."""
+  problems_by_record: dict[int, list[Problem]] = collections.defaultdict(list)
+  parsed = []
+  for index, raw in enumerate(raw_records):
+    record, problems = _parse_record(index, raw)
+    if problems:
+      problems_by_record[index] += problems
+    else:
+      parsed.append(record)
+
+  # Consistency across records: one partition per user, unique image ids.
+  user_partition: dict[str, tuple[str, int]] = {}
+  image_record: dict[str, int] = {}
+  candidates = []
+  for record in parsed:
+    def problem(message, record=record):
+      return Problem(message, record.index, record.image_id, record.user_id)
+    first = user_partition.setdefault(record.user_id,
+                                      (record.partition, record.index))
+    if first[0] != record.partition:
+      problems_by_record[record.index].append(problem(
+          f"user is in partition {record.partition!r} here but in "
+          f"{first[0]!r} in record {first[1]} (a user belongs to one "
+          f"partition)"))
+      continue
+    if record.image_id in image_record:
+      problems_by_record[record.index].append(problem(
+          f"image_id repeats record {image_record[record.image_id]}"))
+      continue
+    image_record[record.image_id] = record.index
+    candidates.append(record)
+
+  paths = [_image_path(dataset_dir, r.image_id) for r in candidates]
+  chunks = list(_chunks(paths, _CHECK_CHUNK_SIZE))
+  if pool is None:
+    results = map(_check_images, chunks)
+  else:
+    results = pool.imap(_check_images, chunks)
+  image_problems = []
+  for chunk_result in _progress(results, show_progress, total=len(chunks),
+                                desc="checking images",
+                                unit=f"x{_CHECK_CHUNK_SIZE} images"):
+    image_problems += chunk_result
+  good = []
+  for record, message in zip(candidates, image_problems):
+    if message is None:
+      good.append(record)
+    else:
+      problems_by_record[record.index].append(
+          Problem(message, record.index, record.image_id, record.user_id))
+  all_problems = [p for index in sorted(problems_by_record)
+                  for p in problems_by_record[index]]
+  return good, all_problems
+
+
+# --- Writing -------------------------------------------------------------------
+
+_tf = None
+
+
+def _worker_init() -> None:
+  # Quiet TensorFlow's C++ start-up messages in the writer processes.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _tensorflow():
+  global _tf
+  if _tf is None:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    _tf = tf
+  return _tf
+
+
+def _write_user(task: tuple[str, list[tuple[str, list[int], list[int]]]]
+                ) -> str:
+  """Pool task: writes one user's file atomically; returns its path.
+
+  Args:
+    task: (final path, [(image path, label indices, fine label indices)]).
+  """
+  tf = _tensorflow()
+  path, examples = task
+  with io_utils.atomic_path(path) as tmp:
+    with tf.io.TFRecordWriter(tmp) as writer:
+      for image_path, labels, fine_labels in examples:
+        with open(image_path, "rb") as f:
+          jpeg = f.read()
+        example = tf.train.Example(features=tf.train.Features(feature={
+            constants.IMAGE_FEATURE: tf.train.Feature(
+                bytes_list=tf.train.BytesList(value=[jpeg])),
+            constants.LABELS_FEATURE: tf.train.Feature(
+                int64_list=tf.train.Int64List(value=labels)),
+            constants.FINE_GRAINED_LABELS_FEATURE: tf.train.Feature(
+                int64_list=tf.train.Int64List(value=fine_labels)),
+        }))
+        writer.write(example.SerializeToString(deterministic=True))
+  return path
+
+
+def _remove_stale_temp_files(tfrecords_dir: str) -> int:
+  """Removes temporary files an interrupted run left; returns their count."""
+  removed = 0
+  for partition in constants.PARTITIONS:
+    directory = os.path.join(tfrecords_dir, partition)
+    if not os.path.isdir(directory):
+      continue
+    for name in os.listdir(directory):
+      if _TEMP_FILE_PATTERN.match(name):
+        os.remove(os.path.join(directory, name))
+        removed += 1
+  return removed
+
+
+def default_num_workers() -> int:
+  """The number of CPU cores this process may use."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # Not Linux.
+    return os.cpu_count() or 1
+
+
+def prepare(dataset_dir: str, tfrecords_dir: str,
+            num_workers: Optional[int] = None, skip_bad_images: bool = False,
+            show_progress: bool = True,
+            report_path: Optional[str] = None) -> PrepareSummary:
+  """Writes per-user TFRecords and label_index.json (see the module doc).
+
+  Args:
+    dataset_dir: a FLAIR dataset directory (labels_and_metadata.json and
+      small_images/).
+    tfrecords_dir: output directory; created if needed. Users whose final
+      file already exists there are skipped (resume).
+    num_workers: processes that check and write; None = all cores. With 1,
+      everything runs in this process.
+    skip_bad_images: skip records with problems (listed in the report)
+      instead of failing.
+    show_progress: show tqdm progress bars.
+    report_path: where the skip report goes with `skip_bad_images`; default
+      `<tfrecords_dir>/skipped_images.json`.
+
+  Returns:
+    A `PrepareSummary`.
+
+  Raises:
+    FlairInputError: a bad argument, a missing dataset directory or metadata
+      file, malformed JSON, or no usable record.
+    BadInputError (a FlairInputError): bad records or images without
+      `skip_bad_images`; its `problems` lists all of them.
+  """
+  if num_workers is None:
+    num_workers = default_num_workers()
+  if isinstance(num_workers, bool) or not isinstance(num_workers, int) or (
+      num_workers < 1):
+    raise errors.FlairInputError(
+        f"--num_workers must be a positive integer, got {num_workers!r}")
+  raw_records = _load_metadata(dataset_dir)
+  metadata_path = os.path.join(dataset_dir, constants.METADATA_FILE)
+
+  pool = None
+  try:
+    if num_workers > 1:
+      # "spawn": the parent may have imported TensorFlow (tests, notebooks),
+      # and forking a process with TF's threads is unsafe.
+      pool = multiprocessing.get_context("spawn").Pool(
+          num_workers, initializer=_worker_init)
+    records, problems = _check_records(dataset_dir, raw_records, pool,
+                                       show_progress)
+    if problems and not skip_bad_images:
+      shown = "; ".join(p.describe() for p in problems[:_PROBLEMS_IN_MESSAGE])
+      more = len(problems) - _PROBLEMS_IN_MESSAGE
+      raise BadInputError(
+          f"{len(problems)} problem(s) in {metadata_path} / its images, "
+          f"nothing written: {shown}"
+          + (f"; and {more} more" if more > 0 else "")
+          + " (rerun with --skip_bad_images to skip these records)",
+          problems)
+    if not records:
+      raise errors.FlairInputError(
+          f"no usable record in {metadata_path} (all "
+          f"{len(raw_records)} have problems, see the report)")
+
+    written_report = None
+    if skip_bad_images:
+      written_report = report_path or os.path.join(
+          tfrecords_dir, SKIPPED_IMAGES_REPORT_FILE)
+      io_utils.write_json_atomic(written_report, {
+          "dataset_dir": dataset_dir,
+          "num_records": len(raw_records),
+          "num_skipped_records": len({p.record_index for p in problems}),
+          "skipped": [p.to_json() for p in problems],
+      })
+      if problems:
+        logging.warning("skipping %d bad record(s); list in %s",
+                        len({p.record_index for p in problems}),
+                        written_report)
+
+    label_index = {
+        constants.LABELS_KEY: {
+            name: i for i, name in enumerate(sorted(
+                {label for r in records for label in r.labels}))},
+        constants.FINE_GRAINED_LABELS_KEY: {
+            name: i for i, name in enumerate(sorted(
+                {label for r in records for label in r.fine_grained_labels}))},
+    }
+
+    # Group by user (a user's records need not be adjacent), metadata order.
+    by_user: dict[str, list[_Record]] = collections.defaultdict(list)
+    for record in records:
+      by_user[record.user_id].append(record)
+    os.makedirs(tfrecords_dir, exist_ok=True)
+    removed = _remove_stale_temp_files(tfrecords_dir)
+    if removed:
+      logging.info("removed %d temporary file(s) of an interrupted run",
+                   removed)
+    users = {p: 0 for p in constants.PARTITIONS}
+    images = {p: 0 for p in constants.PARTITIONS}
+    tasks = []
+    already_complete = 0
+    for user_id, user_records in by_user.items():
+      partition = user_records[0].partition
+      users[partition] += 1
+      images[partition] += len(user_records)
+      path = os.path.join(tfrecords_dir, partition,
+                          user_id + constants.TFRECORD_SUFFIX)
+      if os.path.exists(path):
+        already_complete += 1
+        continue
+      tasks.append((path, [
+          (_image_path(dataset_dir, r.image_id),
+           [label_index[constants.LABELS_KEY][n] for n in r.labels],
+           [label_index[constants.FINE_GRAINED_LABELS_KEY][n]
+            for n in r.fine_grained_labels])
+          for r in user_records]))
+    for partition in constants.PARTITIONS:
+      if users[partition]:
+        os.makedirs(os.path.join(tfrecords_dir, partition), exist_ok=True)
+      else:
+        logging.warning("partition %r has no users", partition)
+    if already_complete:
+      logging.info("%d user file(s) already complete, skipped (resume)",
+                   already_complete)
+
+    if tasks:
+      if pool is None:
+        results = map(_write_user, tasks)
+      else:
+        # Small chunks keep the workers balanced (user sizes are heavy-tailed).
+        results = pool.imap_unordered(_write_user, tasks, chunksize=1)
+      for _ in _progress(results, show_progress, total=len(tasks),
+                         desc="writing users", unit="user"):
+        pass
+  finally:
+    if pool is not None:
+      pool.terminate()
+      pool.join()
+
+  label_index_path = os.path.join(tfrecords_dir, constants.LABEL_INDEX_FILE)
+  io_utils.write_json_atomic(label_index_path, label_index)
+  return PrepareSummary(
+      tfrecords_dir=tfrecords_dir, users=users, images=images,
+      users_written=len(tasks), users_already_complete=already_complete,
+      skipped=tuple(problems), report_path=written_report,
+      label_index_path=label_index_path)
+
+
+# --- Command line --------------------------------------------------------------
+
+
+def _define_flags() -> None:
+  # Defined only when run as a command: importing this module (the demo and
+  # the tests do) adds no global flags.
+  flags.DEFINE_string("dataset_dir", None,
+                      "FLAIR dataset directory (labels_and_metadata.json, "
+                      "small_images/).")
+  flags.DEFINE_string("tfrecords_dir", None,
+                      "Output directory for <partition>/<user_id>.tfrecords "
+                      "and label_index.json.")
+  flags.DEFINE_integer("num_workers", None,
+                       "Worker processes; default all cores.", lower_bound=1)
+  flags.DEFINE_bool("skip_bad_images", False,
+                    "Skip records with a bad image or record and list them "
+                    "in a report instead of stopping.")
+  flags.DEFINE_string("report_path", None,
+                      "Report of skipped records (with --skip_bad_images); "
+                      "default <tfrecords_dir>/" + SKIPPED_IMAGES_REPORT_FILE)
+  flags.mark_flags_as_required(["dataset_dir", "tfrecords_dir"])
+
+
+@errors.exit_on_input_error
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise errors.FlairInputError(
+        f"unexpected positional arguments: {' '.join(argv[1:])}")
+  flag_values = flags.FLAGS
+  try:
+    summary = prepare(flag_values.dataset_dir, flag_values.tfrecords_dir,
+                      num_workers=flag_values.num_workers,
+                      skip_bad_images=flag_values.skip_bad_images,
+                      report_path=flag_values.report_path)
+  except BadInputError as e:
+    print(f"{len(e.problems)} problem(s) found:", file=sys.stderr)
+    for problem in e.problems:
+      print(f"  {problem.describe()}", file=sys.stderr)
+    raise
+  print(summary.describe())
+
+
+def run() -> None:
+  """Console-script entry point."""
+  _define_flags()
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
