@@ -1,0 +1,408 @@
+"""Per-user FLAIR TFRecords as TFF client data, and client preprocessing.
+
+A prepared TFRecords directory (FLAIR_REFERENCE.md, "Per-user TFRecords") is
+
+    <tfrecords_dir>/label_index.json   (or label_to_index.json)
+    <tfrecords_dir>/<partition>/<user_id>.tfrecords
+
+with partitions `train`, `val` (also accepted as `dev`) and `test`. Each user
+file holds one `tf.train.Example` per image with the JPEG bytes and the int64
+indices of its coarse and fine-grained labels. Here each partition becomes a
+`tff.simulation.datasets.FilePerUserClientData` with one client per user file
+(client id = file name without `.tfrecords` = the FLAIR user id), whose
+elements are `(image, label)`:
+
+* `image`: `tf.uint8`, shape `[256, 256, 3]`, the decoded JPEG;
+* `label`: `tf.int32`, shape `[num_outputs]`: a multi-hot vector over the
+  coarse (17) or fine-grained labels, or, with a binary label, a single 0/1
+  value that is 1 iff the image carries that label.
+
+Decoding and preprocessing are pure `tf.data` / TF ops, so the client datasets
+can be built inside TFF computations (`serializable_dataset_fn`).
+
+The layout follows TFF's `FilePerUserClientData` and the preprocessing mirrors
+TFF's baseline `ClientSpec` (shuffle, take `max_elements`, repeat epochs,
+batch).
+"""
+
+import dataclasses
+import difflib
+import json
+import os
+from typing import Callable, Optional
+
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from benchmark import constants
+from benchmark.errors import FlairInputError
+
+# Above this many valid names, an unknown-label error lists close matches
+# instead of every name (the fine-grained set has ~1,628).
+_MAX_NAMES_IN_ERROR = 50
+
+PreprocessFn = Callable[[tf.data.Dataset], tf.data.Dataset]
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSpec:
+  """Which labels a model predicts.
+
+  Attributes:
+    names: label names in index order (the index in the label index JSON), of
+      the coarse labels or, with `use_fine_grained_labels`, the fine-grained
+      ones.
+    use_fine_grained_labels: read the `fine_grained_labels` feature instead of
+      the coarse `labels`.
+    binary_label: when set, the one label (a member of `names`) that becomes a
+      single 0/1 target.
+  """
+  names: tuple[str, ...]
+  use_fine_grained_labels: bool = False
+  binary_label: Optional[str] = None
+
+  def __post_init__(self):
+    if not isinstance(self.names, tuple) or not self.names:
+      raise FlairInputError("LabelSpec.names must be a non-empty tuple of "
+                            "label names")
+    if len(set(self.names)) != len(self.names):
+      raise FlairInputError("LabelSpec.names has duplicate label names")
+    if self.binary_label is not None and self.binary_label not in self.names:
+      raise FlairInputError(
+          f"LabelSpec.binary_label {self.binary_label!r} is not one of the "
+          f"{self.kind} labels")
+
+  @property
+  def kind(self) -> str:
+    """`"fine-grained"` or `"coarse"`."""
+    return "fine-grained" if self.use_fine_grained_labels else "coarse"
+
+  @property
+  def feature_key(self) -> str:
+    """The `tf.train.Example` feature holding this label set's indices."""
+    return (constants.FINE_GRAINED_LABELS_FEATURE
+            if self.use_fine_grained_labels else constants.LABELS_FEATURE)
+
+  @property
+  def num_labels(self) -> int:
+    """Size of the label set (`len(names)`)."""
+    return len(self.names)
+
+  @property
+  def num_outputs(self) -> int:
+    """Model outputs: 1 with a binary label, else the number of labels."""
+    return 1 if self.binary_label is not None else len(self.names)
+
+  @property
+  def binary_index(self) -> Optional[int]:
+    """The index of `binary_label`, or None."""
+    if self.binary_label is None:
+      return None
+    return self.names.index(self.binary_label)
+
+
+def _require_dir(tfrecords_dir: str) -> None:
+  if not os.path.isdir(tfrecords_dir):
+    raise FlairInputError(
+        f"--tfrecords_dir {tfrecords_dir!r} is not a directory (expected the "
+        "output of prepare_tfrecords.py)")
+
+
+def find_label_index_file(tfrecords_dir: str) -> str:
+  """Returns the path of the label index JSON in `tfrecords_dir`.
+
+  `label_index.json` is preferred; `label_to_index.json` (the name the original
+  ml-flair scripts used) is accepted.
+
+  Raises:
+    FlairInputError: if the directory or both files are missing.
+  """
+  _require_dir(tfrecords_dir)
+  for name in constants.LABEL_INDEX_FILES:
+    path = os.path.join(tfrecords_dir, name)
+    if os.path.isfile(path):
+      return path
+  raise FlairInputError(
+      f"no label index in --tfrecords_dir {tfrecords_dir!r}: expected one of "
+      f"{', '.join(constants.LABEL_INDEX_FILES)}")
+
+
+def _names_in_index_order(mapping, path: str, key: str) -> tuple[str, ...]:
+  """Validates `{name: index}` with indices 0..n-1; returns names by index."""
+  if not isinstance(mapping, dict) or not mapping:
+    raise FlairInputError(
+        f"{path}: {key!r} must be a non-empty object {{label: index}}")
+  names = [None] * len(mapping)
+  for name, index in mapping.items():
+    if (isinstance(index, bool) or not isinstance(index, int)
+        or not 0 <= index < len(mapping) or names[index] is not None):
+      raise FlairInputError(
+          f"{path}: {key!r} indices must be the integers 0..{len(mapping) - 1},"
+          f" each used once (label {name!r} has {index!r})")
+    names[index] = name
+  return tuple(names)
+
+
+def _unknown_label_message(label: str, spec_kind: str,
+                           names: tuple[str, ...], path: str) -> str:
+  if len(names) <= _MAX_NAMES_IN_ERROR:
+    valid = ", ".join(names)
+    return (f"--binary_label {label!r} is not a {spec_kind} label; valid "
+            f"names: {valid}")
+  close = difflib.get_close_matches(label, names, n=10)
+  hint = (f"close matches: {', '.join(close)}" if close
+          else "no close matches")
+  return (f"--binary_label {label!r} is not one of the {len(names)} "
+          f"{spec_kind} labels listed in {path} ({hint})")
+
+
+def load_label_spec(tfrecords_dir: str,
+                    use_fine_grained_labels: bool = False,
+                    binary_label: Optional[str] = None) -> LabelSpec:
+  """Reads the label index of a TFRecords directory into a `LabelSpec`.
+
+  Args:
+    tfrecords_dir: a directory written by `prepare_tfrecords.py`.
+    use_fine_grained_labels: use the fine-grained label set instead of the 17
+      coarse labels.
+    binary_label: optional name of one label (of the chosen set) to predict as
+      a single 0/1 output.
+
+  Returns:
+    The label spec, `names` in index order.
+
+  Raises:
+    FlairInputError: if the directory or label index is missing or malformed,
+      or `binary_label` is not a label of the chosen set (the message lists
+      the valid names, or close matches for the fine-grained set).
+  """
+  path = find_label_index_file(tfrecords_dir)
+  try:
+    with open(path, encoding="utf-8") as f:
+      index = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise FlairInputError(f"cannot read label index {path}: {e}") from e
+  key = (constants.FINE_GRAINED_LABELS_KEY if use_fine_grained_labels
+         else constants.LABELS_KEY)
+  if not isinstance(index, dict) or key not in index:
+    raise FlairInputError(f"label index {path} has no {key!r} object")
+  names = _names_in_index_order(index[key], path, key)
+  kind = "fine-grained" if use_fine_grained_labels else "coarse"
+  if binary_label is not None and binary_label not in names:
+    raise FlairInputError(
+        _unknown_label_message(binary_label, kind, names, path))
+  return LabelSpec(names=names,
+                   use_fine_grained_labels=bool(use_fine_grained_labels),
+                   binary_label=binary_label)
+
+
+def create_parse_fn(label_spec: LabelSpec
+                   ) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
+  """Returns a pure-TF function: serialized `tf.train.Example` -> example.
+
+  The returned function maps a scalar `tf.string` to `(image, label)`, image
+  `tf.uint8 [256, 256, 3]` (decoded JPEG, channels forced to 3; a JPEG of
+  another size fails at run time with an `InvalidArgumentError`), label
+  `tf.int32 [label_spec.num_outputs]` (multi-hot over `label_spec.names`, or
+  `[1]` / `[0]` for the binary label). A label index outside
+  `[0, num_labels)` fails at run time with an `InvalidArgumentError`.
+  """
+  num_labels = label_spec.num_labels
+  binary_index = label_spec.binary_index
+  features = {
+      constants.IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string),
+      label_spec.feature_key: tf.io.VarLenFeature(tf.int64),
+  }
+
+  def parse(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    parsed = tf.io.parse_single_example(serialized, features)
+    image = tf.io.decode_jpeg(parsed[constants.IMAGE_FEATURE], channels=3)
+    image = tf.ensure_shape(image, constants.IMAGE_SHAPE)
+    indices = parsed[label_spec.feature_key].values
+    checks = [
+        tf.debugging.assert_non_negative(
+            indices, message="negative label index in a TFRecord"),
+        tf.debugging.assert_less(
+            indices, tf.constant(num_labels, tf.int64),
+            message=f"label index >= {num_labels} in a TFRecord "
+            "(does the label index JSON match the records?)"),
+    ]
+    with tf.control_dependencies(checks):
+      if binary_index is not None:
+        present = tf.reduce_any(tf.equal(indices, binary_index))
+        label = tf.reshape(tf.cast(present, tf.int32), [1])
+      else:
+        counts = tf.math.bincount(tf.cast(indices, tf.int32),
+                                  minlength=num_labels, maxlength=num_labels,
+                                  dtype=tf.int32)
+        label = tf.minimum(counts, 1)
+    label = tf.ensure_shape(label, [label_spec.num_outputs])
+    return image, label
+
+  return parse
+
+
+def create_dataset_fn(label_spec: LabelSpec) -> Callable[[str], tf.data.Dataset]:
+  """Returns `path -> tf.data.Dataset` of parsed examples of one user file.
+
+  `path` may be a Python string or a scalar `tf.string` tensor (as TFF's
+  `FilePerUserClientData.serializable_dataset_fn` passes it).
+  """
+  parse = create_parse_fn(label_spec)
+
+  def dataset_fn(path) -> tf.data.Dataset:
+    return tf.data.TFRecordDataset(path).map(
+        parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  return dataset_fn
+
+
+def _partition_dir(tfrecords_dir: str, partition: str) -> str:
+  """Resolves `partition` (or its alias) to an existing directory."""
+  _require_dir(tfrecords_dir)
+  canonical = constants.PARTITION_ALIASES.get(partition, partition)
+  if canonical not in constants.PARTITIONS:
+    raise FlairInputError(
+        f"unknown partition {partition!r}: expected one of "
+        f"{', '.join(constants.PARTITIONS)} (or "
+        f"{', '.join(constants.PARTITION_ALIASES)})")
+  candidates = [canonical] + sorted(
+      alias for alias, target in constants.PARTITION_ALIASES.items()
+      if target == canonical)
+  for name in candidates:
+    path = os.path.join(tfrecords_dir, name)
+    if os.path.isdir(path):
+      return path
+  raise FlairInputError(
+      f"partition {canonical!r} not found in --tfrecords_dir "
+      f"{tfrecords_dir!r}: expected a subdirectory "
+      f"{' or '.join(repr(c + '/') for c in candidates)}")
+
+
+def load_partition(tfrecords_dir: str, partition: str,
+                   label_spec: LabelSpec
+                  ) -> tff.simulation.datasets.FilePerUserClientData:
+  """Loads one partition as TFF client data, one client per user file.
+
+  Args:
+    tfrecords_dir: a directory written by `prepare_tfrecords.py`.
+    partition: `train`, `val` or `test`; `dev` is accepted for `val`, and a
+      `dev/` directory is read when `val/` is absent.
+    label_spec: from `load_label_spec` on the same directory.
+
+  Returns:
+    Client data whose client ids are the user file stems (user ids) and whose
+    elements are `(image uint8 [256, 256, 3], label int32 [num_outputs])`.
+
+  Raises:
+    FlairInputError: if the directory or partition is missing, the partition
+      name is unknown, or the partition holds no `*.tfrecords` file.
+  """
+  directory = _partition_dir(tfrecords_dir, partition)
+  suffix = constants.TFRECORD_SUFFIX
+  files = {
+      name[:-len(suffix)]: os.path.join(directory, name)
+      for name in sorted(os.listdir(directory))
+      if name.endswith(suffix) and not name.startswith(".")
+      and len(name) > len(suffix)
+  }
+  if not files:
+    raise FlairInputError(
+        f"partition directory {directory!r} holds no *{suffix} files "
+        "(expected one file per user)")
+  return tff.simulation.datasets.FilePerUserClientData(
+      files, create_dataset_fn(label_spec))
+
+
+def load_client_data(tfrecords_dir: str, label_spec: LabelSpec
+                    ) -> dict[str, tff.simulation.datasets.FilePerUserClientData]:
+  """Loads all three partitions: `{"train": ..., "val": ..., "test": ...}`.
+
+  Raises:
+    FlairInputError: as `load_partition`, for any partition.
+  """
+  return {partition: load_partition(tfrecords_dir, partition, label_spec)
+          for partition in constants.PARTITIONS}
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise FlairInputError(
+        f"ClientSpec.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientSpec:
+  """How a training client turns its examples into batches.
+
+  Attributes:
+    num_epochs: passes over the (possibly truncated) client data, >= 1.
+    batch_size: examples per batch, >= 1 (the last batch may be smaller).
+    max_elements: at most this many examples per client (>= 1), or None for
+      all of them.
+    shuffle_buffer_size: buffer of `tf.data.Dataset.shuffle`, >= 1; 1 means no
+      shuffling.
+  """
+  num_epochs: int
+  batch_size: int
+  max_elements: Optional[int] = None
+  shuffle_buffer_size: int = 1000
+
+  def __post_init__(self):
+    _check_int("num_epochs", self.num_epochs, 1)
+    _check_int("batch_size", self.batch_size, 1)
+    if self.max_elements is not None:
+      _check_int("max_elements", self.max_elements, 1)
+    _check_int("shuffle_buffer_size", self.shuffle_buffer_size, 1)
+
+
+def create_train_preprocess_fn(spec: ClientSpec,
+                               seed: Optional[int] = None) -> PreprocessFn:
+  """Returns the training preprocessing for one client's dataset.
+
+  The client's examples are shuffled once (buffer `spec.shuffle_buffer_size`),
+  the first `spec.max_elements` are kept, that same sequence is repeated
+  `spec.num_epochs` times, and the result is batched by `spec.batch_size`
+  (the last batch may be smaller). The shuffle is drawn afresh each time the
+  dataset is built (each round, in TFF), from `seed` when it is given (then
+  every build gives the same order) or at random when it is None.
+
+  The function uses only `tf.data` ops, so it can be traced inside a TFF
+  computation.
+
+  Args:
+    spec: the validated client spec.
+    seed: optional shuffle seed.
+
+  Returns:
+    `dataset -> dataset` of batches `(images [b, ...], labels [b, ...])`.
+  """
+  if not isinstance(spec, ClientSpec):
+    raise TypeError(f"spec must be a ClientSpec, got {type(spec).__name__}")
+
+  def preprocess(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    if spec.shuffle_buffer_size > 1:
+      dataset = dataset.shuffle(spec.shuffle_buffer_size, seed=seed,
+                                reshuffle_each_iteration=False)
+    if spec.max_elements is not None:
+      dataset = dataset.take(spec.max_elements)
+    return dataset.repeat(spec.num_epochs).batch(spec.batch_size)
+
+  return preprocess
+
+
+def create_eval_preprocess_fn(batch_size: int) -> PreprocessFn:
+  """Returns the evaluation preprocessing: batching by `batch_size` (>= 1).
+
+  Raises:
+    FlairInputError: if `batch_size` is not a positive integer.
+  """
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) \
+      or batch_size < 1:
+    raise FlairInputError(
+        f"eval batch_size must be an integer >= 1, got {batch_size!r}")
+
+  def preprocess(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    return dataset.batch(batch_size)
+
+  return preprocess

@@ -1,0 +1,366 @@
+"""Tests of benchmark.data: label index, decoding, partitions, preprocessing."""
+
+import collections
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from benchmark import constants
+from benchmark import data
+from benchmark.errors import FlairInputError
+
+COARSE = ("animal", "food", "outdoor", "structure")
+FINE = ("cat", "dog", "pizza", "tree", "wall")
+
+
+def _jpeg(seed: int) -> bytes:
+  rng = np.random.default_rng(seed)
+  pixels = rng.integers(0, 256, size=constants.IMAGE_SHAPE, dtype=np.uint8)
+  return tf.io.encode_jpeg(pixels).numpy()
+
+
+def _example(jpeg: bytes, labels, fine) -> bytes:
+  feature = {
+      constants.IMAGE_FEATURE: tf.train.Feature(
+          bytes_list=tf.train.BytesList(value=[jpeg])),
+      constants.LABELS_FEATURE: tf.train.Feature(
+          int64_list=tf.train.Int64List(value=labels)),
+      constants.FINE_GRAINED_LABELS_FEATURE: tf.train.Feature(
+          int64_list=tf.train.Int64List(value=fine)),
+  }
+  return tf.train.Example(
+      features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+# user -> list of (coarse indices, fine indices); partition per user.
+TINY_USERS = {
+    "train": {"u1@N01": [([0, 3], [1, 4]), ([2], [3]), ([1, 2, 3], [2])],
+              "u2@N02": [([3], [4]), ([0], [0])]},
+    "val": {"u3@N03": [([1], [2])]},
+    "test": {"u4@N04": [([2, 3], [3, 4]), ([0], [1])]},
+}
+
+
+def _write_tiny(root, index_name=constants.LABEL_INDEX_FILE,
+                val_dir_name=constants.VAL):
+  """Writes a tiny per-user TFRecords directory; returns its path."""
+  root = str(root)
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, index_name), "w") as f:
+    json.dump({"labels": {n: i for i, n in enumerate(COARSE)},
+               "fine_grained_labels": {n: i for i, n in enumerate(FINE)}}, f)
+  seed = 0
+  for partition, users in TINY_USERS.items():
+    name = val_dir_name if partition == constants.VAL else partition
+    os.makedirs(os.path.join(root, name), exist_ok=True)
+    for user, records in users.items():
+      path = os.path.join(root, name, user + constants.TFRECORD_SUFFIX)
+      with tf.io.TFRecordWriter(path) as writer:
+        for labels, fine in records:
+          writer.write(_example(_jpeg(seed), labels, fine))
+          seed += 1
+  return root
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+  return _write_tiny(tmp_path_factory.mktemp("tiny_tfrecords"))
+
+
+def _multi_hot(indices, n):
+  v = np.zeros(n, np.int32)
+  v[list(indices)] = 1
+  return v
+
+
+def _elements(client_data, client_id):
+  return [(x.numpy(), y.numpy())
+          for x, y in client_data.create_tf_dataset_for_client(client_id)]
+
+
+# --- label index ----------------------------------------------------------
+
+
+def test_label_spec_coarse_fine_binary(tiny_dir):
+  spec = data.load_label_spec(tiny_dir)
+  assert spec.names == COARSE and spec.num_outputs == len(COARSE)
+  assert spec.feature_key == constants.LABELS_FEATURE
+  fine = data.load_label_spec(tiny_dir, use_fine_grained_labels=True)
+  assert fine.names == FINE and fine.num_outputs == len(FINE)
+  assert fine.feature_key == constants.FINE_GRAINED_LABELS_FEATURE
+  binary = data.load_label_spec(tiny_dir, binary_label="structure")
+  assert binary.num_outputs == 1 and binary.binary_index == 3
+
+
+def test_label_spec_names_follow_index_not_file_order(tmp_path):
+  os.makedirs(tmp_path / "d")
+  with open(tmp_path / "d" / constants.LABEL_INDEX_FILE, "w") as f:
+    json.dump({"labels": {"b": 1, "a": 2, "c": 0},
+               "fine_grained_labels": {"x": 0}}, f)
+  assert data.load_label_spec(str(tmp_path / "d")).names == ("c", "b", "a")
+
+
+def test_unknown_binary_label_lists_valid_names(tiny_dir):
+  with pytest.raises(FlairInputError) as e:
+    data.load_label_spec(tiny_dir, binary_label="sky")
+  message = str(e.value)
+  assert "'sky'" in message and "\n" not in message
+  for name in COARSE:
+    assert name in message
+  # A fine-grained name is not a coarse label.
+  with pytest.raises(FlairInputError):
+    data.load_label_spec(tiny_dir, binary_label="dog")
+  assert data.load_label_spec(tiny_dir, use_fine_grained_labels=True,
+                              binary_label="dog").binary_index == 1
+
+
+def test_missing_dir_and_missing_index(tmp_path):
+  with pytest.raises(FlairInputError, match="not a directory"):
+    data.load_label_spec(str(tmp_path / "nope"))
+  with pytest.raises(FlairInputError, match="label_index.json"):
+    data.load_label_spec(str(tmp_path))
+
+
+def test_malformed_index(tmp_path):
+  with open(tmp_path / constants.LABEL_INDEX_FILE, "w") as f:
+    json.dump({"labels": {"a": 0, "b": 0}, "fine_grained_labels": {}}, f)
+  with pytest.raises(FlairInputError, match="indices"):
+    data.load_label_spec(str(tmp_path))
+  with open(tmp_path / constants.LABEL_INDEX_FILE, "w") as f:
+    f.write("{not json")
+  with pytest.raises(FlairInputError, match="cannot read"):
+    data.load_label_spec(str(tmp_path))
+
+
+# --- decoding and partitions ----------------------------------------------
+
+
+def test_decode_tiny_multi_hot(tiny_dir):
+  spec = data.load_label_spec(tiny_dir)
+  clients = data.load_client_data(tiny_dir, spec)
+  assert set(clients) == set(constants.PARTITIONS)
+  seed = 0
+  for partition, users in TINY_USERS.items():
+    cd = clients[partition]
+    assert sorted(cd.client_ids) == sorted(users)
+    image_spec, label_spec = cd.element_type_structure
+    assert image_spec.shape == constants.IMAGE_SHAPE
+    assert image_spec.dtype == tf.uint8
+    assert label_spec.shape == (len(COARSE),) and label_spec.dtype == tf.int32
+    for user, records in users.items():
+      got = _elements(cd, user)
+      assert len(got) == len(records)
+      for (image, label), (coarse, _) in zip(got, records):
+        np.testing.assert_array_equal(label, _multi_hot(coarse, len(COARSE)))
+        expected = tf.io.decode_jpeg(_jpeg(seed)).numpy()
+        np.testing.assert_array_equal(image, expected)
+        seed += 1
+
+
+def test_decode_tiny_fine_and_binary(tiny_dir):
+  fine = data.load_partition(
+      tiny_dir, "train",
+      data.load_label_spec(tiny_dir, use_fine_grained_labels=True))
+  got = [y for _, y in _elements(fine, "u1@N01")]
+  expected = [_multi_hot(f, len(FINE)) for _, f in TINY_USERS["train"]["u1@N01"]]
+  np.testing.assert_array_equal(np.stack(got), np.stack(expected))
+
+  binary = data.load_partition(
+      tiny_dir, "train", data.load_label_spec(tiny_dir, binary_label="food"))
+  assert binary.element_type_structure[1].shape == (1,)
+  got = [y for _, y in _elements(binary, "u1@N01")]
+  want = [[int(1 in c)] for c, _ in TINY_USERS["train"]["u1@N01"]]
+  np.testing.assert_array_equal(np.stack(got), np.array(want, np.int32))
+
+
+def test_aliases_load(tmp_path):
+  root = _write_tiny(tmp_path / "legacy",
+                     index_name=constants.LEGACY_LABEL_INDEX_FILE,
+                     val_dir_name="dev")
+  spec = data.load_label_spec(root)
+  assert spec.names == COARSE
+  for name in ("val", "dev"):
+    cd = data.load_partition(root, name, spec)
+    assert cd.client_ids == ["u3@N03"]
+    (_, label), = _elements(cd, "u3@N03")
+    np.testing.assert_array_equal(label, _multi_hot([1], len(COARSE)))
+  assert data.load_client_data(root, spec)["val"].client_ids == ["u3@N03"]
+
+
+def test_partition_errors(tmp_path, tiny_dir):
+  spec = data.load_label_spec(tiny_dir)
+  with pytest.raises(FlairInputError, match="not a directory"):
+    data.load_partition(str(tmp_path / "nope"), "train", spec)
+  with pytest.raises(FlairInputError, match="unknown partition"):
+    data.load_partition(tiny_dir, "training", spec)
+  root = str(tmp_path / "partial")
+  os.makedirs(os.path.join(root, "train"))
+  with pytest.raises(FlairInputError, match="partition 'val' not found"):
+    data.load_partition(root, "val", spec)
+  # Only non-record files (e.g. an interrupted write's temp file).
+  open(os.path.join(root, "train", ".u.tfrecords.x.tmp"), "w").close()
+  with pytest.raises(FlairInputError, match="no \\*.tfrecords"):
+    data.load_partition(root, "train", spec)
+
+
+def test_label_index_out_of_range_fails(tmp_path, tiny_dir):
+  root = str(tmp_path / "bad")
+  os.makedirs(os.path.join(root, "train"))
+  path = os.path.join(root, "train", "u" + constants.TFRECORD_SUFFIX)
+  with tf.io.TFRecordWriter(path) as writer:
+    writer.write(_example(_jpeg(0), [len(COARSE)], [0]))
+  cd = data.load_partition(root, "train", data.load_label_spec(tiny_dir))
+  with pytest.raises(tf.errors.InvalidArgumentError, match="label index"):
+    _elements(cd, "u")
+
+
+def test_serializable_dataset_fn_in_graph(tiny_dir):
+  """The client dataset can be built from a tf.string id inside a graph (as
+  TFF does)."""
+  cd = data.load_partition(tiny_dir, "test", data.load_label_spec(tiny_dir))
+
+  @tf.function
+  def count(client_id):
+    return cd.serializable_dataset_fn(client_id).reduce(
+        tf.constant(0, tf.int64), lambda n, _: n + 1)
+
+  assert int(count(tf.constant("u4@N04"))) == 2
+
+
+def test_decode_real_sample(request):
+  """The real FLAIR sample, prepared: shapes, dtypes and multi-hot vectors
+  match labels_and_metadata.json through the label index."""
+  pytest.importorskip("prepare_tfrecords")
+  sample_dir = request.getfixturevalue("flair_sample_dir")
+  tfrecords_dir = request.getfixturevalue("prepared_sample_dir")
+  with open(os.path.join(sample_dir, constants.METADATA_FILE)) as f:
+    records = json.load(f)
+  spec = data.load_label_spec(tfrecords_dir)
+  assert spec.num_outputs == len(constants.COARSE_LABELS)
+  assert set(spec.names) == set(constants.COARSE_LABELS)
+  fine_spec = data.load_label_spec(tfrecords_dir, use_fine_grained_labels=True)
+  binary_spec = data.load_label_spec(tfrecords_dir, binary_label="structure")
+
+  # Expected label multisets per user (order within a user file is not
+  # part of the contract).
+  expected = collections.defaultdict(list)
+  for r in records:
+    expected[(r[constants.PARTITION_KEY], r[constants.USER_ID_KEY])].append(r)
+
+  num_images = 0
+  for partition in constants.PARTITIONS:
+    cd = data.load_partition(tfrecords_dir, partition, spec)
+    fine_cd = data.load_partition(tfrecords_dir, partition, fine_spec)
+    binary_cd = data.load_partition(tfrecords_dir, partition, binary_spec)
+    users = {u for p, u in expected if p == partition}
+    assert set(cd.client_ids) == users
+    for user in users:
+      want = expected[(partition, user)]
+      got = _elements(cd, user)
+      assert len(got) == len(want)
+      for image, label in got:
+        assert image.shape == constants.IMAGE_SHAPE
+        assert image.dtype == np.uint8 and label.dtype == np.int32
+        assert image.std() > 0  # A real picture, not a blank.
+      def rows(names, label_key):
+        return sorted(
+            tuple(int(n in r[label_key]) for n in names) for r in want)
+      assert sorted(tuple(y) for _, y in got) == rows(spec.names,
+                                                       constants.LABELS_KEY)
+      fine_got = sorted(tuple(y) for _, y in _elements(fine_cd, user))
+      assert fine_got == rows(fine_spec.names,
+                              constants.FINE_GRAINED_LABELS_KEY)
+      binary_got = sorted(int(y[0]) for _, y in _elements(binary_cd, user))
+      assert binary_got == sorted(
+          int("structure" in r[constants.LABELS_KEY]) for r in want)
+      num_images += len(got)
+  assert num_images == len(records)
+
+
+# --- preprocessing --------------------------------------------------------
+
+
+def _range_dataset(n):
+  return tf.data.Dataset.range(n)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(num_epochs=0, batch_size=1), "num_epochs"),
+    (dict(num_epochs=1, batch_size=0), "batch_size"),
+    (dict(num_epochs=1, batch_size=2, max_elements=0), "max_elements"),
+    (dict(num_epochs=1, batch_size=2, shuffle_buffer_size=0),
+     "shuffle_buffer_size"),
+    (dict(num_epochs=1.5, batch_size=2), "num_epochs"),
+    (dict(num_epochs=True, batch_size=2), "num_epochs"),
+])
+def test_client_spec_validation(kwargs, field):
+  with pytest.raises(FlairInputError, match=f"ClientSpec.{field}"):
+    data.ClientSpec(**kwargs)
+
+
+def test_train_preprocess_take_repeat_batch():
+  spec = data.ClientSpec(num_epochs=3, batch_size=4, max_elements=5,
+                         shuffle_buffer_size=100)
+  out = data.create_train_preprocess_fn(spec, seed=1)(_range_dataset(20))
+  batches = [b.numpy() for b in out]
+  assert [len(b) for b in batches] == [4, 4, 4, 3]  # 15 = 3 epochs x 5.
+  flat = np.concatenate(batches)
+  epochs = flat.reshape(3, 5)
+  # The same subset, in the same order, every epoch; drawn by the shuffle
+  # from all 20 elements.
+  np.testing.assert_array_equal(epochs[0], epochs[1])
+  np.testing.assert_array_equal(epochs[0], epochs[2])
+  assert len(set(epochs[0])) == 5
+  assert not np.array_equal(epochs[0], np.arange(5))
+
+
+def test_train_preprocess_seed_and_no_shuffle():
+  spec = data.ClientSpec(num_epochs=1, batch_size=50, shuffle_buffer_size=64)
+  def run(seed):
+    fn = data.create_train_preprocess_fn(spec, seed=seed)
+    return np.concatenate([b.numpy() for b in fn(_range_dataset(50))])
+  np.testing.assert_array_equal(run(7), run(7))
+  assert sorted(run(7)) == list(range(50))
+  assert not np.array_equal(run(None), run(None))  # 1 / 50! chance to fail.
+  plain = data.create_train_preprocess_fn(
+      data.ClientSpec(num_epochs=2, batch_size=3, shuffle_buffer_size=1))
+  np.testing.assert_array_equal(
+      np.concatenate([b.numpy() for b in plain(_range_dataset(4))]),
+      [0, 1, 2, 3, 0, 1, 2, 3])
+
+
+def test_preprocess_on_client_data_shapes(tiny_dir):
+  cd = data.load_partition(tiny_dir, "train", data.load_label_spec(tiny_dir))
+  spec = data.ClientSpec(num_epochs=2, batch_size=2, max_elements=2)
+  train = cd.preprocess(data.create_train_preprocess_fn(spec, seed=0))
+  shapes = [(x.shape, y.shape) for x, y in
+            train.create_tf_dataset_for_client("u1@N01")]
+  assert shapes == [((2,) + constants.IMAGE_SHAPE, (2, len(COARSE)))] * 2
+  evaluation = cd.preprocess(data.create_eval_preprocess_fn(2))
+  sizes = [x.shape[0] for x, _ in
+           evaluation.create_tf_dataset_for_client("u1@N01")]
+  assert sizes == [2, 1]
+  with pytest.raises(FlairInputError, match="batch_size"):
+    data.create_eval_preprocess_fn(0)
+
+
+def test_preprocessed_dataset_traces_into_tff_computation(tiny_dir):
+  """Decoding plus training preprocessing serialise into a TFF computation
+  (as `compose_dataset_computation_with_learning_process` needs)."""
+  import tensorflow_federated as tff
+  cd = data.load_partition(tiny_dir, "train", data.load_label_spec(tiny_dir))
+  preprocess = data.create_train_preprocess_fn(
+      data.ClientSpec(num_epochs=2, batch_size=2, max_elements=3), seed=None)
+
+  @tff.tensorflow.computation(tf.string)
+  def build_dataset(client_id):
+    return preprocess(cd.serializable_dataset_fn(client_id))
+
+  element = build_dataset.type_signature.result.element
+  images, labels = element
+  assert images.dtype == np.uint8
+  assert tuple(images.shape)[1:] == constants.IMAGE_SHAPE
+  assert tuple(labels.shape)[1:] == (len(COARSE),)
