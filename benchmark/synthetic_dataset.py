@@ -208,28 +208,33 @@ def make_metadata(num_users: int, seed: int = 0,
   image_numbers = 10_000_000_000 + np.cumsum(
       rng.integers(1, 100_000, total_images))
 
-  fine_weights = 1.0 / np.arange(1, FINE_LABELS_PER_COARSE + 1)
-  fine_weights /= fine_weights.sum()
+  log_fine_weights = -np.log(np.arange(1, FINE_LABELS_PER_COARSE + 1.0))
+  fine_names = [fine_grained_label_names(label) for label in coarse]
   records = []
   image_index = 0
   for u in range(num_users):
     user_id = f"{user_numbers[u]}@N0{user_suffixes[u]}"
+    count = images_per_user[u]
     preference = np.exp(_USER_LABEL_PREFERENCE_STD * rng.standard_normal(
         len(coarse)) - _USER_LABEL_PREFERENCE_STD ** 2 / 2)
     probability = np.minimum(base_probability * preference,
                              _MAX_LABEL_PROBABILITY)
-    for _ in range(images_per_user[u]):
-      present = rng.random(len(coarse)) < probability
-      while not present.any():
-        present = rng.random(len(coarse)) < probability
-      labels = [coarse[k] for k in np.flatnonzero(present)]
-      fine = []
-      for label in labels:
-        count = 1 + rng.binomial(_EXTRA_FINE_TRIALS, _EXTRA_FINE_PROBABILITY)
-        chosen = rng.choice(FINE_LABELS_PER_COARSE, size=count, replace=False,
-                            p=fine_weights)
-        names = fine_grained_label_names(label)
-        fine += [names[j] for j in sorted(chosen)]
+    present = rng.random((count, len(coarse))) < probability
+    empty = ~present.any(axis=1)
+    while empty.any():  # Every image has a label: redraw the empty rows.
+      present[empty] = rng.random((empty.sum(), len(coarse))) < probability
+      empty = ~present.any(axis=1)
+    # Fine labels of each present coarse label: 1 + Binomial draws, chosen
+    # without replacement with weights 1/(j+1) (Gumbel top-k sampling).
+    num_fine = 1 + rng.binomial(_EXTRA_FINE_TRIALS, _EXTRA_FINE_PROBABILITY,
+                                present.shape)
+    order = np.argsort(-(log_fine_weights + rng.gumbel(
+        size=present.shape + (FINE_LABELS_PER_COARSE,))), axis=-1)
+    for i in range(count):
+      labels, fine = [], []
+      for k in np.flatnonzero(present[i]):
+        labels.append(coarse[k])
+        fine += [fine_names[k][j] for j in sorted(order[i, k, :num_fine[i, k]])]
       records.append({
           constants.USER_ID_KEY: user_id,
           constants.IMAGE_ID_KEY: str(image_numbers[image_index]),
@@ -275,9 +280,8 @@ class _Renderer:
     self.amplitude = np.where(np.arange(n) < num_coarse, 40.0, 14.0)
     self.flat_amplitude = np.where(np.arange(n) < num_coarse, 18.0, 6.0)
 
-  def user_style(self, seed: int, user_index: int) -> dict[str, Any]:
+  def user_style(self, rng: np.random.Generator) -> dict[str, Any]:
     """A user's shift of the label looks and of the whole image."""
-    rng = np.random.default_rng([seed, 1, user_index])
     n = len(self.index)
     return {
         "tint": rng.normal(0.0, 20.0, 3),
@@ -387,15 +391,14 @@ def generate(dataset_dir: str, num_users: int, seed: int = 0,
     import tqdm  # pylint: disable=g-import-not-at-top
     progress = tqdm.tqdm(total=len(records), unit="image",
                          desc="generating images")
-  user_index = -1
+  # One stream for all drawing, in record order (records are grouped by user).
+  rng = np.random.default_rng([seed, 1])
   previous_user = None
   style = None
-  for image_index, record in enumerate(records):
+  for record in records:
     if record[constants.USER_ID_KEY] != previous_user:
       previous_user = record[constants.USER_ID_KEY]
-      user_index += 1
-      style = renderer.user_style(seed, user_index)
-    rng = np.random.default_rng([seed, 2, image_index])
+      style = renderer.user_style(rng)
     pixels = renderer.render(
         record[constants.LABELS_KEY] + record[
             constants.FINE_GRAINED_LABELS_KEY], style, rng, noise_bank)
