@@ -209,8 +209,9 @@ def test_rerun_refetches_only_the_archive_of_a_lost_image(server, tree,
 
 
 def _archive_with_images(tree):
-  """The URL path and size of a served archive that holds an image."""
-  index = tree["archive_of"][sorted(tree["images"])[0]]
+  """The URL path and size of the last served archive that holds images (so
+  that with one worker, the archives before it complete first)."""
+  index = max(tree["archive_of"].values())
   path = SMALL[index]
   return path, os.path.getsize(os.path.join(tree["root"], path))
 
