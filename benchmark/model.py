@@ -25,8 +25,16 @@ than Keras `RandomCrop`/`RandomFlip`: in TF 2.14 those hold a hidden
 whole batch at one offset, and at inference *resize* the image
 (`smart_resize`) instead of cropping it. The layers here create no variables
 at all, so the model can be traced inside a TFF computation
-(`tff.learning.models.from_keras_model`), and their random ops carry op-level
-seeds derived from `seed`.
+(`tff.learning.models.from_keras_model`).
+
+Randomness: `seed` fixes the initial weights. The crop and flip draw from
+TensorFlow's stateful random ops, unseeded by default. An op-level seed
+(`augmentation_seed`) makes a Keras run repeatable, but inside TFF every
+client's training loop is a fresh instantiation of the graph, so a seeded op
+restarts its stream there: every client in every round would get the same
+sequence of offsets and flips (seen with TFF 0.87: a seeded `tf.random.uniform`
+inside `dataset.reduce` returned equal values on each call, an unseeded one
+did not). Leave `augmentation_seed` unset for federated training.
 """
 
 from typing import Optional, Sequence
@@ -216,7 +224,8 @@ def resnet18(input_shape: Sequence[int] = constants.IMAGE_SHAPE,
              num_classes: int = len(constants.COARSE_LABELS),
              pretrained: bool = False,
              crop_size: Sequence[int] = (224, 224),
-             seed: int = 0) -> tf.keras.Model:
+             seed: int = 0,
+             augmentation_seed: Optional[int] = None) -> tf.keras.Model:
   """Builds ResNet-18 with FLAIR preprocessing inside; returns logits.
 
   Args:
@@ -235,8 +244,11 @@ def resnet18(input_shape: Sequence[int] = constants.IMAGE_SHAPE,
       `input_shape`.
     seed: seeds every initializer (He-normal for the convolutions, Glorot-
       uniform for the classifier; each layer gets its own seed derived from
-      this one) and the op-level seeds of the random crop and flip. The same
-      seed gives the same initial weights.
+      this one). The same seed gives the same initial weights.
+    augmentation_seed: None (default) leaves the random crop and flip
+      unseeded; an integer gives them op-level seeds derived from it, which
+      makes eager/Keras runs repeatable but repeats the same augmentation in
+      every TFF round (see the module docstring).
 
   Returns:
     A `tf.keras.Model` named "resnet18", not compiled. Input: float32
@@ -245,8 +257,8 @@ def resnet18(input_shape: Sequence[int] = constants.IMAGE_SHAPE,
 
   Raises:
     ValueError: `input_shape` is not 3 positive integers with 3 channels,
-      `crop_size` is not 2 positive integers, `num_classes` or `seed` is not a
-      valid integer.
+      `crop_size` is not 2 positive integers, `num_classes`, `seed` or
+      `augmentation_seed` is not a valid integer.
     benchmark.errors.FlairInputError (a ValueError): `crop_size` is larger
       than the input image.
   """
@@ -265,15 +277,24 @@ def resnet18(input_shape: Sequence[int] = constants.IMAGE_SHAPE,
                      f"{num_classes!r}")
   if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
     raise ValueError(f"seed must be an integer, got {seed!r}")
+  if augmentation_seed is not None and (
+      not isinstance(augmentation_seed, (int, np.integer)) or
+      isinstance(augmentation_seed, bool)):
+    raise ValueError(f"augmentation_seed must be None or an integer, got "
+                     f"{augmentation_seed!r}")
   input_shape = tuple(int(v) for v in input_shape)
   crop_height, crop_width = (int(v) for v in crop_size)
   seed = int(seed)
   builder = _Builder(pretrained=bool(pretrained), seed=seed)
 
   images = tf.keras.Input(shape=input_shape, dtype=tf.float32, name="image")
-  x = CropImages(crop_height, crop_width, seed=_layer_seed(seed, "crop"),
-                 name="crop")(images)
-  x = RandomHorizontalFlip(seed=_layer_seed(seed, "flip"), name="flip")(x)
+  if augmentation_seed is None:
+    crop_seed = flip_seed = None
+  else:
+    crop_seed = _layer_seed(int(augmentation_seed), "crop")
+    flip_seed = _layer_seed(int(augmentation_seed), "flip")
+  x = CropImages(crop_height, crop_width, seed=crop_seed, name="crop")(images)
+  x = RandomHorizontalFlip(seed=flip_seed, name="flip")(x)
   x = tf.keras.layers.Rescaling(1.0 / 255.0, name="rescale")(x)
   x = tf.keras.layers.Normalization(
       axis=-1, mean=list(constants.IMAGENET_MEAN),

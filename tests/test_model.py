@@ -1,0 +1,270 @@
+"""Tests of benchmark.model: layout, parameter counts, preprocessing, seeds,
+frozen BatchNorm and use inside TFF."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from benchmark import constants
+from benchmark import model
+
+NUM_CLASSES = 17
+SMALL_INPUT = (40, 40, 3)
+SMALL_CROP = (32, 32)
+
+# Stage widths and blocks per stage of ResNet-18 (He et al. 2016, Table 1).
+STAGES = ((64, 2), (128, 2), (256, 2), (512, 2))
+
+
+def _layout():
+  """The reference layout: conv shapes (k, c_in, c_out) and norm widths."""
+  convs = [(7, 3, 64)]
+  norms = [64]
+  c_in = 64
+  for stage, (c_out, blocks) in enumerate(STAGES, start=1):
+    for block in range(1, blocks + 1):
+      stride = 2 if (stage > 1 and block == 1) else 1
+      convs += [(3, c_in, c_out), (3, c_out, c_out)]
+      norms += [c_out, c_out]
+      if block == 1 and (stride != 1 or c_in != c_out):
+        convs.append((1, c_in, c_out))
+        norms.append(c_out)
+      c_in = c_out
+  return convs, norms
+
+
+def _expected_counts(num_classes, batch_norm):
+  """(trainable, non_trainable) parameter counts from the layout arithmetic:
+  conv k*k*c_in*c_out (no bias), norm gamma+beta 2*c, BatchNorm moving
+  mean+variance 2*c (non-trainable), dense 512*n + n."""
+  convs, norms = _layout()
+  trainable = (sum(k * k * c_in * c_out for k, c_in, c_out in convs) +
+               sum(2 * c for c in norms) + 512 * num_classes + num_classes)
+  non_trainable = sum(2 * c for c in norms) if batch_norm else 0
+  return trainable, non_trainable
+
+
+def _reference_layer_names():
+  """Layer names listed in FLAIR_REFERENCE.md ("Model")."""
+  names = ["initial_padding", "initial_conv", "initial_norm", "initial_relu",
+           "pooling_padding", "initial_pooling", "global_pooling",
+           "classifier"]
+  for s in range(1, 5):
+    for b in range(1, 3):
+      for part in ("conv1_padding", "conv1_3x3", "norm1", "relu1",
+                   "conv2_padding", "conv2_3x3", "norm2", "relu2"):
+        names.append(f"layer{s}_block{b}_{part}")
+    if s > 1:
+      names += [f"layer{s}_downsample_conv_1x1", f"layer{s}_downsample_norm"]
+  return names
+
+
+def _count(weights):
+  return sum(int(np.prod(w.shape)) for w in weights)
+
+
+def test_layout_arithmetic_matches_torchvision():
+  # torchvision documents 11,689,512 parameters for resnet18 (1000 classes);
+  # our arithmetic must reproduce it before it is used as the expectation.
+  assert _expected_counts(1000, batch_norm=False)[0] == 11_689_512
+
+
+@pytest.mark.parametrize("pretrained", [False, True])
+def test_parameter_counts_and_layer_names(pretrained):
+  m = model.resnet18(num_classes=NUM_CLASSES, pretrained=pretrained)
+  trainable, non_trainable = _expected_counts(NUM_CLASSES, pretrained)
+  assert _count(m.trainable_weights) == trainable
+  assert _count(m.non_trainable_weights) == non_trainable
+  names = {layer.name for layer in m.layers}
+  missing = [n for n in _reference_layer_names() if n not in names]
+  assert not missing
+  # Convolutions have no bias; paddings are explicit layers.
+  for layer in m.layers:
+    if isinstance(layer, tf.keras.layers.Conv2D):
+      assert not layer.use_bias and layer.padding == "valid", layer.name
+  norm_type = (tf.keras.layers.BatchNormalization if pretrained else
+               tf.keras.layers.GroupNormalization)
+  _, norms = _layout()
+  norm_layers = [l for l in m.layers if isinstance(l, norm_type)]
+  assert len(norm_layers) == len(norms)
+  if not pretrained:
+    assert all(l.groups == model.GROUP_NORM_GROUPS for l in norm_layers)
+  # Preprocessing creates no hidden variables (TFF needs every variable to be
+  # a model weight).
+  assert len(m.variables) == len(m.weights)
+
+
+@pytest.mark.parametrize("crop, batch", [(224, 1), (64, 2)])
+def test_output_shape(crop, batch):
+  m = model.resnet18(num_classes=NUM_CLASSES, crop_size=(crop, crop))
+  images = tf.random.uniform((batch,) + constants.IMAGE_SHAPE, 0, 256,
+                             dtype=tf.int32)
+  for training in (True, False):
+    logits = m(tf.cast(images, tf.uint8), training=training)
+    assert logits.shape == (batch, NUM_CLASSES)
+    assert logits.dtype == tf.float32
+    assert np.all(np.isfinite(logits.numpy()))
+
+
+def test_same_seed_same_weights_different_seed_different():
+  a = model.resnet18(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP, seed=3)
+  b = model.resnet18(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP, seed=3)
+  c = model.resnet18(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP, seed=4)
+  for wa, wb in zip(a.get_weights(), b.get_weights()):
+    np.testing.assert_array_equal(wa, wb)
+  kernels_a = [l.kernel.numpy() for l in a.layers if hasattr(l, "kernel")]
+  kernels_c = [l.kernel.numpy() for l in c.layers if hasattr(l, "kernel")]
+  assert all(not np.array_equal(ka, kc)
+             for ka, kc in zip(kernels_a, kernels_c))
+  # Same-shaped layers of one model are not copies of each other.
+  assert not np.array_equal(
+      a.get_layer("layer1_block1_conv1_3x3").kernel.numpy(),
+      a.get_layer("layer1_block1_conv2_3x3").kernel.numpy())
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    (dict(crop_size=(300, 224)), "crop_size"),
+    (dict(crop_size=(224, 257)), "crop_size"),
+    (dict(crop_size=(0, 224)), "crop_size"),
+    (dict(crop_size=(224,)), "crop_size"),
+    (dict(input_shape=(256, -1, 3)), "input_shape"),
+    (dict(input_shape=(256, 256, 1)), "input_shape"),
+    (dict(num_classes=0), "num_classes"),
+    (dict(seed=1.5), "seed"),
+])
+def test_invalid_arguments(kwargs, argument):
+  with pytest.raises(ValueError, match=argument):
+    model.resnet18(**kwargs)
+
+
+def _preprocessing_model(m):
+  return tf.keras.Model(m.input, m.get_layer("imagenet_normalization").output)
+
+
+def test_inference_preprocessing_is_center_crop_and_imagenet_normalisation():
+  m = model.resnet18((10, 12, 3), 2, crop_size=(4, 6))
+  images = np.random.default_rng(0).integers(
+      0, 256, (3, 10, 12, 3)).astype(np.float32)
+  out = _preprocessing_model(m)(images, training=False).numpy()
+  # Centre window: rows (10-4)//2 = 3.., columns (12-6)//2 = 3..
+  window = images[:, 3:7, 3:9, :]
+  expected = ((window / 255.0 - np.array(constants.IMAGENET_MEAN)) /
+              np.array(constants.IMAGENET_STD))
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_training_crop_is_random_window_per_image_and_flip_is_random():
+  crop = model.CropImages(3, 4)
+  flip = model.RandomHorizontalFlip()
+  # Every pixel value is unique, so a window identifies its offset.
+  images = tf.reshape(tf.range(64 * 8 * 9, dtype=tf.float32), (64, 8, 9, 1))
+  cropped = crop(images, training=True).numpy()[..., 0]
+  source = images.numpy()[..., 0]
+  offsets = set()
+  for i in range(64):
+    top, left = np.argwhere(source[i] == cropped[i, 0, 0])[0]
+    np.testing.assert_array_equal(cropped[i],
+                                  source[i, top:top + 3, left:left + 4])
+    offsets.add((int(top), int(left)))
+  assert len(offsets) > 5  # Offsets differ between images of one batch.
+  assert all(0 <= t <= 5 and 0 <= l <= 5 for t, l in offsets)
+  np.testing.assert_array_equal(
+      crop(images, training=False).numpy()[..., 0], source[:, 2:5, 2:6])
+
+  flipped = flip(images, training=True).numpy()[..., 0]
+  is_flipped = [np.array_equal(flipped[i], source[i, :, ::-1])
+                for i in range(64)]
+  is_same = [np.array_equal(flipped[i], source[i]) for i in range(64)]
+  assert all(f or s for f, s in zip(is_flipped, is_same))
+  assert 10 < sum(is_flipped) < 54  # About half, never all or none.
+  np.testing.assert_array_equal(flip(images, training=False).numpy()[..., 0],
+                                source)
+
+
+def test_traceable_in_tf1_graph_with_python_and_tensor_training_flag():
+  # TFF builds its computations in a graph; both training modes must trace
+  # there without creating variables beyond the model weights.
+  with tf.Graph().as_default() as graph:
+    m = model.resnet18(SMALL_INPUT, 3, crop_size=SMALL_CROP)
+    images = tf.compat.v1.placeholder(tf.uint8, (None,) + SMALL_INPUT)
+    flag = tf.compat.v1.placeholder(tf.bool, ())
+    outputs = [m(images, training=True), m(images, training=False),
+               m(images, training=flag)]
+    assert all(o.shape.as_list() == [None, 3] for o in outputs)
+    num_variables = len(graph.get_collection(
+        tf.compat.v1.GraphKeys.GLOBAL_VARIABLES))
+    assert num_variables == len(m.weights)
+
+
+def _train_step(m, images, labels):
+  optimizer = tf.keras.optimizers.SGD(0.1)
+  with tf.GradientTape() as tape:
+    loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(
+        labels, m(images, training=True)))
+  grads = tape.gradient(loss, m.trainable_variables)
+  optimizer.apply_gradients(zip(grads, m.trainable_variables))
+
+
+def test_pretrained_batch_norm_moving_statistics_stay_frozen():
+  m = model.resnet18(SMALL_INPUT, 3, pretrained=True, crop_size=SMALL_CROP)
+  norms = [l for l in m.layers
+           if isinstance(l, tf.keras.layers.BatchNormalization)]
+  # Non-trivial moving statistics, so an update would move them.
+  rng = np.random.default_rng(0)
+  for layer in norms:
+    c = layer.moving_mean.shape[0]
+    layer.moving_mean.assign(rng.uniform(-0.1, 0.1, c).astype(np.float32))
+    layer.moving_variance.assign(rng.uniform(0.5, 1.5, c).astype(np.float32))
+  before = {l.name: [w.numpy().copy() for w in l.weights] for l in norms}
+  images = rng.integers(0, 256, (4,) + SMALL_INPUT).astype(np.float32)
+  labels = (rng.random((4, 3)) < 0.5).astype(np.float32)
+
+  _train_step(m, images, labels)
+  m.compile(optimizer=tf.keras.optimizers.SGD(0.1),
+            loss=tf.keras.losses.BinaryCrossentropy(from_logits=True))
+  m.fit(images, labels, batch_size=4, epochs=1, verbose=0)
+
+  for layer in norms:
+    gamma, beta, mean, variance = before[layer.name]
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), mean)
+    np.testing.assert_array_equal(layer.moving_variance.numpy(), variance)
+    assert layer.gamma.trainable and layer.beta.trainable
+  changed = [not np.array_equal(l.gamma.numpy(), before[l.name][0])
+             for l in norms]
+  assert all(changed)
+
+
+@pytest.mark.slow
+def test_one_federated_round_in_tff():
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+  from benchmark import tff_runtime  # pylint: disable=g-import-not-at-top
+
+  def model_fn():
+    keras_model = model.resnet18(SMALL_INPUT, 3, pretrained=True,
+                                 crop_size=SMALL_CROP)
+    return tff.learning.models.from_keras_model(
+        keras_model,
+        loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
+        input_spec=(tf.TensorSpec((None,) + SMALL_INPUT, tf.uint8),
+                    tf.TensorSpec((None, 3), tf.int32)))
+
+  process = tff.learning.algorithms.build_weighted_fed_avg(
+      model_fn,
+      client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.01),
+      server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0))
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (4,) + SMALL_INPUT).astype(np.uint8)
+  labels = (rng.random((4, 3)) < 0.5).astype(np.int32)
+  client = tf.data.Dataset.from_tensor_slices((images, labels)).batch(2)
+  with tff_runtime.local_runtime():
+    state = process.initialize()
+    output = process.next(state, [client, client])
+  assert output.metrics["client_work"]["train"]["num_examples"] == 8
+  before = process.get_model_weights(state)
+  after = process.get_model_weights(output.state)
+  assert any(not np.array_equal(a, b)
+             for a, b in zip(before.trainable, after.trainable))
+  # BatchNorm moving statistics are the model's non-trainable weights.
+  assert len(after.non_trainable) == 2 * len(_layout()[1])
+  for a, b in zip(before.non_trainable, after.non_trainable):
+    np.testing.assert_array_equal(a, b)
