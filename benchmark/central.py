@@ -1,0 +1,434 @@
+"""Centralized (non-federated) training of ResNet-18 on FLAIR with Keras.
+
+The centralized run is the upper bound that federated results are compared
+with (FLAIR_REFERENCE.md, "Command lines"): every training user's images are
+pooled into one dataset and the model is trained with Adam on binary
+cross-entropy over logits. `train_central(config)` is the whole run; the flags
+live in `benchmark.central_main`.
+
+Outputs in `config.save_model_dir` (file names from `benchmark.constants`):
+
+* `metrics.csv`: one row per epoch, Keras `CSVLogger` columns (`epoch`,
+  0-based as in Keras, then `loss`, the metrics, `val_loss`, `val_<metric>`,
+  in Keras' sorted order);
+* `tensorboard/`: Keras `TensorBoard` logs;
+* `resnet18_central_{N}labels.h5`: the weights with the lowest val loss so
+  far (Keras weights HDF5, N = number of model outputs), written atomically;
+* `backup/`: Keras `BackupAndRestore` state while training runs (removed by
+  Keras when training ends);
+* `final_metrics.json`: `{"val": {name: value}, "test": {name: value}}`, the
+  best weights evaluated on val and test, names from `metrics.metric_names`.
+
+Resuming: rerunning the same configuration after the process was killed
+continues from the last epoch whose backup was saved. Callbacks run in the
+order best-weights, CSV, TensorBoard, backup, so a backed-up epoch always has
+its CSV row and its best-weights decision on disk; an epoch that wrote its row
+but was killed before its backup is trained again, and its old row is dropped
+first so that `metrics.csv` never repeats an epoch. A run that already
+finished is not trained again.
+"""
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+from typing import Optional
+
+from absl import logging
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from benchmark import constants
+from benchmark import data
+from benchmark import io_utils
+from benchmark import metrics
+from benchmark import model as model_lib
+from benchmark import restore
+from benchmark.errors import FlairInputError
+
+BACKUP_DIR = "backup"
+TRAINER_NAME = "central"
+# Images kept in the shuffle buffer of the pooled training set. Each decoded
+# image is 256*256*3 bytes = 192 KiB, so 2,000 images hold ~400 MiB of RAM.
+DEFAULT_SHUFFLE_BUFFER_SIZE = 2000
+# User files read at once when pooling the training users (interleaved, so
+# consecutive examples come from different users before the shuffle buffer).
+_INTERLEAVE_CYCLE_LENGTH = 16
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(flag: str, value) -> None:
+  if not _is_int(value) or value <= 0:
+    raise FlairInputError(
+        f"--{flag} must be a positive integer, got {value!r}")
+
+
+def _positive_float(flag: str, value) -> None:
+  if (isinstance(value, bool) or not isinstance(value, (int, float))
+      or not math.isfinite(value) or value <= 0):
+    raise FlairInputError(f"--{flag} must be a positive number, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CentralConfig:
+  """Settings of one centralized run; field names are the flags of
+  `benchmark.central_main` (defaults from FLAIR_REFERENCE.md).
+
+  Attributes:
+    tfrecords_dir: directory written by `prepare_tfrecords.py`.
+    learning_rate: Adam learning rate (> 0).
+    clipnorm: Adam gradient clipping by norm (> 0), per variable as in Keras.
+    train_batch_size: global training batch size in images (> 0), split over
+      the replicas of the distribution strategy.
+    eval_batch_size: global batch size for val/test evaluation (> 0).
+    num_epochs: number of passes over the pooled training set (> 0).
+    restore_model_path: optional Keras weights `.h5` (the ImageNet ResNet-18);
+      when set, the BatchNorm variant is built and the weights are loaded by
+      layer name, skipping layers whose shapes differ (the classifier).
+    save_model_dir: where every output goes (created if missing).
+    image_height: crop height in pixels, 1..256 (the model crops the 256x256
+      image: randomly in training, centrally in evaluation).
+    image_width: crop width in pixels, 1..256.
+    use_fine_grained_labels: train on the fine-grained labels instead of the
+      17 coarse ones.
+    binary_label: optional single label name to predict with one logit.
+    seed: seeds weight initialisation, the user order, shuffling, crops and
+      flips (a non-negative integer).
+    shuffle_buffer_size: images in the training shuffle buffer (> 0).
+
+  Raises:
+    FlairInputError: (from `__post_init__`) a field is out of range; the
+      message names the flag.
+  """
+  tfrecords_dir: str
+  learning_rate: float = 1e-4
+  clipnorm: float = 10.0
+  train_batch_size: int = 512
+  eval_batch_size: int = 512
+  num_epochs: int = 100
+  restore_model_path: Optional[str] = None
+  save_model_dir: str = "./"
+  image_height: int = 224
+  image_width: int = 224
+  use_fine_grained_labels: bool = False
+  binary_label: Optional[str] = None
+  seed: int = 0
+  shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE
+
+  def __post_init__(self):
+    if not isinstance(self.tfrecords_dir, str) or not self.tfrecords_dir:
+      raise FlairInputError(
+          "--tfrecords_dir is required: the directory written by "
+          "prepare_tfrecords.py")
+    _positive_float("learning_rate", self.learning_rate)
+    _positive_float("clipnorm", self.clipnorm)
+    for flag in ("train_batch_size", "eval_batch_size", "num_epochs",
+                 "image_height", "image_width", "shuffle_buffer_size"):
+      _positive_int(flag, getattr(self, flag))
+    for flag in ("image_height", "image_width"):
+      if getattr(self, flag) > constants.IMAGE_SIZE:
+        raise FlairInputError(
+            f"--{flag} must be at most {constants.IMAGE_SIZE} (the stored "
+            f"image size), got {getattr(self, flag)}")
+    if not isinstance(self.save_model_dir, str) or not self.save_model_dir:
+      raise FlairInputError("--save_model_dir must be a non-empty path")
+    if self.restore_model_path is not None:
+      if not isinstance(self.restore_model_path, str):
+        raise FlairInputError(
+            f"--restore_model_path must be a path, got "
+            f"{self.restore_model_path!r}")
+      if not os.path.isfile(self.restore_model_path):
+        raise FlairInputError(
+            f"--restore_model_path {self.restore_model_path!r} is not a file "
+            "(expected Keras weights in HDF5, e.g. resnet18.h5)")
+    if self.binary_label is not None and (
+        not isinstance(self.binary_label, str) or not self.binary_label):
+      raise FlairInputError(
+          f"--binary_label must be a label name, got {self.binary_label!r}")
+    if not _is_int(self.seed) or self.seed < 0:
+      raise FlairInputError(
+          f"--seed must be a non-negative integer, got {self.seed!r}")
+
+
+def load_inputs(config: CentralConfig
+               ) -> tuple[data.LabelSpec,
+                          dict[str, tff.simulation.datasets.ClientData]]:
+  """Reads the label index and the three partitions named by `config`.
+
+  Cheap (lists files, reads `label_index.json`); `central_main` calls it to
+  reject bad input before writing anything.
+
+  Returns:
+    `(label_spec, {"train": ..., "val": ..., "test": ...})`, see
+    `benchmark.data.load_client_data`.
+
+  Raises:
+    FlairInputError: missing or empty `--tfrecords_dir`, missing label index
+      or partition, unknown `--binary_label` (the message lists valid names).
+  """
+  label_spec = data.load_label_spec(
+      config.tfrecords_dir,
+      use_fine_grained_labels=config.use_fine_grained_labels,
+      binary_label=config.binary_label)
+  return label_spec, data.load_client_data(config.tfrecords_dir, label_spec)
+
+
+def best_weights_path(save_model_dir: str, num_outputs: int) -> str:
+  """Path of the best weights: `<dir>/resnet18_central_{num_outputs}labels.h5`."""
+  return os.path.join(
+      save_model_dir,
+      constants.BEST_WEIGHTS_FILE_PATTERN.format(trainer=TRAINER_NAME,
+                                                 num_outputs=num_outputs))
+
+
+def _train_dataset(client_data, config: CentralConfig) -> tf.data.Dataset:
+  """Pools every training user: users in a fresh random order each epoch,
+  `_INTERLEAVE_CYCLE_LENGTH` user files read at once, then a shuffle buffer
+  and batches of `train_batch_size`. Elements: `(uint8 [b, 256, 256, 3],
+  int32 [b, num_outputs])`."""
+  client_ids = tf.data.Dataset.from_tensor_slices(list(client_data.client_ids))
+  client_ids = client_ids.shuffle(
+      len(client_data.client_ids), seed=config.seed,
+      reshuffle_each_iteration=True)
+  images = client_ids.interleave(
+      client_data.serializable_dataset_fn,
+      cycle_length=_INTERLEAVE_CYCLE_LENGTH,
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True)
+  return (images.shuffle(config.shuffle_buffer_size, seed=config.seed,
+                         reshuffle_each_iteration=True)
+          .batch(config.train_batch_size)
+          .prefetch(tf.data.AUTOTUNE))
+
+
+def _eval_dataset(client_data, batch_size: int) -> tf.data.Dataset:
+  """All users of an evaluation partition, in order, batched."""
+  pooled = client_data.create_tf_dataset_from_all_clients(seed=0)
+  return (data.create_eval_preprocess_fn(batch_size)(pooled)
+          .prefetch(tf.data.AUTOTUNE))
+
+
+def _read_metrics_rows(csv_path: str) -> tuple[Optional[str], list[dict]]:
+  """Returns (header line or None, rows as dicts) of a CSVLogger file."""
+  if not os.path.isfile(csv_path):
+    return None, []
+  with open(csv_path, newline="", encoding="utf-8") as f:
+    text = f.read()
+  if not text.strip():
+    return None, []
+  header = text.splitlines(keepends=True)[0]
+  rows = list(csv.DictReader(text.splitlines()))
+  return header, rows
+
+
+def _row_epoch(row: dict) -> Optional[int]:
+  try:
+    return int(row.get("epoch", ""))
+  except ValueError:
+    return None
+
+
+def _has_backup(backup_dir: str) -> bool:
+  """Whether `BackupAndRestore` left any file under `backup_dir` (it removes
+  its files when `fit` ends normally)."""
+  return any(files for _, _, files in os.walk(backup_dir))
+
+
+def _completed_epochs(csv_path: str) -> set[int]:
+  _, rows = _read_metrics_rows(csv_path)
+  return {e for e in map(_row_epoch, rows) if e is not None}
+
+
+class _ResumableBestWeights(tf.keras.callbacks.Callback):
+  """Keeps the weights with the lowest `val_loss` and tidies `metrics.csv`
+  when a run resumes.
+
+  At the first epoch `r` this process trains (0 for a fresh run, later after
+  `BackupAndRestore` restored a backup), rows of `metrics.csv` with epoch >= r
+  are dropped (an epoch killed after its row was written but before its backup
+  is trained again), and the best val loss so far is taken from the rows
+  kept, so that a worse epoch after a resume cannot replace the best weights
+  (Keras' `ModelCheckpoint` would forget it). The file is truncated in place,
+  keeping its header: `CSVLogger` holds it open in append mode.
+
+  The weights are written to a temporary file and renamed, so a kill never
+  leaves a half-written best-weights file (Keras' `ModelCheckpoint` writes in
+  place). Must come before `CSVLogger` in the callback list.
+  """
+
+  def __init__(self, weights_path: str, csv_path: str):
+    super().__init__()
+    self._weights_path = weights_path
+    self._csv_path = csv_path
+    self._first_epoch = None
+    self.best = math.inf
+
+  def on_epoch_begin(self, epoch, logs=None):
+    if self._first_epoch is not None:
+      return
+    self._first_epoch = epoch
+    header, rows = _read_metrics_rows(self._csv_path)
+    kept = [r for r in rows
+            if _row_epoch(r) is not None and _row_epoch(r) < epoch]
+    if header is not None and len(kept) != len(rows):
+      logging.info("Dropping %d row(s) of %s from epoch %d on (trained again).",
+                   len(rows) - len(kept), self._csv_path, epoch)
+      with open(self._csv_path, "r+", newline="", encoding="utf-8") as f:
+        f.write(header)
+        if kept:
+          writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()),
+                                  dialect=csv.excel)
+          writer.writerows(kept)
+        f.truncate()
+    losses = [float(r["val_loss"]) for r in kept if r.get("val_loss")]
+    losses = [v for v in losses if math.isfinite(v)]
+    self.best = min(losses, default=math.inf)
+    if epoch > 0:
+      logging.info("Resuming from the backup: epoch %d of %d (Keras counts "
+                   "from 1); best val_loss so far %.6g.", epoch + 1,
+                   (self.params or {}).get("epochs", -1), self.best)
+
+  def on_epoch_end(self, epoch, logs=None):
+    val_loss = (logs or {}).get("val_loss")
+    if val_loss is None or not math.isfinite(val_loss):
+      logging.warning("Epoch %d: val_loss is %r; best weights not updated.",
+                      epoch + 1, val_loss)
+      return
+    if val_loss < self.best:
+      logging.info("Epoch %d: val_loss improved from %.6g to %.6g; saving %s",
+                   epoch + 1, self.best, val_loss, self._weights_path)
+      self.best = float(val_loss)
+      with io_utils.atomic_path(self._weights_path) as tmp:
+        self.model.save_weights(tmp, save_format="h5")
+
+
+def _build_model(config: CentralConfig, num_outputs: int) -> tf.keras.Model:
+  """Builds and compiles ResNet-18 (in the current strategy scope); restores
+  `config.restore_model_path` by layer name when given."""
+  model = model_lib.resnet18(
+      input_shape=constants.IMAGE_SHAPE,
+      num_classes=num_outputs,
+      pretrained=config.restore_model_path is not None,
+      crop_size=(config.image_height, config.image_width),
+      seed=config.seed)
+  if config.restore_model_path is not None:
+    report = restore.restore_weights_by_name(model, config.restore_model_path)
+    logging.info("Restored %d layer(s) from %s: %s", len(report.loaded),
+                 config.restore_model_path, ", ".join(report.loaded))
+    for name, reason in report.skipped:
+      logging.info("Not restored: layer %s (%s)", name, reason)
+  model.compile(
+      optimizer=tf.keras.optimizers.Adam(learning_rate=config.learning_rate,
+                                         clipnorm=config.clipnorm),
+      loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
+      metrics=metrics.make_metrics(num_outputs))
+  return model
+
+
+def _evaluate(model: tf.keras.Model, dataset: tf.data.Dataset,
+              names: list[str], verbose: int) -> dict[str, float]:
+  results = model.evaluate(dataset, return_dict=True, verbose=verbose)
+  missing = [n for n in names if n not in results]
+  if missing:
+    raise RuntimeError(f"model.evaluate did not report {missing}: {results}")
+  return {name: float(results[name]) for name in names}
+
+
+def _keras_verbosity() -> int:
+  """1 (a live progress bar) on a terminal, 2 (one line per epoch) in logs."""
+  return 1 if sys.stdout.isatty() else 2
+
+
+def train_central(config: CentralConfig) -> dict:
+  """Trains ResNet-18 on the pooled training users, keeping the best weights
+  by val loss, and evaluates them on val and test.
+
+  Uses `tf.distribute.MirroredStrategy()` (every local GPU; the CPU when
+  there is none). Resumes a killed run found in `config.save_model_dir`
+  (Keras `BackupAndRestore`); returns the stored results of a run that
+  already finished there without training again.
+
+  Args:
+    config: the run's settings.
+
+  Returns:
+    `{"val": {name: value}, "test": {name: value}}` with the names of
+    `benchmark.metrics.metric_names(num_outputs)` ("loss" first), as also
+    written to `final_metrics.json`.
+
+  Raises:
+    FlairInputError: bad input (see `load_inputs`; a `--restore_model_path`
+      that cannot be read or matches no layer).
+    RuntimeError: no epoch produced a finite val loss, so there are no best
+      weights to evaluate.
+  """
+  label_spec, client_data = load_inputs(config)
+  num_outputs = label_spec.num_outputs
+  names = metrics.metric_names(num_outputs)
+  save_dir = config.save_model_dir
+  os.makedirs(save_dir, exist_ok=True)
+  csv_path = os.path.join(save_dir, constants.METRICS_CSV_FILE)
+  final_path = os.path.join(save_dir, constants.FINAL_METRICS_FILE)
+  weights_path = best_weights_path(save_dir, num_outputs)
+  backup_dir = os.path.join(save_dir, BACKUP_DIR)
+
+  trained = (set(range(config.num_epochs)) <= _completed_epochs(csv_path)
+             and not _has_backup(backup_dir)
+             and os.path.isfile(weights_path))
+  if trained and os.path.isfile(final_path):
+    logging.info("%s already holds a finished run (%s); not training again.",
+                 save_dir, final_path)
+    with open(final_path, encoding="utf-8") as f:
+      return json.load(f)
+
+  tf.keras.utils.set_random_seed(config.seed)
+  strategy = tf.distribute.MirroredStrategy()
+  logging.info("Training on %d replica(s) with %d output(s) (%s labels%s).",
+               strategy.num_replicas_in_sync, num_outputs,
+               "fine-grained" if config.use_fine_grained_labels else "coarse",
+               f", binary {config.binary_label!r}" if config.binary_label
+               else "")
+  with strategy.scope():
+    model = _build_model(config, num_outputs)
+  val_ds = _eval_dataset(client_data[constants.VAL], config.eval_batch_size)
+  verbose = _keras_verbosity()
+
+  if trained:
+    logging.info("All %d epochs are done; evaluating the best weights.",
+                 config.num_epochs)
+  else:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(final_path)  # stale: from a run with fewer epochs.
+    callbacks = [
+        _ResumableBestWeights(weights_path, csv_path),
+        tf.keras.callbacks.CSVLogger(csv_path, append=True),
+        tf.keras.callbacks.TensorBoard(
+            log_dir=os.path.join(save_dir, constants.TENSORBOARD_DIR)),
+        tf.keras.callbacks.BackupAndRestore(backup_dir),
+    ]
+    model.fit(_train_dataset(client_data[constants.TRAIN], config),
+              epochs=config.num_epochs, validation_data=val_ds,
+              callbacks=callbacks, verbose=verbose)
+    if not _has_backup(backup_dir):
+      shutil.rmtree(backup_dir, ignore_errors=True)  # Keras leaves it empty.
+
+  if not os.path.isfile(weights_path):
+    raise RuntimeError(
+        f"no best weights at {weights_path}: no epoch had a finite val loss")
+  model.load_weights(weights_path)
+  test_ds = _eval_dataset(client_data[constants.TEST], config.eval_batch_size)
+  final = {
+      constants.VAL: _evaluate(model, val_ds, names, verbose),
+      constants.TEST: _evaluate(model, test_ds, names, verbose),
+  }
+  io_utils.write_json_atomic(final_path, final)
+  logging.info("Best weights (%s) on val: %s; on test: %s", weights_path,
+               final[constants.VAL], final[constants.TEST])
+  return final
