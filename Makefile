@@ -6,6 +6,8 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 UV_VERSION := 0.5.4
 PYTEST_ARGS ?=
+# Extra flags for `python -m benchmark.demo` (e.g. DEMO_FLAGS="--scale tiny").
+DEMO_FLAGS ?=
 
 .PHONY: install test demo clean-venv
 
@@ -25,7 +27,7 @@ test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(VPY) -m benchmark.demo $(if $(DATASET_DIR),--dataset_dir $(DATASET_DIR),)
+	$(VPY) -m benchmark.demo $(if $(DATASET_DIR),--dataset_dir $(DATASET_DIR),) $(DEMO_FLAGS)
 
 clean-venv:
 	rm -rf $(VENV)
