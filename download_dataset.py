@@ -193,25 +193,41 @@ class _Transient(Exception):
 
 
 class _Progress:
-  """Thread-safe tqdm bars: overall bytes, one bar per file in flight, and
-  archives unpacked. All bars are no-ops when `enabled` is False."""
+  """Thread-safe tqdm bars: overall bytes (with files done / to do), one bar
+  per file in flight, and archives unpacked. All bars are no-ops when
+  `enabled` is False.
 
-  def __init__(self, enabled: bool, num_slots: int, num_archives: int):
+  The overall byte total grows as transfers start and announce their sizes
+  (sizes are not known before a file is requested); a retried transfer only
+  adds the bytes it must fetch again.
+  """
+
+  def __init__(self, enabled: bool, num_slots: int, num_files: int,
+               num_archives: int):
     self._enabled = enabled
     self._lock = threading.Lock()
     self._free_slots = list(range(num_slots, 0, -1))
+    self._num_files = num_files
+    self._files_done = 0
+    self._outstanding: dict[str, int] = {}  # Name -> bytes counted, not seen.
     self._overall = tqdm.tqdm(
         total=0, unit="B", unit_scale=True, unit_divisor=1024,
         desc="download", position=0, disable=not enabled, dynamic_ncols=True)
+    self._overall.set_postfix_str(f"files 0/{num_files}")
     self._unpacked = tqdm.tqdm(
         total=num_archives, unit="archive", desc="unpack", position=1,
         disable=not enabled or num_archives == 0, dynamic_ncols=True)
 
   def start_file(self, name: str, total: Optional[int], initial: int):
+    """Opens the bar of one transfer attempt; returns (bar, slot)."""
     with self._lock:
       if total is not None:
-        self._overall.total += total - initial
-        self._overall.refresh()
+        needed = total - initial
+        extra = needed - self._outstanding.get(name, 0)
+        if extra > 0:
+          self._overall.total += extra
+          self._overall.refresh()
+        self._outstanding[name] = max(needed, self._outstanding.get(name, 0))
       slot = self._free_slots.pop() if self._free_slots else None
     bar = tqdm.tqdm(
         total=total, initial=initial, unit="B", unit_scale=True,
@@ -220,16 +236,24 @@ class _Progress:
         disable=not self._enabled)
     return bar, slot
 
-  def update(self, bar, num_bytes: int):
+  def update(self, name: str, bar, num_bytes: int):
     bar.update(num_bytes)
     with self._lock:
       self._overall.update(num_bytes)
+      if name in self._outstanding:
+        self._outstanding[name] -= num_bytes
 
   def end_file(self, bar, slot):
     bar.close()
     with self._lock:
       if slot is not None:
         self._free_slots.append(slot)
+
+  def file_done(self):
+    with self._lock:
+      self._files_done += 1
+      self._overall.set_postfix_str(
+          f"files {self._files_done}/{self._num_files}")
 
   def archive_unpacked(self):
     with self._lock:
@@ -360,7 +384,7 @@ class _Fetcher:
           os.remove(part)  # A range we did not ask for: start again.
           return 0, False, False
         total, mode, used_range = parsed[1], "ab", True
-        logging.info("resuming %s at byte %d", url, offset)
+        logging.debug("resuming %s at byte %d", url, offset)
       else:
         offset = 0
         length = response.headers.get("Content-Length")
@@ -368,7 +392,7 @@ class _Fetcher:
       bar, slot = self._progress.start_file(name, total, offset)
       try:
         with open(part, mode) as f:
-          received = self._copy(response, f, bar, url, offset)
+          received = self._copy(response, f, bar, name, url, offset)
       finally:
         self._progress.end_file(bar, slot)
     size = offset + received
@@ -382,24 +406,28 @@ class _Fetcher:
           made_progress=received > 0)
     return received, used_range, True
 
-  def _copy(self, response, f, bar, url: str, offset: int) -> int:
-    """Streams the body into `f`; network errors become _Transient, write
-    errors (OSError) propagate."""
+  def _copy(self, response, f, bar, name: str, url: str, offset: int) -> int:
+    """Streams the body into `f` as it arrives (each piece flushed, so the
+    `.part` file holds everything received even if the process is killed).
+    Network errors become _Transient; write errors (OSError) propagate."""
     received = 0
     while True:
       if self._stop.is_set():
         raise _Cancelled()
       try:
-        chunk = response.read(_CHUNK_BYTES)
+        chunk = response.read1(_CHUNK_BYTES)
       except (OSError, http.client.HTTPException) as e:
         raise _Transient(
             f"connection to {url} lost after {offset + received} bytes: "
             f"{e!r}", made_progress=received > 0) from None
       if not chunk:
         return received
+      if self._stop.is_set():
+        raise _Cancelled()
       f.write(chunk)
+      f.flush()
       received += len(chunk)
-      self._progress.update(bar, len(chunk))
+      self._progress.update(name, bar, len(chunk))
 
 
 def _local_error(e: OSError, path: str) -> DownloadError:
@@ -691,7 +719,8 @@ def download(dataset_dir: str,
       os.remove(_marker_path(dataset_dir, archive))
     todo.append(archive)
 
-  progress = _Progress(show_progress, num_workers, len(todo))
+  num_files = len(todo) + len(LABEL_FILES)
+  progress = _Progress(show_progress, num_workers, num_files, len(todo))
   fetcher = _Fetcher(base_url, max_retries, retry_backoff_s, timeout_s, stop,
                      progress)
 
@@ -700,11 +729,13 @@ def download(dataset_dir: str,
     if os.path.exists(dest):
       with lock:
         skipped.append(url_path)
+      progress.file_done()
       return
     try:
       result = fetcher.fetch(url_path, dest)
     except OSError as e:
       raise _local_error(e, dest + PART_SUFFIX) from None
+    progress.file_done()
     with lock:
       fetched.append(url_path)
       bytes_downloaded += result.num_bytes
@@ -724,7 +755,7 @@ def download(dataset_dir: str,
     except OSError as e:
       raise _local_error(e, archive_path) from None
     progress.archive_unpacked()
-    logging.info("unpacked %s: %d files", archive.file_name, len(members))
+    logging.debug("unpacked %s: %d files", archive.file_name, len(members))
     with lock:
       unpacked.append(archive.url_path)
 

@@ -28,10 +28,14 @@ class Fault:
     status: reply with this HTTP status (and a short body) instead of the file.
     drop_after_bytes: announce the full body, send only this many bytes of it,
       then close the connection.
+    stall_after_bytes: send this many bytes of the body, then pause for
+      `stall_s` seconds (cut short when the server stops) before the rest.
     times: how many requests it applies to; None = every request.
   """
   status: Optional[int] = None
   drop_after_bytes: Optional[int] = None
+  stall_after_bytes: Optional[int] = None
+  stall_s: float = 0.0
   times: Optional[int] = None
 
 
@@ -50,6 +54,7 @@ class FileServer:
     self.requests: list[Request] = []
     self._faults: dict[str, Fault] = {}
     self._lock = threading.Lock()
+    self._stopping = threading.Event()
     self._httpd = None
     self._thread = None
     self._timer = None
@@ -155,6 +160,11 @@ class FileServer:
           self.close_connection = True
           self.connection.shutdown(socket.SHUT_RDWR)
           return
+        if fault is not None and fault.stall_after_bytes is not None:
+          self.wfile.write(body[:fault.stall_after_bytes])
+          self.wfile.flush()
+          server._stopping.wait(fault.stall_s)
+          body = body[fault.stall_after_bytes:]
         self.wfile.write(body)
 
     class Server(http.server.ThreadingHTTPServer):
@@ -168,7 +178,13 @@ class FileServer:
         target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
         name="test-file-server", daemon=True)
     self._thread.start()
-    self._timer = threading.Timer(self._max_lifetime_s, self._httpd.shutdown)
+    httpd = self._httpd
+
+    def expire():  # Stop serving by itself, however the test went.
+      self._stopping.set()
+      httpd.shutdown()
+
+    self._timer = threading.Timer(self._max_lifetime_s, expire)
     self._timer.daemon = True
     self._timer.start()
     return self
@@ -176,6 +192,7 @@ class FileServer:
   def stop(self) -> None:
     if self._httpd is None:
       return
+    self._stopping.set()
     self._timer.cancel()
     self._httpd.shutdown()
     self._httpd.server_close()

@@ -10,9 +10,11 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
@@ -446,3 +448,44 @@ def _walk_all(root):
     for name in dirnames + filenames:
       found.append(os.path.relpath(os.path.join(dirpath, name), root))
   return found
+
+
+# --- Interruption ---------------------------------------------------------------------
+
+
+def test_cli_terminated_mid_download_leaves_no_partial_file_under_final_name(
+    server, tree, tmp_path):
+  dataset_dir = tmp_path / "flair"
+  target, size = _archive_with_images(tree)
+  half = size // 2
+  server.set_fault(target, Fault(stall_after_bytes=half, stall_s=3.0))
+  part = dataset_dir / (os.path.basename(target) + download_dataset.PART_SUFFIX)
+  process = subprocess.Popen(
+      [sys.executable, os.path.join(REPO_ROOT, "download_dataset.py"),
+       f"--dataset_dir={dataset_dir}", f"--data_url={server.url}",
+       "--noprogress", "--num_workers=1"],
+      cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 30
+    while not (part.exists() and part.stat().st_size == half):
+      assert process.poll() is None, process.communicate()
+      assert time.monotonic() < deadline, "the transfer never reached the stall"
+      time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+  assert process.returncode == 128 + signal.SIGTERM, stderr
+  assert "Traceback" not in stderr
+  assert part.stat().st_size == half  # Kept for the next run to resume...
+  assert not (dataset_dir / os.path.basename(target)).exists()  # ...never final.
+  assert not os.path.exists(
+      dataset_dir / download_dataset.STATE_DIR /
+      ("unpack-" + os.path.basename(target)))
+
+  summary = _download(server, dataset_dir)
+  assert server.requests_for(target)[-1].range == f"bytes={half}-"
+  assert target in summary.resumed
+  _assert_images_identical(dataset_dir, tree)
