@@ -264,9 +264,13 @@ def load_label_names(tfrecords_dir: str) -> tuple[list[str], list[str]]:
     `(coarse_names, fine_names)`: label names in index order.
 
   Raises:
-    FlairInputError: no index file, malformed JSON, or indices that are not
-      0..n-1 each used once.
+    FlairInputError: a missing directory, no index file, malformed JSON, or
+      indices that are not 0..n-1 each used once.
   """
+  if not os.path.isdir(tfrecords_dir):
+    raise errors.FlairInputError(
+        f"--tfrecords_dir {tfrecords_dir}: not a directory (expected the "
+        "output of prepare_tfrecords.py)")
   for name in constants.LABEL_INDEX_FILES:
     path = os.path.join(tfrecords_dir, name)
     if os.path.isfile(path):
@@ -446,11 +450,11 @@ def load_tfrecord_records(tfrecords_dir: str,
             fine_grained_labels=_names(
                 f, fine_names, constants.FINE_GRAINED_LABELS_FEATURE,
                 user_file.path)))
+    bar.update(len(files) - bar.n)  # files without examples
   except tf.errors.OpError as e:
-    bar.close()
     _find_bad_tfrecord(files, e)
-  bar.update(len(files) - bar.n)
-  bar.close()
+  finally:
+    bar.close()
   if not records:
     raise errors.FlairInputError(
         f"--tfrecords_dir {tfrecords_dir}: the TFRecord files hold no examples")
@@ -1008,9 +1012,11 @@ def explore(output_dir: str,
     records = load_tfrecord_records(tfrecords_dir, show_progress=show_progress)
     coarse_vocabulary = load_label_names(tfrecords_dir)[0]
     source = {"kind": "tfrecords_dir", "path": os.path.abspath(tfrecords_dir)}
-  if not coarse_vocabulary and {
-      l for r in records for l in r.labels} <= set(constants.COARSE_LABELS):
-    coarse_vocabulary = constants.COARSE_LABELS
+  # FLAIR's 17 coarse labels are shown even without images, unless the data
+  # uses other names (then only its own label index and observed labels).
+  if {l for r in records for l in r.labels} <= set(constants.COARSE_LABELS):
+    coarse_vocabulary = tuple(coarse_vocabulary) + tuple(
+        l for l in constants.COARSE_LABELS if l not in coarse_vocabulary)
   logging.info("Computing statistics of %d images", len(records))
   stats = compute_statistics(records, top_k_fine_labels, coarse_vocabulary)
 
