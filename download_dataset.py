@@ -1,4 +1,4 @@
-"""Downloads FLAIR and unpacks it into a dataset directory, resumably and safely.
+"""Downloads FLAIR and unpacks it into a dataset directory, resumably, safely.
 
 Files fetched, relative to `--data_url` (FLAIR_REFERENCE.md, "Download
 layout"):
@@ -33,6 +33,10 @@ for NN in 00..42. What it does for the user:
   anything not under the archive's image directory (`small_images/` or
   `raw_images/`) are refused. A refused member stops the run with an error
   naming the archive and the member, and nothing of that archive is installed.
+- Interruption: Ctrl-C or SIGTERM stops the run cleanly (exit 130 / 143);
+  `.part` files keep every byte received and resume on the next run. A
+  transfer blocked on a silent connection notices the stop when its next
+  bytes arrive or after --timeout_s.
 - Verification: every image named in labels_and_metadata.json must exist as
   `small_images/<image_id>.jpg` (and `raw_images/<image_id>.jpg` with
   --download_raw); missing ones are listed in `<dataset_dir>/missing_images.txt`
@@ -149,13 +153,22 @@ class DownloadSummary:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Archive:
-  url_path: str  # Relative to the base URL.
-  file_name: str  # Where it is stored inside the dataset directory.
-  image_dir: str  # The one top-level directory its members may use.
+class Archive:
+  """One image archive of the FLAIR layout.
+
+  Attributes:
+    url_path: path relative to the base URL, e.g.
+      `images/small/small_images-00.tar.gz`.
+    file_name: its name inside the dataset directory while downloaded/kept.
+    image_dir: the one top-level directory its members may use
+      (`small_images` or `raw_images`).
+  """
+  url_path: str
+  file_name: str
+  image_dir: str
 
 
-def archives(download_raw: bool = False) -> list[_Archive]:
+def archives(download_raw: bool = False) -> list[Archive]:
   """The image archives of the FLAIR layout, small ones first.
 
   Args:
@@ -173,11 +186,11 @@ def archives(download_raw: bool = False) -> list[_Archive]:
   for template, image_dir in templates:
     for index in range(NUM_ARCHIVES):
       url_path = template.format(index=index)
-      result.append(_Archive(url_path, posixpath.basename(url_path), image_dir))
+      result.append(Archive(url_path, posixpath.basename(url_path), image_dir))
   return result
 
 
-# --- HTTP transfer with resume and retries -------------------------------------
+# --- HTTP transfer with resume and retries ------------------------------------
 
 
 class _Cancelled(Exception):
@@ -443,7 +456,7 @@ def _local_error(e: OSError, path: str) -> DownloadError:
   return DownloadError(f"file error on {path}: {detail}")
 
 
-# --- Safe unpacking ------------------------------------------------------------
+# --- Safe unpacking -----------------------------------------------------------
 
 
 class _RefusedMemberError(tarfile.FilterError):
@@ -552,7 +565,7 @@ def unpack_archive(archive_path: str, dataset_dir: str, image_dir: str,
   return sorted(installed)
 
 
-# --- Verification ----------------------------------------------------------------
+# --- Verification -------------------------------------------------------------
 
 
 def _load_image_ids(metadata_path: str) -> list[str]:
@@ -602,7 +615,7 @@ def verify_images(dataset_dir: str,
   return found, sorted(set(missing))
 
 
-# --- The whole download ------------------------------------------------------------
+# --- The whole download -------------------------------------------------------
 
 
 def _validate_base_url(data_url: str) -> str:
@@ -613,7 +626,7 @@ def _validate_base_url(data_url: str) -> str:
   return data_url if data_url.endswith("/") else data_url + "/"
 
 
-def _marker_path(dataset_dir: str, archive: _Archive) -> str:
+def _marker_path(dataset_dir: str, archive: Archive) -> str:
   return os.path.join(dataset_dir, STATE_DIR, archive.file_name + MARKER_SUFFIX)
 
 
@@ -742,7 +755,7 @@ def download(dataset_dir: str,
       if result.resumed:
         resumed.append(url_path)
 
-  def unpack(archive: _Archive) -> None:
+  def unpack(archive: Archive) -> None:
     archive_path = os.path.join(dataset_dir, archive.file_name)
     try:
       members = unpack_archive(archive_path, dataset_dir, archive.image_dir,
@@ -788,9 +801,9 @@ def download(dataset_dir: str,
       bytes_downloaded=bytes_downloaded, num_images_verified=found)
 
 
-def _run_pipeline(todo: list[_Archive], dataset_dir: str,
+def _run_pipeline(todo: list[Archive], dataset_dir: str,
                   fetch_file: Callable[[str, str], None],
-                  unpack: Callable[[_Archive], None], num_workers: int,
+                  unpack: Callable[[Archive], None], num_workers: int,
                   num_unpack_workers: int, stop: threading.Event) -> None:
   """Downloads on one bounded pool, unpacks each arrived archive on another.
 
@@ -837,7 +850,7 @@ def _run_pipeline(todo: list[_Archive], dataset_dir: str,
                         "resume")
 
 
-# --- Command line ------------------------------------------------------------------
+# --- Command line -------------------------------------------------------------
 
 _DATASET_DIR = flags.DEFINE_string(
     "dataset_dir", None,

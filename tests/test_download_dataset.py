@@ -32,7 +32,7 @@ RAW = [download_dataset.RAW_ARCHIVE_URL_PATH.format(index=i)
 METADATA_URL, RELATIONSHIP_URL = [p for p, _ in download_dataset.LABEL_FILES]
 
 
-# --- The served tree -------------------------------------------------------------
+# --- The served tree ----------------------------------------------------------
 
 
 def _write_archive(path, image_dir, files):
@@ -135,14 +135,15 @@ def _read(path):
     return f.read()
 
 
-def _assert_images_identical(dataset_dir, tree, image_dir=constants.SMALL_IMAGES_DIR):
+def _assert_images_identical(dataset_dir, tree,
+                             image_dir=constants.SMALL_IMAGES_DIR):
   for image_id, data in tree["images"].items():
     path = os.path.join(dataset_dir, image_dir,
                         image_id + constants.IMAGE_EXTENSION)
     assert _read(path) == data, path
 
 
-# --- Full download ---------------------------------------------------------------------
+# --- Full download ------------------------------------------------------------
 
 
 def test_full_download_gives_documented_layout(server, tree, tmp_path):
@@ -207,7 +208,7 @@ def test_rerun_refetches_only_the_archive_of_a_lost_image(server, tree,
   _assert_images_identical(dataset_dir, tree)
 
 
-# --- Interrupted transfers ------------------------------------------------------------
+# --- Interrupted transfers ----------------------------------------------------
 
 
 def _archive_with_images(tree):
@@ -282,7 +283,7 @@ def test_server_errors_are_retried_then_succeed(server, tree, tmp_path):
   _assert_images_identical(tmp_path / "flair", tree)
 
 
-# --- Errors ------------------------------------------------------------------------------
+# --- Errors -------------------------------------------------------------------
 
 
 def test_not_found_fails_at_once_naming_the_url(server, tmp_path):
@@ -338,9 +339,10 @@ def test_disk_full_is_a_one_line_error(server, tmp_path):
   part = dataset_dir / (constants.METADATA_FILE + download_dataset.PART_SUFFIX)
   os.symlink("/dev/full", part)  # Every write there fails with ENOSPC.
   with pytest.raises(download_dataset.DownloadError,
-                     match=rf"disk full while writing {part}"):
+                     match=rf"disk full while writing {part}") as info:
     _download(server, dataset_dir)
-  assert "\n" not in str(download_dataset.DownloadError)
+  assert "\n" not in str(info.value)
+  assert not (dataset_dir / constants.METADATA_FILE).exists()
 
 
 def test_bad_data_url_names_the_flag(tmp_path):
@@ -367,7 +369,7 @@ def test_missing_images_are_reported(source_dir, tmp_path):
   assert report.read_text().splitlines() == ["small_images/999000999.jpg"]
 
 
-# --- Malicious archives -----------------------------------------------------------------
+# --- Malicious archives -------------------------------------------------------
 
 
 def _malicious_member(kind, outside):
@@ -450,7 +452,7 @@ def _walk_all(root):
   return found
 
 
-# --- Interruption ---------------------------------------------------------------------
+# --- Interruption -------------------------------------------------------------
 
 
 def test_cli_terminated_mid_download_leaves_no_partial_file_under_final_name(
@@ -480,7 +482,8 @@ def test_cli_terminated_mid_download_leaves_no_partial_file_under_final_name(
   assert process.returncode == 128 + signal.SIGTERM, stderr
   assert "Traceback" not in stderr
   assert part.stat().st_size == half  # Kept for the next run to resume...
-  assert not (dataset_dir / os.path.basename(target)).exists()  # ...never final.
+  # ...and never under the final name.
+  assert not (dataset_dir / os.path.basename(target)).exists()
   assert not os.path.exists(
       dataset_dir / download_dataset.STATE_DIR /
       ("unpack-" + os.path.basename(target)))
