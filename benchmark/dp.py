@@ -283,6 +283,26 @@ def calibrate(epsilon: float, num_train_clients: int, clients_per_round: int,
   return result
 
 
+def sum_noise_multiplier(noise_multiplier: float, clients_per_round: int,
+                         adaptive: bool) -> float:
+  """Noise stddev added to the sum of clipped updates, in units of the clip.
+
+  Fixed clipping adds `noise_multiplier * clip`. Adaptive clipping spends part
+  of the budget on the noised clipped count (stddev `s = 0.05 *
+  clients_per_round`), so TFF raises the update noise to
+  `(noise_multiplier**-2 - (2 s)**-2)**-0.5` (TFF 0.87,
+  aggregators/differential_privacy.py `adaptive_clip_noise_params`; Andrew et
+  al. 2021, arXiv 1905.03871, Sec. 3.2). Returns inf where adaptive clipping
+  is infeasible (noise_multiplier >= 2 s).
+  """
+  if not adaptive or noise_multiplier == 0:
+    return noise_multiplier
+  count_stddev = _TFF_CLIPPED_COUNT_STDDEV_FRACTION * clients_per_round
+  if noise_multiplier >= 2 * count_stddev:
+    return math.inf
+  return (noise_multiplier**-2 - (2 * count_stddev)**-2)**-0.5
+
+
 def build_aggregator(
     noise_multiplier: float, clients_per_round: int, l2_norm_clip: float,
     target_unclipped_quantile: float

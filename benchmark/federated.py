@@ -1,0 +1,563 @@
+"""Federated training of ResNet-18 on FLAIR with TFF FedAvg, optionally with
+user-level central DP.
+
+One plain function, `run_federated(FederatedConfig) -> dict`, runs the whole
+program (FLAIR_REFERENCE.md, "federated_main"):
+
+* FedAvg (`tff.learning.algorithms.build_weighted_fed_avg`, or the unweighted
+  builder with a DP aggregator): each round samples `clients_per_round`
+  training users uniformly without replacement
+  (`tff.simulation.build_uniform_sampling_fn`, a deterministic function of the
+  round number and seed, so a resumed run samples the same cohorts); client
+  datasets are built *inside* the TFF computation from the client ids
+  (`tff.simulation.compose_dataset_computation_with_learning_process`); each
+  client runs SGD with per-weight gradient clipping; the server applies the
+  averaged model delta with Adam (epsilon 0.01).
+* DP when `epsilon > 0`: `benchmark.dp` calibrates the noise and builds the
+  Gaussian aggregator (fixed or adaptive clipping).
+* Every `rounds_per_eval` rounds (and before the first round and after the
+  last) the global model is evaluated on the merged val clients with Keras;
+  the weights are saved when val loss improves; at the end the best weights
+  are evaluated on val and test.
+* Outputs in `save_model_dir`: `metrics.csv` (via
+  `tff.program.CSVFileReleaseManager`), `tensorboard/`
+  (`tff.program.TensorBoardReleaseManager`), `final_metrics.json`, the best
+  weights `resnet18_federated_{N}labels.h5`, checkpoints in `checkpoints/`
+  (`tff.program.FileProgramStateManager`) and the TFF worker's log.
+* Resume: the program state (learning-process state, round, best val loss,
+  sampling seed) is checkpointed every `rounds_per_checkpoint` rounds and at
+  the end; running the same configuration again continues after the latest
+  checkpoint, and metrics.csv rows after that round are replaced.
+
+All TFF execution happens inside `tff_runtime.local_runtime()`, so the TFF
+worker process is stopped however the run ends.
+
+metrics.csv columns, in order: `round`, `round_time_s` (wall time of the
+round's `next()` call, client data loading included), `train_<name>` for the
+clients' training metrics (`train_loss`, the `metrics.metric_names` metrics,
+`train_num_examples`, `train_num_batches`), the aggregator's measurements
+(DP: `dp_clip` (the L2 clip used this round), `dp_noise_stddev` (stddev of
+the Gaussian noise added to the *sum* of clipped updates = noise multiplier
+x clip), `dp_unclipped_quantile` estimate where adaptive; always: client
+update norms `client_update_norm_mean` / `client_update_norm_std` and server
+update statistics `server_update_norm` / `_max` / `_min`), then `eval_time_s`
+and `val_<name>` on evaluated rounds (empty elsewhere). Round 0 holds the
+evaluation of the initial model only.
+"""
+
+import asyncio
+import collections
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Optional
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+import tqdm
+
+from benchmark import constants
+from benchmark import data
+from benchmark import dp
+from benchmark import io_utils
+from benchmark import metrics as metrics_lib
+from benchmark import model as model_lib
+from benchmark import tff_runtime
+from benchmark.errors import FlairInputError
+
+# Adam epsilon of the server optimizer (FLAIR_REFERENCE.md: "Adam, epsilon
+# 0.01", as in the original benchmark and Reddi et al. 2021, "Adaptive
+# Federated Optimization", arXiv 2003.00295, which tunes it in 1e-3..1e-1).
+SERVER_ADAM_EPSILON = 0.01
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "program_state_"
+# Checkpoints kept (the latest ones); one spare in case the latest is cut.
+CHECKPOINTS_KEPT = 2
+WORKER_LOG_FILE = "tff_worker.log"
+ROUND_KEY = "round"
+ROUND_TIME_KEY = "round_time_s"
+EVAL_TIME_KEY = "eval_time_s"
+TRAIN_PREFIX = "train_"
+VAL_PREFIX = "val_"
+TEST_PREFIX = "test_"
+
+# Aggregator measurements -> metrics.csv column names. Keys are the last
+# element of TFF's measurement path: `add_debug_measurements` names
+# (tff.learning, debug_measurements.py) and the DP query metrics of
+# tensorflow_privacy (`clip` for adaptive clipping).
+_MEASUREMENT_COLUMNS = {
+    "average_client_norm": "client_update_norm_mean",
+    "std_dev_client_norm": "client_update_norm_std",
+    "server_update_norm": "server_update_norm",
+    "server_update_max": "server_update_max",
+    "server_update_min": "server_update_min",
+}
+# tensorflow_privacy's QuantileAdaptiveClipSumQuery.derive_metrics name.
+_ADAPTIVE_CLIP_MEASUREMENT = "clip"
+DP_CLIP_KEY = "dp_clip"
+DP_NOISE_STDDEV_KEY = "dp_noise_stddev"
+
+
+def _check(condition: bool, message: str) -> None:
+  if not condition:
+    raise FlairInputError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedConfig:
+  """A federated run: the reference flags of federated_main (same names and
+  defaults, FLAIR_REFERENCE.md) plus the project's own.
+
+  Attributes beyond the reference:
+    rounds_per_checkpoint: save the program state every this many rounds
+      (and after the last round).
+    dp_calibration: "rounds" (noise for exactly total_rounds rounds) or
+      "original" (the original benchmark's calibration); see benchmark.dp.
+    seed: initial-model seed (weights and the model's crop/flip op seeds).
+    show_progress: show a tqdm progress bar over rounds.
+    clients_per_thread: accepted for compatibility with the original command
+      line; TFF 0.87's local runtime schedules all clients of a round itself,
+      so it has no effect.
+  """
+  tfrecords_dir: str
+  save_model_dir: str = "./"
+  client_learning_rate: float = 0.1
+  client_clipnorm: float = 10.0
+  server_learning_rate: float = 0.1
+  client_epochs_per_round: int = 2
+  client_batch_size: int = 16
+  clients_per_round: int = 200
+  clients_per_thread: int = 50
+  client_datasets_random_seed: Optional[int] = None
+  total_rounds: int = 5000
+  rounds_per_eval: int = 10
+  max_elements_per_client: int = 512
+  eval_batch_size: int = 512
+  restore_model_path: Optional[str] = None
+  image_height: int = 224
+  image_width: int = 224
+  use_fine_grained_labels: bool = False
+  binary_label: Optional[str] = None
+  epsilon: float = 0.0
+  l2_norm_clip: float = 0.1
+  target_unclipped_quantile: float = 0.1
+  simulated_clients_per_round: Optional[int] = None
+  rounds_per_checkpoint: int = 50
+  dp_calibration: str = dp.CALIBRATION_ROUNDS
+  seed: int = 0
+  show_progress: bool = True
+
+  def __post_init__(self):
+    _check(bool(self.tfrecords_dir), "--tfrecords_dir is required")
+    _check(bool(self.save_model_dir), "--save_model_dir must not be empty")
+    for name in ("client_learning_rate", "client_clipnorm",
+                 "server_learning_rate", "l2_norm_clip"):
+      value = getattr(self, name)
+      _check(value > 0 and math.isfinite(value),
+             f"--{name} must be a positive number, got {value}")
+    for name in ("client_epochs_per_round", "client_batch_size",
+                 "clients_per_round", "clients_per_thread", "total_rounds",
+                 "rounds_per_eval", "max_elements_per_client",
+                 "eval_batch_size", "image_height", "image_width",
+                 "rounds_per_checkpoint"):
+      value = getattr(self, name)
+      _check(isinstance(value, int) and not isinstance(value, bool)
+             and value >= 1, f"--{name} must be an integer >= 1, got {value!r}")
+    _check(self.epsilon >= 0 and math.isfinite(self.epsilon),
+           f"--epsilon must be >= 0 (0 = no DP), got {self.epsilon}")
+    _check(0 <= self.target_unclipped_quantile < 1,
+           "--target_unclipped_quantile must be in [0, 1) (0 = fixed "
+           f"clipping), got {self.target_unclipped_quantile}")
+    _check(self.simulated_clients_per_round is None
+           or self.simulated_clients_per_round >= 0,
+           "--simulated_clients_per_round must be >= 1 when given, got "
+           f"{self.simulated_clients_per_round}")
+    _check(self.dp_calibration in dp.CALIBRATIONS,
+           f"--dp_calibration must be one of {dp.CALIBRATIONS}, got "
+           f"{self.dp_calibration!r}")
+    _check(self.client_datasets_random_seed is None
+           or self.client_datasets_random_seed >= 0,
+           "--client_datasets_random_seed must be >= 0, got "
+           f"{self.client_datasets_random_seed}")
+
+  @property
+  def use_dp(self) -> bool:
+    return self.epsilon > 0
+
+
+class _PerWeightClippedSGD(tff.learning.optimizers.Optimizer):
+  """SGD that first clips each weight's gradient to an L2 norm.
+
+  The client update of the original benchmark, `tf.keras.optimizers.SGD(lr,
+  clipnorm=c)`: Keras' `clipnorm` clips every gradient tensor separately
+  (`tf.clip_by_norm`), not the global norm. TFF 0.87 takes only
+  `tff.learning.optimizers.Optimizer`s, so this wraps `build_sgdm`.
+  """
+
+  def __init__(self, learning_rate: float, clipnorm: float):
+    self._sgd = tff.learning.optimizers.build_sgdm(learning_rate=learning_rate)
+    self._clipnorm = clipnorm
+
+  def initialize(self, specs):
+    return self._sgd.initialize(specs)
+
+  def next(self, state, weights, gradients):
+    clipped = tf.nest.map_structure(
+        lambda g: tf.clip_by_norm(g, self._clipnorm), gradients)
+    return self._sgd.next(state, weights, clipped)
+
+  def get_hparams(self, state):
+    return self._sgd.get_hparams(state)
+
+  def set_hparams(self, state, hparams):
+    return self._sgd.set_hparams(state, hparams)
+
+
+def _build_keras_model(config: FederatedConfig, num_outputs: int
+                      ) -> tf.keras.Model:
+  return model_lib.resnet18(
+      input_shape=constants.IMAGE_SHAPE, num_classes=num_outputs,
+      pretrained=config.restore_model_path is not None,
+      crop_size=(config.image_height, config.image_width), seed=config.seed)
+
+
+def _loss() -> tf.keras.losses.Loss:
+  return tf.keras.losses.BinaryCrossentropy(from_logits=True)
+
+
+def _run_async(coroutine) -> Any:
+  return asyncio.run(coroutine)
+
+
+def _flatten(structure, prefix: str = "") -> dict[str, Any]:
+  """Flattens nested mappings / named tuples / attrs into `{path: leaf}`."""
+  out = collections.OrderedDict()
+  if isinstance(structure, (dict, collections.OrderedDict)):
+    items = structure.items()
+  elif hasattr(structure, "_asdict"):
+    items = structure._asdict().items()
+  elif isinstance(structure, (list, tuple)):
+    items = ((str(i), v) for i, v in enumerate(structure))
+  else:
+    out[prefix] = structure
+    return out
+  for key, value in items:
+    out.update(_flatten(value, f"{prefix}/{key}" if prefix else str(key)))
+  return out
+
+
+def _to_float(value) -> float:
+  return float(np.asarray(value))
+
+
+def _round_columns(output_metrics, train_metric_names: list[str]
+                  ) -> tuple["collections.OrderedDict[str, float]",
+                             Optional[float]]:
+  """Picks metrics.csv columns out of one round's TFF metrics.
+
+  Returns:
+    (row, next_clip): the `train_*` and aggregator-measurement columns, and
+    the adaptive clip the DP aggregator will use *next* round (TFF reports the
+    DP query's metrics after its update), or None without adaptive clipping.
+  """
+  flat = _flatten(output_metrics)
+  row = collections.OrderedDict()
+  train = {path.rsplit("/", 1)[-1]: v for path, v in flat.items()
+           if "/train/" in f"/{path}/"}
+  for name in list(train_metric_names) + ["num_examples", "num_batches"]:
+    if name in train:
+      row[TRAIN_PREFIX + name] = _to_float(train[name])
+  aggregator = {path.rsplit("/", 1)[-1]: v for path, v in flat.items()
+                if path.startswith("aggregator/")}
+  for key, column in _MEASUREMENT_COLUMNS.items():
+    if key in aggregator:
+      row[column] = _to_float(aggregator[key])
+  next_clip = aggregator.get(_ADAPTIVE_CLIP_MEASUREMENT)
+  return row, (None if next_clip is None else _to_float(next_clip))
+
+
+def _evaluate(keras_model: tf.keras.Model, dataset: tf.data.Dataset
+             ) -> dict[str, float]:
+  results = keras_model.evaluate(dataset, verbose=0, return_dict=True)
+  return {name: float(value) for name, value in results.items()}
+
+
+def _save_weights_atomic(keras_model: tf.keras.Model, path: str) -> None:
+  with io_utils.atomic_path(path) as tmp:
+    keras_model.save_weights(tmp, save_format="h5")
+
+
+def run_federated(config: FederatedConfig) -> dict:
+  """Runs (or resumes) federated training and returns the final metrics.
+
+  Args:
+    config: the validated configuration.
+
+  Returns:
+    `{"val": {name: value}, "test": {name: value}, "best_round": int,
+    "rounds_completed": int}` plus `"privacy": {...}` (see
+    `benchmark.dp.DpCalibration.to_dict`) with DP; the same is written to
+    `save_model_dir/final_metrics.json`. Metric names are
+    `metrics.metric_names(num_outputs)` ("loss" first).
+
+  Raises:
+    FlairInputError: bad data directory, flags that cannot work together
+      (e.g. adaptive clipping with too few clients, see `benchmark.dp`), an
+      unreadable --restore_model_path, or a checkpoint in save_model_dir that
+      does not match this configuration.
+  """
+  label_spec = data.load_label_spec(config.tfrecords_dir,
+                                    config.use_fine_grained_labels,
+                                    config.binary_label)
+  num_outputs = label_spec.num_outputs
+  client_data = data.load_client_data(config.tfrecords_dir, label_spec)
+  train_ids = list(client_data[constants.TRAIN].client_ids)
+  clients_per_round = config.clients_per_round
+  if clients_per_round > len(train_ids):
+    logging.warning(
+        "--clients_per_round %d is more than the %d training users; using %d",
+        clients_per_round, len(train_ids), len(train_ids))
+    clients_per_round = len(train_ids)
+
+  calibration = None
+  if config.use_dp:
+    calibration = dp.calibrate(config.epsilon, len(train_ids),
+                               clients_per_round, config.total_rounds,
+                               config.simulated_clients_per_round,
+                               config.dp_calibration)
+    logging.info("DP: %s", calibration.guarantee)
+    aggregator = dp.build_aggregator(calibration.noise_multiplier,
+                                     clients_per_round, config.l2_norm_clip,
+                                     config.target_unclipped_quantile)
+  else:
+    aggregator = tff.learning.add_debug_measurements(
+        tff.aggregators.MeanFactory())
+
+  os.makedirs(config.save_model_dir, exist_ok=True)
+  with tff_runtime.local_runtime(
+      log_path=os.path.join(config.save_model_dir, WORKER_LOG_FILE)):
+    return _train(config, label_spec, client_data, train_ids,
+                  clients_per_round, aggregator, calibration)
+
+
+def _initial_keras_model(config: FederatedConfig,
+                         num_outputs: int) -> tf.keras.Model:
+  keras_model = _build_keras_model(config, num_outputs)
+  if config.restore_model_path is not None:
+    from benchmark import restore  # pylint: disable=g-import-not-at-top
+    report = restore.restore_weights_by_name(keras_model,
+                                             config.restore_model_path)
+    logging.info("Restored %d layers from %s; skipped %s", len(report.loaded),
+                 config.restore_model_path, report.skipped)
+  return keras_model
+
+
+def _train(config: FederatedConfig, label_spec: data.LabelSpec,
+           client_data: dict, train_ids: list[str], clients_per_round: int,
+           aggregator, calibration: Optional[dp.DpCalibration]) -> dict:
+  """The round loop; runs inside `local_runtime()`."""
+  num_outputs = label_spec.num_outputs
+  names = metrics_lib.metric_names(num_outputs)
+  train_data = client_data[constants.TRAIN]
+
+  # --- Client data, built inside TFF from client ids. ---
+  client_spec = data.ClientSpec(
+      num_epochs=config.client_epochs_per_round,
+      batch_size=config.client_batch_size,
+      max_elements=config.max_elements_per_client)
+  train_preprocess = data.create_train_preprocess_fn(client_spec)
+  dataset_fn = train_data.serializable_dataset_fn
+
+  @tff.tensorflow.computation(tf.string)
+  def client_dataset(client_id):
+    return train_preprocess(dataset_fn(client_id))
+
+  element_spec = client_dataset.type_signature.result.element
+  input_spec = tuple(
+      tf.TensorSpec([None] + list(t.shape[1:]), t.dtype)
+      for t in (element_spec[0], element_spec[1]))
+
+  def model_fn():
+    return tff.learning.models.from_keras_model(
+        _build_keras_model(config, num_outputs), loss=_loss(),
+        input_spec=input_spec, metrics=metrics_lib.make_metrics(num_outputs))
+
+  client_optimizer = _PerWeightClippedSGD(config.client_learning_rate,
+                                          config.client_clipnorm)
+  server_optimizer = tff.learning.optimizers.build_adam(
+      learning_rate=config.server_learning_rate, epsilon=SERVER_ADAM_EPSILON)
+  if calibration is not None:
+    process = tff.learning.algorithms.build_unweighted_fed_avg(
+        model_fn, client_optimizer, server_optimizer,
+        model_aggregator=aggregator)
+  else:
+    process = tff.learning.algorithms.build_weighted_fed_avg(
+        model_fn, client_optimizer, server_optimizer,
+        model_aggregator=aggregator)
+  composed = tff.simulation.compose_dataset_computation_with_learning_process(
+      client_dataset, process)
+
+  # --- Initial or resumed program state. ---
+  eval_model = _initial_keras_model(config, num_outputs)
+  eval_model.compile(loss=_loss(),
+                     metrics=metrics_lib.make_metrics(num_outputs))
+  state = process.initialize()
+  initial_weights = tff.learning.models.ModelWeights(
+      trainable=[w.numpy() for w in eval_model.trainable_weights],
+      non_trainable=[w.numpy() for w in eval_model.non_trainable_weights])
+  state = process.set_model_weights(state, initial_weights)
+
+  sampling_seed = config.client_datasets_random_seed
+  if sampling_seed is None:
+    sampling_seed = int(np.random.SeedSequence().generate_state(1)[0] >> 1)
+  program_state = collections.OrderedDict(
+      state=state, round=0, best_val_loss=np.inf, best_round=-1,
+      sampling_seed=sampling_seed, dp_clip=config.l2_norm_clip)
+  state_manager = tff.program.FileProgramStateManager(
+      os.path.join(config.save_model_dir, CHECKPOINT_DIR),
+      prefix=CHECKPOINT_PREFIX, keep_total=CHECKPOINTS_KEPT, keep_first=False)
+  try:
+    loaded, version = _run_async(state_manager.load_latest(program_state))
+  except Exception as e:  # Any mismatch of structure, shapes or dtypes.
+    raise FlairInputError(
+        f"the checkpoint in {config.save_model_dir}/{CHECKPOINT_DIR} does not "
+        "match this configuration (labels, model or DP settings differ?); use "
+        f"another --save_model_dir or delete it ({type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''})") from e
+  if loaded is not None:
+    program_state = loaded
+    logging.info("Resuming after round %d (checkpoint in %s)", version,
+                 os.path.join(config.save_model_dir, CHECKPOINT_DIR))
+  state = program_state["state"]
+  completed = int(program_state["round"])
+  best_val_loss = float(program_state["best_val_loss"])
+  best_round = int(program_state["best_round"])
+  sampling_seed = int(program_state["sampling_seed"])
+  clip = float(program_state["dp_clip"])  # The clip of the next round.
+  if calibration is not None:
+    sum_noise_multiplier = dp.sum_noise_multiplier(
+        calibration.noise_multiplier, clients_per_round,
+        adaptive=config.target_unclipped_quantile > 0)
+  sample_clients = tff.simulation.build_uniform_sampling_fn(
+      train_ids, replace=False, random_seed=sampling_seed)
+
+  # --- Outputs. ---
+  best_path = os.path.join(
+      config.save_model_dir,
+      constants.BEST_WEIGHTS_FILE_PATTERN.format(trainer="federated",
+                                                 num_outputs=num_outputs))
+  csv_manager = tff.program.CSVFileReleaseManager(
+      os.path.join(config.save_model_dir, constants.METRICS_CSV_FILE),
+      key_fieldname=ROUND_KEY)
+  tensorboard_manager = tff.program.TensorBoardReleaseManager(
+      os.path.join(config.save_model_dir, constants.TENSORBOARD_DIR))
+  eval_preprocess = data.create_eval_preprocess_fn(config.eval_batch_size)
+
+  def eval_dataset(partition: str) -> tf.data.Dataset:
+    merged = client_data[partition].create_tf_dataset_from_all_clients()
+    return eval_preprocess(merged).prefetch(tf.data.AUTOTUNE)
+
+  val_dataset = eval_dataset(constants.VAL)
+  val_columns = [VAL_PREFIX + n for n in names]
+  all_columns = None  # Known after the first training round.
+  pending_rows = []
+
+  def release(round_num: int, row: dict) -> None:
+    nonlocal all_columns
+    pending_rows.append((round_num, row))
+    if all_columns is None:
+      return
+    for key, values in pending_rows:
+      full = {c: values.get(c, "") for c in all_columns}
+      _run_async(csv_manager.release(full, key))
+      _run_async(tensorboard_manager.release(
+          {c.replace("_", "/", 1): v for c, v in values.items()}, key))
+    pending_rows.clear()
+
+  def evaluate_and_maybe_save(round_num: int, row: dict) -> None:
+    nonlocal best_val_loss, best_round
+    process.get_model_weights(state).assign_weights_to(eval_model)
+    start = time.monotonic()
+    results = _evaluate(eval_model, val_dataset)
+    row[EVAL_TIME_KEY] = time.monotonic() - start
+    for name in names:
+      row[VAL_PREFIX + name] = results[name]
+    if results["loss"] < best_val_loss:
+      best_val_loss, best_round = results["loss"], round_num
+      _save_weights_atomic(eval_model, best_path)
+    logging.info("Round %d: val %s", round_num,
+                 {k: round(v, 4) for k, v in results.items()})
+
+  def is_eval_round(round_num: int) -> bool:
+    return (round_num % config.rounds_per_eval == 0
+            or round_num == config.total_rounds)
+
+  if completed == 0:
+    row = collections.OrderedDict()
+    evaluate_and_maybe_save(0, row)
+    release(0, row)
+
+  key_metric = VAL_PREFIX + names[1]
+  progress = tqdm.tqdm(total=config.total_rounds, initial=completed,
+                       desc="rounds", unit="round",
+                       disable=not config.show_progress, dynamic_ncols=True)
+  last_val = None
+  try:
+    for round_num in range(completed + 1, config.total_rounds + 1):
+      cohort = sample_clients(round_num, clients_per_round)
+      start = time.monotonic()
+      output = composed.next(state, cohort)
+      elapsed = time.monotonic() - start
+      state = output.state
+      row = collections.OrderedDict([(ROUND_TIME_KEY, elapsed)])
+      measured, next_clip = _round_columns(output.metrics, names)
+      row.update(measured)
+      if calibration is not None:
+        row[DP_CLIP_KEY] = clip
+        row[DP_NOISE_STDDEV_KEY] = sum_noise_multiplier * clip
+        if next_clip is not None:
+          clip = next_clip
+      if all_columns is None:
+        all_columns = list(row) + [EVAL_TIME_KEY] + val_columns
+      if is_eval_round(round_num):
+        evaluate_and_maybe_save(round_num, row)
+        last_val = row[key_metric]
+      release(round_num, row)
+      if (round_num % config.rounds_per_checkpoint == 0
+          or round_num == config.total_rounds):
+        _run_async(state_manager.save(
+            collections.OrderedDict(
+                state=state, round=round_num, best_val_loss=best_val_loss,
+                best_round=best_round, sampling_seed=sampling_seed,
+                dp_clip=clip),
+            round_num))
+      postfix = {"loss": f"{row.get(TRAIN_PREFIX + 'loss', float('nan')):.4f}"}
+      if last_val is not None:
+        postfix[key_metric] = f"{last_val:.4f}"
+      progress.set_postfix(postfix)
+      progress.update(1)
+  finally:
+    progress.close()
+
+  # --- Final evaluation of the best weights. ---
+  if os.path.exists(best_path):
+    eval_model.load_weights(best_path)
+  else:  # Only when resumed after the end with the weights file removed.
+    process.get_model_weights(state).assign_weights_to(eval_model)
+  final = {
+      constants.VAL: _evaluate(eval_model, val_dataset),
+      constants.TEST: _evaluate(eval_model, eval_dataset(constants.TEST)),
+      "best_round": best_round,
+      "rounds_completed": config.total_rounds,
+  }
+  if calibration is not None:
+    final["privacy"] = calibration.to_dict()
+    logging.info("Privacy guarantee: %s", calibration.guarantee)
+  io_utils.write_json_atomic(
+      os.path.join(config.save_model_dir, constants.FINAL_METRICS_FILE), final)
+  logging.info("Best round %d; final val %s; test %s", best_round,
+               final[constants.VAL], final[constants.TEST])
+  return final

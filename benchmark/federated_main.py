@@ -1,0 +1,191 @@
+"""Federated training (FedAvg with TFF, optionally user-level DP) of ResNet-18
+on FLAIR.
+
+    python -m benchmark.federated_main --tfrecords_dir T [flags]
+
+Flags and defaults are those of the original benchmark (FLAIR_REFERENCE.md,
+"Command lines"), plus `--rounds_per_checkpoint`, `--dp_calibration` and
+`--seed`. The run itself is `benchmark.federated.run_federated`; this module
+reads the flags, rejects bad input with a one-line error (exit status 1),
+writes the flag values to `<save_model_dir>/flags.json` and starts training.
+Rerunning the same command resumes after the latest checkpoint. SIGTERM and
+Ctrl-C stop the run cleanly (the TFF worker process is stopped too).
+"""
+
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from benchmark import constants
+from benchmark import data
+from benchmark import dp
+from benchmark import errors
+from benchmark import federated
+from benchmark import io_utils
+
+_TFRECORDS_DIR = flags.DEFINE_string(
+    "tfrecords_dir", None,
+    "Directory of per-user TFRecords written by prepare_tfrecords.py "
+    "(train/, val/, test/ and label_index.json).")
+_CLIENT_LEARNING_RATE = flags.DEFINE_float(
+    "client_learning_rate", 0.1, "Learning rate of the clients' SGD.")
+_CLIENT_CLIPNORM = flags.DEFINE_float(
+    "client_clipnorm", 10.0,
+    "Clients clip each weight's gradient to this L2 norm before the SGD step "
+    "(as Keras SGD(clipnorm=...)).")
+_SERVER_LEARNING_RATE = flags.DEFINE_float(
+    "server_learning_rate", 0.1,
+    "Learning rate of the server's Adam (epsilon 0.01), applied to the "
+    "averaged client model delta.")
+_CLIENT_EPOCHS_PER_ROUND = flags.DEFINE_integer(
+    "client_epochs_per_round", 2,
+    "Passes each sampled client makes over its (truncated) data per round.")
+_CLIENT_BATCH_SIZE = flags.DEFINE_integer(
+    "client_batch_size", 16, "Batch size of local client training.")
+_CLIENTS_PER_ROUND = flags.DEFINE_integer(
+    "clients_per_round", 200,
+    "Training users sampled uniformly without replacement each round (capped "
+    "at the number of training users).")
+_CLIENTS_PER_THREAD = flags.DEFINE_integer(
+    "clients_per_thread", 50,
+    "Accepted for compatibility with the original command line; has no "
+    "effect: TFF 0.87's local runtime schedules a round's clients itself.")
+_CLIENT_DATASETS_RANDOM_SEED = flags.DEFINE_integer(
+    "client_datasets_random_seed", None,
+    "Seed of the per-round client sampling (the cohort of round r depends "
+    "only on the seed and r). Unset: a random seed, kept in the checkpoint "
+    "so that a resumed run continues the same sequence.")
+_TOTAL_ROUNDS = flags.DEFINE_integer(
+    "total_rounds", 5000, "Number of federated rounds.")
+_ROUNDS_PER_EVAL = flags.DEFINE_integer(
+    "rounds_per_eval", 10,
+    "Evaluate the global model on val every this many rounds (and after the "
+    "last); the weights are saved when val loss improves.")
+_MAX_ELEMENTS_PER_CLIENT = flags.DEFINE_integer(
+    "max_elements_per_client", 512,
+    "Each client trains on at most this many of its images (a random subset "
+    "per round).")
+_EVAL_BATCH_SIZE = flags.DEFINE_integer(
+    "eval_batch_size", 512, "Batch size in images for val/test evaluation.")
+_RESTORE_MODEL_PATH = flags.DEFINE_string(
+    "restore_model_path", None,
+    "Optional Keras weights .h5 (e.g. the ImageNet resnet18.h5): builds the "
+    "BatchNorm model, loads layers by name (skipping the classifier when its "
+    "size differs) and uses them as the initial global model.")
+_SAVE_MODEL_DIR = flags.DEFINE_string(
+    "save_model_dir", "./",
+    "Directory for the best weights, metrics.csv, tensorboard/, checkpoints/,"
+    " final_metrics.json and flags.json; rerun with the same directory to "
+    "resume.")
+_IMAGE_HEIGHT = flags.DEFINE_integer(
+    "image_height", 224, "Height in pixels of the crop fed to the model.")
+_IMAGE_WIDTH = flags.DEFINE_integer(
+    "image_width", 224, "Width in pixels of the crop fed to the model.")
+_USE_FINE_GRAINED_LABELS = flags.DEFINE_boolean(
+    "use_fine_grained_labels", False,
+    "Train on the fine-grained labels instead of the 17 coarse labels.")
+_BINARY_LABEL = flags.DEFINE_string(
+    "binary_label", None,
+    "Train a binary classifier (one output) for this single label name.")
+_EPSILON = flags.DEFINE_float(
+    "epsilon", 0.0,
+    "User-level DP epsilon over all --total_rounds rounds (delta = "
+    "1/n^1.1, n = training users); 0 disables DP.")
+_L2_NORM_CLIP = flags.DEFINE_float(
+    "l2_norm_clip", 0.1,
+    "With DP: the L2 clip of each client's model update (fixed clipping), or "
+    "its initial value (adaptive clipping).")
+_TARGET_UNCLIPPED_QUANTILE = flags.DEFINE_float(
+    "target_unclipped_quantile", 0.1,
+    "With DP: 0 for fixed clipping at --l2_norm_clip; otherwise the clip "
+    "adapts toward this quantile of the client update norms.")
+_SIMULATED_CLIENTS_PER_ROUND = flags.DEFINE_integer(
+    "simulated_clients_per_round", None,
+    "With DP: calibrate the noise for this larger cohort and scale it by "
+    "clients_per_round / simulated_clients_per_round, simulating the noise "
+    "level of a large cohort with fewer clients trained.")
+_ROUNDS_PER_CHECKPOINT = flags.DEFINE_integer(
+    "rounds_per_checkpoint", 50,
+    "Save the program state (model, optimizer and DP state, round) every "
+    "this many rounds and after the last round.")
+_DP_CALIBRATION = flags.DEFINE_enum(
+    "dp_calibration", dp.CALIBRATION_ROUNDS, list(dp.CALIBRATIONS),
+    "With DP: 'rounds' calibrates the noise for exactly --total_rounds rounds "
+    "at sampling rate cohort/n; 'original' reproduces the original "
+    "benchmark, which accounted for total_rounds*n/cohort rounds (about 10x "
+    "the noise at FLAIR's settings).")
+_SEED = flags.DEFINE_integer(
+    "seed", 0, "Seed of the initial model weights and of its crop/flip ops.")
+flags.mark_flag_as_required("tfrecords_dir")
+
+_ALL_FLAGS = (
+    _TFRECORDS_DIR, _CLIENT_LEARNING_RATE, _CLIENT_CLIPNORM,
+    _SERVER_LEARNING_RATE, _CLIENT_EPOCHS_PER_ROUND, _CLIENT_BATCH_SIZE,
+    _CLIENTS_PER_ROUND, _CLIENTS_PER_THREAD, _CLIENT_DATASETS_RANDOM_SEED,
+    _TOTAL_ROUNDS, _ROUNDS_PER_EVAL, _MAX_ELEMENTS_PER_CLIENT,
+    _EVAL_BATCH_SIZE, _RESTORE_MODEL_PATH, _SAVE_MODEL_DIR, _IMAGE_HEIGHT,
+    _IMAGE_WIDTH, _USE_FINE_GRAINED_LABELS, _BINARY_LABEL, _EPSILON,
+    _L2_NORM_CLIP, _TARGET_UNCLIPPED_QUANTILE, _SIMULATED_CLIENTS_PER_ROUND,
+    _ROUNDS_PER_CHECKPOINT, _DP_CALIBRATION, _SEED)
+
+
+def _config_from_flags() -> federated.FederatedConfig:
+  """The flag values as a validated `FederatedConfig` (FlairInputError on bad
+  values, naming the flag)."""
+  return federated.FederatedConfig(
+      **{holder.name: holder.value for holder in _ALL_FLAGS})
+
+
+def _write_flags(save_model_dir: str) -> None:
+  """Writes every flag of this module to `<save_model_dir>/flags.json`;
+  warns when a previous run in the directory used other values."""
+  values = {holder.name: holder.value for holder in _ALL_FLAGS}
+  path = os.path.join(save_model_dir, constants.FLAGS_FILE)
+  if os.path.isfile(path):
+    try:
+      with open(path, encoding="utf-8") as f:
+        previous = json.load(f)
+    except (OSError, ValueError):
+      previous = {}
+    changed = sorted(k for k in values
+                     if k in previous and previous[k] != values[k])
+    if changed:
+      logging.warning(
+          "%s was written by a run with other values of %s; a resumed run "
+          "continues from its checkpoint with the new values.", path,
+          ", ".join(f"--{k} ({previous[k]!r} -> {values[k]!r})"
+                    for k in changed))
+  io_utils.write_json_atomic(path, values)
+
+
+@errors.exit_on_input_error
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise errors.FlairInputError(
+        f"unexpected positional arguments: {' '.join(argv[1:])} (all "
+        "settings are --flags)")
+  config = _config_from_flags()
+  # Rejects a bad data directory or label flag before writing any file.
+  data.load_label_spec(config.tfrecords_dir, config.use_fine_grained_labels,
+                       config.binary_label)
+  try:
+    os.makedirs(config.save_model_dir, exist_ok=True)
+  except OSError as e:
+    raise errors.FlairInputError(
+        f"--save_model_dir {config.save_model_dir!r} cannot be created: "
+        f"{e.strerror}") from e
+  _write_flags(config.save_model_dir)
+  final = federated.run_federated(config)
+  print(json.dumps(final, indent=2, sort_keys=True))
+
+
+def run() -> None:
+  """Console-script entry point (`flair-federated`)."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
