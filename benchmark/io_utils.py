@@ -6,6 +6,12 @@ import os
 import tempfile
 from typing import Any, Iterator
 
+# The process umask, read once at import (reading it means setting it, which
+# is not thread-safe later). mkstemp creates files 0600; final files get the
+# permissions a plain open() would give them.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
@@ -15,7 +21,8 @@ def atomic_path(path: str) -> Iterator[str]:
   for `*.tfrecords` or `*.jpg` never see it). On an exception the temporary
   file is removed and the exception propagates; `path` is left untouched.
   Parent directories are created. The rename is atomic on POSIX file systems
-  (`os.replace`).
+  (`os.replace`). The final file gets mode 0666 minus the umask, like a file
+  made by `open(path, "w")`.
   """
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
@@ -24,6 +31,8 @@ def atomic_path(path: str) -> Iterator[str]:
   os.close(fd)
   try:
     yield tmp
+    if os.path.exists(tmp):
+      os.chmod(tmp, 0o666 & ~_UMASK)
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,44 @@
+"""Atomic writes: complete files only, normal permissions."""
+
+import os
+import stat
+
+import pytest
+
+from benchmark import io_utils
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+  path = str(tmp_path / "out" / "result.json")
+  with pytest.raises(RuntimeError):
+    with io_utils.atomic_path(path) as tmp:
+      with open(tmp, "w") as f:
+        f.write("partial")
+      raise RuntimeError("interrupted")
+  assert not os.path.exists(path)
+  assert os.listdir(tmp_path / "out") == []
+
+
+def test_existing_file_untouched_until_success(tmp_path):
+  path = str(tmp_path / "result.txt")
+  io_utils.write_text_atomic(path, "old")
+  with io_utils.atomic_path(path) as tmp:
+    with open(tmp, "w") as f:
+      f.write("new")
+    with open(path) as f:
+      assert f.read() == "old"
+    assert os.path.basename(tmp).startswith(".result.txt.")
+    assert tmp.endswith(".tmp")
+  with open(path) as f:
+    assert f.read() == "new"
+
+
+def test_final_file_has_umask_permissions(tmp_path):
+  path = str(tmp_path / "x.json")
+  io_utils.write_json_atomic(path, {"b": 1, "a": [2]})
+  mode = stat.S_IMODE(os.stat(path).st_mode)
+  umask = os.umask(0)
+  os.umask(umask)
+  assert mode == 0o666 & ~umask
+  with open(path) as f:
+    assert f.read() == '{\n  "a": [\n    2\n  ],\n  "b": 1\n}\n'
