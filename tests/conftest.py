@@ -2,6 +2,7 @@
 a guard that no TFF worker process outlives the test session."""
 
 import os
+import sys
 
 import pytest
 
@@ -54,10 +55,9 @@ def prepared_synthetic_dir(synthetic_dataset_dir, tmp_path_factory):
 def pytest_sessionfinish(session, exitstatus):
   """Fails the run if a TFF worker_binary child is still alive at the end."""
   del exitstatus
-  try:
-    from benchmark import tff_runtime
-  except ImportError:
-    return
+  if "tensorflow_federated" not in sys.modules:
+    return  # TFF never loaded in this process: it started no worker.
+  from benchmark import tff_runtime
   leftover = tff_runtime.stop_worker_children()
   if leftover:
     print(f"\nerror: TFF worker_binary processes outlived their tests: "
