@@ -284,6 +284,7 @@ def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
 
 
 def _progress(iterable, show: bool, **kwargs):
+  """A tqdm bar over `iterable` if `show`, else `iterable` itself."""
   if not show:
     return iterable
   import tqdm  # pylint: disable=g-import-not-at-top
@@ -331,10 +332,14 @@ def _check_records(dataset_dir: str, raw_records: list[Any], pool,
   else:
     results = pool.imap(_check_images, chunks)
   image_problems = []
-  for chunk_result in _progress(results, show_progress, total=len(chunks),
-                                desc="checking images",
-                                unit=f"x{_CHECK_CHUNK_SIZE} images"):
+  bar = _progress(None, show_progress, total=len(paths),
+                  desc="checking images", unit="image")
+  for chunk_result in results:
     image_problems += chunk_result
+    if bar is not None:
+      bar.update(len(chunk_result))
+  if bar is not None:
+    bar.close()
   good = []
   for record, message in zip(candidates, image_problems):
     if message is None:
@@ -353,8 +358,10 @@ _tf = None
 
 
 def _worker_init() -> None:
-  # Quiet TensorFlow's C++ start-up messages in the writer processes.
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  # Silence TensorFlow's C++ start-up messages (GPU plugin registration noise
+  # that TF prints at level ERROR) in the writer processes; a failure still
+  # reaches the parent as a Python exception.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def _tensorflow():
