@@ -242,7 +242,8 @@ def create_parse_fn(label_spec: LabelSpec
   return parse
 
 
-def create_dataset_fn(label_spec: LabelSpec) -> Callable[[str], tf.data.Dataset]:
+def create_dataset_fn(
+    label_spec: LabelSpec) -> Callable[[str], tf.data.Dataset]:
   """Returns `path -> tf.data.Dataset` of parsed examples of one user file.
 
   `path` may be a Python string or a scalar `tf.string` tensor (as TFF's
@@ -314,8 +315,9 @@ def load_partition(tfrecords_dir: str, partition: str,
       files, create_dataset_fn(label_spec))
 
 
-def load_client_data(tfrecords_dir: str, label_spec: LabelSpec
-                    ) -> dict[str, tff.simulation.datasets.FilePerUserClientData]:
+def load_client_data(
+    tfrecords_dir: str, label_spec: LabelSpec
+) -> dict[str, tff.simulation.datasets.FilePerUserClientData]:
   """Loads all three partitions: `{"train": ..., "val": ..., "test": ...}`.
 
   Raises:
@@ -397,8 +399,8 @@ def create_eval_preprocess_fn(batch_size: int) -> PreprocessFn:
   Raises:
     FlairInputError: if `batch_size` is not a positive integer.
   """
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) \
-      or batch_size < 1:
+  if (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+      or batch_size < 1):
     raise FlairInputError(
         f"eval batch_size must be an integer >= 1, got {batch_size!r}")
 

@@ -92,7 +92,8 @@ DEFAULT_LOGIT_RANGE = 32.0
 def _check_num_outputs(num_outputs) -> None:
   if (isinstance(num_outputs, bool) or not isinstance(num_outputs, int)
       or num_outputs < 1):
-    raise ValueError(f"num_outputs must be an integer >= 1, got {num_outputs!r}")
+    raise ValueError(
+        f"num_outputs must be an integer >= 1, got {num_outputs!r}")
 
 
 def _check_average(average) -> None:
@@ -244,8 +245,8 @@ class AveragedPrecision(tf.keras.metrics.Metric):
                name: Optional[str] = None, dtype=None):
     _check_num_outputs(num_outputs)
     _check_average(average)
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) \
-        or num_bins < 2:
+    if (isinstance(num_bins, bool) or not isinstance(num_bins, int)
+        or num_bins < 2):
       raise ValueError(f"num_bins must be an integer >= 2, got {num_bins!r}")
     if not logit_range > 0:
       raise ValueError(f"logit_range must be > 0, got {logit_range!r}")

@@ -165,7 +165,8 @@ def test_decode_tiny_fine_and_binary(tiny_dir):
       tiny_dir, "train",
       data.load_label_spec(tiny_dir, use_fine_grained_labels=True))
   got = [y for _, y in _elements(fine, "u1@N01")]
-  expected = [_multi_hot(f, len(FINE)) for _, f in TINY_USERS["train"]["u1@N01"]]
+  expected = [_multi_hot(f, len(FINE))
+              for _, f in TINY_USERS["train"]["u1@N01"]]
   np.testing.assert_array_equal(np.stack(got), np.stack(expected))
 
   binary = data.load_partition(

@@ -87,8 +87,8 @@ def test_names():
   assert metrics.metric_names(1) == [
       "loss", "averaged_precision", "precision", "recall", "f1"]
   for n in (1, 2, 17):
-    assert [m.name for m in metrics.make_metrics(n)] == \
-        metrics.metric_names(n)[1:]
+    names = [m.name for m in metrics.make_metrics(n)]
+    assert names == metrics.metric_names(n)[1:]
 
 
 def test_invalid_arguments():
