@@ -293,7 +293,8 @@ class _ResumableBestWeights(tf.keras.callbacks.Callback):
     if epoch > 0:
       logging.info("Resuming from the backup: epoch %d of %d (Keras counts "
                    "from 1); best val_loss so far %.6g.", epoch + 1,
-                   (self.params or {}).get("epochs", -1), self.best)
+                   (getattr(self, "params", None) or {}).get("epochs", -1),
+                   self.best)
 
   def on_epoch_end(self, epoch, logs=None):
     val_loss = (logs or {}).get("val_loss")
@@ -319,11 +320,12 @@ def _build_model(config: CentralConfig, num_outputs: int) -> tf.keras.Model:
       crop_size=(config.image_height, config.image_width),
       seed=config.seed)
   if config.restore_model_path is not None:
+    # Logs its own summary (layers loaded, layers skipped and why).
     report = restore.restore_weights_by_name(model, config.restore_model_path)
-    logging.info("Restored %d layer(s) from %s: %s", len(report.loaded),
-                 config.restore_model_path, ", ".join(report.loaded))
-    for name, reason in report.skipped:
-      logging.info("Not restored: layer %s (%s)", name, reason)
+    logging.info("Fine-tuning from %s: %d layer(s) restored, %d not (%s).",
+                 config.restore_model_path, len(report.loaded),
+                 len(report.skipped),
+                 ", ".join(name for name, _ in report.skipped) or "none")
   model.compile(
       optimizer=tf.keras.optimizers.Adam(learning_rate=config.learning_rate,
                                          clipnorm=config.clipnorm),

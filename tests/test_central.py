@@ -1,0 +1,477 @@
+"""Tests of centralized training: `benchmark.central.train_central` and the
+`benchmark.central_main` command line.
+
+Runs use tiny crops (32x32), batches of 8 and one or two epochs on the real
+FLAIR sample (35 images) or the generated FLAIR-like data, so that ResNet-18
+stays affordable on a CPU. The command line is only run in subprocesses: its
+absl flags would clash with other `*_main` modules in one test process.
+"""
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from benchmark import central
+from benchmark import constants
+from benchmark import data
+from benchmark import metrics
+from benchmark import model as model_lib
+from benchmark.errors import FlairInputError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CROP = 32
+# Long enough for any CLI run here, even on a busy 2-core machine.
+_CLI_TIMEOUT_S = 900
+
+
+def _config(tfrecords_dir, save_dir, **overrides) -> central.CentralConfig:
+  settings = dict(tfrecords_dir=tfrecords_dir, save_model_dir=str(save_dir),
+                  learning_rate=1e-3, train_batch_size=8, eval_batch_size=8,
+                  num_epochs=1, image_height=CROP, image_width=CROP,
+                  shuffle_buffer_size=64)
+  settings.update(overrides)
+  return central.CentralConfig(**settings)
+
+
+def _read_csv(path):
+  with open(path, newline="", encoding="utf-8") as f:
+    reader = csv.DictReader(f)
+    return reader.fieldnames, list(reader)
+
+
+def _label_index(tfrecords_dir):
+  with open(os.path.join(tfrecords_dir, constants.LABEL_INDEX_FILE),
+            encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _evaluate_untrained(config, num_outputs, partition=constants.VAL):
+  """The metrics of the model `train_central` starts from (same seed), before
+  any training, on `partition`."""
+  label_spec, client_data = central.load_inputs(config)
+  assert label_spec.num_outputs == num_outputs
+  model = model_lib.resnet18(num_classes=num_outputs,
+                             crop_size=(config.image_height,
+                                        config.image_width),
+                             seed=config.seed)
+  model.compile(loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
+                metrics=metrics.make_metrics(num_outputs))
+  dataset = client_data[partition].create_tf_dataset_from_all_clients().batch(
+      config.eval_batch_size)
+  return model.evaluate(dataset, return_dict=True, verbose=0)
+
+
+def _check_outputs(save_dir, num_outputs, num_epochs, final):
+  """Asserts every output file of a finished run and returns the CSV rows."""
+  names = metrics.metric_names(num_outputs)
+  save_dir = str(save_dir)
+
+  # metrics.csv: one row per epoch 0..num_epochs-1, train and val columns.
+  fieldnames, rows = _read_csv(os.path.join(save_dir,
+                                            constants.METRICS_CSV_FILE))
+  assert set(fieldnames) == ({"epoch"} | set(names)
+                             | {"val_" + n for n in names})
+  assert len(fieldnames) == 1 + 2 * len(names)
+  assert [int(r["epoch"]) for r in rows] == list(range(num_epochs))
+  for row in rows:
+    assert all(math.isfinite(float(row[n])) for n in fieldnames), row
+
+  # final_metrics.json: what train_central returned, reference names.
+  with open(os.path.join(save_dir, constants.FINAL_METRICS_FILE),
+            encoding="utf-8") as f:
+    stored = json.load(f)
+  assert stored == final
+  assert set(final) == {"val", "test"}
+  for partition in ("val", "test"):
+    assert list(final[partition]) == names
+    assert all(math.isfinite(v) for v in final[partition].values())
+  # The evaluated weights are the best epoch's: fit's val loss of that epoch
+  # equals the final val loss (same weights, same data, no randomness in
+  # evaluation mode).
+  best_val_loss = min(float(r["val_loss"]) for r in rows)
+  assert final["val"]["loss"] == pytest.approx(best_val_loss, rel=1e-4)
+
+  # Best weights: Keras HDF5 with a classifier of num_outputs logits.
+  weights = os.path.join(
+      save_dir, f"resnet18_central_{num_outputs}labels.h5")
+  assert central.best_weights_path(save_dir, num_outputs) == weights
+  with h5py.File(weights, "r") as f:
+    kernels = []
+    f["classifier"].visititems(
+        lambda name, obj: kernels.append(obj.shape)
+        if name.endswith("kernel:0") else None)
+  assert kernels == [(512, num_outputs)]
+
+  # TensorBoard event files for training and validation.
+  events = [os.path.join(d, n) for d, _, files in
+            os.walk(os.path.join(save_dir, constants.TENSORBOARD_DIR))
+            for n in files if n.startswith("events.out.tfevents")]
+  assert any("train" in e for e in events)
+  assert any("validation" in e for e in events)
+  # No backup is left behind by a finished run, and no temporary files.
+  assert not os.path.exists(os.path.join(save_dir, central.BACKUP_DIR))
+  assert not [n for n in os.listdir(save_dir) if n.endswith(".tmp")]
+  return rows
+
+
+# --- Configuration and input validation (fast) -------------------------------
+
+
+@pytest.mark.parametrize("field, value, flag", [
+    ("train_batch_size", 0, "--train_batch_size"),
+    ("eval_batch_size", -8, "--eval_batch_size"),
+    ("num_epochs", 0, "--num_epochs"),
+    ("image_height", 0, "--image_height"),
+    ("image_width", 257, "--image_width"),
+    ("learning_rate", 0.0, "--learning_rate"),
+    ("learning_rate", float("nan"), "--learning_rate"),
+    ("clipnorm", -1.0, "--clipnorm"),
+    ("train_batch_size", 2.5, "--train_batch_size"),
+    ("seed", -1, "--seed"),
+    ("tfrecords_dir", "", "--tfrecords_dir"),
+    ("restore_model_path", "/nonexistent/resnet18.h5", "--restore_model_path"),
+])
+def test_config_rejects_bad_values_naming_the_flag(tmp_path, field, value,
+                                                   flag):
+  settings = dict(tfrecords_dir=str(tmp_path), save_model_dir=str(tmp_path))
+  settings[field] = value
+  with pytest.raises(FlairInputError) as info:
+    central.CentralConfig(**settings)
+  message = str(info.value)
+  assert message.startswith(flag + " ")
+  assert "\n" not in message
+
+
+def test_config_defaults_are_the_reference_flags():
+  config = central.CentralConfig(tfrecords_dir="T")
+  assert (config.learning_rate, config.clipnorm, config.train_batch_size,
+          config.eval_batch_size, config.num_epochs, config.restore_model_path,
+          config.save_model_dir, config.image_height, config.image_width,
+          config.use_fine_grained_labels, config.binary_label) == (
+              1e-4, 10.0, 512, 512, 100, None, "./", 224, 224, False, None)
+
+
+def test_load_inputs_rejects_missing_and_empty_dirs(tmp_path):
+  missing = _config(str(tmp_path / "missing"), tmp_path / "out")
+  with pytest.raises(FlairInputError, match="--tfrecords_dir"):
+    central.load_inputs(missing)
+  (tmp_path / "empty").mkdir()
+  empty = _config(str(tmp_path / "empty"), tmp_path / "out")
+  with pytest.raises(FlairInputError, match="--tfrecords_dir"):
+    central.load_inputs(empty)
+
+
+def test_load_inputs_rejects_unknown_binary_label_listing_valid_ones(
+    prepared_sample_dir, tmp_path):
+  config = _config(prepared_sample_dir, tmp_path, binary_label="no_such")
+  with pytest.raises(FlairInputError) as info:
+    central.load_inputs(config)
+  message = str(info.value)
+  assert "--binary_label" in message and "no_such" in message
+  for name in _label_index(prepared_sample_dir)[constants.LABELS_KEY]:
+    assert name in message
+
+
+# --- Resume bookkeeping (fast, no training) ---------------------------------
+
+
+def _write_metrics_csv(path, val_losses):
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f)
+    writer.writerow(["epoch", "loss", "val_loss"])
+    for epoch, val_loss in enumerate(val_losses):
+      writer.writerow([epoch, 1.0, val_loss])
+
+
+def test_resume_drops_rows_of_epochs_trained_again_and_keeps_best(tmp_path):
+  csv_path = str(tmp_path / "metrics.csv")
+  weights_path = str(tmp_path / "best.h5")
+  # Epochs 0-3 have rows; the backup holds epoch 1, so training resumes at 2.
+  _write_metrics_csv(csv_path, [0.9, 0.5, 0.3, 0.4])
+  model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)])
+  callback = central._ResumableBestWeights(weights_path, csv_path)
+  callback.set_model(model)
+  callback.set_params({"epochs": 4})
+  callback.on_epoch_begin(2)
+  _, rows = _read_csv(csv_path)
+  assert [r["epoch"] for r in rows] == ["0", "1"]
+  assert callback.best == pytest.approx(0.5)  # not 0.3: that row was dropped
+  # A worse epoch after the resume does not write the best weights...
+  callback.on_epoch_end(2, {"val_loss": 0.6})
+  assert not os.path.exists(weights_path)
+  # ...a better one does, atomically (no temporary file left).
+  callback.on_epoch_end(3, {"val_loss": 0.45})
+  assert os.path.isfile(weights_path)
+  assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+  restored = tf.keras.Sequential(
+      [tf.keras.Input((2,)), tf.keras.layers.Dense(1)])
+  restored.load_weights(weights_path)
+  np.testing.assert_array_equal(restored.get_weights()[0],
+                                model.get_weights()[0])
+
+
+def test_fresh_start_drops_every_row(tmp_path):
+  csv_path = str(tmp_path / "metrics.csv")
+  _write_metrics_csv(csv_path, [0.9])  # epoch 0 written, never backed up
+  callback = central._ResumableBestWeights(str(tmp_path / "w.h5"), csv_path)
+  callback.on_epoch_begin(0)
+  fieldnames, rows = _read_csv(csv_path)
+  assert fieldnames == ["epoch", "loss", "val_loss"] and rows == []
+  assert callback.best == math.inf
+
+
+# --- Training on the real sample ---------------------------------------------
+
+
+def test_train_central_on_sample_writes_every_output(prepared_sample_dir,
+                                                     tmp_path):
+  num_outputs = len(_label_index(prepared_sample_dir)[constants.LABELS_KEY])
+  config = _config(prepared_sample_dir, tmp_path, num_epochs=2)
+  final = central.train_central(config)
+  rows = _check_outputs(tmp_path, num_outputs, 2, final)
+
+  # Rerunning a finished run does not train again: same results, files
+  # untouched.
+  paths = [os.path.join(tmp_path, n) for n in
+           (constants.METRICS_CSV_FILE, constants.FINAL_METRICS_FILE,
+            f"resnet18_central_{num_outputs}labels.h5")]
+  mtimes = [os.stat(p).st_mtime_ns for p in paths]
+  assert central.train_central(config) == final
+  assert [os.stat(p).st_mtime_ns for p in paths] == mtimes
+  assert _read_csv(paths[0])[1] == rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label_kind", ["binary", "fine_grained"])
+def test_train_central_binary_and_fine_grained(prepared_sample_dir, tmp_path,
+                                               label_kind):
+  index = _label_index(prepared_sample_dir)
+  if label_kind == "binary":
+    assert "structure" in index[constants.LABELS_KEY]
+    config = _config(prepared_sample_dir, tmp_path, binary_label="structure")
+    num_outputs = 1
+  else:
+    config = _config(prepared_sample_dir, tmp_path,
+                     use_fine_grained_labels=True)
+    num_outputs = len(index[constants.FINE_GRAINED_LABELS_KEY])
+  final = central.train_central(config)
+  _check_outputs(tmp_path, num_outputs, 1, final)
+  if label_kind == "binary":
+    assert list(final["test"]) == [
+        "loss", "averaged_precision", "precision", "recall", "f1"]
+
+
+# --- Fine-tuning from an .h5 (BatchNorm variant) -----------------------------
+
+
+@pytest.mark.slow
+def test_restore_model_path_fine_tunes_from_the_file(prepared_sample_dir,
+                                                     tmp_path):
+  num_outputs = len(_label_index(prepared_sample_dir)[constants.LABELS_KEY])
+  # A BatchNorm ResNet-18 with another classifier size (as ImageNet's 1000),
+  # another seed than the run's, and moving statistics that no fresh model
+  # has (fresh ones are 0 and 1), saved as Keras weights HDF5.
+  source = model_lib.resnet18(num_classes=num_outputs + 3, pretrained=True,
+                              crop_size=(CROP, CROP), seed=123)
+  rng = np.random.default_rng(0)
+  norm = source.get_layer("initial_norm")
+  gamma, beta, mean, var = norm.get_weights()
+  norm.set_weights([gamma, beta, rng.normal(size=mean.shape),
+                    rng.uniform(0.5, 2.0, size=var.shape)])
+  source_path = str(tmp_path / "imagenet_like.h5")
+  source.save_weights(source_path, save_format="h5")
+
+  save_dir = tmp_path / "run"
+  # A tiny learning rate: Adam moves each weight by about the learning rate
+  # per step (~5 steps here), so trained weights stay within ~1e-5 of the
+  # file's, while a fresh initialisation differs by O(0.01-0.1).
+  config = _config(prepared_sample_dir, save_dir, learning_rate=1e-6,
+                   restore_model_path=source_path)
+  final = central.train_central(config)
+  _check_outputs(save_dir, num_outputs, 1, final)
+
+  trained = model_lib.resnet18(num_classes=num_outputs, pretrained=True,
+                               crop_size=(CROP, CROP), seed=config.seed)
+  fresh = trained.get_layer("layer3_block1_conv1_3x3").get_weights()[0]
+  trained.load_weights(central.best_weights_path(str(save_dir), num_outputs))
+  for name in ("initial_conv", "layer3_block1_conv1_3x3"):
+    kernel = trained.get_layer(name).get_weights()[0]
+    np.testing.assert_allclose(
+        kernel, source.get_layer(name).get_weights()[0], atol=1e-4)
+  assert np.max(np.abs(fresh - source.get_layer(
+      "layer3_block1_conv1_3x3").get_weights()[0])) > 1e-2
+  # Frozen BatchNorm statistics are exactly the file's.
+  np.testing.assert_allclose(
+      trained.get_layer("initial_norm").get_weights()[2:],
+      norm.get_weights()[2:], rtol=1e-6)
+  # The classifier (different size) was not restored but trained fresh.
+  assert trained.get_layer("classifier").get_weights()[0].shape == (
+      512, num_outputs)
+
+
+def test_restore_model_path_rejects_an_unreadable_file(prepared_sample_dir,
+                                                       tmp_path):
+  bad = tmp_path / "not_weights.h5"
+  bad.write_text("not an HDF5 file")
+  config = _config(prepared_sample_dir, tmp_path / "run",
+                   restore_model_path=str(bad))
+  with pytest.raises(FlairInputError, match="not_weights.h5"):
+    central.train_central(config)
+  assert not os.path.exists(os.path.join(str(tmp_path / "run"),
+                                         constants.METRICS_CSV_FILE))
+
+
+# --- Command line ------------------------------------------------------------
+
+
+def _cli(tfrecords_dir, save_dir, *extra):
+  return [sys.executable, "-m", "benchmark.central_main",
+          "--tfrecords_dir", str(tfrecords_dir),
+          "--save_model_dir", str(save_dir), "--train_batch_size", "8",
+          "--eval_batch_size", "8", "--image_height", str(CROP),
+          "--image_width", str(CROP), "--learning_rate", "1e-3", *extra]
+
+
+def _run_cli(args, log_prefix):
+  """Runs the command line to completion; returns (returncode, stdout,
+  stderr)."""
+  with open(f"{log_prefix}.out", "w+") as out, \
+      open(f"{log_prefix}.err", "w+") as err:
+    process = subprocess.run(args, cwd=REPO_ROOT, stdout=out, stderr=err,
+                             timeout=_CLI_TIMEOUT_S, check=False)
+    out.seek(0)
+    err.seek(0)
+    return process.returncode, out.read(), err.read()
+
+
+def _assert_one_line_error(returncode, stderr, flag):
+  assert returncode == 1, stderr
+  assert "Traceback" not in stderr
+  error_lines = [line for line in stderr.splitlines()
+                 if line.startswith("error:")]
+  assert len(error_lines) == 1, stderr
+  assert flag in error_lines[0]
+  return error_lines[0]
+
+
+def test_cli_unknown_binary_label_is_one_line_error(prepared_sample_dir,
+                                                    tmp_path):
+  save_dir = tmp_path / "run"
+  returncode, _, stderr = _run_cli(
+      _cli(prepared_sample_dir, save_dir, "--binary_label", "no_such"),
+      str(tmp_path / "cli"))
+  line = _assert_one_line_error(returncode, stderr, "--binary_label")
+  for name in _label_index(prepared_sample_dir)[constants.LABELS_KEY]:
+    assert name in line
+  assert not save_dir.exists()  # nothing written for bad input
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["missing_dir", "empty_dir", "batch_size",
+                                  "learning_rate", "image_height"])
+def test_cli_bad_input_is_one_line_error(prepared_sample_dir, tmp_path, case):
+  tfrecords_dir, extra, flag = prepared_sample_dir, [], None
+  if case == "missing_dir":
+    tfrecords_dir, flag = tmp_path / "missing", "--tfrecords_dir"
+  elif case == "empty_dir":
+    tfrecords_dir, flag = tmp_path / "empty", "--tfrecords_dir"
+    tfrecords_dir.mkdir()
+  elif case == "batch_size":
+    extra, flag = ["--train_batch_size", "0"], "--train_batch_size"
+  elif case == "learning_rate":
+    extra, flag = ["--learning_rate", "-0.1"], "--learning_rate"
+  else:
+    extra, flag = ["--image_height", "300"], "--image_height"
+  save_dir = tmp_path / "run"
+  returncode, _, stderr = _run_cli(_cli(tfrecords_dir, save_dir, *extra),
+                                   str(tmp_path / "cli"))
+  _assert_one_line_error(returncode, stderr, flag)
+  assert not save_dir.exists()
+
+
+@pytest.mark.slow
+def test_cli_requires_tfrecords_dir(tmp_path):
+  returncode, _, stderr = _run_cli(
+      [sys.executable, "-m", "benchmark.central_main"], str(tmp_path / "cli"))
+  assert returncode != 0
+  assert "--tfrecords_dir" in stderr and "Traceback" not in stderr
+
+
+def _csv_rows(path):
+  if not os.path.isfile(path):
+    return []
+  try:
+    return _read_csv(path)[1]
+  except (OSError, csv.Error):
+    return []
+
+
+@pytest.mark.slow
+def test_cli_resumes_after_kill(prepared_sample_dir, tmp_path):
+  num_epochs = 5
+  save_dir = tmp_path / "run"
+  csv_path = str(save_dir / constants.METRICS_CSV_FILE)
+  args = _cli(prepared_sample_dir, save_dir, "--num_epochs", str(num_epochs))
+
+  # First run: SIGKILL as soon as two epochs are in metrics.csv. Epoch 0's
+  # backup is then certainly saved (callbacks run best-weights, CSV,
+  # TensorBoard, backup; epoch 1's row comes after epoch 0's backup).
+  with open(tmp_path / "first.out", "w") as out, \
+      open(tmp_path / "first.err", "w") as err:
+    process = subprocess.Popen(args, cwd=REPO_ROOT, stdout=out, stderr=err)
+    deadline = time.monotonic() + _CLI_TIMEOUT_S
+    try:
+      while process.poll() is None and time.monotonic() < deadline:
+        if len(_csv_rows(csv_path)) >= 2:
+          process.send_signal(signal.SIGKILL)
+          break
+        time.sleep(0.02)
+    finally:
+      if process.poll() is None and time.monotonic() >= deadline:
+        process.kill()
+      process.wait()
+  assert process.returncode == -signal.SIGKILL, (
+      f"the first run ended by itself (rc {process.returncode}) before it "
+      "could be killed: " + (tmp_path / "first.err").read_text()[-2000:])
+  before = _csv_rows(csv_path)
+  assert 2 <= len(before) < num_epochs
+  assert not (save_dir / constants.FINAL_METRICS_FILE).exists()
+
+  # Second run, same command: continues after the last backed-up epoch.
+  returncode, stdout, stderr = _run_cli(args, str(tmp_path / "second"))
+  assert returncode == 0, stderr[-3000:]
+  assert "Resuming from the backup" in stderr
+  assert "Epoch 1/" not in stdout  # Keras' per-epoch header (1-based)
+  num_outputs = len(_label_index(prepared_sample_dir)[constants.LABELS_KEY])
+  with open(save_dir / constants.FINAL_METRICS_FILE, encoding="utf-8") as f:
+    final = json.load(f)
+  after = _check_outputs(save_dir, num_outputs, num_epochs, final)
+  # Epochs finished before the kill (all but possibly the last one, which
+  # may have been killed before its backup) keep their rows unchanged.
+  assert after[:len(before) - 1] == before[:len(before) - 1]
+
+  with open(save_dir / constants.FLAGS_FILE, encoding="utf-8") as f:
+    flag_values = json.load(f)
+  assert flag_values == {
+      "tfrecords_dir": str(prepared_sample_dir), "learning_rate": 1e-3,
+      "clipnorm": 10.0, "train_batch_size": 8, "eval_batch_size": 8,
+      "num_epochs": num_epochs, "restore_model_path": None,
+      "save_model_dir": str(save_dir), "image_height": CROP,
+      "image_width": CROP, "use_fine_grained_labels": False,
+      "binary_label": None, "seed": 0}
+
+  # A third run finds the finished run and does not train again.
+  returncode, stdout, stderr = _run_cli(args, str(tmp_path / "third"))
+  assert returncode == 0
+  assert "not training again" in stderr and "Epoch " not in stdout
+  assert _csv_rows(csv_path) == after
