@@ -694,7 +694,7 @@ def plot_partitions(stats: dict[str, Any], path: str) -> None:
     ax.set_xlabel("partition")
     ax.set_ylabel(f"number of {what}")
     ax.set_ylim(0, max(values + [1]) * 1.15)
-    ax.yaxis.get_major_locator().set_params(integer=True)
+    _count_axis(ax.yaxis)
   figure.suptitle("FLAIR split by user", fontsize=13)
   _save(figure, path)
 
@@ -712,7 +712,7 @@ def _horizontal_label_bars(counts: dict[str, int], total_images: int,
   _annotate_bars(ax, bars, values, horizontal=True, total=total_images)
   ax.invert_yaxis()  # most frequent on top
   ax.set_xlim(0, max(values + [1]) * 1.3)  # room for the annotations
-  ax.xaxis.get_major_locator().set_params(integer=True)
+  _count_axis(ax.xaxis)
   ax.set_title(title)
   ax.set_xlabel(f"number of images with the label (of {total_images:,} "
                 "images; % in brackets)")
@@ -740,26 +740,59 @@ def plot_top_fine_labels(stats: dict[str, Any], path: str) -> None:
       "fine-grained label", path)
 
 
-def _integer_histogram(ax, histogram: dict[str, int], color: str = _BAR_COLOR,
-                       log_y: bool = False) -> None:
-  """Draws `{value: count}` as one bar per integer, or binned if wide."""
+def _count_axis(axis) -> None:
+  """Integer ticks with thousands separators on a linear count axis."""
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+  axis.set_major_locator(
+      ticker.MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
+  axis.set_major_formatter(ticker.StrMethodFormatter("{x:,.0f}"))
+
+
+def _log_log_axes(ax) -> None:
+  """Log x and y with plain-number ticks at 1, 2, 5, 10, 20, 50, ... (so that
+  short ranges get labels too)."""
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  for axis in (ax.xaxis, ax.yaxis):
+    axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _integer_histogram(ax, histogram: dict[str, int]) -> str:
+  """Draws `{value: count}` (value an integer as a string).
+
+  One bar per integer when the values span fewer than `_MAX_UNIT_BARS`;
+  otherwise (a heavy tail) geometric bins on log-log axes, or, when some value
+  is 0, linear bins with a log count axis.
+
+  Returns:
+    A note for the x axis label: "" or " (log scale)".
+  """
   values = [int(k) for k in histogram]
   counts = [histogram[k] for k in histogram]
   if not values:
-    return
+    return ""
   low, high = min(values), max(values)
   if high - low < _MAX_UNIT_BARS:
-    ax.bar(values, counts, width=0.8, color=color)
+    ax.bar(values, counts, width=0.8, color=_BAR_COLOR)
     ax.set_xlim(low - 0.7, high + 0.7)
     ax.xaxis.get_major_locator().set_params(integer=True)
-  else:
-    edges = np.linspace(low, high + 1, _MAX_UNIT_BARS + 1)
-    ax.hist(values, bins=edges, weights=counts, color=color,
+    _count_axis(ax.yaxis)
+    return ""
+  if low >= 1:
+    edges = _log_bin_edges(high)
+    ax.hist(values, bins=edges, weights=counts, color=_BAR_COLOR,
             edgecolor="white", linewidth=0.5)
-  if log_y:
-    ax.set_yscale("log")
-  else:
-    ax.yaxis.get_major_locator().set_params(integer=True)
+    _log_log_axes(ax)
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_ylim(0.7, None)
+    return " (log scale)"
+  ax.hist(values, bins=np.linspace(low, high + 1, _MAX_UNIT_BARS + 1),
+          weights=counts, color=_BAR_COLOR, edgecolor="white", linewidth=0.5)
+  ax.set_yscale("log")
+  return ""
 
 
 def _two_histograms(stats_pair: dict[str, Any], title: str, noun: str,
@@ -769,12 +802,12 @@ def _two_histograms(stats_pair: dict[str, Any], title: str, noun: str,
   for ax, key, kind in ((axes[0], "coarse", "coarse"),
                         (axes[1], "fine_grained", "fine-grained")):
     dist = stats_pair[key]
-    _integer_histogram(ax, dist["histogram"])
+    x_note = _integer_histogram(ax, dist["histogram"])
     s = dist["summary"]
     ax.set_title(f"{kind} labels (mean {s['mean']:.2f}, median "
-                 f"{s['median']:g}, max {s['max']:g})")
-    ax.set_xlabel(f"number of distinct {kind} labels {noun}")
-    ax.set_ylabel(ylabel)
+                 f"{s['median']:g}, max {s['max']:,.0f})")
+    ax.set_xlabel(f"number of distinct {kind} labels {noun}{x_note}")
+    ax.set_ylabel(ylabel + (" (log scale)" if x_note else ""))
   figure.suptitle(title, fontsize=13)
   _save(figure, path)
 
@@ -807,7 +840,6 @@ def plot_images_per_user(stats: dict[str, Any],
                          path: str) -> None:
   """Histogram of images per user on log-log axes (the counts are
   heavy-tailed), all users as bars and each partition as an outline."""
-  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   everyone = [n for counts in user_counts_by_partition.values() for n in counts]
   edges = _log_bin_edges(max(everyone))
   figure = _new_figure(9, 5)
@@ -822,15 +854,9 @@ def plot_images_per_user(stats: dict[str, Any],
               color=_PARTITION_COLORS[partition],
               linestyle=line_styles.get(partition, "-"),
               label=f"{partition} ({_plural(len(counts), 'user')})")
-  ax.set_xscale("log")
-  ax.set_yscale("log")
+  _log_log_axes(ax)
   ax.set_xlim(edges[0], edges[-1])
   ax.set_ylim(0.7, None)
-  # Ticks at 1, 2, 5, 10, 20, 50, ... so that short ranges get labels too.
-  for axis in (ax.xaxis, ax.yaxis):
-    axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
-    axis.set_minor_formatter(ticker.NullFormatter())
   ax.set_title(f"Images per user (log-log; mean {s['mean']:.1f}, median "
                f"{s['median']:g}, max {s['max']:,.0f})")
   ax.set_xlabel("number of images of the user (log scale; a bar covers "

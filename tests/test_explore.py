@@ -428,3 +428,19 @@ def test_cli_on_real_sample_and_bad_input(flair_sample_dir, tmp_path):
   error_lines = [l for l in result.stderr.splitlines()
                  if l.startswith("error:")]
   assert len(error_lines) == 1 and "--dataset_dir" in error_lines[0]
+
+
+def test_wide_histograms_use_log_axes_narrow_ones_unit_bars():
+  from matplotlib.figure import Figure
+  wide = {"1": 500, "7": 40, "90": 3, "1500": 1}
+  ax = Figure().subplots()
+  assert explore._integer_histogram(ax, wide) == " (log scale)"
+  assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+  # Every user lands in a bin: the bar heights add up to the user count.
+  assert sum(p.get_height() for p in ax.patches) == sum(wide.values())
+  narrow = {"1": 5, "2": 14, "6": 1}
+  ax = Figure().subplots()
+  assert explore._integer_histogram(ax, narrow) == ""
+  assert ax.get_xscale() == "linear"
+  assert sorted((p.get_x() + p.get_width() / 2, p.get_height())
+                for p in ax.patches) == [(1, 5), (2, 14), (6, 1)]
