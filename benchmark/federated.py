@@ -32,17 +32,19 @@ program (FLAIR_REFERENCE.md, "federated_main"):
 All TFF execution happens inside `tff_runtime.local_runtime()`, so the TFF
 worker process is stopped however the run ends.
 
-metrics.csv columns, in order: `round`, `round_time_s` (wall time of the
-round's `next()` call, client data loading included), `train_<name>` for the
-clients' training metrics (`train_loss`, the `metrics.metric_names` metrics,
-`train_num_examples`, `train_num_batches`), the aggregator's measurements
-(DP: `dp_clip` (the L2 clip used this round), `dp_noise_stddev` (stddev of
-the Gaussian noise added to the *sum* of clipped updates = noise multiplier
-x clip), `dp_unclipped_quantile` estimate where adaptive; always: client
-update norms `client_update_norm_mean` / `client_update_norm_std` and server
-update statistics `server_update_norm` / `_max` / `_min`), then `eval_time_s`
-and `val_<name>` on evaluated rounds (empty elsewhere). Round 0 holds the
-evaluation of the initial model only.
+metrics.csv: one row per round, `round` first, then the other columns in
+alphabetical order (the order `tff.program.CSVFileReleaseManager` writes):
+`round_time_s` (wall time of the round's `next()` call, client data loading
+included), `train_<name>` for the clients' training metrics (`train_loss`, the
+`metrics.metric_names` metrics, `train_num_examples`, `train_num_batches`),
+the aggregator's measurements (always: client update norms
+`client_update_norm_mean` / `client_update_norm_std` and the averaged update's
+`server_update_norm` / `_max` / `_min`; with DP also `dp_clip`, the L2 clip
+applied this round, and `dp_noise_stddev`, the stddev of the Gaussian noise
+added to the *sum* of clipped updates, see `dp.sum_noise_multiplier`), and, on
+evaluated rounds only (empty elsewhere), `eval_time_s` and `val_<name>`.
+Round 0 holds the evaluation of the initial model only. On resume, rows after
+the checkpointed round are dropped and rewritten, so each round appears once.
 """
 
 import asyncio
@@ -290,6 +292,66 @@ def _save_weights_atomic(keras_model: tf.keras.Model, path: str) -> None:
     keras_model.save_weights(tmp, save_format="h5")
 
 
+def build_learning_process(
+    config: FederatedConfig, label_spec: data.LabelSpec,
+    train_data: tff.simulation.datasets.FilePerUserClientData, aggregator,
+    weighted: bool = True
+) -> tuple[tff.learning.templates.LearningProcess,
+           tff.learning.templates.LearningProcess]:
+  """Builds FedAvg for this configuration.
+
+  Args:
+    config: the run's configuration (client/server optimizer, client data
+      and model settings are read from it).
+    label_spec: the labels (gives the number of model outputs).
+    train_data: the training clients.
+    aggregator: the model-update aggregation factory (weighted when
+      `weighted`, else unweighted, e.g. a DP factory).
+    weighted: weight client updates by their number of examples.
+
+  Returns:
+    `(process, composed)`: the `tff.learning` FedAvg process over client
+    datasets, and the same process composed with a TFF computation that
+    builds each client's preprocessed dataset from its client id
+    (`composed.next(state, client_ids)`). Must be called inside
+    `tff_runtime.local_runtime()` only when the computations are executed;
+    building them needs no runtime.
+  """
+  num_outputs = label_spec.num_outputs
+  client_spec = data.ClientSpec(
+      num_epochs=config.client_epochs_per_round,
+      batch_size=config.client_batch_size,
+      max_elements=config.max_elements_per_client)
+  train_preprocess = data.create_train_preprocess_fn(client_spec)
+  dataset_fn = train_data.serializable_dataset_fn
+
+  @tff.tensorflow.computation(tf.string)
+  def client_dataset(client_id):
+    return train_preprocess(dataset_fn(client_id))
+
+  element_spec = client_dataset.type_signature.result.element
+  input_spec = tuple(
+      tf.TensorSpec([None] + list(t.shape[1:]), t.dtype)
+      for t in (element_spec[0], element_spec[1]))
+
+  def model_fn():
+    return tff.learning.models.from_keras_model(
+        _build_keras_model(config, num_outputs), loss=_loss(),
+        input_spec=input_spec, metrics=metrics_lib.make_metrics(num_outputs))
+
+  client_optimizer = _PerWeightClippedSGD(config.client_learning_rate,
+                                          config.client_clipnorm)
+  server_optimizer = tff.learning.optimizers.build_adam(
+      learning_rate=config.server_learning_rate, epsilon=SERVER_ADAM_EPSILON)
+  builder = (tff.learning.algorithms.build_weighted_fed_avg if weighted else
+             tff.learning.algorithms.build_unweighted_fed_avg)
+  process = builder(model_fn, client_optimizer, server_optimizer,
+                    model_aggregator=aggregator)
+  composed = tff.simulation.compose_dataset_computation_with_learning_process(
+      client_dataset, process)
+  return process, composed
+
+
 def run_federated(config: FederatedConfig) -> dict:
   """Runs (or resumes) federated training and returns the final metrics.
 
@@ -363,42 +425,9 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
   names = metrics_lib.metric_names(num_outputs)
   train_data = client_data[constants.TRAIN]
 
-  # --- Client data, built inside TFF from client ids. ---
-  client_spec = data.ClientSpec(
-      num_epochs=config.client_epochs_per_round,
-      batch_size=config.client_batch_size,
-      max_elements=config.max_elements_per_client)
-  train_preprocess = data.create_train_preprocess_fn(client_spec)
-  dataset_fn = train_data.serializable_dataset_fn
-
-  @tff.tensorflow.computation(tf.string)
-  def client_dataset(client_id):
-    return train_preprocess(dataset_fn(client_id))
-
-  element_spec = client_dataset.type_signature.result.element
-  input_spec = tuple(
-      tf.TensorSpec([None] + list(t.shape[1:]), t.dtype)
-      for t in (element_spec[0], element_spec[1]))
-
-  def model_fn():
-    return tff.learning.models.from_keras_model(
-        _build_keras_model(config, num_outputs), loss=_loss(),
-        input_spec=input_spec, metrics=metrics_lib.make_metrics(num_outputs))
-
-  client_optimizer = _PerWeightClippedSGD(config.client_learning_rate,
-                                          config.client_clipnorm)
-  server_optimizer = tff.learning.optimizers.build_adam(
-      learning_rate=config.server_learning_rate, epsilon=SERVER_ADAM_EPSILON)
-  if calibration is not None:
-    process = tff.learning.algorithms.build_unweighted_fed_avg(
-        model_fn, client_optimizer, server_optimizer,
-        model_aggregator=aggregator)
-  else:
-    process = tff.learning.algorithms.build_weighted_fed_avg(
-        model_fn, client_optimizer, server_optimizer,
-        model_aggregator=aggregator)
-  composed = tff.simulation.compose_dataset_computation_with_learning_process(
-      client_dataset, process)
+  process, composed = build_learning_process(config, label_spec, train_data,
+                                             aggregator,
+                                             weighted=calibration is None)
 
   # --- Initial or resumed program state. ---
   eval_model = _initial_keras_model(config, num_outputs)

@@ -1,0 +1,155 @@
+"""FedAvg client-training throughput vs plain Keras `fit`, from one run.
+
+    python scripts/bench_fedavg_throughput.py [--tfrecords_dir T] \
+        [--crop 64] [--batch_size 16] [--num_clients 8] \
+        [--images_per_client 64] [--epochs 1] [--rounds 3]
+
+Both sides train the same ResNet-18 (benchmark.model, GroupNorm), at the same
+crop, batch size and learning rate (SGD with per-weight clipping), on the
+same images: the `--num_clients` training users with the most images (each
+truncated to `--images_per_client`), `--epochs` passes each.
+
+* FedAvg: `benchmark.federated.build_learning_process` (the trainer's own
+  process: client datasets built from client ids inside TFF, weighted
+  FedAvg, server Adam), `next(state, clients)` called `--rounds` times after
+  one untimed warm-up round (tracing, graph compilation, first data read).
+  Everything a round costs is included: sending the model and server state
+  to the TFF worker and back, building and decoding the client datasets,
+  local training, aggregation and the server update.
+* Keras: `model.fit` on the concatenation of the same client datasets
+  (same per-client batching), `--rounds` epochs timed after one untimed
+  warm-up epoch.
+
+Prints images/s of both and their ratio (FedAvg / Keras). Without
+`--tfrecords_dir` a synthetic FLAIR-like dataset is generated and prepared in
+a temporary directory.
+"""
+
+import os
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import tensorflow as tf
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+_TFRECORDS_DIR = flags.DEFINE_string(
+    "tfrecords_dir", None,
+    "Prepared TFRecords; default: synthetic data in a temporary directory.")
+_CROP = flags.DEFINE_integer("crop", 64, "Square crop size in pixels.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Client batch size.")
+_NUM_CLIENTS = flags.DEFINE_integer("num_clients", 8,
+                                    "Clients trained per round.")
+_IMAGES_PER_CLIENT = flags.DEFINE_integer(
+    "images_per_client", 64, "Images each client trains on (max elements).")
+_EPOCHS = flags.DEFINE_integer("epochs", 1, "Client epochs per round.")
+_ROUNDS = flags.DEFINE_integer(
+    "rounds", 3, "Timed FedAvg rounds (and timed Keras epochs).")
+_SYNTHETIC_USERS = flags.DEFINE_integer(
+    "synthetic_users", 120, "Users of the generated dataset.")
+
+
+def _prepare_synthetic(root: str) -> str:
+  import prepare_tfrecords  # pylint: disable=g-import-not-at-top
+  from benchmark import synthetic_dataset  # pylint: disable=g-import-not-at-top
+  dataset_dir = os.path.join(root, "dataset")
+  tfrecords_dir = os.path.join(root, "tfrecords")
+  synthetic_dataset.generate(dataset_dir, num_users=_SYNTHETIC_USERS.value,
+                             seed=0)
+  prepare_tfrecords.prepare(dataset_dir, tfrecords_dir, show_progress=False)
+  return tfrecords_dir
+
+
+def _pick_clients(train_data, count: int,
+                  max_images: int) -> tuple[list[str], int]:
+  """The `count` training users with the most images; returns their ids and
+  the images one pass trains on (each user truncated to `max_images`)."""
+  sizes = {}
+  for client_id in train_data.client_ids:
+    sizes[client_id] = int(train_data.serializable_dataset_fn(
+        client_id).reduce(0, lambda n, _: n + 1))
+  chosen = sorted(sizes, key=lambda c: (-sizes[c], c))[:count]
+  return chosen, sum(min(sizes[c], max_images) for c in chosen)
+
+
+def _benchmark(tfrecords_dir: str) -> None:
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+  from benchmark import constants  # pylint: disable=g-import-not-at-top
+  from benchmark import data  # pylint: disable=g-import-not-at-top
+  from benchmark import federated  # pylint: disable=g-import-not-at-top
+  from benchmark import tff_runtime  # pylint: disable=g-import-not-at-top
+
+  config = federated.FederatedConfig(
+      tfrecords_dir=tfrecords_dir, save_model_dir=tempfile.gettempdir(),
+      client_epochs_per_round=_EPOCHS.value,
+      client_batch_size=_BATCH_SIZE.value,
+      clients_per_round=_NUM_CLIENTS.value,
+      max_elements_per_client=_IMAGES_PER_CLIENT.value,
+      image_height=_CROP.value, image_width=_CROP.value, show_progress=False)
+  label_spec = data.load_label_spec(tfrecords_dir)
+  train_data = data.load_partition(tfrecords_dir, constants.TRAIN, label_spec)
+  clients, images_per_pass = _pick_clients(train_data, _NUM_CLIENTS.value,
+                                           _IMAGES_PER_CLIENT.value)
+  images_per_round = images_per_pass * _EPOCHS.value
+  print(f"{len(clients)} clients, {images_per_pass} images (at most "
+        f"{_IMAGES_PER_CLIENT.value} per client) x {_EPOCHS.value} epoch(s) "
+        f"= {images_per_round} images per round; crop {_CROP.value}, batch "
+        f"{_BATCH_SIZE.value}")
+
+  # --- FedAvg. ---
+  with tff_runtime.local_runtime():
+    _, composed = federated.build_learning_process(
+        config, label_spec, train_data,
+        tff.learning.add_debug_measurements(tff.aggregators.MeanFactory()))
+    state = composed.initialize()
+    state = composed.next(state, clients).state  # Warm-up.
+    start = time.perf_counter()
+    for _ in range(_ROUNDS.value):
+      state = composed.next(state, clients).state
+    fedavg_s = time.perf_counter() - start
+  fedavg_rate = images_per_round * _ROUNDS.value / fedavg_s
+
+  # --- Plain Keras fit on the same images. ---
+  preprocess = data.create_train_preprocess_fn(data.ClientSpec(
+      num_epochs=1, batch_size=_BATCH_SIZE.value,
+      max_elements=_IMAGES_PER_CLIENT.value))
+  dataset = None
+  for client_id in clients:
+    client_ds = preprocess(train_data.create_tf_dataset_for_client(client_id))
+    dataset = client_ds if dataset is None else dataset.concatenate(client_ds)
+  dataset = dataset.repeat(_EPOCHS.value).prefetch(tf.data.AUTOTUNE)
+  model = federated._build_keras_model(config, label_spec.num_outputs)  # pylint: disable=protected-access
+  model.compile(
+      optimizer=tf.keras.optimizers.SGD(config.client_learning_rate,
+                                        clipnorm=config.client_clipnorm),
+      loss=tf.keras.losses.BinaryCrossentropy(from_logits=True))
+  model.fit(dataset, epochs=1, verbose=0)  # Warm-up.
+  start = time.perf_counter()
+  model.fit(dataset, epochs=_ROUNDS.value, verbose=0)
+  keras_s = time.perf_counter() - start
+  keras_rate = images_per_round * _ROUNDS.value / keras_s
+
+  print(f"FedAvg client training: {fedavg_rate:8.1f} images/s "
+        f"({fedavg_s / _ROUNDS.value:.2f} s/round)")
+  print(f"Keras fit:              {keras_rate:8.1f} images/s "
+        f"({keras_s / _ROUNDS.value:.2f} s/epoch)")
+  print(f"ratio FedAvg / Keras:   {fedavg_rate / keras_rate:8.3f}")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  if _TFRECORDS_DIR.value:
+    _benchmark(_TFRECORDS_DIR.value)
+  else:
+    with tempfile.TemporaryDirectory() as root:
+      _benchmark(_prepare_synthetic(root))
+
+
+if __name__ == "__main__":
+  app.run(main)
