@@ -471,3 +471,36 @@ def test_cli_resumes_after_kill(prepared_sample_dir, tmp_path):
       "save_model_dir": str(save_dir), "image_height": CROP,
       "image_width": CROP, "use_fine_grained_labels": False,
       "binary_label": None, "seed": 0}
+
+
+# --- Learning ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_central_learns_on_synthetic_data(prepared_synthetic_dir,
+                                                tmp_path):
+  """Val macro averaged precision of the best weights clearly exceeds that of
+  the initial weights.
+
+  The initial value is measured on the same val images with the untrained
+  model `train_central` starts from (same seed, so the same initial weights),
+  so the comparison is paired and label prevalence cancels out. Measured on
+  this data (60 users, seed 0; 192 train and 37 val images, 32x32 crops, Adam
+  2e-3, batches of 8, 15 epochs): 0.258 at initialisation, 0.365 for the best
+  weights by val loss (+0.107; +0.14 on test). The best val loss came late
+  (epoch 14; epoch 1's loss is clearly worse), and from epoch 9 on the val
+  macro AP stayed in 0.33-0.39 whatever the epoch. The required margin, 0.05,
+  is under half the measured gain and above the epoch-to-epoch wobble
+  (about +-0.03), so run-to-run differences (parallel input pipeline, random
+  crops) do not make it fail, while a model that does not learn (it stays
+  near 0.26, as an untrained or prevalence-only model does) cannot pass.
+  """
+  num_outputs = len(_label_index(prepared_synthetic_dir)[constants.LABELS_KEY])
+  config = _config(prepared_synthetic_dir, tmp_path, learning_rate=2e-3,
+                   num_epochs=15, train_batch_size=8, eval_batch_size=64,
+                   shuffle_buffer_size=256)
+  initial = _evaluate_untrained(config, num_outputs)
+  final = central.train_central(config)
+  assert final["val"]["macro_averaged_precision"] > (
+      initial["macro_averaged_precision"] + 0.05), (initial, final)
+  assert final["val"]["loss"] < initial["loss"]
