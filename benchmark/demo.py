@@ -75,10 +75,10 @@ class DemoScale:
 # `small` fits the 10-minute budget on a 2-core CPU (measured, README);
 # `tiny` only checks the path end to end.
 SCALES = {
-    "small": DemoScale(crop=32, num_users=None, central_epochs=8,
-                       central_batch_size=32, rounds=40, rounds_per_eval=5,
-                       clients_per_round=20, client_batch_size=8,
-                       max_elements_per_client=32, client_epochs_per_round=2,
+    "small": DemoScale(crop=32, num_users=None, central_epochs=6,
+                       central_batch_size=32, rounds=30, rounds_per_eval=5,
+                       clients_per_round=10, client_batch_size=8,
+                       max_elements_per_client=16, client_epochs_per_round=2,
                        dp_epsilon=8.0),
     "tiny": DemoScale(crop=24, num_users=24, central_epochs=1,
                       central_batch_size=16, rounds=2, rounds_per_eval=1,
@@ -172,6 +172,7 @@ def plot_val_metrics(runs: list[dict[str, Any]], png_path: str) -> None:
                                                 ("round", "round"))):
     for row, (metric, metric_label) in enumerate(panels):
       ax = axes[row][col]
+      max_step = 1.0
       for run in runs:
         records = _read_csv(os.path.join(run["save_dir"], "metrics.csv"))
         points = [(_float(r.get(step_key)), _float(r.get(f"val_{metric}")))
@@ -182,7 +183,11 @@ def plot_val_metrics(runs: list[dict[str, Any]], png_path: str) -> None:
           points = [(x + 1, y) for x, y in points]
         if points:
           xs, ys = zip(*points)
+          max_step = max(max_step, *xs)
           ax.plot(xs, ys, marker="o", markersize=3, label=run["setting"])
+      # From 0 (the initial model) so that a run of one epoch still shows
+      # whole-number ticks.
+      ax.set_xlim(-0.05 * max_step, 1.05 * max_step)
       ax.xaxis.set_major_locator(MaxNLocator(integer=True))
       ax.set_xlabel(step_label)
       ax.set_ylabel(metric_label)
