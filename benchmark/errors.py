@@ -33,7 +33,8 @@ def exit_on_input_error(main: Callable) -> Callable:
   """Wraps an absl `main(argv)`: a `FlairInputError` becomes one line on stderr
   ("error: <message>") and exit status 1; Ctrl-C becomes exit status 130.
 
-  Also installs `install_sigterm_handler()`.
+  Also installs `install_sigterm_handler()`, and on the way out releases
+  TFF's default context when TFF was loaded (`tff_runtime`).
   """
 
   @functools.wraps(main)
@@ -47,5 +48,9 @@ def exit_on_input_error(main: Callable) -> Callable:
     except KeyboardInterrupt:
       print("interrupted", file=sys.stderr)
       sys.exit(130)
+    finally:
+      if "tensorflow_federated" in sys.modules:
+        from benchmark import tff_runtime  # pylint: disable=g-import-not-at-top
+        tff_runtime.release_default_context()
 
   return wrapped

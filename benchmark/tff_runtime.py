@@ -14,6 +14,12 @@ seen still running after Python exited, holding the caller's output pipe open
   `errors.install_sigterm_handler()`) SIGTERM.
 * `stop_worker_children()` is a safety net that stops any `worker_binary`
   child of this process, for instance one TFF's default context started.
+* `release_default_context()` replaces TFF's default context (created at
+  import, holding a worker manager that is only cleaned up from `__del__`)
+  with one that refuses to run anything outside `local_runtime()`. Called at
+  the end of every command (errors.exit_on_input_error), it lets TFF's
+  manager be collected while the interpreter is intact, instead of printing
+  "Exception ignored in ... ServiceManager.__del__" at exit.
 
 Linux only (it uses prctl and /proc).
 """
@@ -104,6 +110,28 @@ def stop_worker_children() -> list[int]:
     with contextlib.suppress(ChildProcessError):
       os.waitpid(pid, 0)
   return pids
+
+
+class _RequireLocalRuntime(tff.framework.SyncContext):
+  """A default context that runs nothing: computations belong inside
+  `local_runtime()`, whose worker is stopped on exit."""
+
+  def invoke(self, comp, arg):
+    del comp, arg
+    raise RuntimeError(
+        "a TFF computation ran outside benchmark.tff_runtime.local_runtime(); "
+        "wrap it in `with tff_runtime.local_runtime():`")
+
+
+def release_default_context() -> None:
+  """Replaces TFF's default execution context with one that refuses to run.
+
+  TFF's default context (installed at `import tensorflow_federated`) owns a
+  `worker_binary` manager that is stopped only from `__del__`; dropping it
+  here, while the interpreter is intact, stops any worker it started and
+  avoids its failing `__del__` at interpreter exit.
+  """
+  tff.framework.get_context_stack().set_default_context(_RequireLocalRuntime())
 
 
 @contextlib.contextmanager

@@ -1,0 +1,78 @@
+"""The TFF worker process never outlives the code that started it."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow_federated as tff
+
+from benchmark import tff_runtime
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@tff.federated_computation(tff.FederatedType(np.int32, tff.CLIENTS))
+def _federated_sum(values):
+  return tff.federated_sum(values)
+
+
+def _alive(pid: int) -> bool:
+  return pid in tff_runtime.worker_pids()
+
+
+def test_worker_runs_inside_and_stops_after():
+  with tff_runtime.local_runtime():
+    assert _federated_sum([1, 2, 3]) == 6
+    workers = tff_runtime.worker_pids(os.getpid())
+    assert len(workers) == 1
+  assert not _alive(workers[0])
+  assert tff_runtime.worker_pids(os.getpid()) == []
+
+
+def test_worker_stops_on_exception():
+  with pytest.raises(ZeroDivisionError):
+    with tff_runtime.local_runtime():
+      workers = tff_runtime.worker_pids(os.getpid())
+      assert len(workers) == 1
+      _ = 1 / 0
+  assert not _alive(workers[0])
+
+
+def test_released_default_context_refuses_to_run():
+  tff_runtime.release_default_context()
+  try:
+    with pytest.raises(RuntimeError, match="local_runtime"):
+      _federated_sum([1])
+    assert tff_runtime.worker_pids(os.getpid()) == []
+  finally:  # Give later tests in this process TFF's ordinary default back.
+    tff.backends.native.set_sync_local_cpp_execution_context()
+
+
+def test_worker_dies_with_a_killed_parent(tmp_path):
+  script = tmp_path / "hold_worker.py"
+  script.write_text(
+      "import os, time\n"
+      "from benchmark import tff_runtime\n"
+      "with tff_runtime.local_runtime():\n"
+      "  print(tff_runtime.worker_pids(os.getpid())[0], flush=True)\n"
+      "  time.sleep(120)\n")
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+  parent = subprocess.Popen([sys.executable, str(script)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+  try:
+    worker = int(parent.stdout.readline())
+    assert _alive(worker)
+    parent.send_signal(signal.SIGKILL)  # No Python cleanup can run.
+    parent.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert not _alive(worker)
+  finally:
+    if parent.poll() is None:
+      parent.kill()
