@@ -38,24 +38,6 @@ from benchmark import io_utils
 _DEMO_SCALES = ("tiny", "small")
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "dataset_dir", None,
-    "A downloaded FLAIR dataset directory (labels_and_metadata.json, "
-    "small_images/). When unset, a FLAIR-like dataset is generated.")
-flags.DEFINE_string(
-    "results_dir", "results",
-    "Parent folder of the results; each run writes a new demo-<time> folder "
-    "inside it.")
-flags.DEFINE_integer("num_users", 300,
-                     "Users in the generated dataset (ignored with --dataset_dir).")
-flags.DEFINE_integer("seed", 0, "Seed for data generation, models and sampling.")
-flags.DEFINE_enum(
-    "scale", "small", _DEMO_SCALES,
-    "small: the default demo (minutes on 2 CPU cores); tiny: a smoke run used "
-    "by the tests.")
-
-
 @dataclasses.dataclass(frozen=True)
 class DemoScale:
   """Training sizes of one demo scale (all counts are positive integers)."""
@@ -353,15 +335,39 @@ def main(argv):
   if len(argv) > 1:
     raise errors.FlairInputError(
         f"unexpected arguments: {' '.join(argv[1:])}")
-  if FLAGS.num_users < 3:
+  values = flags.FLAGS
+  if values.num_users < 3:
     raise errors.FlairInputError(
         f"--num_users must be at least 3 (one per partition), got "
-        f"{FLAGS.num_users}")
-  run_demo(FLAGS.results_dir, FLAGS.dataset_dir, FLAGS.num_users, FLAGS.seed,
-           FLAGS.scale)
+        f"{values.num_users}")
+  run_demo(values.results_dir, values.dataset_dir, values.num_users,
+           values.seed, values.scale)
+
+
+def _define_flags() -> None:
+  """Defines the demo's flags (here, not at import, so that importing this
+  module next to other commands, as the tests do, adds no global flags)."""
+  flags.DEFINE_string(
+      "dataset_dir", None,
+      "A downloaded FLAIR dataset directory (labels_and_metadata.json, "
+      "small_images/). When unset, a FLAIR-like dataset is generated.")
+  flags.DEFINE_string(
+      "results_dir", "results",
+      "Parent folder of the results; each run writes a new demo-<time> folder "
+      "inside it.")
+  flags.DEFINE_integer(
+      "num_users", 300,
+      "Users in the generated dataset (ignored with --dataset_dir).")
+  flags.DEFINE_integer("seed", 0,
+                       "Seed for data generation, models and sampling.")
+  flags.DEFINE_enum(
+      "scale", "small", _DEMO_SCALES,
+      "small: the default demo (minutes on 2 CPU cores); tiny: a smoke run used "
+      "by the tests.")
 
 
 def run():
+  _define_flags()
   app.run(main)
 
 
