@@ -71,7 +71,7 @@ def _pick_clients(train_data, count: int,
   the images one pass trains on (each user truncated to `max_images`)."""
   sizes = {}
   for client_id in train_data.client_ids:
-    sizes[client_id] = int(train_data.serializable_dataset_fn(
+    sizes[client_id] = int(train_data.create_tf_dataset_for_client(
         client_id).reduce(0, lambda n, _: n + 1))
   chosen = sorted(sizes, key=lambda c: (-sizes[c], c))[:count]
   return chosen, sum(min(sizes[c], max_images) for c in chosen)
