@@ -11,14 +11,11 @@ resumes a killed run; see `benchmark.central` for every output file.
 """
 
 import json
-import os
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from benchmark import central
-from benchmark import constants
 from benchmark import errors
 from benchmark import io_utils
 
@@ -76,28 +73,6 @@ def _config_from_flags() -> central.CentralConfig:
       **{holder.name: holder.value for holder in _ALL_FLAGS})
 
 
-def _write_flags(save_model_dir: str) -> None:
-  """Writes every flag of this module to `<save_model_dir>/flags.json`;
-  warns when a previous run in the directory used other values."""
-  values = {holder.name: holder.value for holder in _ALL_FLAGS}
-  path = os.path.join(save_model_dir, constants.FLAGS_FILE)
-  if os.path.isfile(path):
-    try:
-      with open(path, encoding="utf-8") as f:
-        previous = json.load(f)
-    except (OSError, ValueError):
-      previous = {}
-    changed = sorted(k for k in values
-                     if k in previous and previous[k] != values[k])
-    if changed:
-      logging.warning(
-          "%s was written by a run with other values of %s; a resumed run "
-          "continues with the new values.", path,
-          ", ".join(f"--{k} ({previous[k]!r} -> {values[k]!r})"
-                    for k in changed))
-  io_utils.write_json_atomic(path, values)
-
-
 @errors.exit_on_input_error
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
@@ -106,13 +81,8 @@ def main(argv: list[str]) -> None:
         "settings are --flags)")
   config = _config_from_flags()
   central.load_inputs(config)  # Rejects bad data flags before writing files.
-  try:
-    os.makedirs(config.save_model_dir, exist_ok=True)
-  except OSError as e:
-    raise errors.FlairInputError(
-        f"--save_model_dir {config.save_model_dir!r} cannot be created: "
-        f"{e.strerror}") from e
-  _write_flags(config.save_model_dir)
+  io_utils.prepare_save_dir(
+      config.save_model_dir, {h.name: h.value for h in _ALL_FLAGS})
   final = central.train_central(config)
   print(json.dumps(final, indent=2, sort_keys=True))
 

@@ -13,13 +13,10 @@ Ctrl-C stop the run cleanly (the TFF worker process is stopped too).
 """
 
 import json
-import os
 
 from absl import app
 from absl import flags
-from absl import logging
 
-from benchmark import constants
 from benchmark import data
 from benchmark import dp
 from benchmark import errors
@@ -139,28 +136,6 @@ def _config_from_flags() -> federated.FederatedConfig:
       **{holder.name: holder.value for holder in _ALL_FLAGS})
 
 
-def _write_flags(save_model_dir: str) -> None:
-  """Writes every flag of this module to `<save_model_dir>/flags.json`;
-  warns when a previous run in the directory used other values."""
-  values = {holder.name: holder.value for holder in _ALL_FLAGS}
-  path = os.path.join(save_model_dir, constants.FLAGS_FILE)
-  if os.path.isfile(path):
-    try:
-      with open(path, encoding="utf-8") as f:
-        previous = json.load(f)
-    except (OSError, ValueError):
-      previous = {}
-    changed = sorted(k for k in values
-                     if k in previous and previous[k] != values[k])
-    if changed:
-      logging.warning(
-          "%s was written by a run with other values of %s; a resumed run "
-          "continues from its checkpoint with the new values.", path,
-          ", ".join(f"--{k} ({previous[k]!r} -> {values[k]!r})"
-                    for k in changed))
-  io_utils.write_json_atomic(path, values)
-
-
 @errors.exit_on_input_error
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
@@ -171,13 +146,8 @@ def main(argv: list[str]) -> None:
   # Rejects a bad data directory or label flag before writing any file.
   data.load_label_spec(config.tfrecords_dir, config.use_fine_grained_labels,
                        config.binary_label)
-  try:
-    os.makedirs(config.save_model_dir, exist_ok=True)
-  except OSError as e:
-    raise errors.FlairInputError(
-        f"--save_model_dir {config.save_model_dir!r} cannot be created: "
-        f"{e.strerror}") from e
-  _write_flags(config.save_model_dir)
+  io_utils.prepare_save_dir(
+      config.save_model_dir, {h.name: h.value for h in _ALL_FLAGS})
   final = federated.run_federated(config)
   print(json.dumps(final, indent=2, sort_keys=True))
 

@@ -4,7 +4,12 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
+
+from absl import logging
+
+from benchmark import constants
+from benchmark import errors
 
 # The process umask, read once at import (reading it means setting it, which
 # is not thread-safe later). mkstemp creates files 0600; final files get the
@@ -50,3 +55,40 @@ def write_text_atomic(path: str, text: str) -> None:
 def write_json_atomic(path: str, obj: Any) -> None:
   """Writes `obj` as indented, key-sorted JSON to `path` atomically."""
   write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def prepare_save_dir(save_model_dir: str, flag_values: Mapping[str, Any]
+                     ) -> None:
+  """Creates a trainer's `--save_model_dir` and writes `flags.json` there.
+
+  Args:
+    save_model_dir: the run's output directory (created with parents).
+    flag_values: every flag of the command, name -> JSON-serialisable value.
+
+  Warns (absl logging) when `flags.json` from an earlier run in the same
+  directory has other values: a rerun resumes with the new ones.
+
+  Raises:
+    FlairInputError: the directory cannot be created (names the flag).
+  """
+  try:
+    os.makedirs(save_model_dir, exist_ok=True)
+  except OSError as e:
+    raise errors.FlairInputError(
+        f"--save_model_dir {save_model_dir!r} cannot be created: "
+        f"{e.strerror}") from e
+  path = os.path.join(save_model_dir, constants.FLAGS_FILE)
+  try:
+    with open(path, encoding="utf-8") as f:
+      previous = json.load(f)
+  except (OSError, ValueError):
+    previous = {}
+  changed = sorted(k for k in flag_values
+                   if k in previous and previous[k] != flag_values[k])
+  if changed:
+    logging.warning(
+        "%s was written by a run with other values of %s; a resumed run "
+        "continues with the new values.", path,
+        ", ".join(f"--{k} ({previous[k]!r} -> {flag_values[k]!r})"
+                  for k in changed))
+  write_json_atomic(path, dict(flag_values))

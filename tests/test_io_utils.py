@@ -42,3 +42,22 @@ def test_final_file_has_umask_permissions(tmp_path):
   assert mode == 0o666 & ~umask
   with open(path) as f:
     assert f.read() == '{\n  "a": [\n    2\n  ],\n  "b": 1\n}\n'
+
+
+def test_prepare_save_dir_writes_flags_and_warns_on_change(tmp_path, caplog):
+  save_dir = str(tmp_path / "runs" / "a")
+  io_utils.prepare_save_dir(save_dir, {"num_epochs": 3, "seed": 0})
+  with open(os.path.join(save_dir, "flags.json")) as f:
+    assert f.read() == '{\n  "num_epochs": 3,\n  "seed": 0\n}\n'
+  with caplog.at_level("WARNING"):
+    io_utils.prepare_save_dir(save_dir, {"num_epochs": 5, "seed": 0})
+  assert "--num_epochs (3 -> 5)" in caplog.text
+  assert "seed" not in caplog.text.split("other values of", 1)[1]
+
+
+def test_prepare_save_dir_names_the_flag_when_it_cannot_create(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(io_utils.errors.FlairInputError,
+                     match="^--save_model_dir .* cannot be created"):
+    io_utils.prepare_save_dir(str(blocker / "sub"), {})
