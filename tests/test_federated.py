@@ -251,6 +251,62 @@ def test_fedavg_binary_label_on_the_real_sample(prepared_sample_dir,
   _check_outputs(str(tmp_path), 1, 3, dp_on=False)
 
 
+@pytest.mark.slow
+def test_restore_model_path_initialises_the_federated_model(
+    prepared_sample_dir, tmp_path):
+  """--restore_model_path: the run starts from the file's weights.
+
+  The file comes from a BatchNorm ResNet-18 with another seed, another number
+  of classes and random BatchNorm moving statistics. BatchNorm statistics are
+  frozen during training, so the saved best weights must hold the file's
+  statistics exactly; trainable layers move by at most the server Adam step
+  (<= server_learning_rate = 1e-4 per weight for one round), so the initial
+  convolution must stay within 1e-3 of the file's, while a model that ignored
+  the file (seed 0, zero means, unit variances) differs by ~0.1.
+  """
+  from benchmark import model as model_lib
+  num_outputs = _num_outputs(prepared_sample_dir)
+  crop = (TINY["image_height"], TINY["image_width"])
+  source = model_lib.resnet18(pretrained=True, num_classes=num_outputs + 3,
+                              crop_size=crop, seed=7)
+  rng = np.random.default_rng(0)
+  for layer in source.layers:
+    if isinstance(layer, tf.keras.layers.BatchNormalization):
+      layer.moving_mean.assign(
+          rng.normal(0.0, 0.1, layer.moving_mean.shape).astype(np.float32))
+      layer.moving_variance.assign(rng.uniform(
+          0.5, 2.0, layer.moving_variance.shape).astype(np.float32))
+  source_path = str(tmp_path / "source.h5")
+  source.save_weights(source_path)
+  save_dir = tmp_path / "run"
+
+  federated.run_federated(_config(
+      prepared_sample_dir, save_dir, total_rounds=1, rounds_per_eval=1,
+      server_learning_rate=1e-4, restore_model_path=source_path))
+
+  restored = model_lib.resnet18(pretrained=True, num_classes=num_outputs,
+                                crop_size=crop, seed=0)
+  fresh = [w.numpy() for w in restored.weights]
+  restored.load_weights(os.path.join(
+      str(save_dir), constants.BEST_WEIGHTS_FILE_PATTERN.format(
+          trainer="federated", num_outputs=num_outputs)))
+  fresh_by_name = dict(zip([w.name for w in restored.weights], fresh))
+  for name in ("initial_norm", "layer4_block2_norm2"):
+    for stat in ("moving_mean", "moving_variance"):
+      got = restored.get_layer(name).weights
+      got = {w.name.split("/")[-1].split(":")[0]: w for w in got}[stat]
+      want = getattr(source.get_layer(name), stat).numpy()
+      np.testing.assert_array_equal(got.numpy(), want)
+      assert np.abs(fresh_by_name[got.name] - want).max() > 0.05
+  kernel = restored.get_layer("initial_conv").kernel.numpy()
+  want = source.get_layer("initial_conv").kernel.numpy()
+  np.testing.assert_allclose(kernel, want, atol=1e-3)
+  assert np.abs(fresh_by_name[
+      restored.get_layer("initial_conv").kernel.name] - want).max() > 0.05
+  # The classifier (another size in the file) is the run's own.
+  assert restored.get_layer("classifier").kernel.shape[-1] == num_outputs
+
+
 # --- Learning ------------------------------------------------------------------
 
 
