@@ -311,34 +311,53 @@ def test_restore_model_path_initialises_the_federated_model(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="not yet tuned: in trials (16 clients x 3 epochs x <=32 images, "
-    "32x32 crops, 9 rounds, server Adam lr 0.01 or 0.1) val macro AP stayed "
-    "at the initial ~0.26 while micro AP rose (label priors only); the 37-"
-    "image synthetic val set is also very noisy per label")
-def test_fedavg_learns_on_synthetic_data(prepared_synthetic_dir, tmp_path):
-  """Val macro averaged precision rises clearly above the initial model's.
+def test_fedavg_lowers_the_val_loss_on_synthetic_data(prepared_synthetic_dir,
+                                                       tmp_path):
+  """FedAvg rounds reach the evaluated global model and lower its val loss.
 
-  The synthetic labels have a strong visual signature (benchmark.
-  synthetic_dataset) and the initial model's scores are unrelated to the
-  labels, so its macro AP is about the label prevalence. A gain of 0.05
-  (absolute) is far above the round-to-round noise of a fixed val set
-  evaluated with a fixed centre crop, and far below what training reaches.
+  10 of the 48 training users per round, 10 local epochs of client SGD (lr
+  0.1, batches of 8, <= 16 images), server Adam lr 0.01 (with epsilon 0.01
+  and client deltas of ~1e-3 per weight this is close to plain FedAvg), 4
+  rounds, evaluated at rounds 0, 2 and 4 on the 37 val images (fixed centre
+  crop, fixed sampling seed).
+
+  Measured (60 users, seed 0): val loss 0.997 at round 0, 0.489 at round 2,
+  0.477 at round 4; val micro averaged precision 0.22 -> 0.35 / 0.40; the
+  clients' train loss 0.75 in round 1, 0.61 in round 4. The asserted margins
+  (val loss down by >= 0.2, micro AP up by >= 0.05) are under half of the
+  measured changes, while a run whose updates were lost (server state not
+  updated, deltas not applied to the evaluated model, diverging updates)
+  stays at or above the initial 0.997 loss.
+
+  What this does NOT show: val MACRO averaged precision (per-label ranking,
+  which needs learnt image features) did not rise in any CPU-sized budget we
+  tried (0.23-0.28 vs 0.258 initially, with client lr 0.1-1.0, 2-10 local
+  epochs, 10-20 clients, server lr 0.01-0.1, up to 8 rounds); FedAvg's
+  client SGD first learns the label priors, which lower the loss and raise
+  micro AP only. The centralised Adam trainer needs ~360 steps to lift macro
+  AP (tests/test_central.py).
   """
-  rounds = 12
-  federated.run_federated(_config(
+  rounds = 4
+  final = federated.run_federated(_config(
       prepared_synthetic_dir, tmp_path, total_rounds=rounds,
-      clients_per_round=10, rounds_per_eval=4, rounds_per_checkpoint=100,
-      client_batch_size=8, max_elements_per_client=16, eval_batch_size=64,
-      server_learning_rate=0.01))
+      clients_per_round=10, rounds_per_eval=2, rounds_per_checkpoint=100,
+      client_batch_size=8, max_elements_per_client=16,
+      client_epochs_per_round=10, eval_batch_size=64,
+      client_learning_rate=0.1, server_learning_rate=0.01))
   rows = _read_csv(os.path.join(str(tmp_path), constants.METRICS_CSV_FILE))
-  evaluated = [(int(r["round"]), float(r["val_macro_averaged_precision"]))
-               for r in rows if r["val_macro_averaged_precision"]]
-  assert evaluated[0][0] == 0
-  initial = evaluated[0][1]
-  best = max(v for _, v in evaluated[1:])
-  assert best > initial + 0.05, evaluated
+  evaluated = [(int(r["round"]), float(r["val_loss"]),
+                float(r["val_micro_averaged_precision"]))
+               for r in rows if r["val_loss"]]
+  assert [e[0] for e in evaluated] == [0, 2, 4]
+  _, initial_loss, initial_micro_ap = evaluated[0]
+  assert all(loss < initial_loss - 0.2 for _, loss, _ in evaluated[1:]), (
+      evaluated)
+  assert max(ap for _, _, ap in evaluated[1:]) > initial_micro_ap + 0.05, (
+      evaluated)
+  # The saved best weights are a trained round's, not the initial model.
+  assert final["best_round"] in (2, 4)
+  assert final["val"]["loss"] < initial_loss - 0.2
+  assert all(float(r["client_update_norm_mean"]) > 0 for r in rows[1:])
 
 
 # --- Resume and TFF worker lifecycle with the command line ------------------
