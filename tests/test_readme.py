@@ -116,7 +116,8 @@ def test_readme_commands_run_at_small_scale(source_dir, tmp_path):
       argv = shlex.split(command)
       program = program_of(argv)
       if program == "make demo":
-        argv = ["make", "-C", REPO_ROOT, "-o", ".venv/.installed", "demo",
+        argv = ["make", "--no-print-directory", "-C", REPO_ROOT,
+                "-o", ".venv/.installed", "demo",
                 f"VPY={sys.executable}",
                 f"DEMO_FLAGS=--scale=tiny --results_dir={work}/demo_results"]
       else:
