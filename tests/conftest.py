@@ -52,6 +52,20 @@ def prepared_synthetic_dir(synthetic_dataset_dir, tmp_path_factory):
   return out
 
 
+@pytest.fixture(autouse=True)
+def no_tff_worker_left_behind():
+  """Fails the test that leaves a TFF worker_binary child running (and stops
+  it), so a leak is reported where it happens."""
+  yield
+  if "tensorflow_federated" not in sys.modules:
+    return
+  from benchmark import tff_runtime
+  leftover = tff_runtime.stop_worker_children()
+  if leftover:
+    pytest.fail(f"TFF worker_binary process(es) {leftover} outlived this "
+                "test; run TFF computations inside tff_runtime.local_runtime()")
+
+
 def pytest_sessionfinish(session, exitstatus):
   """Fails the run if a TFF worker_binary child is still alive at the end."""
   del exitstatus
