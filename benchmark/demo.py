@@ -57,8 +57,8 @@ class DemoScale:
 # `small` fits the 10-minute budget on a 2-core CPU (measured, README);
 # `tiny` only checks the path end to end.
 SCALES = {
-    "small": DemoScale(crop=32, num_users=None, central_epochs=6,
-                       central_batch_size=32, rounds=10, rounds_per_eval=2,
+    "small": DemoScale(crop=32, num_users=None, central_epochs=5,
+                       central_batch_size=32, rounds=8, rounds_per_eval=2,
                        clients_per_round=10, client_batch_size=8,
                        max_elements_per_client=16, client_epochs_per_round=2,
                        dp_epsilon=8.0),
