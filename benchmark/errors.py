@@ -15,6 +15,13 @@ class FlairInputError(ValueError):
   """
 
 
+class TffWorkerDiedError(RuntimeError):
+  """The TFF worker process died during a run (for instance killed by the
+  kernel for lack of memory). Command-line entry points print it on one line
+  and exit with status 1; rerunning a federated command resumes from its last
+  checkpoint."""
+
+
 def _exit_on_sigterm(signum, frame) -> NoReturn:
   del frame
   raise SystemExit(128 + signum)
@@ -30,8 +37,9 @@ def install_sigterm_handler() -> None:
 
 
 def exit_on_input_error(main: Callable) -> Callable:
-  """Wraps an absl `main(argv)`: a `FlairInputError` becomes one line on stderr
-  ("error: <message>") and exit status 1; Ctrl-C becomes exit status 130.
+  """Wraps an absl `main(argv)`: a `FlairInputError` or `TffWorkerDiedError`
+  becomes one line on stderr ("error: <message>") and exit status 1; Ctrl-C
+  becomes exit status 130.
 
   Also installs `install_sigterm_handler()`, and on the way out releases
   TFF's default context when TFF was loaded (`tff_runtime`).
@@ -42,7 +50,7 @@ def exit_on_input_error(main: Callable) -> Callable:
     install_sigterm_handler()
     try:
       return main(argv)
-    except FlairInputError as e:
+    except (FlairInputError, TffWorkerDiedError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(1)
     except KeyboardInterrupt:

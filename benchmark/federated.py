@@ -352,6 +352,30 @@ def build_learning_process(
   return process, composed
 
 
+def run_round(session: tff_runtime.WorkerSession,
+              composed: tff.learning.templates.LearningProcess, state,
+              cohort: list[str]) -> tuple[Any, Any]:
+  """Runs one FedAvg round with the state kept in the TFF worker.
+
+  Args:
+    session: the worker session (`tff_runtime.LocalRuntime.session`, opened
+      for `len(cohort)` clients).
+    composed: the process over client ids (`build_learning_process`).
+    state: the worker-side state (`session.put(state, state_type)` or the
+      previous round's result).
+    cohort: the round's client ids.
+
+  Returns:
+    `(state, metrics)`: the new worker-side state, and the round's metrics as
+    Python values (the process's `metrics` structure, numpy leaves). The model
+    and optimizer state never cross to Python here.
+  """
+  output = session.call(composed.next, state, cohort)
+  metrics = session.fetch(session.select(output, 1),
+                          composed.next.type_signature.result[1])
+  return session.select(output, 0), metrics
+
+
 def run_federated(config: FederatedConfig) -> dict:
   """Runs (or resumes) federated training and returns the final metrics.
 
@@ -400,9 +424,11 @@ def run_federated(config: FederatedConfig) -> dict:
 
   os.makedirs(config.save_model_dir, exist_ok=True)
   with tff_runtime.local_runtime(
-      log_path=os.path.join(config.save_model_dir, WORKER_LOG_FILE)):
+      log_path=os.path.join(config.save_model_dir, WORKER_LOG_FILE)
+  ) as runtime:
     return _train(config, label_spec, client_data, train_ids,
-                  clients_per_round, aggregator, calibration)
+                  clients_per_round, aggregator, calibration,
+                  runtime.session(clients_per_round))
 
 
 def _initial_keras_model(config: FederatedConfig,
@@ -419,8 +445,14 @@ def _initial_keras_model(config: FederatedConfig,
 
 def _train(config: FederatedConfig, label_spec: data.LabelSpec,
            client_data: dict, train_ids: list[str], clients_per_round: int,
-           aggregator, calibration: Optional[dp.DpCalibration]) -> dict:
-  """The round loop; runs inside `local_runtime()`."""
+           aggregator, calibration: Optional[dp.DpCalibration],
+           session: tff_runtime.WorkerSession) -> dict:
+  """The round loop; runs inside `local_runtime()`.
+
+  The learning-process state stays in the TFF worker between rounds
+  (`session`); only each round's metrics come back to Python, the model
+  weights on evaluation rounds, and the whole state on checkpoint rounds.
+  """
   num_outputs = label_spec.num_outputs
   names = metrics_lib.metric_names(num_outputs)
   train_data = client_data[constants.TRAIN]
@@ -460,12 +492,15 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
     program_state = loaded
     logging.info("Resuming after round %d (checkpoint in %s)", version,
                  os.path.join(config.save_model_dir, CHECKPOINT_DIR))
-  state = program_state["state"]
   completed = int(program_state["round"])
   best_val_loss = float(program_state["best_val_loss"])
   best_round = int(program_state["best_round"])
   sampling_seed = int(program_state["sampling_seed"])
   clip = float(program_state["dp_clip"])  # The clip of the next round.
+  # From here on the state lives in the TFF worker.
+  state_type = composed.next.type_signature.result[0]
+  state = session.put(program_state.pop("state"), state_type)
+  del initial_weights, loaded
   if calibration is not None:
     sum_noise_multiplier = dp.sum_noise_multiplier(
         calibration.noise_multiplier, clients_per_round,
@@ -506,9 +541,17 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
           {c.replace("_", "/", 1): v for c, v in values.items()}, key))
     pending_rows.clear()
 
+  @tff.federated_computation(state_type)
+  def model_weights_at_server(server_state):
+    return tff.federated_map(process.get_model_weights, server_state)
+
+  def fetch_model_weights() -> tff.learning.models.ModelWeights:
+    return session.fetch(session.call(model_weights_at_server, state),
+                         model_weights_at_server.type_signature.result)
+
   def evaluate_and_maybe_save(round_num: int, row: dict) -> None:
     nonlocal best_val_loss, best_round
-    process.get_model_weights(state).assign_weights_to(eval_model)
+    fetch_model_weights().assign_weights_to(eval_model)
     start = time.monotonic()
     results = _evaluate(eval_model, val_dataset)
     row[EVAL_TIME_KEY] = time.monotonic() - start
@@ -538,11 +581,10 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
     for round_num in range(completed + 1, config.total_rounds + 1):
       cohort = sample_clients(round_num, clients_per_round)
       start = time.monotonic()
-      output = composed.next(state, cohort)
+      state, round_metrics = run_round(session, composed, state, cohort)
       elapsed = time.monotonic() - start
-      state = output.state
       row = collections.OrderedDict([(ROUND_TIME_KEY, elapsed)])
-      measured, next_clip = _round_columns(output.metrics, names)
+      measured, next_clip = _round_columns(round_metrics, names)
       row.update(measured)
       if calibration is not None:
         row[DP_CLIP_KEY] = clip
@@ -559,7 +601,7 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
           or round_num == config.total_rounds):
         _run_async(state_manager.save(
             collections.OrderedDict(
-                state=state, round=round_num, best_val_loss=best_val_loss,
+                state=session.fetch(state, state_type), round=round_num, best_val_loss=best_val_loss,
                 best_round=best_round, sampling_seed=sampling_seed,
                 dp_clip=clip),
             round_num))
@@ -575,7 +617,7 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
   if os.path.exists(best_path):
     eval_model.load_weights(best_path)
   else:  # Only when resumed after the end with the weights file removed.
-    process.get_model_weights(state).assign_weights_to(eval_model)
+    fetch_model_weights().assign_weights_to(eval_model)
   final = {
       constants.VAL: _evaluate(eval_model, val_dataset),
       constants.TEST: _evaluate(eval_model, eval_dataset(constants.TEST)),

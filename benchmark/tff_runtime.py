@@ -12,6 +12,16 @@ seen still running after Python exited, holding the caller's output pipe open
   installs a TFF sync execution context that talks to it, and stops it on
   exit of the `with` block, whether by success, exception, Ctrl-C or (with
   `errors.install_sigterm_handler()`) SIGTERM.
+* `LocalRuntime.session(num_clients)` (from the object `local_runtime()`
+  yields) runs computations whose results may *stay in the worker*: the sync
+  context sends every argument to the worker and every result back, which for
+  a FedAvg state (ResNet-18 plus server Adam: about 3 x 11M float32) costs
+  seconds per round in gRPC and (de)serialization. `WorkerSession` keeps such
+  values in the worker as `tff.framework` remote values and fetches only what
+  is asked for.
+* A watchdog turns a worker that dies during the run (for instance killed by
+  the kernel for lack of memory) into `errors.TffWorkerDiedError`, instead of
+  TFF's context retrying a dead connection forever.
 * `stop_worker_children()` is a safety net that stops any `worker_binary`
   child of this process, for instance one TFF's default context started.
 * `release_default_context()` replaces TFF's default context (created at
@@ -24,23 +34,35 @@ seen still running after Python exited, holding the caller's output pipe open
 Linux only (it uses prctl and /proc).
 """
 
+import asyncio
 import contextlib
 import ctypes
 import os
 import signal
 import subprocess
+import threading
 import time
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from absl import logging
 import grpc
 import portpicker
 import tensorflow_federated as tff
+# Two pieces TFF 0.87 keeps in internal modules (TFF is pinned to 0.87 in
+# requirements.txt): the class of the worker-side values `RemoteExecutor`
+# returns, and the conversion of computed structures back to the Python
+# containers of their type, which TFF's own execution context applies to
+# every result.
+from tensorflow_federated.python.core.impl.executors import remote_executor
+from tensorflow_federated.python.core.impl.types import type_conversions
+
+from benchmark.errors import TffWorkerDiedError
 
 WORKER_BINARY_NAME = "worker_binary"
 _PR_SET_PDEATHSIG = 1
 _READY_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 10.0
+_WATCHDOG_PERIOD_S = 0.5
 _GRPC_OPTIONS = [
     ("grpc.max_message_length", 2_000_000_000),
     ("grpc.max_receive_message_length", 2_000_000_000),
@@ -134,9 +156,187 @@ def release_default_context() -> None:
   tff.framework.get_context_stack().set_default_context(_RequireLocalRuntime())
 
 
+def _exit_description(returncode: int) -> str:
+  if returncode < 0:
+    try:
+      return f"signal {signal.Signals(-returncode).name}"
+    except ValueError:
+      return f"signal {-returncode}"
+  return f"exit status {returncode}"
+
+
+class _Watchdog:
+  """Interrupts the main thread when the worker process exits on its own.
+
+  A blocked TFF call on a dead worker never returns (TFF's context retries
+  the lost connection forever, while the main thread waits on a lock). The
+  watchdog sends SIGINT to the main thread, which wakes it as Ctrl-C would
+  (KeyboardInterrupt); `local_runtime()` turns that into
+  `TffWorkerDiedError`.
+  """
+
+  def __init__(self, process: subprocess.Popen, log_path: Optional[str]):
+    self._process = process
+    self._log_path = log_path
+    self._stopped = threading.Event()
+    self.fired = False
+    self._thread = threading.Thread(target=self._watch, daemon=True,
+                                    name="tff-worker-watchdog")
+    self._thread.start()
+
+  def _watch(self) -> None:
+    while not self._stopped.wait(_WATCHDOG_PERIOD_S):
+      if self._process.poll() is not None:
+        if not self._stopped.is_set():
+          self.fired = True
+          signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        return
+
+  def stop(self) -> None:
+    self._stopped.set()
+    self._thread.join()
+
+  def error(self) -> TffWorkerDiedError:
+    returncode = self._process.poll()
+    hint = ""
+    if returncode == -signal.SIGKILL:
+      hint = (" (SIGKILL usually means the system ran out of memory: try a "
+              "smaller --clients_per_round, --max_elements_per_client or crop)")
+    log = f"; its log: {self._log_path}" if self._log_path else ""
+    return TffWorkerDiedError(
+        f"the TFF worker process (pid {self._process.pid}) died during the run "
+        f"with {_exit_description(returncode)}{hint}{log}")
+
+
+class WorkerSession:
+  """Runs TFF computations on the local worker, keeping results there.
+
+  Values are `tff.framework` remote values (`RemoteValue`s) that live in the
+  worker until fetched or dropped (dropping one frees it in the worker).
+  Every computation must run with the same number of clients, fixed here.
+  Obtain one from `LocalRuntime.session()`; all methods block.
+  """
+
+  def __init__(self, stub, num_clients: int, check_alive):
+    self._check_alive = check_alive
+    # Dispose of every dropped value at once: a FedAvg state is hundreds of MB.
+    self._executor = tff.framework.RemoteExecutor(stub, dispose_batch_size=1)
+    self._executor.set_cardinalities({tff.CLIENTS: num_clients})
+    self._functions = {}
+
+  def _run(self, coroutine) -> Any:
+    try:
+      return asyncio.run(coroutine)
+    except Exception:
+      self._check_alive()
+      raise
+
+  def put(self, value, type_spec):
+    """Sends a Python value of TFF type `type_spec` to the worker.
+
+    Args:
+      value: a value as TFF's context accepts it (numpy arrays, Python
+        containers; TF tensors and variables are converted to numpy).
+      type_spec: its `tff.Type`.
+
+    Returns:
+      The worker-side value.
+    """
+    value = tff.tensorflow.transform_args(value)
+    return self._run(self._executor.create_value(value, type_spec))
+
+  def _function(self, comp: tff.Computation):
+    key = id(comp)
+    if key not in self._functions:
+      compiled = tff.backends.native.desugar_and_transform_to_native(comp)
+      self._functions[key] = (comp, self._run(self._executor.create_value(
+          compiled, compiled.type_signature)))
+    return self._functions[key][1]
+
+  def call(self, comp: tff.Computation, *args):
+    """Calls `comp` on the worker; its result stays there.
+
+    Args:
+      comp: a TFF computation; compiled and sent once per session.
+      *args: its arguments, each a worker-side value (from `put`, `call` or
+        `select`) or a Python value (sent with the parameter's type).
+
+    Returns:
+      The worker-side result, of type `comp.type_signature.result`.
+    """
+    function = self._function(comp)
+    parameter = comp.type_signature.parameter
+    if not args:
+      arg = None
+    elif len(args) == 1:
+      arg = self._ingest(args[0], parameter)
+    else:
+      elements = tff.structure.to_elements(parameter)
+      if len(elements) != len(args):
+        raise TypeError(f"{len(args)} arguments given, {parameter} expected")
+      arg = self._run(self._executor.create_struct(tff.structure.Struct(
+          [(name, self._ingest(value, type_spec))
+           for (name, type_spec), value in zip(elements, args)])))
+    return self._run(self._executor.create_call(function, arg))
+
+  def _ingest(self, value, type_spec):
+    if isinstance(value, remote_executor.RemoteValue):
+      return value
+    return self.put(value, type_spec)
+
+  def select(self, value, index: int):
+    """The worker-side element `index` of a worker-side struct."""
+    return self._run(self._executor.create_selection(value, index))
+
+  def fetch(self, value, type_spec) -> Any:
+    """Computes a worker-side value and returns it as Python values (numpy
+    arrays in the Python containers of `type_spec`, its TFF type)."""
+    result = self._run(value.compute())
+    return tff.tensorflow.transform_result(
+        type_conversions.type_to_py_container(result, type_spec))
+
+  def close(self) -> None:
+    """Frees everything this session holds in the worker."""
+    self._functions.clear()
+    self._executor.close()
+
+
+class LocalRuntime:
+  """What `local_runtime()` yields: the running worker."""
+
+  def __init__(self, stub, process: subprocess.Popen, watchdog: _Watchdog):
+    self._stub = stub
+    self._process = process
+    self._watchdog = watchdog
+    self._sessions = []
+
+  @property
+  def worker_pid(self) -> int:
+    return self._process.pid
+
+  def check_alive(self) -> None:
+    """Raises `TffWorkerDiedError` if the worker process has exited."""
+    if self._process.poll() is not None:
+      raise self._watchdog.error()
+
+  def session(self, num_clients: int) -> WorkerSession:
+    """A `WorkerSession` for computations over `num_clients` clients."""
+    session = WorkerSession(self._stub, num_clients, self.check_alive)
+    self._sessions.append(session)
+    return session
+
+  def close(self) -> None:
+    """Closes every session (their values are then released with no call to
+    the worker, which is about to stop)."""
+    for session in self._sessions:
+      with contextlib.suppress(Exception):
+        session.close()
+    self._sessions.clear()
+
+
 @contextlib.contextmanager
 def local_runtime(log_path: Optional[str] = None,
-                  default_num_clients: int = 0) -> Iterator[None]:
+                  default_num_clients: int = 0) -> Iterator[LocalRuntime]:
   """Runs TFF computations in a worker process that is stopped on exit.
 
   Args:
@@ -146,11 +346,14 @@ def local_runtime(log_path: Optional[str] = None,
       clients from a computation's arguments.
 
   Yields:
-    Nothing; inside the block `tff` computations run on the started worker.
+    A `LocalRuntime`; inside the block `tff` computations run on the started
+    worker through TFF's context, and `LocalRuntime.session()` gives
+    computations whose results can stay in the worker.
 
   Raises:
     RuntimeError: if the worker binary is missing, exits at start-up, or is
       not ready within 60 seconds.
+    TffWorkerDiedError: if the worker dies while the block runs.
   """
   binary = worker_binary_path()
   if not os.path.isfile(binary):
@@ -162,6 +365,7 @@ def local_runtime(log_path: Optional[str] = None,
       stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
       preexec_fn=_die_with_parent)
   channel = None
+  watchdog = None
   try:
     channel = grpc.insecure_channel(f"localhost:{port}", _GRPC_OPTIONS)
     stub = tff.framework.RemoteExecutorGrpcStub(channel)
@@ -175,6 +379,7 @@ def local_runtime(log_path: Optional[str] = None,
                            f"{_READY_TIMEOUT_S:.0f} s")
       time.sleep(0.05)
     logging.info("TFF worker started (pid %d, port %d)", process.pid, port)
+    watchdog = _Watchdog(process, log_path)
 
     def stack_fn(cardinalities):
       if cardinalities.get(tff.CLIENTS) is None:
@@ -188,9 +393,20 @@ def local_runtime(log_path: Optional[str] = None,
         compiler_fn=tff.backends.native.desugar_and_transform_to_native,
         transform_args=tff.tensorflow.transform_args,
         transform_result=tff.tensorflow.transform_result)
+    runtime = LocalRuntime(stub, process, watchdog)
     with tff.framework.get_context_stack().install(context):
-      yield
+      try:
+        yield runtime
+      except (KeyboardInterrupt, TffWorkerDiedError) as e:
+        if watchdog.fired or process.poll() is not None:
+          watchdog.stop()
+          raise watchdog.error() from e
+        raise
+      finally:
+        runtime.close()
   finally:
+    if watchdog is not None:
+      watchdog.stop()
     if channel is not None:
       channel.close()
     _stop_process(process)

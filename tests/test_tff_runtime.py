@@ -11,6 +11,7 @@ import pytest
 import tensorflow_federated as tff
 
 from benchmark import tff_runtime
+from benchmark.errors import TffWorkerDiedError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,3 +85,74 @@ def test_worker_dies_with_a_killed_parent(tmp_path):
   finally:
     if parent.poll() is None:
       parent.kill()
+
+
+def _kill_worker(runtime: tff_runtime.LocalRuntime) -> None:
+  os.kill(runtime.worker_pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_killed_while_idle_becomes_a_clear_error():
+  with pytest.raises(TffWorkerDiedError, match="SIGKILL.*out of memory"):
+    with tff_runtime.local_runtime() as runtime:
+      _kill_worker(runtime)
+      deadline = time.monotonic() + 60
+      while time.monotonic() < deadline:  # The watchdog interrupts this.
+        time.sleep(0.05)
+  assert not _alive(runtime.worker_pid)
+
+
+@pytest.mark.timeout(120)
+def test_a_tff_call_on_a_dead_worker_fails_instead_of_hanging():
+  # TFF's own context retries a lost connection forever; the watchdog must
+  # turn the blocked call into an error.
+  with pytest.raises(TffWorkerDiedError, match=r"pid \d+\) died"):
+    with tff_runtime.local_runtime() as runtime:
+      assert _federated_sum([1, 2]) == 3
+      _kill_worker(runtime)
+      runtime_pid = runtime.worker_pid
+      while _alive(runtime_pid):
+        time.sleep(0.01)
+      _federated_sum([1, 2])
+
+
+@pytest.mark.timeout(120)
+def test_a_session_call_on_a_dead_worker_is_a_clear_error():
+  with pytest.raises(TffWorkerDiedError, match="SIGKILL"):
+    with tff_runtime.local_runtime() as runtime:
+      session = runtime.session(num_clients=2)
+      total = session.call(_federated_sum, [np.int32(1), np.int32(2)])
+      _kill_worker(runtime)
+      while _alive(runtime.worker_pid):
+        time.sleep(0.01)
+      session.fetch(total, _federated_sum.type_signature.result)
+
+
+def test_session_keeps_values_in_the_worker_until_fetched():
+  with tff_runtime.local_runtime() as runtime:
+    session = runtime.session(num_clients=3)
+    total = session.call(_federated_sum, [np.int32(1), np.int32(2),
+                                          np.int32(4)])
+    assert not isinstance(total, (int, np.integer))  # A worker-side value.
+    # Feed the worker-side result into another call without fetching it.
+    doubled = session.call(_double_at_server, total)
+    assert session.fetch(doubled, _double_at_server.type_signature.result) == 14
+    pair = session.call(_pair_at_server, total, doubled)
+    assert session.fetch(session.select(pair, 1),
+                         _pair_at_server.type_signature.result[1]) == 14
+
+
+@tff.tensorflow.computation(np.int32)
+def _double(x):
+  return x * 2
+
+
+@tff.federated_computation(tff.FederatedType(np.int32, tff.SERVER))
+def _double_at_server(x):
+  return tff.federated_map(_double, x)
+
+
+@tff.federated_computation(tff.FederatedType(np.int32, tff.SERVER),
+                           tff.FederatedType(np.int32, tff.SERVER))
+def _pair_at_server(a, b):
+  return a, b
