@@ -34,8 +34,10 @@ worker process is stopped however the run ends.
 
 metrics.csv: one row per round, `round` first, then the other columns in
 alphabetical order (the order `tff.program.CSVFileReleaseManager` writes):
-`round_time_s` (wall time of the round's `next()` call, client data loading
-included), `train_<name>` for the clients' training metrics (`train_loss`, the
+`round_time_s` (wall time of the round, from sending the cohort to the TFF
+worker to receiving the round's metrics: client data loading, training,
+aggregation and the server update; the state stays in the worker),
+`train_<name>` for the clients' training metrics (`train_loss`, the
 `metrics.metric_names` metrics, `train_num_examples`, `train_num_batches`),
 the aggregator's measurements (always: client update norms
 `client_update_norm_mean` / `client_update_norm_std` and the averaged update's
