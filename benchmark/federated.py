@@ -510,7 +510,7 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
   # From here on the state lives in the TFF worker.
   state_type = composed.next.type_signature.result[0]
   state = session.put(program_state.pop("state"), state_type)
-  del initial_weights, loaded
+  del initial_weights, loaded  # Python's copies of the initial model.
   if calibration is not None:
     sum_noise_multiplier = dp.sum_noise_multiplier(
         calibration.noise_multiplier, clients_per_round,
@@ -611,9 +611,9 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
           or round_num == config.total_rounds):
         _run_async(state_manager.save(
             collections.OrderedDict(
-                state=session.fetch(state, state_type), round=round_num, best_val_loss=best_val_loss,
-                best_round=best_round, sampling_seed=sampling_seed,
-                dp_clip=clip),
+                state=session.fetch(state, state_type), round=round_num,
+                best_val_loss=best_val_loss, best_round=best_round,
+                sampling_seed=sampling_seed, dp_clip=clip),
             round_num))
       postfix = {"loss": f"{row.get(TRAIN_PREFIX + 'loss', float('nan')):.4f}"}
       if last_val is not None:

@@ -246,6 +246,7 @@ class WorkerSession:
     return self._run(self._executor.create_value(value, type_spec))
 
   def _function(self, comp: tff.Computation):
+    # Keyed by identity; the entry keeps `comp` alive so its id stays unique.
     key = id(comp)
     if key not in self._functions:
       compiled = tff.backends.native.desugar_and_transform_to_native(comp)
@@ -329,8 +330,7 @@ class LocalRuntime:
     """Closes every session (their values are then released with no call to
     the worker, which is about to stop)."""
     for session in self._sessions:
-      with contextlib.suppress(Exception):
-        session.close()
+      session.close()  # TFF ignores the RPC error of a dead worker here.
     self._sessions.clear()
 
 
@@ -410,7 +410,6 @@ def local_runtime(log_path: Optional[str] = None,
         yield runtime
       except (KeyboardInterrupt, TffWorkerDiedError) as e:
         if watchdog.fired or process.poll() is not None:
-          watchdog.stop()
           raise watchdog.error() from e
         raise
       finally:

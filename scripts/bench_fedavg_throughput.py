@@ -143,9 +143,9 @@ def _benchmark(tfrecords_dir: str) -> None:
     model.fit(dataset, epochs=_ROUNDS.value, verbose=0)
     return time.perf_counter() - start
 
-  rows = [("FedAvg round (client training + server)", fedavg_s, "round")]
-  rows.append(("Keras fit, suite metrics", keras_fit_seconds(True), "epoch"))
-  rows.append(("Keras fit, loss only", keras_fit_seconds(False), "epoch"))
+  rows = [("FedAvg round (client training + server)", fedavg_s, "round"),
+          ("Keras fit, suite metrics", keras_fit_seconds(True), "epoch"),
+          ("Keras fit, loss only", keras_fit_seconds(False), "epoch")]
   for name, seconds, unit in rows:
     rate = images_per_round * _ROUNDS.value / seconds
     print(f"{name:40s} {rate:8.1f} images/s "
