@@ -15,11 +15,15 @@ class FlairInputError(ValueError):
   """
 
 
-class TffWorkerDiedError(RuntimeError):
-  """The TFF worker process died during a run (for instance killed by the
-  kernel for lack of memory). Command-line entry points print it on one line
-  and exit with status 1; rerunning a federated command resumes from its last
-  checkpoint."""
+class BackendDiedError(RuntimeError):
+  """A process that runs FedAvg clients (the TFF worker, a Ray actor) died
+  during a run, for instance killed by the kernel for lack of memory.
+  Command-line entry points print it on one line and exit with status 1;
+  rerunning a federated command resumes from its last checkpoint."""
+
+
+class TffWorkerDiedError(BackendDiedError):
+  """The TFF worker process died during a run (see `BackendDiedError`)."""
 
 
 def _exit_on_sigterm(signum, frame) -> NoReturn:
@@ -37,7 +41,7 @@ def install_sigterm_handler() -> None:
 
 
 def exit_on_input_error(main: Callable) -> Callable:
-  """Wraps an absl `main(argv)`: a `FlairInputError` or `TffWorkerDiedError`
+  """Wraps an absl `main(argv)`: a `FlairInputError` or `BackendDiedError`
   becomes one line on stderr ("error: <message>") and exit status 1; Ctrl-C
   becomes exit status 130.
 
@@ -50,7 +54,7 @@ def exit_on_input_error(main: Callable) -> Callable:
     install_sigterm_handler()
     try:
       return main(argv)
-    except (FlairInputError, TffWorkerDiedError) as e:
+    except (FlairInputError, BackendDiedError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(1)
     except KeyboardInterrupt:

@@ -29,14 +29,16 @@ program (FLAIR_REFERENCE.md, "federated_main"):
   the end; running the same configuration again continues after the latest
   checkpoint, and metrics.csv rows after that round are replaced.
 
-All TFF execution happens inside `tff_runtime.local_runtime()`, so the TFF
-worker process is stopped however the run ends.
+Rounds run on a backend (`benchmark.backends`: `inprocess`, the default, TFF's
+compiled round run by TensorFlow in this process, on GPUs when there are any;
+`tff_worker`, TFF's own worker process; `ray`, Ray actors); whatever a backend
+starts is stopped however the run ends.
 
 metrics.csv: one row per round, `round` first, then the other columns in
 alphabetical order (the order `tff.program.CSVFileReleaseManager` writes):
-`round_time_s` (wall time of the round, from sending the cohort to the TFF
-worker to receiving the round's metrics: client data loading, training,
-aggregation and the server update; the state stays in the worker),
+`round_time_s` (wall time of the round, from handing the cohort to the
+backend to receiving the round's metrics: client data loading, training,
+aggregation and the server update; the state stays in the backend),
 `train_<name>` for the clients' training metrics (`train_loss`, the
 `metrics.metric_names` metrics, `train_num_examples`, `train_num_batches`),
 the aggregator's measurements (always: client update norms
@@ -63,13 +65,13 @@ import tensorflow as tf
 import tensorflow_federated as tff
 import tqdm
 
+from benchmark import backends
 from benchmark import constants
 from benchmark import data
 from benchmark import dp
 from benchmark import io_utils
 from benchmark import metrics as metrics_lib
 from benchmark import model as model_lib
-from benchmark import tff_runtime
 from benchmark.errors import FlairInputError
 
 # Adam epsilon of the server optimizer (FLAIR_REFERENCE.md: "Adam, epsilon
@@ -122,6 +124,12 @@ class FederatedConfig:
       "original" (the original benchmark's calibration); see benchmark.dp.
     seed: initial-model seed (weights and the model's crop/flip op seeds).
     show_progress: show a tqdm progress bar over rounds.
+    backend: where rounds run, one of `backends.BACKENDS` (see
+      `benchmark.backends`).
+    num_workers: clients trained at once (`backends.open_backend`); None for
+      the backend's default.
+    ray_address: with the `ray` backend, a running cluster's address; None
+      starts an embedded local Ray.
     clients_per_thread: accepted for compatibility with the original command
       line; TFF 0.87's local runtime schedules all clients of a round itself,
       so it has no effect.
@@ -153,6 +161,9 @@ class FederatedConfig:
   dp_calibration: str = dp.CALIBRATION_ROUNDS
   seed: int = 0
   show_progress: bool = True
+  backend: str = backends.BACKEND_INPROCESS
+  num_workers: Optional[int] = None
+  ray_address: Optional[str] = None
 
   def __post_init__(self):
     _check(bool(self.tfrecords_dir), "--tfrecords_dir is required")
@@ -182,6 +193,14 @@ class FederatedConfig:
     _check(self.dp_calibration in dp.CALIBRATIONS,
            f"--dp_calibration must be one of {dp.CALIBRATIONS}, got "
            f"{self.dp_calibration!r}")
+    _check(self.backend in backends.BACKENDS,
+           f"--backend must be one of {', '.join(backends.BACKENDS)}, got "
+           f"{self.backend!r}")
+    _check(self.num_workers is None or (
+        isinstance(self.num_workers, int) and self.num_workers >= 1),
+           f"--num_workers must be an integer >= 1, got {self.num_workers!r}")
+    _check(self.ray_address is None or self.backend == backends.BACKEND_RAY,
+           "--ray_address is only used with --backend ray")
     _check(self.client_datasets_random_seed is None
            or self.client_datasets_random_seed >= 0,
            "--client_datasets_random_seed must be >= 0, got "
@@ -315,9 +334,8 @@ def build_learning_process(
     `(process, composed)`: the `tff.learning` FedAvg process over client
     datasets, and the same process composed with a TFF computation that
     builds each client's preprocessed dataset from its client id
-    (`composed.next(state, client_ids)`). Must be called inside
-    `tff_runtime.local_runtime()` only when the computations are executed;
-    building them needs no runtime.
+    (`composed.next(state, client_ids)`). Building them needs no runtime;
+    `backends.open_backend(..., composed, ...)` runs them.
   """
   num_outputs = label_spec.num_outputs
   client_spec = data.ClientSpec(
@@ -360,30 +378,6 @@ def build_learning_process(
   composed = tff.simulation.compose_dataset_computation_with_learning_process(
       client_dataset, process)
   return process, composed
-
-
-def run_round(session: tff_runtime.WorkerSession,
-              composed: tff.learning.templates.LearningProcess, state,
-              cohort: list[str]) -> tuple[Any, Any]:
-  """Runs one FedAvg round with the state kept in the TFF worker.
-
-  Args:
-    session: the worker session (`tff_runtime.LocalRuntime.session`, opened
-      for `len(cohort)` clients).
-    composed: the process over client ids (`build_learning_process`).
-    state: the worker-side state (`session.put(state, state_type)` or the
-      previous round's result).
-    cohort: the round's client ids.
-
-  Returns:
-    `(state, metrics)`: the new worker-side state, and the round's metrics as
-    Python values (the process's `metrics` structure, numpy leaves). The model
-    and optimizer state never cross to Python here.
-  """
-  output = session.call(composed.next, state, cohort)
-  metrics = session.fetch(session.select(output, 1),
-                          composed.next.type_signature.result[1])
-  return session.select(output, 0), metrics
 
 
 def run_federated(config: FederatedConfig) -> dict:
@@ -433,12 +427,32 @@ def run_federated(config: FederatedConfig) -> dict:
         tff.aggregators.MeanFactory())
 
   os.makedirs(config.save_model_dir, exist_ok=True)
-  with tff_runtime.local_runtime(
-      log_path=os.path.join(config.save_model_dir, WORKER_LOG_FILE)
-  ) as runtime:
+  _, composed = build_learning_process(config, label_spec,
+                                       client_data[constants.TRAIN],
+                                       aggregator,
+                                       weighted=calibration is None)
+  with backends.open_backend(
+      config.backend, composed, clients_per_round,
+      worker_log_path=os.path.join(config.save_model_dir, WORKER_LOG_FILE),
+      num_workers=config.num_workers, ray_address=config.ray_address
+  ) as backend:
     return _train(config, label_spec, client_data, train_ids,
-                  clients_per_round, aggregator, calibration,
-                  runtime.session(clients_per_round))
+                  clients_per_round, calibration, backend)
+
+
+def _run_round(backend: backends.RoundBackend, cohort: list[str],
+               tfrecords_dir: str):
+  """One round; a client whose data cannot be read becomes a one-line
+  `FlairInputError` naming its file (rerunning resumes from the last
+  checkpoint once the file is fixed)."""
+  try:
+    return backend.run_round(cohort)
+  except backends.ClientDataError as e:
+    path = os.path.join(tfrecords_dir, constants.TRAIN,
+                        e.client_id + constants.TFRECORD_SUFFIX)
+    raise FlairInputError(
+        f"training client {e.client_id} failed on {path}: {e.detail} (fix or "
+        "replace the file and rerun the same command to resume)") from None
 
 
 def _initial_keras_model(config: FederatedConfig,
@@ -455,31 +469,25 @@ def _initial_keras_model(config: FederatedConfig,
 
 def _train(config: FederatedConfig, label_spec: data.LabelSpec,
            client_data: dict, train_ids: list[str], clients_per_round: int,
-           aggregator, calibration: Optional[dp.DpCalibration],
-           session: tff_runtime.WorkerSession) -> dict:
-  """The round loop; runs inside `local_runtime()`.
+           calibration: Optional[dp.DpCalibration],
+           backend: backends.RoundBackend) -> dict:
+  """The round loop, the same for every backend.
 
-  The learning-process state stays in the TFF worker between rounds
-  (`session`); only each round's metrics come back to Python, the model
-  weights on evaluation rounds, and the whole state on checkpoint rounds.
+  The learning-process state stays in the backend between rounds; only each
+  round's metrics come back here, the model weights on evaluation rounds,
+  and the whole state on checkpoint rounds.
   """
   num_outputs = label_spec.num_outputs
   names = metrics_lib.metric_names(num_outputs)
-  train_data = client_data[constants.TRAIN]
-
-  process, composed = build_learning_process(config, label_spec, train_data,
-                                             aggregator,
-                                             weighted=calibration is None)
 
   # --- Initial or resumed program state. ---
   eval_model = _initial_keras_model(config, num_outputs)
   eval_model.compile(loss=_loss(),
                      metrics=metrics_lib.make_metrics(num_outputs))
-  state = process.initialize()
   initial_weights = tff.learning.models.ModelWeights(
       trainable=[w.numpy() for w in eval_model.trainable_weights],
       non_trainable=[w.numpy() for w in eval_model.non_trainable_weights])
-  state = process.set_model_weights(state, initial_weights)
+  state = backend.initialize(initial_weights)
 
   sampling_seed = config.client_datasets_random_seed
   if sampling_seed is None:
@@ -507,10 +515,9 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
   best_round = int(program_state["best_round"])
   sampling_seed = int(program_state["sampling_seed"])
   clip = float(program_state["dp_clip"])  # The clip of the next round.
-  # From here on the state lives in the TFF worker.
-  state_type = composed.next.type_signature.result[0]
-  state = session.put(program_state.pop("state"), state_type)
-  del initial_weights, loaded  # Python's copies of the initial model.
+  # From here on the state lives in the backend.
+  backend.set_state(program_state.pop("state"))
+  del state, initial_weights, loaded  # Python's copies of the initial model.
   if calibration is not None:
     sum_noise_multiplier = dp.sum_noise_multiplier(
         calibration.noise_multiplier, clients_per_round,
@@ -551,17 +558,9 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
           {c.replace("_", "/", 1): v for c, v in values.items()}, key))
     pending_rows.clear()
 
-  @tff.federated_computation(state_type)
-  def model_weights_at_server(server_state):
-    return tff.federated_map(process.get_model_weights, server_state)
-
-  def fetch_model_weights() -> tff.learning.models.ModelWeights:
-    return session.fetch(session.call(model_weights_at_server, state),
-                         model_weights_at_server.type_signature.result)
-
   def evaluate_and_maybe_save(round_num: int, row: dict) -> None:
     nonlocal best_val_loss, best_round
-    fetch_model_weights().assign_weights_to(eval_model)
+    backend.get_model_weights().assign_weights_to(eval_model)
     start = time.monotonic()
     results = _evaluate(eval_model, val_dataset)
     row[EVAL_TIME_KEY] = time.monotonic() - start
@@ -591,7 +590,7 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
     for round_num in range(completed + 1, config.total_rounds + 1):
       cohort = sample_clients(round_num, clients_per_round)
       start = time.monotonic()
-      state, round_metrics = run_round(session, composed, state, cohort)
+      round_metrics = _run_round(backend, cohort, config.tfrecords_dir)
       elapsed = time.monotonic() - start
       row = collections.OrderedDict([(ROUND_TIME_KEY, elapsed)])
       measured, next_clip = _round_columns(round_metrics, names)
@@ -611,7 +610,7 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
           or round_num == config.total_rounds):
         _run_async(state_manager.save(
             collections.OrderedDict(
-                state=session.fetch(state, state_type), round=round_num,
+                state=backend.get_state(), round=round_num,
                 best_val_loss=best_val_loss, best_round=best_round,
                 sampling_seed=sampling_seed, dp_clip=clip),
             round_num))
@@ -627,7 +626,7 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
   if os.path.exists(best_path):
     eval_model.load_weights(best_path)
   else:  # Only when resumed after the end with the weights file removed.
-    fetch_model_weights().assign_weights_to(eval_model)
+    backend.get_model_weights().assign_weights_to(eval_model)
   final = {
       constants.VAL: _evaluate(eval_model, val_dataset),
       constants.TEST: _evaluate(eval_model, eval_dataset(constants.TEST)),

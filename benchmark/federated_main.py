@@ -4,12 +4,12 @@ on FLAIR.
     python -m benchmark.federated_main --tfrecords_dir T [flags]
 
 Flags and defaults are those of the original benchmark (FLAIR_REFERENCE.md,
-"Command lines"), plus `--rounds_per_checkpoint`, `--dp_calibration` and
-`--seed`. The run itself is `benchmark.federated.run_federated`; this module
+"Command lines"), plus `--rounds_per_checkpoint`, `--dp_calibration`,
+`--seed`, `--backend`, `--num_workers` and `--ray_address`. The run itself is `benchmark.federated.run_federated`; this module
 reads the flags, rejects bad input with a one-line error (exit status 1),
 writes the flag values to `<save_model_dir>/flags.json` and starts training.
 Rerunning the same command resumes after the latest checkpoint. SIGTERM and
-Ctrl-C stop the run cleanly (the TFF worker process is stopped too).
+Ctrl-C stop the run cleanly (whatever the backend started is stopped too).
 """
 
 import json
@@ -17,6 +17,7 @@ import json
 from absl import app
 from absl import flags
 
+from benchmark import backends
 from benchmark import data
 from benchmark import dp
 from benchmark import errors
@@ -116,6 +117,22 @@ _DP_CALIBRATION = flags.DEFINE_enum(
     "the noise at FLAIR's settings).")
 _SEED = flags.DEFINE_integer(
     "seed", 0, "Seed of the initial model weights and of its crop/flip ops.")
+_BACKEND = flags.DEFINE_enum(
+    "backend", backends.BACKEND_INPROCESS, list(backends.BACKENDS),
+    "Where rounds run. 'inprocess': TFF's round compiled to TensorFlow graphs "
+    "and run in this process, clients on every visible GPU (else the CPU); "
+    "'tff_worker': TFF 0.87's own worker process (CPU only, memory grows with "
+    "the cohort); 'ray': Ray actors, local or on a cluster (--ray_address).")
+_NUM_WORKERS = flags.DEFINE_integer(
+    "num_workers", None,
+    "Clients trained at once: with 'inprocess', parallel client trainers "
+    "(default one per GPU, or 1 using all CPU cores); with 'ray', actors "
+    "(default one per GPU of the cluster, else one per CPU).")
+_RAY_ADDRESS = flags.DEFINE_string(
+    "ray_address", None,
+    "With --backend ray: the address of a running Ray cluster (as `ray start "
+    "--head` prints it); unset starts an embedded local Ray that is stopped "
+    "with the run.")
 flags.mark_flag_as_required("tfrecords_dir")
 
 _ALL_FLAGS = (
@@ -126,7 +143,8 @@ _ALL_FLAGS = (
     _EVAL_BATCH_SIZE, _RESTORE_MODEL_PATH, _SAVE_MODEL_DIR, _IMAGE_HEIGHT,
     _IMAGE_WIDTH, _USE_FINE_GRAINED_LABELS, _BINARY_LABEL, _EPSILON,
     _L2_NORM_CLIP, _TARGET_UNCLIPPED_QUANTILE, _SIMULATED_CLIENTS_PER_ROUND,
-    _ROUNDS_PER_CHECKPOINT, _DP_CALIBRATION, _SEED)
+    _ROUNDS_PER_CHECKPOINT, _DP_CALIBRATION, _SEED, _BACKEND, _NUM_WORKERS,
+    _RAY_ADDRESS)
 
 
 def _config_from_flags() -> federated.FederatedConfig:
