@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from benchmark import backends
 from benchmark import constants
 from benchmark import federated
 from benchmark import metrics as metrics_lib
+from benchmark import process_guard
 from benchmark import tff_runtime
 from benchmark.errors import FlairInputError
 
@@ -160,14 +162,15 @@ def test_worker_stops_after_an_error_inside_the_run(prepared_sample_dir,
                                                     tmp_path, monkeypatch):
   seen = []
 
-  def failing_preprocess(*args, **kwargs):
+  def failing_round(self, cohort):
+    del self, cohort
     seen.extend(tff_runtime.worker_pids(os.getpid()))
     raise RuntimeError("injected failure")
 
-  monkeypatch.setattr(federated.data, "create_train_preprocess_fn",
-                      failing_preprocess)
+  monkeypatch.setattr(backends.TffWorkerBackend, "run_round", failing_round)
   with pytest.raises(RuntimeError, match="injected failure"):
-    federated.run_federated(_config(prepared_sample_dir, tmp_path))
+    federated.run_federated(_config(prepared_sample_dir, tmp_path,
+                                    backend=backends.BACKEND_TFF_WORKER))
   assert seen, "the TFF worker was not running inside run_federated"
   assert tff_runtime.worker_pids(os.getpid()) == []
   assert not set(seen) & set(tff_runtime.worker_pids())
@@ -216,16 +219,21 @@ def _num_outputs(tfrecords_dir, **kwargs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["adaptive", "fixed"])
+@pytest.mark.parametrize("variant,backend", [
+    ("adaptive", backends.BACKEND_INPROCESS),
+    ("fixed", backends.BACKEND_INPROCESS),
+    ("adaptive", backends.BACKEND_TFF_WORKER),
+    ("adaptive", backends.BACKEND_RAY)])
 def test_fedavg_with_dp_on_the_real_sample(prepared_sample_dir, tmp_path,
-                                           variant):
+                                           variant, backend):
   # 3 of the 13 training users per round; the noise is calibrated for the
   # whole population (simulated cohort 13, q = 1) and scaled by 3/13, which
   # keeps the adaptive clip's count noise feasible (see benchmark.dp).
   quantile = 0.5 if variant == "adaptive" else 0.0
   final = federated.run_federated(_config(
       prepared_sample_dir, tmp_path, epsilon=10.0,
-      simulated_clients_per_round=13, target_unclipped_quantile=quantile))
+      simulated_clients_per_round=13, target_unclipped_quantile=quantile,
+      backend=backend))
   _, rows = _check_outputs(str(tmp_path), _num_outputs(prepared_sample_dir),
                            3, dp_on=True)
   privacy = final["privacy"]
@@ -386,7 +394,8 @@ def _wait_for(predicate, process, timeout_s):
 
 def test_sigterm_stops_main_and_its_worker(prepared_sample_dir, tmp_path):
   process = subprocess.Popen(
-      _main_command(prepared_sample_dir, tmp_path, total_rounds=50),
+      _main_command(prepared_sample_dir, tmp_path, total_rounds=50,
+                    backend=backends.BACKEND_TFF_WORKER),
       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
       env=_subprocess_env(), cwd=REPO_ROOT)
   try:
@@ -410,7 +419,8 @@ def test_a_killed_worker_ends_main_with_a_one_line_error(prepared_sample_dir,
   # The kernel's out-of-memory killer sends SIGKILL to the TFF worker; the
   # run must stop with a clear error, not wait on the dead worker forever.
   process = subprocess.Popen(
-      _main_command(prepared_sample_dir, tmp_path, total_rounds=50),
+      _main_command(prepared_sample_dir, tmp_path, total_rounds=50,
+                    backend=backends.BACKEND_TFF_WORKER),
       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
       env=_subprocess_env(), cwd=REPO_ROOT)
   csv_path = os.path.join(str(tmp_path), constants.METRICS_CSV_FILE)
@@ -433,10 +443,18 @@ def test_a_killed_worker_ends_main_with_a_one_line_error(prepared_sample_dir,
   assert "SIGKILL" in last and "tff_worker.log" in last, last
 
 
+def _still_running(processes: dict[int, str]) -> set[int]:
+  running = process_guard.descendants(1)
+  return {pid for pid, start in processes.items()
+          if running.get(pid) == start}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", backends.BACKENDS)
 def test_killed_run_resumes_without_gaps_or_repeats(prepared_sample_dir,
-                                                     tmp_path):
-  flags = dict(total_rounds=6, rounds_per_checkpoint=2, rounds_per_eval=2)
+                                                     tmp_path, backend):
+  flags = dict(total_rounds=6, rounds_per_checkpoint=2, rounds_per_eval=2,
+               backend=backend)
   checkpoint = os.path.join(str(tmp_path), federated.CHECKPOINT_DIR,
                             federated.CHECKPOINT_PREFIX + "2")
   process = subprocess.Popen(
@@ -445,15 +463,22 @@ def test_killed_run_resumes_without_gaps_or_repeats(prepared_sample_dir,
       env=_subprocess_env(), cwd=REPO_ROOT)
   try:
     assert _wait_for(lambda: os.path.isdir(checkpoint), process, 600)
-    workers = tff_runtime.worker_pids(process.pid)
+    started = process_guard.descendants(process.pid)
+    if backend == backends.BACKEND_TFF_WORKER:
+      assert tff_runtime.worker_pids(process.pid)
+    if backend == backends.BACKEND_RAY:
+      assert len(started) >= 4  # GCS, raylet, agents, actors.
     process.kill()  # SIGKILL: no clean-up code runs at all.
     process.wait()
   finally:
     if process.poll() is None:
       process.kill()
       process.wait()
-  time.sleep(0.5)
-  assert not set(tff_runtime.worker_pids()) & set(workers)
+  # Everything the killed run started stops (Ray's agents by the guard).
+  deadline = time.monotonic() + 30
+  while _still_running(started) and time.monotonic() < deadline:
+    time.sleep(0.5)
+  assert not _still_running(started)
   rows = _read_csv(os.path.join(str(tmp_path), constants.METRICS_CSV_FILE))
   killed_at = max(int(r["round"]) for r in rows)
   assert 2 <= killed_at < 6
