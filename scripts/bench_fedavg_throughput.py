@@ -1,20 +1,22 @@
-"""FedAvg client-training throughput vs plain Keras `fit`, from one run.
+"""FedAvg throughput on each backend vs plain Keras `fit`, from one run.
 
     python scripts/bench_fedavg_throughput.py [--tfrecords_dir T] \
         [--crop 64] [--batch_size 16] [--num_clients 8] \
-        [--images_per_client 64] [--epochs 1] [--rounds 3]
+        [--images_per_client 64] [--epochs 1] [--rounds 3] \
+        [--backends inprocess,tff_worker,ray] [--num_workers N]
 
 Both sides train the same ResNet-18 (benchmark.model, GroupNorm), at the same
 crop, batch size and learning rate (SGD with per-weight clipping), on the
 same images: the `--num_clients` training users with the most images (each
 truncated to `--images_per_client`), `--epochs` passes each.
 
-* FedAvg: the trainer's own process and round function
-  (`benchmark.federated.build_learning_process` and `run_round`: client
-  datasets built from client ids inside TFF, weighted FedAvg, server Adam,
-  the state kept in the TFF worker between rounds), `--rounds` rounds timed
-  after one untimed warm-up round (tracing, graph compilation, first data
-  read). Everything a round costs is included: broadcasting the model to the
+* FedAvg, on each of `--backends` in turn: the trainer's own process and
+  backends (`benchmark.federated.build_learning_process`,
+  `benchmark.backends.open_backend`: client datasets built from client ids
+  inside the round, weighted FedAvg, server Adam, the state kept in the
+  backend between rounds), `--rounds` rounds timed after one untimed warm-up
+  round (graph compilation, session and actor start, first data read).
+  Everything a round costs is included: broadcasting the model to the
   clients, building and decoding the client datasets, local training with
   the suite's training metrics, aggregation, the server update and fetching
   the round's metrics.
@@ -53,6 +55,13 @@ _IMAGES_PER_CLIENT = flags.DEFINE_integer(
 _EPOCHS = flags.DEFINE_integer("epochs", 1, "Client epochs per round.")
 _ROUNDS = flags.DEFINE_integer(
     "rounds", 3, "Timed FedAvg rounds (and timed Keras epochs).")
+_BACKENDS = flags.DEFINE_list(
+    "backends", "inprocess,tff_worker,ray",
+    "FedAvg backends to time, in this order (benchmark.backends.BACKENDS).")
+_NUM_WORKERS = flags.DEFINE_integer(
+    "num_workers", None, "--num_workers of the backends (default: theirs).")
+_KERAS = flags.DEFINE_boolean(
+    "keras", True, "Also time Keras fit on the same images.")
 _SYNTHETIC_USERS = flags.DEFINE_integer(
     "synthetic_users", 120, "Users of the generated dataset.")
 
@@ -86,7 +95,7 @@ def _benchmark(tfrecords_dir: str) -> None:
   from benchmark import data  # pylint: disable=g-import-not-at-top
   from benchmark import federated  # pylint: disable=g-import-not-at-top
   from benchmark import metrics  # pylint: disable=g-import-not-at-top
-  from benchmark import tff_runtime  # pylint: disable=g-import-not-at-top
+  from benchmark import backends  # pylint: disable=g-import-not-at-top
 
   config = federated.FederatedConfig(
       tfrecords_dir=tfrecords_dir, save_model_dir=tempfile.gettempdir(),
@@ -105,20 +114,25 @@ def _benchmark(tfrecords_dir: str) -> None:
         f"= {images_per_round} images per round; crop {_CROP.value}, batch "
         f"{_BATCH_SIZE.value}")
 
-  # --- FedAvg. ---
-  with tff_runtime.local_runtime() as runtime:
-    _, composed = federated.build_learning_process(
-        config, label_spec, train_data,
-        tff.learning.add_debug_measurements(tff.aggregators.MeanFactory()))
-    session = runtime.session(len(clients))
-    state = session.put(composed.initialize(),
-                        composed.next.type_signature.result[0])
-    # Warm-up.
-    state, _ = federated.run_round(session, composed, state, clients)
-    start = time.perf_counter()
-    for _ in range(_ROUNDS.value):
-      state, _ = federated.run_round(session, composed, state, clients)
-    fedavg_s = time.perf_counter() - start
+  # --- FedAvg, one backend after the other. ---
+  _, composed = federated.build_learning_process(
+      config, label_spec, train_data,
+      tff.learning.add_debug_measurements(tff.aggregators.MeanFactory()))
+  initial_model = federated._build_keras_model(config, label_spec.num_outputs)  # pylint: disable=protected-access
+  initial_weights = tff.learning.models.ModelWeights(
+      trainable=[w.numpy() for w in initial_model.trainable_weights],
+      non_trainable=[w.numpy() for w in initial_model.non_trainable_weights])
+  fedavg_rows = []
+  for name in _BACKENDS.value:
+    with backends.open_backend(name, composed, len(clients),
+                               num_workers=_NUM_WORKERS.value) as backend:
+      backend.set_state(backend.initialize(initial_weights))
+      backend.run_round(clients)  # Warm-up.
+      start = time.perf_counter()
+      for _ in range(_ROUNDS.value):
+        backend.run_round(clients)
+      fedavg_rows.append((f"FedAvg round, {name}",
+                          time.perf_counter() - start, "round"))
 
   # --- Plain Keras fit on the same images. ---
   preprocess = data.create_train_preprocess_fn(data.ClientSpec(
@@ -143,15 +157,18 @@ def _benchmark(tfrecords_dir: str) -> None:
     model.fit(dataset, epochs=_ROUNDS.value, verbose=0)
     return time.perf_counter() - start
 
-  rows = [("FedAvg round (client training + server)", fedavg_s, "round"),
-          ("Keras fit, suite metrics", keras_fit_seconds(True), "epoch"),
-          ("Keras fit, loss only", keras_fit_seconds(False), "epoch")]
-  for name, seconds, unit in rows:
+  keras_rows = []
+  if _KERAS.value:
+    keras_rows = [
+        ("Keras fit, suite metrics", keras_fit_seconds(True), "epoch"),
+        ("Keras fit, loss only", keras_fit_seconds(False), "epoch")]
+  for name, seconds, unit in fedavg_rows + keras_rows:
     rate = images_per_round * _ROUNDS.value / seconds
     print(f"{name:40s} {rate:8.1f} images/s "
           f"({seconds / _ROUNDS.value:.2f} s/{unit})")
-  for name, seconds, _ in rows[1:]:
-    print(f"ratio FedAvg / {name:24s} {seconds / fedavg_s:8.3f}")
+  for fedavg_name, fedavg_s, _ in fedavg_rows:
+    for name, seconds, _ in keras_rows:
+      print(f"ratio {fedavg_name} / {name:24s} {seconds / fedavg_s:8.3f}")
 
 
 def main(argv):

@@ -1,0 +1,181 @@
+"""Peak memory of one FedAvg round against the cohort size, per backend.
+
+    python scripts/bench_fedavg_memory.py [--tfrecords_dir T] \
+        [--num_users 51414] [--cohorts 10,50,200] \
+        [--backends inprocess,ray,tff_worker] [--max_rss_gb 12]
+
+Each (backend, cohort) runs in a child process that builds the trainer's
+FedAvg process (ResNet-18 GroupNorm, 17 coarse labels, 32x32 crops, 1 client
+epoch, at most 8 images per client, batch 8), opens the backend and runs two
+rounds of `cohort` clients sampled from the training users. This script
+samples the resident memory (VmRSS) of the child's whole process tree (the
+TFF worker, Ray's processes and actors included) every 0.2 s and prints the
+peak, beside the ratio to the smallest cohort's peak. A tree that passes
+`--max_rss_gb` is stopped and reported as over it (TFF's worker keeps every
+client's update until the round's aggregation, so its memory grows with the
+cohort).
+
+Without `--tfrecords_dir` a FLAIR-sized population (`--num_users`, FLAIR has
+51,414 users) is generated and prepared in a temporary directory first.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from benchmark import process_guard  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_TFRECORDS_DIR = flags.DEFINE_string(
+    "tfrecords_dir", None,
+    "Prepared TFRecords; default: a generated population in a temporary "
+    "directory.")
+_NUM_USERS = flags.DEFINE_integer(
+    "num_users", 51414, "Users of the generated population.")
+_COHORTS = flags.DEFINE_list("cohorts", "10,50,200", "Clients per round.")
+_BACKENDS = flags.DEFINE_list(
+    "backends", "inprocess,ray,tff_worker", "Backends to measure.")
+_MAX_RSS_GB = flags.DEFINE_float(
+    "max_rss_gb", 12.0, "Stop a run whose process tree passes this RSS.")
+_CHILD = flags.DEFINE_string(
+    "child", None, "Internal: run one measurement, 'backend:cohort'.")
+
+
+def _tree_rss_bytes(pid: int) -> int:
+  total = 0
+  for member in [pid] + list(process_guard.descendants(pid)):
+    try:
+      with open(f"/proc/{member}/status", encoding="ascii") as f:
+        for line in f:
+          if line.startswith("VmRSS:"):
+            total += int(line.split()[1]) * 1024
+    except OSError:
+      pass
+  return total
+
+
+def _child(tfrecords_dir: str, spec: str) -> None:
+  """One measurement, in its own process: two rounds; prints JSON."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+  from benchmark import backends  # pylint: disable=g-import-not-at-top
+  from benchmark import constants  # pylint: disable=g-import-not-at-top
+  from benchmark import data  # pylint: disable=g-import-not-at-top
+  from benchmark import federated  # pylint: disable=g-import-not-at-top
+  name, cohort = spec.split(":")
+  cohort = int(cohort)
+  config = federated.FederatedConfig(
+      tfrecords_dir=tfrecords_dir, save_model_dir=tempfile.gettempdir(),
+      image_height=32, image_width=32, client_epochs_per_round=1,
+      max_elements_per_client=8, client_batch_size=8,
+      clients_per_round=cohort, show_progress=False)
+  label_spec = data.load_label_spec(tfrecords_dir)
+  train = data.load_partition(tfrecords_dir, constants.TRAIN, label_spec)
+  _, composed = federated.build_learning_process(
+      config, label_spec, train,
+      tff.learning.add_debug_measurements(tff.aggregators.MeanFactory()))
+  model = federated._build_keras_model(config, label_spec.num_outputs)  # pylint: disable=protected-access
+  weights = tff.learning.models.ModelWeights(
+      trainable=[w.numpy() for w in model.trainable_weights],
+      non_trainable=[w.numpy() for w in model.non_trainable_weights])
+  ids = list(train.client_ids)
+  rng = np.random.default_rng(0)
+  times = []
+  with backends.open_backend(name, composed, cohort) as backend:
+    backend.set_state(backend.initialize(weights))
+    for _ in range(2):
+      chosen = [ids[i] for i in rng.choice(len(ids), cohort, replace=False)]
+      start = time.monotonic()
+      backend.run_round(chosen)
+      times.append(time.monotonic() - start)
+  print("RESULT " + json.dumps({"round_s": times}), flush=True)
+
+
+def _measure(tfrecords_dir: str, name: str, cohort: int) -> dict:
+  command = [sys.executable, os.path.abspath(__file__),
+             f"--tfrecords_dir={tfrecords_dir}", f"--child={name}:{cohort}"]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  limit = _MAX_RSS_GB.value * 2**30
+  peak, over = 0, False
+  with tempfile.TemporaryFile("w+") as out:
+    process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                               env=env, cwd=REPO_ROOT)
+    try:
+      while process.poll() is None:
+        peak = max(peak, _tree_rss_bytes(process.pid))
+        if peak > limit:
+          over = True
+          for pid in process_guard.descendants(process.pid):
+            os.kill(pid, 9)
+          process.kill()
+          break
+        time.sleep(0.2)
+    finally:
+      if process.poll() is None:
+        process.kill()
+      process.wait()
+    out.seek(0)
+    lines = out.read().splitlines()
+  result = {"peak_rss_gb": peak / 2**30, "over_limit": over}
+  found = [l for l in lines if l.startswith("RESULT ")]
+  if found:
+    result.update(json.loads(found[-1][len("RESULT "):]))
+  elif not over:
+    result["error"] = (lines or ["(no output)"])[-1][:200]
+  return result
+
+
+def _run(tfrecords_dir: str) -> None:
+  cohorts = [int(c) for c in _COHORTS.value]
+  print(f"{'backend':12s} {'cohort':>6s} {'peak RSS GB':>12s} "
+        f"{'x smallest':>10s} {'round s':>8s}")
+  for name in _BACKENDS.value:
+    first = None
+    for cohort in cohorts:
+      result = _measure(tfrecords_dir, name, cohort)
+      peak = result["peak_rss_gb"]
+      first = first or peak
+      if result["over_limit"]:
+        shown = f"> {_MAX_RSS_GB.value:.1f}"
+      else:
+        shown = f"{peak:.2f}"
+      round_s = result.get("round_s", [float("nan")])[-1]
+      print(f"{name:12s} {cohort:6d} {shown:>12s} {peak / first:10.2f} "
+            f"{round_s:8.1f}" + (f"  {result['error']}"
+                                 if "error" in result else ""), flush=True)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  if _CHILD.value:
+    _child(_TFRECORDS_DIR.value, _CHILD.value)
+    return
+  if _TFRECORDS_DIR.value:
+    _run(_TFRECORDS_DIR.value)
+    return
+  import prepare_tfrecords  # pylint: disable=g-import-not-at-top
+  from benchmark import synthetic_dataset  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as root:
+    dataset_dir = os.path.join(root, "dataset")
+    tfrecords_dir = os.path.join(root, "tfrecords")
+    start = time.monotonic()
+    synthetic_dataset.generate(dataset_dir, num_users=_NUM_USERS.value,
+                               seed=0)
+    prepare_tfrecords.prepare(dataset_dir, tfrecords_dir, show_progress=False)
+    print(f"generated and prepared {_NUM_USERS.value} users in "
+          f"{time.monotonic() - start:.0f} s", flush=True)
+    _run(tfrecords_dir)
+
+
+if __name__ == "__main__":
+  app.run(main)
