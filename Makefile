@@ -3,7 +3,9 @@
 PYTHON ?= python3.11
 VENV := .venv
 VPY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# GPU=1: also install TensorFlow's CUDA libraries (requirements-gpu.txt).
+GPU ?=
+STAMP := $(VENV)/.installed$(if $(GPU),-gpu,)
 UV_VERSION := 0.5.4
 PYTEST_ARGS ?=
 # Extra flags for `python -m benchmark.demo` (e.g. DEMO_FLAGS="--scale tiny").
@@ -14,12 +16,12 @@ DEMO_FLAGS ?=
 install: $(STAMP)
 
 # TFF 0.87 pins jaxlib 0.4.14, which was never published; overrides.txt
-# replaces jax/jaxlib with 0.4.13 (verified to work, ENVIRONMENT.md).
-$(STAMP): requirements.txt overrides.txt setup.py
+# replaces jax/jaxlib with 0.4.13 (verified to work; README "Install").
+$(STAMP): requirements.txt requirements-gpu.txt overrides.txt setup.py
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
-	$(VENV)/bin/uv pip install --python $(VPY) -r requirements.txt --override overrides.txt
+	$(VENV)/bin/uv pip install --python $(VPY) -r requirements.txt $(if $(GPU),-r requirements-gpu.txt,) --override overrides.txt
 	$(VENV)/bin/uv pip install --python $(VPY) --no-deps -e .
 	touch $(STAMP)
 
