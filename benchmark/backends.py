@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from benchmark import constants
 from benchmark import graph_runner
 from benchmark import mapreduce
 from benchmark import process_guard
@@ -45,10 +46,10 @@ from benchmark import tff_runtime
 from benchmark.errors import BackendDiedError
 from benchmark.errors import FlairInputError
 
-BACKEND_INPROCESS = "inprocess"
-BACKEND_TFF_WORKER = "tff_worker"
-BACKEND_RAY = "ray"
-BACKENDS = (BACKEND_INPROCESS, BACKEND_TFF_WORKER, BACKEND_RAY)
+BACKEND_INPROCESS = constants.BACKEND_INPROCESS
+BACKEND_TFF_WORKER = constants.BACKEND_TFF_WORKER
+BACKEND_RAY = constants.BACKEND_RAY
+BACKENDS = constants.BACKENDS
 
 ClientDataError = graph_runner.ClientDataError
 

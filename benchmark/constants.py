@@ -66,3 +66,11 @@ TENSORBOARD_DIR = "tensorboard"
 # Best weights by val loss; format with trainer="central"/"federated" and the
 # number of model outputs (FLAIR_REFERENCE.md names resnet18_central_17labels).
 BEST_WEIGHTS_FILE_PATTERN = "resnet18_{trainer}_{num_outputs}labels.h5"
+
+# Where FedAvg rounds run (`federated_main --backend`; benchmark.backends says
+# what each is). Here so that light modules (the demo) can name them without
+# importing TensorFlow.
+BACKEND_INPROCESS = "inprocess"
+BACKEND_TFF_WORKER = "tff_worker"
+BACKEND_RAY = "ray"
+BACKENDS = (BACKEND_INPROCESS, BACKEND_TFF_WORKER, BACKEND_RAY)

@@ -225,7 +225,8 @@ def _read_final_metrics(save_dir: str) -> dict[str, Any]:
 
 def run_demo(results_dir: str, dataset_dir: Optional[str] = None,
              num_users: int = 300, seed: int = 0,
-             scale: str = "small") -> str:
+             scale: str = "small",
+             backend: str = constants.BACKEND_INPROCESS) -> str:
   """Runs data generation/preparation, central, FedAvg and DP-FedAvg.
 
   Each step is the suite's own command (`benchmark.synthetic_dataset`,
@@ -240,6 +241,7 @@ def run_demo(results_dir: str, dataset_dir: Optional[str] = None,
     num_users: users of the generated dataset (overridden by `scale` "tiny").
     seed: seed for generation, model initialisation and client sampling.
     scale: a key of `SCALES`.
+    backend: the FedAvg runs' `--backend` (`constants.BACKENDS`).
 
   Returns:
     The results folder (summary.csv, summary.json, val_metrics.png and one
@@ -299,7 +301,7 @@ def run_demo(results_dir: str, dataset_dir: Optional[str] = None,
       client_batch_size=sizes.client_batch_size,
       max_elements_per_client=sizes.max_elements_per_client,
       client_epochs_per_round=sizes.client_epochs_per_round,
-      client_datasets_random_seed=seed, **common)
+      client_datasets_random_seed=seed, backend=backend, **common)
   for step, setting, epsilon in (("4/5", "fedavg", 0.0),
                                  ("5/5", "fedavg_dp", sizes.dp_epsilon)):
     what = "FedAvg" + (f" with central DP (epsilon {epsilon:g})"
@@ -341,7 +343,7 @@ def main(argv):
         f"--num_users must be at least 3 (one per partition), got "
         f"{values.num_users}")
   run_demo(values.results_dir, values.dataset_dir, values.num_users,
-           values.seed, values.scale)
+           values.seed, values.scale, values.backend)
 
 
 def _define_flags() -> None:
@@ -364,6 +366,9 @@ def _define_flags() -> None:
       "scale", "small", _DEMO_SCALES,
       "small: the default demo (minutes on 2 CPU cores); tiny: a smoke run used "
       "by the tests.")
+  flags.DEFINE_enum(
+      "backend", constants.BACKEND_INPROCESS, list(constants.BACKENDS),
+      "Where the FedAvg runs' rounds run (federated_main --backend).")
 
 
 def run():
