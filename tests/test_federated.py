@@ -213,6 +213,21 @@ def test_fedavg_without_dp_on_the_real_sample(prepared_sample_dir, tmp_path):
   assert versions == ["program_state_2", "program_state_3"]
 
 
+@pytest.mark.slow
+def test_a_checkpoint_resumes_under_another_backend(prepared_sample_dir,
+                                                    tmp_path):
+  # Two rounds in-process, then the same run continued to round 3 by TFF's
+  # worker: the checkpointed state has the same structure on both.
+  federated.run_federated(_config(prepared_sample_dir, tmp_path,
+                                  total_rounds=2))
+  final = federated.run_federated(_config(
+      prepared_sample_dir, tmp_path, backend=backends.BACKEND_TFF_WORKER))
+  assert final["rounds_completed"] == 3
+  rows = _read_csv(os.path.join(str(tmp_path), constants.METRICS_CSV_FILE))
+  assert [int(r["round"]) for r in rows] == [0, 1, 2, 3]
+  assert all(r["train_loss"] for r in rows[1:])
+
+
 def _num_outputs(tfrecords_dir, **kwargs):
   from benchmark import data
   return data.load_label_spec(tfrecords_dir, **kwargs).num_outputs
