@@ -167,10 +167,12 @@ def test_one_round_is_the_same_on_every_backend(prepared_sample_dir,
                   f"{name} metrics")
     _assert_close(results[name]["model_weights"], want["model_weights"],
                   f"{name} model weights")
-  # The round did something: weights moved by about a server step.
+  # The round did something: weights moved by about a server Adam step
+  # (lr 0.1 x g / (|g| + 0.01); with DP the clip of 0.1 makes g ~1e-5, so
+  # the largest move was 5e-4).
   moved = max(np.abs(a - b).max() for a, b in zip(
       mapreduce.to_flat(want["model_weights"]), mapreduce.to_flat(weights)))
-  assert moved > 1e-3
+  assert moved > (1e-3 if variant == "fedavg" else 1e-4)
   train = want["metrics"]["client_work"]["train"]
   assert int(train["num_examples"]) == 16  # 5 + 5 + 1 + 5 images.
 
