@@ -54,6 +54,7 @@ the checkpointed round are dropped and rewritten, so each round appears once.
 import asyncio
 import collections
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -72,12 +73,12 @@ from benchmark import dp
 from benchmark import io_utils
 from benchmark import metrics as metrics_lib
 from benchmark import model as model_lib
+from benchmark import optimizers
 from benchmark.errors import FlairInputError
 
-# Adam epsilon of the server optimizer (FLAIR_REFERENCE.md: "Adam, epsilon
-# 0.01", as in the original benchmark and Reddi et al. 2021, "Adaptive
-# Federated Optimization", arXiv 2003.00295, which tunes it in 1e-3..1e-1).
-SERVER_ADAM_EPSILON = 0.01
+ALGORITHM_FEDAVG = "fedavg"
+ALGORITHM_FEDPROX = "fedprox"
+ALGORITHMS = (ALGORITHM_FEDAVG, ALGORITHM_FEDPROX)
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "program_state_"
 # Checkpoints kept (the latest ones); one spare in case the latest is cut.
@@ -130,6 +131,15 @@ class FederatedConfig:
       the backend's default.
     ray_address: with the `ray` backend, a running cluster's address; None
       starts an embedded local Ray.
+    algorithm: `ALGORITHM_FEDAVG` or `ALGORITHM_FEDPROX` (FedAvg whose
+      clients add `proximal_strength / 2 * ||w - w_global||^2` to their loss,
+      Li et al. 2020, arXiv 1812.06127; TFF's `build_*_fed_prox`).
+    proximal_strength: FedProx's mu, >= 0 (0 is FedAvg).
+    server_optimizer, server_momentum, server_beta_1, server_beta_2,
+      server_epsilon: the server optimizer (`optimizers.ServerOptimizerSpec`;
+      the reference: Adam, epsilon 0.01).
+    client_optimizer, client_momentum: the clients' optimizer
+      (`optimizers.build_client_optimizer`; the reference: SGD).
     clients_per_thread: accepted for compatibility with the original command
       line; TFF 0.87's local runtime schedules all clients of a round itself,
       so it has no effect.
@@ -164,6 +174,15 @@ class FederatedConfig:
   backend: str = backends.BACKEND_INPROCESS
   num_workers: Optional[int] = None
   ray_address: Optional[str] = None
+  algorithm: str = ALGORITHM_FEDAVG
+  proximal_strength: float = 0.01
+  server_optimizer: str = "adam"
+  server_momentum: float = optimizers.MOMENTUM
+  server_beta_1: float = optimizers.BETA_1
+  server_beta_2: float = optimizers.BETA_2
+  server_epsilon: float = optimizers.SERVER_EPSILON
+  client_optimizer: str = "sgd"
+  client_momentum: float = optimizers.MOMENTUM
 
   def __post_init__(self):
     _check(bool(self.tfrecords_dir), "--tfrecords_dir is required")
@@ -201,6 +220,15 @@ class FederatedConfig:
            f"--num_workers must be an integer >= 1, got {self.num_workers!r}")
     _check(self.ray_address is None or self.backend == backends.BACKEND_RAY,
            "--ray_address is only used with --backend ray")
+    _check(self.algorithm in ALGORITHMS,
+           f"--algorithm must be one of {', '.join(ALGORITHMS)}, got "
+           f"{self.algorithm!r}")
+    _check(self.proximal_strength >= 0 and math.isfinite(
+        self.proximal_strength),
+           f"--proximal_strength must be >= 0, got {self.proximal_strength}")
+    self.server_optimizer_spec  # Validates the server optimizer flags.
+    optimizers.build_client_optimizer(self.client_optimizer, 0.1, 1.0,
+                                      self.client_momentum)
     _check(self.client_datasets_random_seed is None
            or self.client_datasets_random_seed >= 0,
            "--client_datasets_random_seed must be >= 0, got "
@@ -210,33 +238,12 @@ class FederatedConfig:
   def use_dp(self) -> bool:
     return self.epsilon > 0
 
-
-class _PerWeightClippedSGD(tff.learning.optimizers.Optimizer):
-  """SGD that first clips each weight's gradient to an L2 norm.
-
-  The client update of the original benchmark, `tf.keras.optimizers.SGD(lr,
-  clipnorm=c)`: Keras' `clipnorm` clips every gradient tensor separately
-  (`tf.clip_by_norm`), not the global norm. TFF 0.87 takes only
-  `tff.learning.optimizers.Optimizer`s, so this wraps `build_sgdm`.
-  """
-
-  def __init__(self, learning_rate: float, clipnorm: float):
-    self._sgd = tff.learning.optimizers.build_sgdm(learning_rate=learning_rate)
-    self._clipnorm = clipnorm
-
-  def initialize(self, specs):
-    return self._sgd.initialize(specs)
-
-  def next(self, state, weights, gradients):
-    clipped = tf.nest.map_structure(
-        lambda g: tf.clip_by_norm(g, self._clipnorm), gradients)
-    return self._sgd.next(state, weights, clipped)
-
-  def get_hparams(self, state):
-    return self._sgd.get_hparams(state)
-
-  def set_hparams(self, state, hparams):
-    return self._sgd.set_hparams(state, hparams)
+  @property
+  def server_optimizer_spec(self) -> optimizers.ServerOptimizerSpec:
+    return optimizers.ServerOptimizerSpec(
+        name=self.server_optimizer, learning_rate=self.server_learning_rate,
+        momentum=self.server_momentum, beta_1=self.server_beta_1,
+        beta_2=self.server_beta_2, epsilon=self.server_epsilon)
 
 
 def _build_keras_model(config: FederatedConfig, num_outputs: int
@@ -313,6 +320,20 @@ def _save_weights_atomic(keras_model: tf.keras.Model, path: str) -> None:
     keras_model.save_weights(tmp, save_format="h5")
 
 
+def _client_dataset_options() -> tf.data.Options:
+  """tf.data options of a client's dataset: no static graph optimizations and
+  no autotuning. A client dataset lives for one round and a few batches, and
+  both are paid again for every client: on a 2-core CPU a round of the real
+  sample's one-to-five-image clients at 32x32 spent 520 ms per client with
+  TF's defaults and 114 ms without them (benchmark/graph_runner.py run with a
+  FULL_TRACE step profile: `IteratorGetNextAsOptional` and `MakeIterator`
+  dominated). What is computed does not change."""
+  options = tf.data.Options()
+  options.experimental_optimization.apply_default_optimizations = False
+  options.autotune.enabled = False
+  return options
+
+
 def build_learning_process(
     config: FederatedConfig, label_spec: data.LabelSpec,
     train_data: tff.simulation.datasets.FilePerUserClientData, aggregator,
@@ -347,7 +368,8 @@ def build_learning_process(
 
   @tff.tensorflow.computation(tf.string)
   def client_dataset(client_id):
-    return train_preprocess(dataset_fn(client_id))
+    return train_preprocess(dataset_fn(client_id)).with_options(
+        _client_dataset_options())
 
   element_spec = client_dataset.type_signature.result.element
   input_spec = tuple(
@@ -359,12 +381,18 @@ def build_learning_process(
         _build_keras_model(config, num_outputs), loss=_loss(),
         input_spec=input_spec, metrics=metrics_lib.make_metrics(num_outputs))
 
-  client_optimizer = _PerWeightClippedSGD(config.client_learning_rate,
-                                          config.client_clipnorm)
-  server_optimizer = tff.learning.optimizers.build_adam(
-      learning_rate=config.server_learning_rate, epsilon=SERVER_ADAM_EPSILON)
-  builder = (tff.learning.algorithms.build_weighted_fed_avg if weighted else
-             tff.learning.algorithms.build_unweighted_fed_avg)
+  client_optimizer = optimizers.build_client_optimizer(
+      config.client_optimizer, config.client_learning_rate,
+      config.client_clipnorm, config.client_momentum)
+  server_optimizer = config.server_optimizer_spec.build()
+  if config.algorithm == ALGORITHM_FEDPROX:
+    prox = (tff.learning.algorithms.build_weighted_fed_prox if weighted else
+            tff.learning.algorithms.build_unweighted_fed_prox)
+    builder = functools.partial(prox,
+                                proximal_strength=config.proximal_strength)
+  else:
+    builder = (tff.learning.algorithms.build_weighted_fed_avg if weighted
+               else tff.learning.algorithms.build_unweighted_fed_avg)
   # The iterator loop runs each client's training steps in a while loop of
   # the client computation's own graph. TFF's default, a `Dataset.reduce`
   # whose reduce function is the whole training step, instantiates that
@@ -372,8 +400,8 @@ def build_learning_process(
   # one-image clients took 2.4 s with the iterator loop and 6 s with reduce
   # (scripts/bench_fedavg_throughput.py measures whole rounds).
   process = builder(
-      model_fn, client_optimizer, server_optimizer,
-      model_aggregator=aggregator,
+      model_fn, client_optimizer_fn=client_optimizer,
+      server_optimizer_fn=server_optimizer, model_aggregator=aggregator,
       loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR)
   composed = tff.simulation.compose_dataset_computation_with_learning_process(
       client_dataset, process)

@@ -153,6 +153,7 @@ class GraphRunner:
     self._init = (self._session.make_callable(init_ops, feed_list=tokens)
                   if init_ops else None)
     self._call = self._session.make_callable(outputs, feed_list=feeds + tokens)
+    self.feeds, self.outputs = feeds + tokens, outputs  # For profiling.
     self._token_values = list(token_feeds.values())
     self._lock = threading.Lock()
     self._graph.finalize()

@@ -16,7 +16,8 @@ client's update until the round's aggregation, so its memory grows with the
 cohort).
 
 Without `--tfrecords_dir` a FLAIR-sized population (`--num_users`, FLAIR has
-51,414 users) is generated and prepared in a temporary directory first.
+51,414 users; at most `--max_images_per_user` images each) is generated and
+prepared in a temporary directory first.
 """
 
 import json
@@ -29,6 +30,9 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
+import tensorflow as tf  # pylint: disable=unused-import
+# (Imported before absl runs main: a Keras functional model built in a
+# process that first imported TensorFlow inside main failed to build.)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -41,6 +45,9 @@ _TFRECORDS_DIR = flags.DEFINE_string(
     "directory.")
 _NUM_USERS = flags.DEFINE_integer(
     "num_users", 51414, "Users of the generated population.")
+_MAX_IMAGES_PER_USER = flags.DEFINE_integer(
+    "max_images_per_user", 8,
+    "Cap on each generated user's images (clients train on at most 8).")
 _COHORTS = flags.DEFINE_list("cohorts", "10,50,200", "Clients per round.")
 _BACKENDS = flags.DEFINE_list(
     "backends", "inprocess,ray,tff_worker", "Backends to measure.")
@@ -80,13 +87,15 @@ def _child(tfrecords_dir: str, spec: str) -> None:
       clients_per_round=cohort, show_progress=False)
   label_spec = data.load_label_spec(tfrecords_dir)
   train = data.load_partition(tfrecords_dir, constants.TRAIN, label_spec)
-  _, composed = federated.build_learning_process(
-      config, label_spec, train,
-      tff.learning.add_debug_measurements(tff.aggregators.MeanFactory()))
+  # The initial model is built before TFF traces the process (a Keras
+  # functional model built after that tracing can fail to build).
   model = federated._build_keras_model(config, label_spec.num_outputs)  # pylint: disable=protected-access
   weights = tff.learning.models.ModelWeights(
       trainable=[w.numpy() for w in model.trainable_weights],
       non_trainable=[w.numpy() for w in model.non_trainable_weights])
+  _, composed = federated.build_learning_process(
+      config, label_spec, train,
+      tff.learning.add_debug_measurements(tff.aggregators.MeanFactory()))
   ids = list(train.client_ids)
   rng = np.random.default_rng(0)
   times = []
@@ -169,8 +178,9 @@ def main(argv):
     dataset_dir = os.path.join(root, "dataset")
     tfrecords_dir = os.path.join(root, "tfrecords")
     start = time.monotonic()
-    synthetic_dataset.generate(dataset_dir, num_users=_NUM_USERS.value,
-                               seed=0)
+    synthetic_dataset.generate(
+        dataset_dir, num_users=_NUM_USERS.value, seed=0,
+        max_images_per_user=_MAX_IMAGES_PER_USER.value)
     prepare_tfrecords.prepare(dataset_dir, tfrecords_dir, show_progress=False)
     print(f"generated and prepared {_NUM_USERS.value} users in "
           f"{time.monotonic() - start:.0f} s", flush=True)

@@ -115,13 +115,13 @@ def _benchmark(tfrecords_dir: str) -> None:
         f"{_BATCH_SIZE.value}")
 
   # --- FedAvg, one backend after the other. ---
-  _, composed = federated.build_learning_process(
-      config, label_spec, train_data,
-      tff.learning.add_debug_measurements(tff.aggregators.MeanFactory()))
   initial_model = federated._build_keras_model(config, label_spec.num_outputs)  # pylint: disable=protected-access
   initial_weights = tff.learning.models.ModelWeights(
       trainable=[w.numpy() for w in initial_model.trainable_weights],
       non_trainable=[w.numpy() for w in initial_model.non_trainable_weights])
+  _, composed = federated.build_learning_process(
+      config, label_spec, train_data,
+      tff.learning.add_debug_measurements(tff.aggregators.MeanFactory()))
   fedavg_rows = []
   for name in _BACKENDS.value:
     with backends.open_backend(name, composed, len(clients),
