@@ -5,7 +5,9 @@ on FLAIR.
 
 Flags and defaults are those of the original benchmark (FLAIR_REFERENCE.md,
 "Command lines"), plus `--rounds_per_checkpoint`, `--dp_calibration`,
-`--seed`, `--backend`, `--num_workers` and `--ray_address`. The run itself is `benchmark.federated.run_federated`; this module
+`--seed`, `--backend`, `--num_workers`, `--ray_address`, `--algorithm`,
+`--proximal_strength` and the optimizer choices (`--server_optimizer` and its
+hyperparameters, `--client_optimizer`, `--client_momentum`). The run itself is `benchmark.federated.run_federated`; this module
 reads the flags, rejects bad input with a one-line error (exit status 1),
 writes the flag values to `<save_model_dir>/flags.json` and starts training.
 Rerunning the same command resumes after the latest checkpoint. SIGTERM and
@@ -23,6 +25,7 @@ from benchmark import dp
 from benchmark import errors
 from benchmark import federated
 from benchmark import io_utils
+from benchmark import optimizers
 
 _TFRECORDS_DIR = flags.DEFINE_string(
     "tfrecords_dir", None,
@@ -36,8 +39,8 @@ _CLIENT_CLIPNORM = flags.DEFINE_float(
     "(as Keras SGD(clipnorm=...)).")
 _SERVER_LEARNING_RATE = flags.DEFINE_float(
     "server_learning_rate", 0.1,
-    "Learning rate of the server's Adam (epsilon 0.01), applied to the "
-    "averaged client model delta.")
+    "Learning rate of the server optimizer (--server_optimizer, default Adam "
+    "with epsilon 0.01), applied to the averaged client model delta.")
 _CLIENT_EPOCHS_PER_ROUND = flags.DEFINE_integer(
     "client_epochs_per_round", 2,
     "Passes each sampled client makes over its (truncated) data per round.")
@@ -128,6 +131,36 @@ _NUM_WORKERS = flags.DEFINE_integer(
     "Clients trained at once: with 'inprocess', parallel client trainers "
     "(default one per GPU, or 1 using all CPU cores); with 'ray', actors "
     "(default one per GPU of the cluster, else one per CPU).")
+_ALGORITHM = flags.DEFINE_enum(
+    "algorithm", federated.ALGORITHM_FEDAVG, list(federated.ALGORITHMS),
+    "fedavg, or fedprox: clients add proximal_strength/2 * ||w - w_global||^2 "
+    "to their loss (Li et al. 2020).")
+_PROXIMAL_STRENGTH = flags.DEFINE_float(
+    "proximal_strength", 0.01, "With --algorithm fedprox: mu, >= 0.")
+_SERVER_OPTIMIZER = flags.DEFINE_enum(
+    "server_optimizer", "adam", list(optimizers.SERVER_OPTIMIZERS),
+    "Server optimizer applied to the averaged client model delta "
+    "(tff.learning.optimizers; Reddi et al. 2021), at --server_learning_rate.")
+_SERVER_MOMENTUM = flags.DEFINE_float(
+    "server_momentum", optimizers.MOMENTUM,
+    "With --server_optimizer sgdm: the momentum.")
+_SERVER_BETA_1 = flags.DEFINE_float(
+    "server_beta_1", optimizers.BETA_1,
+    "With --server_optimizer adam or yogi: beta_1.")
+_SERVER_BETA_2 = flags.DEFINE_float(
+    "server_beta_2", optimizers.BETA_2,
+    "With --server_optimizer adam or yogi: beta_2.")
+_SERVER_EPSILON = flags.DEFINE_float(
+    "server_epsilon", optimizers.SERVER_EPSILON,
+    "With --server_optimizer adagrad, adam or yogi: epsilon (the reference "
+    "Adam's 0.01).")
+_CLIENT_OPTIMIZER = flags.DEFINE_enum(
+    "client_optimizer", "sgd", list(optimizers.CLIENT_OPTIMIZERS),
+    "Clients' optimizer, at --client_learning_rate with per-weight gradient "
+    "clipping at --client_clipnorm.")
+_CLIENT_MOMENTUM = flags.DEFINE_float(
+    "client_momentum", optimizers.MOMENTUM,
+    "With --client_optimizer sgdm: the momentum.")
 _RAY_ADDRESS = flags.DEFINE_string(
     "ray_address", None,
     "With --backend ray: the address of a running Ray cluster (as `ray start "
@@ -144,7 +177,9 @@ _ALL_FLAGS = (
     _IMAGE_WIDTH, _USE_FINE_GRAINED_LABELS, _BINARY_LABEL, _EPSILON,
     _L2_NORM_CLIP, _TARGET_UNCLIPPED_QUANTILE, _SIMULATED_CLIENTS_PER_ROUND,
     _ROUNDS_PER_CHECKPOINT, _DP_CALIBRATION, _SEED, _BACKEND, _NUM_WORKERS,
-    _RAY_ADDRESS)
+    _RAY_ADDRESS, _ALGORITHM, _PROXIMAL_STRENGTH, _SERVER_OPTIMIZER,
+    _SERVER_MOMENTUM, _SERVER_BETA_1, _SERVER_BETA_2, _SERVER_EPSILON,
+    _CLIENT_OPTIMIZER, _CLIENT_MOMENTUM)
 
 
 def _config_from_flags() -> federated.FederatedConfig:

@@ -128,18 +128,6 @@ def test_config_defaults_are_the_reference_flags():
   assert c.simulated_clients_per_round is None
 
 
-def test_client_optimizer_clips_each_weight_separately():
-  opt = federated._PerWeightClippedSGD(learning_rate=0.5, clipnorm=1.0)
-  weights = (tf.constant([0.0, 0.0]), tf.constant([1.0]))
-  # First gradient has norm 5 (clipped to 1), second norm 0.5 (kept).
-  grads = (tf.constant([3.0, 4.0]), tf.constant([0.5]))
-  state = opt.initialize(tf.nest.map_structure(tf.TensorSpec.from_tensor,
-                                               weights))
-  _, new = opt.next(state, weights, grads)
-  np.testing.assert_allclose(new[0], [-0.5 * 0.6, -0.5 * 0.8], rtol=1e-6)
-  np.testing.assert_allclose(new[1], [1.0 - 0.5 * 0.5], rtol=1e-6)
-
-
 def test_round_columns_pick_train_and_aggregator_measurements():
   metrics = {
       "distributor": (),

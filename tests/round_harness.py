@@ -1,0 +1,132 @@
+"""Shared by the tests that run one FedAvg round on a backend
+(test_backends.py, test_optimizers.py): a deterministic round on the real
+sample, and checks of what a backend leaves behind.
+
+Client training is made deterministic so that rounds can be compared
+exactly: the model's random crop and flip are replaced by their inference
+behaviour (centre crop, no flip) while the process is built, and each
+client's images fit in one batch (so the data's shuffle order does not
+matter). What remains is float32 summation order: TFF's worker, the
+in-process runner and two Ray actors add client updates in different orders,
+which changes results in the last bits (measured: at most 1.2e-7 on weights
+of order 0.1); `ATOL` = 1e-5 leaves two orders of magnitude of margin and is
+far below one server Adam step (1e-2 with FedAvg, 5e-4 with DP's clip 0.1).
+"""
+
+import os
+import time
+
+import numpy as np
+import tensorflow_federated as tff
+
+from benchmark import backends
+from benchmark import constants
+from benchmark import data
+from benchmark import federated
+from benchmark import mapreduce
+from benchmark import model as model_lib
+from benchmark import process_guard
+
+ATOL = 1e-5
+COHORT_SIZE = 4
+# One batch per client: no user of the sample has more than 8 images.
+CLIENT_SETTINGS = dict(image_height=32, image_width=32, client_batch_size=8,
+                       max_elements_per_client=8, client_epochs_per_round=1,
+                       clients_per_round=COHORT_SIZE, show_progress=False)
+
+
+def listening_inodes() -> set[str]:
+  """Socket inodes in LISTEN state (TCP, IPv4 and IPv6) on this machine."""
+  inodes = set()
+  for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+    with open(path, encoding="ascii") as f:
+      for line in f.readlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A":  # TCP_LISTEN
+          inodes.add(fields[9])
+  return inodes
+
+
+def own_socket_inodes() -> set[str]:
+  inodes = set()
+  for fd in os.listdir("/proc/self/fd"):
+    try:
+      target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+      continue
+    if target.startswith("socket:["):
+      inodes.add(target[len("socket:["):-1])
+  return inodes
+
+
+def alive(processes: dict[int, str]) -> set[int]:
+  """The processes of `processes` (pid -> start time, as
+  `process_guard.descendants` gives) still running."""
+  running = process_guard.descendants(1)
+  return {pid for pid, start in processes.items()
+          if running.get(pid) == start}
+
+
+def deterministic_augmentation(monkeypatch):
+  """Centre crop and no flip also when training (see module docstring)."""
+  for cls in (model_lib.CropImages, model_lib.RandomHorizontalFlip):
+    original = cls.call
+
+    def call(self, images, training=None, _original=original):
+      del training
+      return _original(self, images, training=False)
+
+    monkeypatch.setattr(cls, "call", call)
+
+
+def build(tfrecords_dir, aggregator, weighted, **overrides):
+  config = federated.FederatedConfig(
+      tfrecords_dir=tfrecords_dir, save_model_dir="unused",
+      **dict(CLIENT_SETTINGS, **overrides))
+  label_spec = data.load_label_spec(tfrecords_dir)
+  train = data.load_partition(tfrecords_dir, constants.TRAIN, label_spec)
+  _, composed = federated.build_learning_process(
+      config, label_spec, train, aggregator, weighted=weighted)
+  keras_model = model_lib.resnet18(
+      num_classes=label_spec.num_outputs, crop_size=(32, 32), seed=3)
+  weights = tff.learning.models.ModelWeights(
+      trainable=[w.numpy() for w in keras_model.trainable_weights],
+      non_trainable=[w.numpy() for w in keras_model.non_trainable_weights])
+  return composed, weights, sorted(train.client_ids)
+
+
+def cohort_of(client_ids):
+  # Users with 5 images and users with 1 (the sample's sizes), so the
+  # weighted mean differs from the unweighted one.
+  return [client_ids[i] for i in (4, 5, 0, 7)]
+
+
+def run_one_round(name, composed, weights, cohort, state=None, **kwargs):
+  with backends.open_backend(name, composed, len(cohort), **kwargs) as backend:
+    initial = backend.initialize(weights)
+    backend.set_state(initial if state is None else state)
+    metrics = backend.run_round(cohort)
+    new_state = backend.get_state()
+    model_weights = backend.get_model_weights()
+    processes = process_guard.descendants(os.getpid())
+    if name == backends.BACKEND_INPROCESS:
+      # No listening socket while the in-process backend runs.
+      assert not listening_inodes() & own_socket_inodes()
+  # Whatever the backend started (TFF worker, Ray's processes) is stopped.
+  deadline = time.monotonic() + 30
+  while alive(processes) and time.monotonic() < deadline:
+    time.sleep(0.5)
+  assert not alive(processes), f"{name} left processes {alive(processes)}"
+  return dict(initial=initial, metrics=metrics, state=new_state,
+              model_weights=model_weights)
+
+
+def assert_close(got, want, what):
+  got_flat, want_flat = mapreduce.to_flat(got), mapreduce.to_flat(want)
+  assert len(got_flat) == len(want_flat), what
+  for i, (g, w) in enumerate(zip(got_flat, want_flat)):
+    if w.dtype.kind in "biuf":
+      np.testing.assert_allclose(g, w, atol=ATOL, rtol=ATOL,
+                                 err_msg=f"{what}, leaf {i}")
+    else:  # Strings (a DP query's state holds some).
+      np.testing.assert_array_equal(g, w, err_msg=f"{what}, leaf {i}")
