@@ -22,6 +22,17 @@ class TffWorkerDiedError(RuntimeError):
   checkpoint."""
 
 
+class OutputWriteError(RuntimeError):
+  """An output file or directory could not be written: the disk is full, the
+  file system is read-only, permission is denied or the device failed.
+
+  The message names the path, the system's reason and what to do; nothing
+  partial is left under the final name, so rerunning the same command after
+  the cause is fixed resumes. Command-line entry points print it on one line
+  and exit with status 1.
+  """
+
+
 def _exit_on_sigterm(signum, frame) -> NoReturn:
   del frame
   raise SystemExit(128 + signum)
@@ -37,8 +48,8 @@ def install_sigterm_handler() -> None:
 
 
 def exit_on_input_error(main: Callable) -> Callable:
-  """Wraps an absl `main(argv)`: a `FlairInputError` or `TffWorkerDiedError`
-  becomes one line on stderr ("error: <message>") and exit status 1; Ctrl-C
+  """Wraps an absl `main(argv)`: a `FlairInputError`, `OutputWriteError` or
+  `TffWorkerDiedError` becomes one line on stderr ("error: <message>") and exit status 1; Ctrl-C
   becomes exit status 130.
 
   Also installs `install_sigterm_handler()`, and on the way out releases
@@ -50,7 +61,7 @@ def exit_on_input_error(main: Callable) -> Callable:
     install_sigterm_handler()
     try:
       return main(argv)
-    except (FlairInputError, TffWorkerDiedError) as e:
+    except (FlairInputError, OutputWriteError, TffWorkerDiedError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(1)
     except KeyboardInterrupt:

@@ -77,3 +77,39 @@ def pytest_sessionfinish(session, exitstatus):
     print(f"\nerror: TFF worker_binary processes outlived their tests: "
           f"{leftover} (stopped now)")
     session.exitstatus = 1
+
+
+def _mount_tmpfs(path: str, size_kib: int) -> None:
+  import subprocess  # pylint: disable=g-import-not-at-top
+  os.makedirs(path, exist_ok=True)
+  if os.geteuid() != 0:
+    pytest.skip("a small file system is mounted for this test, which needs "
+                "root (mount -t tmpfs)")
+  result = subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", path],
+      capture_output=True, text=True, check=False)
+  if result.returncode != 0:
+    pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip()})")
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+  """`make(size_kib, fill_to_kib=None) -> path`: mounts a tmpfs of
+  `size_kib` KiB in the test's directory (unmounted afterwards); with
+  `fill_to_kib`, a file `filler` leaves about that much free. Skips with a
+  reason where no file system can be mounted (not root, no permission)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  mounted = []
+
+  def make(size_kib, fill_to_kib=None):
+    path = str(tmp_path / f"small_fs{len(mounted)}")
+    _mount_tmpfs(path, size_kib)
+    mounted.append(path)
+    if fill_to_kib is not None:
+      with open(os.path.join(path, "filler"), "wb") as f:
+        f.write(b"\0" * ((size_kib - fill_to_kib) * 1024))
+    return path
+
+  yield make
+  for path in mounted:
+    subprocess.run(["umount", "-l", path], check=False)
