@@ -65,14 +65,27 @@ def storage_errno(error: BaseException) -> Optional[int]:
   return None
 
 
+def _without_temporary_part(path: str) -> str:
+  """`path` up to the first component that is a library's temporary name
+  (`.name.x.tmp`, `ckpt-1_temp`, `...tempstate123`): the output being
+  written, as the user knows it."""
+  parts = path.split(os.sep)
+  for i, part in enumerate(parts):
+    if i and ("_temp" in part or "tempstate" in part
+              or (part.startswith(".") and part.endswith(".tmp"))):
+      return os.sep.join(parts[:i]) or path
+  return path
+
+
 def _named_path(error: BaseException, path: str) -> str:
-  """The file inside `path` that `error` names (an `OSError`'s filename, or a
-  path starting with `path` in the message), else `path`."""
+  """The output inside `path` that `error` names (an `OSError`'s filename, or
+  a path starting with `path` in the message; temporary names cut off), else
+  `path`."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
     if isinstance(error, OSError) and error.filename:
-      return os.fspath(error.filename)
+      return _without_temporary_part(os.fspath(error.filename))
     text = str(error)
     for prefix in {path, os.path.abspath(path)}:
       start = text.find(prefix)
@@ -80,7 +93,7 @@ def _named_path(error: BaseException, path: str) -> str:
         end = start + len(prefix)
         while end < len(text) and text[end] not in " \t\n;:'\"),]":
           end += 1
-        return text[start:end]
+        return _without_temporary_part(text[start:end])
     error = error.__cause__ or error.__context__
   return path
 
