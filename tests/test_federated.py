@@ -5,6 +5,8 @@ client, 1 local epoch, 3 rounds of 3 clients) so that ResNet-18 trains in
 seconds per round on a CPU; building the TFF computations dominates.
 """
 
+import asyncio
+import collections
 import csv
 import json
 import os
@@ -16,9 +18,12 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_federated as tff
 
 from benchmark import constants
+from benchmark import errors
 from benchmark import federated
+from benchmark import io_utils
 from benchmark import metrics as metrics_lib
 from benchmark import tff_runtime
 from benchmark.errors import FlairInputError
@@ -470,3 +475,53 @@ def test_killed_run_resumes_without_gaps_or_repeats(prepared_sample_dir,
   final = json.load(open(os.path.join(str(tmp_path),
                                       constants.FINAL_METRICS_FILE)))
   assert final["rounds_completed"] == 6
+
+
+# --- Save directory on a full disk --------------------------------------------
+
+
+@pytest.mark.slow
+def test_full_disk_is_one_line_and_leaves_nothing_partial(
+    prepared_sample_dir, tmp_path, small_filesystem):
+  """The command line on a full disk: the initial model's weights (45 MB)
+  do not fit: exit 1, one line naming the file, no traceback or crash, no
+  partial file (resuming after space is freed is the normal resume)."""
+  root = small_filesystem(64 * 1024, fill_to_kib=30 * 1024)
+  save_dir = os.path.join(root, "run")
+  result = subprocess.run(
+      _main_command(prepared_sample_dir, save_dir, total_rounds=1),
+      capture_output=True, text=True, env=_subprocess_env(), timeout=900,
+      cwd=REPO_ROOT)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  error_lines = [line for line in result.stderr.splitlines()
+                 if line.startswith("error:")]
+  weights = os.path.join(save_dir, "resnet18_federated_")
+  assert len(error_lines) == 1 and error_lines[0].startswith(
+      f"error: cannot write {weights}"), result.stderr[-3000:]
+  assert "No space left on device" in error_lines[0]
+  assert not [n for n in os.listdir(save_dir) if n.endswith((".h5", ".tmp"))]
+
+
+def test_checkpoint_on_a_full_disk_leaves_no_partial_state(small_filesystem):
+  """A checkpoint cut by a full disk: one-line OutputWriteError naming it,
+  TFF's temporary directory removed, and after space is freed the same
+  save succeeds and loads (so a rerun resumes)."""
+  root = small_filesystem(4096, fill_to_kib=256)
+  manager = tff.program.FileProgramStateManager(
+      os.path.join(root, federated.CHECKPOINT_DIR),
+      prefix=federated.CHECKPOINT_PREFIX)
+  state = collections.OrderedDict(
+      weights=np.ones([256, 1024], np.float32), round=1)  # 1 MiB.
+  path = os.path.join(root, federated.CHECKPOINT_DIR,
+                      federated.CHECKPOINT_PREFIX + "1")
+  with pytest.raises(errors.OutputWriteError,
+                     match=f"^cannot write {path}: No space left on device"):
+    with io_utils.tff_output(path):
+      asyncio.run(manager.save(state, 1))
+  assert os.listdir(os.path.join(root, federated.CHECKPOINT_DIR)) == []
+  os.remove(os.path.join(root, "filler"))
+  with io_utils.tff_output(path):
+    asyncio.run(manager.save(state, 1))
+  loaded, version = asyncio.run(manager.load_latest(state))
+  assert version == 1 and np.array_equal(loaded["weights"], state["weights"])
