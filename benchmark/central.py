@@ -420,6 +420,13 @@ def train_central(config: CentralConfig) -> dict:
         model.fit(_train_dataset(client_data[constants.TRAIN], config),
                   epochs=config.num_epochs, validation_data=val_ds,
                   callbacks=callbacks, verbose=verbose)
+    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError,
+            tf.errors.NotFoundError) as e:
+      # A record or image that TensorFlow cannot read (the main pre-checks
+      # records and labels without decoding images; a file may change
+      # during the run): one line per user file that fails.
+      raise data.training_data_error(config.tfrecords_dir, label_spec,
+                                     e) from e
     except errors.OutputWriteError:
       # CSVLogger appends in place: a row cut by a full disk is removed so
       # that metrics.csv holds complete rows only (the epoch is trained

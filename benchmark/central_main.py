@@ -12,13 +12,17 @@ directory is refused unless `--overwrite`), writes the flag values to
 resumes a killed run; see `benchmark.central` for every output file.
 """
 
+import dataclasses
 import json
+import os
 
 from absl import app
 from absl import flags
 from absl import logging
 
 from benchmark import central
+from benchmark import constants
+from benchmark import data
 from benchmark import errors
 from benchmark import io_utils
 
@@ -48,6 +52,12 @@ _SAVE_MODEL_DIR = flags.DEFINE_string(
     "Directory for the best weights, metrics.csv, tensorboard/, "
     "final_metrics.json, flags.json and run.json; rerun with the same "
     "directory to resume. Default: a new directory runs/central-<UTC time>.")
+_SKIP_BAD_RECORDS = flags.DEFINE_boolean(
+    "skip_bad_records", False,
+    "Train without the records of --tfrecords_dir that cannot be used "
+    "(unreadable, cut short, missing features, label indices outside the "
+    "label index) instead of refusing to start; they are counted in the log "
+    "and in final_metrics.json.")
 _OVERWRITE = flags.DEFINE_boolean(
     "overwrite", False,
     "Delete the outputs of an earlier run in --save_model_dir (other files "
@@ -113,13 +123,27 @@ def main(argv: list[str]) -> None:
   # Rejects bad data flags before writing files.
   label_spec, _ = central.load_inputs(config)
   flag_values = {h.name: getattr(config, h.name) for h in _ALL_FLAGS}
-  flag_values[_OVERWRITE.name] = _OVERWRITE.value
-  io_utils.claim_save_dir(config.save_model_dir,
-                          _identity(config, label_spec), flag_values,
+  # Every user file read once (no image decoded): all bad files are
+  # reported at once, before anything is written.
+  bad = data.check_tfrecords(config.tfrecords_dir, label_spec,
+                             skip_bad_records=_SKIP_BAD_RECORDS.value)
+  for holder in (_SKIP_BAD_RECORDS, _OVERWRITE):
+    flag_values[holder.name] = holder.value
+  identity = _identity(config, label_spec)
+  identity["settings"][_SKIP_BAD_RECORDS.name] = _SKIP_BAD_RECORDS.value
+  io_utils.claim_save_dir(config.save_model_dir, identity, flag_values,
                           overwrite=_OVERWRITE.value)
   logging.info("This run writes to %s (rerun with --save_model_dir %s to "
                "resume it).", config.save_model_dir, config.save_model_dir)
+  if bad:
+    config = dataclasses.replace(
+        config, tfrecords_dir=data.mirror_without_bad_records(
+            config.tfrecords_dir, bad, os.path.join(
+                config.save_model_dir,
+                constants.TFRECORDS_WITHOUT_BAD_RECORDS_DIR)))
   final = central.train_central(config)
+  if bad:
+    final = data.record_skipped_records(config.save_model_dir, final, bad)
   print(json.dumps(final, indent=2, sort_keys=True))
 
 

@@ -75,11 +75,15 @@ BEST_WEIGHTS_FILE_PATTERN = "resnet18_{trainer}_{num_outputs}labels.h5"
 CENTRAL_BACKUP_DIR = "backup"
 FEDERATED_CHECKPOINT_DIR = "checkpoints"
 FEDERATED_WORKER_LOG_FILE = "tff_worker.log"
+# With --skip_bad_records: the TFRecords directory the run trains on (links
+# to the good user files, copies of the bad ones without their bad records).
+TFRECORDS_WITHOUT_BAD_RECORDS_DIR = "tfrecords_without_bad_records"
 # Every name a trainer writes directly in --save_model_dir (plus the best
 # weights, BEST_WEIGHTS_FILE_PATTERN): what --overwrite removes, and what
 # makes a directory hold a run.
 RUN_OUTPUT_NAMES = (FLAGS_FILE, RUN_IDENTITY_FILE, METRICS_CSV_FILE,
                     FINAL_METRICS_FILE, TENSORBOARD_DIR, CENTRAL_BACKUP_DIR,
-                    FEDERATED_CHECKPOINT_DIR, FEDERATED_WORKER_LOG_FILE)
+                    FEDERATED_CHECKPOINT_DIR, FEDERATED_WORKER_LOG_FILE,
+                    TFRECORDS_WITHOUT_BAD_RECORDS_DIR)
 # Default parent of a run's --save_model_dir (a fresh directory per run).
 DEFAULT_RUNS_DIR = "runs"

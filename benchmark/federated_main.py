@@ -14,12 +14,15 @@ Rerunning the same command resumes after the latest checkpoint. SIGTERM and
 Ctrl-C stop the run cleanly (the TFF worker process is stopped too).
 """
 
+import dataclasses
 import json
+import os
 
 from absl import app
 from absl import flags
 from absl import logging
 
+from benchmark import constants
 from benchmark import data
 from benchmark import dp
 from benchmark import errors
@@ -81,6 +84,12 @@ _SAVE_MODEL_DIR = flags.DEFINE_string(
     " final_metrics.json, flags.json and run.json; rerun with the same "
     "directory to resume. Default: a new directory runs/federated-<UTC "
     "time>.")
+_SKIP_BAD_RECORDS = flags.DEFINE_boolean(
+    "skip_bad_records", False,
+    "Train without the records of --tfrecords_dir that cannot be used "
+    "(unreadable, cut short, missing features, label indices outside the "
+    "label index) instead of refusing to start; they are counted in the log "
+    "and in final_metrics.json.")
 _OVERWRITE = flags.DEFINE_boolean(
     "overwrite", False,
     "Delete the outputs of an earlier run in --save_model_dir (other files "
@@ -187,13 +196,27 @@ def main(argv: list[str]) -> None:
                                     config.use_fine_grained_labels,
                                     config.binary_label)
   flag_values = {h.name: getattr(config, h.name) for h in _ALL_FLAGS}
-  flag_values[_OVERWRITE.name] = _OVERWRITE.value
-  io_utils.claim_save_dir(config.save_model_dir,
-                          _identity(config, label_spec), flag_values,
+  # Every user file read once (no image decoded): all bad files are
+  # reported at once, before anything is written.
+  bad = data.check_tfrecords(config.tfrecords_dir, label_spec,
+                             skip_bad_records=_SKIP_BAD_RECORDS.value)
+  for holder in (_SKIP_BAD_RECORDS, _OVERWRITE):
+    flag_values[holder.name] = holder.value
+  identity = _identity(config, label_spec)
+  identity["settings"][_SKIP_BAD_RECORDS.name] = _SKIP_BAD_RECORDS.value
+  io_utils.claim_save_dir(config.save_model_dir, identity, flag_values,
                           overwrite=_OVERWRITE.value)
   logging.info("This run writes to %s (rerun with --save_model_dir %s to "
                "resume it).", config.save_model_dir, config.save_model_dir)
+  if bad:
+    config = dataclasses.replace(
+        config, tfrecords_dir=data.mirror_without_bad_records(
+            config.tfrecords_dir, bad, os.path.join(
+                config.save_model_dir,
+                constants.TFRECORDS_WITHOUT_BAD_RECORDS_DIR)))
   final = federated.run_federated(config)
+  if bad:
+    final = data.record_skipped_records(config.save_model_dir, final, bad)
   print(json.dumps(final, indent=2, sort_keys=True))
 
 

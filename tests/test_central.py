@@ -471,7 +471,8 @@ def test_cli_resumes_after_kill(prepared_sample_dir, tmp_path):
       "num_epochs": num_epochs, "restore_model_path": None,
       "save_model_dir": str(save_dir), "image_height": CROP,
       "image_width": CROP, "use_fine_grained_labels": False,
-      "binary_label": None, "seed": 0, "overwrite": False}
+      "binary_label": None, "seed": 0, "skip_bad_records": False,
+      "overwrite": False}
 
 
 # --- Save directory: one run per directory, full disks -----------------------
@@ -491,14 +492,26 @@ def _dir_files(directory):
 @pytest.mark.slow
 def test_cli_refuses_another_run_in_its_directory_until_overwrite(
     prepared_sample_dir, tmp_path):
-  """A binary-label rerun and a federated run into a finished central run's
+  """The first run has no --save_model_dir: it writes to its own new
+  ./runs/central-<UTC time>, named in the log, and nothing else in the
+  working directory. A binary-label rerun and a federated run into that
   directory are refused with one line, nothing changed; `--overwrite`
   removes the old run's files and starts afresh."""
-  save_dir = tmp_path / "run"
-  returncode, _, stderr = _run_cli(
-      _cli(prepared_sample_dir, save_dir, "--num_epochs", "1"),
-      str(tmp_path / "first"))
-  assert returncode == 0, stderr[-3000:]
+  args = _cli(prepared_sample_dir, "unused", "--num_epochs", "1")
+  i = args.index("--save_model_dir")
+  del args[i:i + 2]
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  process = subprocess.run(
+      args, cwd=cwd, capture_output=True, text=True, timeout=_CLI_TIMEOUT_S,
+      check=False, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+  assert process.returncode == 0, process.stderr[-3000:]
+  runs = os.listdir(cwd / constants.DEFAULT_RUNS_DIR)
+  assert len(runs) == 1 and runs[0].startswith("central-"), runs
+  assert sorted(os.listdir(cwd)) == [constants.DEFAULT_RUNS_DIR]
+  assert f"--save_model_dir runs/{runs[0]}" in process.stderr
+  save_dir = cwd / constants.DEFAULT_RUNS_DIR / runs[0]
+
   num_labels = len(_label_index(prepared_sample_dir)[constants.LABELS_KEY])
   before = _dir_files(save_dir)
   assert f"resnet18_central_{num_labels}labels.h5" in before
@@ -531,28 +544,6 @@ def test_cli_refuses_another_run_in_its_directory_until_overwrite(
     identity = json.load(f)
   assert identity["settings"]["binary_label"] == "structure"
   assert identity["model"]["num_outputs"] == 1
-
-
-@pytest.mark.slow
-def test_default_save_dir_is_a_fresh_directory_under_runs(
-    prepared_sample_dir, tmp_path):
-  """Without --save_model_dir, a run writes to its own new
-  ./runs/central-<UTC time>, which the log names, and nothing else in the
-  working directory."""
-  args = [a for a in _cli(prepared_sample_dir, tmp_path / "unused")]
-  i = args.index("--save_model_dir")
-  del args[i:i + 2]
-  cwd = tmp_path / "cwd"
-  cwd.mkdir()
-  process = subprocess.run(
-      args + ["--num_epochs", "1"], cwd=cwd, capture_output=True, text=True,
-      timeout=_CLI_TIMEOUT_S, check=False,
-      env=dict(os.environ, PYTHONPATH=REPO_ROOT))
-  assert process.returncode == 0, process.stderr[-3000:]
-  runs = os.listdir(cwd / constants.DEFAULT_RUNS_DIR)
-  assert len(runs) == 1 and runs[0].startswith("central-"), runs
-  assert sorted(os.listdir(cwd)) == [constants.DEFAULT_RUNS_DIR]
-  assert f"--save_model_dir runs/{runs[0]}" in process.stderr
 
 
 @pytest.mark.slow
@@ -600,6 +591,59 @@ def test_best_weights_on_a_full_disk_raise_one_line_and_leave_nothing(
                      match=f"^cannot write {weights_path}: No space left"):
     callback.on_epoch_end(0, {"val_loss": 0.5})
   assert sorted(os.listdir(root)) == ["filler"]
+
+
+# --- Bad data -------------------------------------------------------------------
+
+
+def test_image_tensorflow_cannot_decode_ends_training_naming_the_file(
+    damaged_sample, prepared_sample_dir, tmp_path):
+  """A JPEG that passes the pre-check (right first bytes) but that
+  TensorFlow cannot decode: one error naming the user file, not a graph
+  traceback."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  copy, cut, bad_label, bad_jpeg = damaged_sample
+  for path in (cut, bad_label):  # Only the bad JPEG is left.
+    shutil.copyfile(os.path.join(prepared_sample_dir, constants.TRAIN,
+                                 os.path.basename(path)), path)
+  config = _config(copy, tmp_path / "run")
+  with pytest.raises(FlairInputError) as info:
+    central.train_central(config)
+  lines = str(info.value).splitlines()
+  assert lines[0].startswith("data error during training in 1 user file(s)")
+  assert "rerun the same command to resume" in lines[0]
+  assert [line.strip().split(": ", 1)[0] for line in lines[1:]] == [
+      os.path.realpath(bad_jpeg)]
+
+
+@pytest.mark.slow
+def test_cli_bad_tfrecords_are_listed_at_once_or_skipped(
+    damaged_sample, prepared_sample_dir, tmp_path):
+  """A truncated copy of a user file and a record with a label outside the
+  label index: refused before anything is written, one line per file; with
+  --skip_bad_records the run trains without them and counts them."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  copy, cut, bad_label, bad_jpeg = damaged_sample
+  shutil.copyfile(os.path.join(prepared_sample_dir, constants.TRAIN,
+                               os.path.basename(bad_jpeg)), bad_jpeg)
+  save_dir = tmp_path / "run"
+  args = _cli(copy, save_dir, "--num_epochs", "1")
+  returncode, _, stderr = _run_cli(args, str(tmp_path / "refused"))
+  line = _assert_one_line_error(returncode, stderr, "--skip_bad_records")
+  assert "2 of the 15 user files" in line
+  following = stderr.splitlines()[stderr.splitlines().index(line) + 1:]
+  assert sorted(l.strip().split(": ", 1)[0] for l in following[:2]) == (
+      sorted([cut, bad_label]))
+  assert not save_dir.exists()
+
+  returncode, _, stderr = _run_cli(args + ["--skip_bad_records"],
+                                   str(tmp_path / "skipped"))
+  assert returncode == 0, stderr[-3000:]
+  assert "skipping 2 bad record(s) in 2 user file(s)" in stderr
+  with open(save_dir / constants.FINAL_METRICS_FILE, encoding="utf-8") as f:
+    final = json.load(f)
+  assert final["skipped_records"] == {"count": 2,
+                                      "files": {cut: 1, bad_label: 1}}
 
 
 # --- Learning ----------------------------------------------------------------
