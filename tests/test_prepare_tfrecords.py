@@ -375,6 +375,48 @@ def test_files_without_a_manifest_entry_are_rebuilt(small_dataset, tmp_path):
   assert _output_files(out) == _output_files(reference)
 
 
+# --- Full disk -------------------------------------------------------------------
+
+
+def test_full_disk_is_one_error_naming_the_file_and_rerun_completes(
+    flair_sample_dir, prepared_sample_dir, small_filesystem):
+  root = small_filesystem(1024, fill_to_kib=200)
+  out = os.path.join(root, "out")
+  with pytest.raises(errors.OutputWriteError) as info:
+    prepare_tfrecords.prepare(flair_sample_dir, out, num_workers=1,
+                              show_progress=False)
+  message = str(info.value)
+  assert message.startswith(f"cannot write {out}/")
+  assert "No space left on device" in message and "\n" not in message
+  assert "--tfrecords_dir" in message
+  partial = _output_files(out)
+  reference = _output_files(prepared_sample_dir)
+  assert not [p for p in partial if p.endswith(".tmp")]
+  assert constants.LABEL_INDEX_FILE not in partial
+  for path in _user_files(out):  # Complete files only.
+    assert partial[path] == reference[path]
+  os.remove(os.path.join(root, "filler"))
+  prepare_tfrecords.prepare(flair_sample_dir, out, num_workers=1,
+                            show_progress=False)
+  assert _output_files(out) == reference
+
+
+@pytest.mark.slow
+def test_cli_full_disk_with_workers_is_one_line(flair_sample_dir, tmp_path,
+                                                small_filesystem):
+  root = small_filesystem(1024, fill_to_kib=200)
+  result = _run_cli("--dataset_dir", flair_sample_dir, "--tfrecords_dir",
+                    os.path.join(root, "out"), "--num_workers", "2")
+  assert result.returncode == 1, result.stderr
+  assert "Traceback" not in result.stderr, result.stderr
+  lines = [line for line in result.stderr.splitlines()
+           if line.startswith("error:")]
+  assert len(lines) == 1 and "No space left on device" in lines[0], (
+      result.stderr)
+  assert not [n for d, _, names in os.walk(root) for n in names
+              if n.endswith(".tmp")]
+
+
 # --- Bad input ------------------------------------------------------------------
 
 
