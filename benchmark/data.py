@@ -665,12 +665,44 @@ def find_files_failing_in_tensorflow(tfrecords_dir: str,
   return lines
 
 
+# Texts of TensorFlow errors caused by the data (seen through the TFF worker's
+# gRPC errors too, which carry only the text): a JPEG that does not decode, a
+# record that does not read or parse, a label index out of range (the
+# assertions of `create_parse_fn`), a user file gone.
+_DATA_ERROR_TEXTS = (
+    "DecodeJpeg", "jpeg::Uncompress", "Invalid JPEG data", "corrupted record",
+    "truncated record", "DataLossError", "ParseExample", "ParseSingleExample",
+    "label index >= ", "negative label index", ".tfrecords")
+
+
+def _error_text(error: BaseException) -> str:
+  details = getattr(error, "details", None)  # grpc.RpcError
+  if callable(details):
+    try:
+      return str(details() or "")
+    except Exception:  # pylint: disable=broad-except
+      pass
+  return str(getattr(error, "message", None) or error)
+
+
+def is_data_error(error: BaseException) -> bool:
+  """Whether an exception raised while training is a data error: a
+  TensorFlow `InvalidArgumentError`, `DataLossError` or `NotFoundError`, or
+  any exception (e.g. the TFF worker's gRPC error) whose text names a JPEG
+  decode, record read or parse failure or a label index assertion."""
+  if isinstance(error, (tf.errors.InvalidArgumentError,
+                        tf.errors.DataLossError, tf.errors.NotFoundError)):
+    return True
+  text = _error_text(error)
+  return any(t in text for t in _DATA_ERROR_TEXTS)
+
+
 def training_data_error(tfrecords_dir: str, label_spec: LabelSpec,
                         error: BaseException) -> FlairInputError:
   """The one-line-per-file error for a data error raised during training
   (`tf.errors.InvalidArgumentError`, `DataLossError`, ...): names the user
   files that fail (`find_files_failing_in_tensorflow`) and what to do."""
-  text = (getattr(error, "message", None) or str(error)).strip()
+  text = _error_text(error).strip()
   first = text.splitlines()[0] if text else type(error).__name__
   logging.error("Data error during training (%s); reading every user file "
                 "to find the bad one.", first)

@@ -214,7 +214,16 @@ def main(argv: list[str]) -> None:
             config.tfrecords_dir, bad, os.path.join(
                 config.save_model_dir,
                 constants.TFRECORDS_WITHOUT_BAD_RECORDS_DIR)))
-  final = federated.run_federated(config)
+  try:
+    final = federated.run_federated(config)
+  except Exception as e:  # pylint: disable=broad-except
+    # A record or image the pre-check could not see (it decodes no image)
+    # or a file changed during the run: one line per user file that fails.
+    if isinstance(e, (errors.FlairInputError, errors.OutputWriteError,
+                      errors.TffWorkerDiedError)) or not data.is_data_error(e):
+      raise
+    raise data.training_data_error(config.tfrecords_dir, label_spec,
+                                   e) from None
   if bad:
     final = data.record_skipped_records(config.save_model_dir, final, bad)
   print(json.dumps(final, indent=2, sort_keys=True))

@@ -422,3 +422,13 @@ def test_files_failing_in_tensorflow_are_named(damaged_sample):
       copy, data.load_label_spec(copy))
   assert sorted(line.split(": ", 1)[0] for line in lines) == sorted(
       os.path.realpath(p) for p in (cut, bad_label, bad_jpeg))
+
+
+def test_data_errors_are_recognised_through_grpc():
+  class FakeRpcError(Exception):
+    def details(self):
+      return ("Failed to run computation: jpeg::Uncompress failed. Invalid "
+              "JPEG data or crop window.\n [[{{node DecodeJpeg}}]]")
+  assert data.is_data_error(FakeRpcError("<_InactiveRpcError ...>"))
+  assert data.is_data_error(tf.errors.DataLossError(None, None, "cut"))
+  assert not data.is_data_error(RuntimeError("worker died"))

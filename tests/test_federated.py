@@ -525,3 +525,31 @@ def test_checkpoint_on_a_full_disk_leaves_no_partial_state(small_filesystem):
     asyncio.run(manager.save(state, 1))
   loaded, version = asyncio.run(manager.load_latest(state))
   assert version == 1 and np.array_equal(loaded["weights"], state["weights"])
+
+
+@pytest.mark.slow
+def test_image_tensorflow_cannot_decode_ends_the_run_naming_the_file(
+    damaged_sample, prepared_sample_dir, tmp_path):
+  """A JPEG that passes the pre-check but fails to decode in a client's
+  training (inside the TFF worker): one error line naming the user file,
+  one line per bad file after it, no traceback or gRPC dump."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  copy, cut, bad_label, bad_jpeg = damaged_sample
+  for path in (cut, bad_label):  # Only the bad JPEG is left.
+    shutil.copyfile(os.path.join(prepared_sample_dir, constants.TRAIN,
+                                 os.path.basename(path)), path)
+  result = subprocess.run(
+      _main_command(copy, tmp_path / "run", total_rounds=1,
+                    clients_per_round=13),
+      capture_output=True, text=True, env=_subprocess_env(), timeout=900,
+      cwd=REPO_ROOT)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert "debug_error_string" not in result.stderr, result.stderr[-3000:]
+  lines = result.stderr.splitlines()
+  start = [i for i, line in enumerate(lines) if line.startswith("error:")]
+  assert len(start) == 1, result.stderr[-3000:]
+  assert lines[start[0]].startswith(
+      "error: data error during training in 1 user file(s)")
+  assert lines[start[0] + 1].strip().startswith(
+      os.path.realpath(bad_jpeg) + ": ")
