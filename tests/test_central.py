@@ -614,6 +614,24 @@ def test_image_tensorflow_cannot_decode_ends_training_naming_the_file(
   assert "rerun the same command to resume" in lines[0]
   assert [line.strip().split(": ", 1)[0] for line in lines[1:]] == [
       os.path.realpath(bad_jpeg)]
+  # The file fixed, the same run completes.
+  shutil.copyfile(os.path.join(prepared_sample_dir, constants.TRAIN,
+                               os.path.basename(bad_jpeg)), bad_jpeg)
+  final = central.train_central(config)
+  _check_outputs(tmp_path / "run", len(_label_index(copy)["labels"]), 1,
+                 final)
+
+
+def test_cli_read_only_save_dir_is_one_line(prepared_sample_dir, tmp_path,
+                                            small_filesystem):
+  root = small_filesystem(1024)
+  subprocess.run(["mount", "-o", "remount,ro", root], check=True)
+  save_dir = os.path.join(root, "run")
+  returncode, _, stderr = _run_cli(
+      _cli(prepared_sample_dir, save_dir, "--num_epochs", "1"),
+      str(tmp_path / "ro"))
+  line = _assert_one_line_error(returncode, stderr, "--save_model_dir")
+  assert "Read-only file system" in line
 
 
 @pytest.mark.slow
