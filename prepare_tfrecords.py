@@ -747,6 +747,11 @@ def prepare(dataset_dir: str, tfrecords_dir: str,
     if pool is not None:
       pool.terminate()
       pool.join()
+      # Workers stopped in the middle of a file (after an error elsewhere,
+      # Ctrl-C) leave their temporary file: removed here, not at the rerun.
+      if os.path.isdir(tfrecords_dir):
+        with contextlib.suppress(OSError):
+          _remove_stale_temp_files(tfrecords_dir)
 
   _write_manifest(manifest_path, entries.values())
   io_utils.write_json_atomic(label_index_path, label_index,
