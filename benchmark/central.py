@@ -447,10 +447,15 @@ def train_central(config: CentralConfig) -> dict:
         f"no best weights at {weights_path}: no epoch had a finite val loss")
   model.load_weights(weights_path)
   test_ds = _eval_dataset(client_data[constants.TEST], config.eval_batch_size)
-  final = {
-      constants.VAL: _evaluate(model, val_ds, names, verbose),
-      constants.TEST: _evaluate(model, test_ds, names, verbose),
-  }
+  try:
+    final = {
+        constants.VAL: _evaluate(model, val_ds, names, verbose),
+        constants.TEST: _evaluate(model, test_ds, names, verbose),
+    }
+  except (tf.errors.InvalidArgumentError, tf.errors.DataLossError,
+          tf.errors.NotFoundError) as e:
+    raise data.training_data_error(config.tfrecords_dir, label_spec,
+                                   e) from e
   io_utils.write_json_atomic(final_path, final)
   logging.info("Best weights (%s) on val: %s; on test: %s", weights_path,
                final[constants.VAL], final[constants.TEST])
