@@ -26,6 +26,13 @@ its CSV row and its best-weights decision on disk; an epoch that wrote its row
 but was killed before its backup is trained again, and its old row is dropped
 first so that `metrics.csv` never repeats an epoch. A run that already
 finished is not trained again.
+
+A full disk, read-only directory or permission error while saving weights,
+the backup or metrics raises `errors.OutputWriteError` naming the output
+(no partial file is left under a final name, a metrics row cut short is
+removed); a record or image TensorFlow cannot read raises a
+`FlairInputError` naming the user files that fail
+(`data.training_data_error`). Rerunning after the cause is fixed resumes.
 """
 
 import contextlib

@@ -7,7 +7,9 @@ Flags and defaults are those of the original benchmark (FLAIR_REFERENCE.md,
 "Command lines"), plus `--rounds_per_checkpoint`, `--dp_calibration` and
 `--seed`. The run itself is `benchmark.federated.run_federated`; this module
 reads the flags, rejects bad input with a one-line error (exit status 1),
-claims the save directory (`io_utils.claim_save_dir`: `run.json` records the
+checks every user file (`data.check_tfrecords`: all bad files listed at once,
+or skipped with `--skip_bad_records`), claims the save directory
+(`io_utils.claim_save_dir`: `run.json` records the
 run; another run's directory is refused unless `--overwrite`), writes the
 flag values to `<save_model_dir>/flags.json` and starts training.
 Rerunning the same command resumes after the latest checkpoint. SIGTERM and

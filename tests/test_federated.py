@@ -553,3 +553,12 @@ def test_image_tensorflow_cannot_decode_ends_the_run_naming_the_file(
       "error: data error during training in 1 user file(s)")
   assert lines[start[0] + 1].strip().startswith(
       os.path.realpath(bad_jpeg) + ": ")
+
+
+def test_overwrite_knows_every_output_of_both_trainers():
+  """--overwrite removes, and the run-identity rule looks for, the names in
+  constants.RUN_OUTPUT_NAMES: they must cover what the trainers write."""
+  from benchmark import central  # pylint: disable=g-import-not-at-top
+  for name in (central.BACKUP_DIR, federated.CHECKPOINT_DIR,
+               federated.WORKER_LOG_FILE):
+    assert name in constants.RUN_OUTPUT_NAMES
