@@ -585,7 +585,8 @@ def mirror_without_bad_records(tfrecords_dir: str, bad: list[FileCheck],
   `target_dir` (recreated) gets the label index and, per partition, a
   symbolic link to each good user file and, for each file in `bad`, a new
   file with its good records only (records before an unreadable tail, minus
-  the bad ones), written atomically.
+  the bad ones), written atomically; a user with no good record is left
+  out.
 
   Args:
     tfrecords_dir: the checked directory.
@@ -618,6 +619,9 @@ def mirror_without_bad_records(tfrecords_dir: str, bad: list[FileCheck],
         os.symlink(os.path.abspath(path), target)
       continue
     skipped = set(check.bad_records)
+    if check.num_records == len(skipped):
+      logging.warning("%s has no usable record; its user is left out.", path)
+      continue
     with io_utils.atomic_path(target) as tmp:
       with tf.io.TFRecordWriter(tmp) as writer:
         records = tf.compat.v1.io.tf_record_iterator(path)

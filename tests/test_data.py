@@ -414,6 +414,12 @@ def test_skip_bad_records_trains_on_a_mirror_without_them(damaged_sample,
   good = [n for n in os.listdir(os.path.join(copy, constants.VAL))]
   assert os.path.realpath(os.path.join(mirror, constants.VAL, good[0])) == (
       os.path.realpath(os.path.join(copy, constants.VAL, good[0])))
+  # A user without a good record is left out.
+  all_bad = data.FileCheck(os.path.join(copy, constants.TEST, os.listdir(
+      os.path.join(copy, constants.TEST))[0]), 1, (0,), False, "bad")
+  mirror = data.mirror_without_bad_records(copy, bad + [all_bad],
+                                           str(tmp_path / "mirror2"))
+  assert os.listdir(os.path.join(mirror, constants.TEST)) == []
 
 
 def test_files_failing_in_tensorflow_are_named(damaged_sample):
