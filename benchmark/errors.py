@@ -2,6 +2,7 @@
 into a one-line message and a non-zero exit code instead of a traceback."""
 
 import functools
+import logging
 import signal
 import sys
 from typing import Callable, NoReturn
@@ -47,18 +48,55 @@ def install_sigterm_handler() -> None:
   signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
+# TFF's gRPC stub logs every retryable gRPC error at INFO with the whole
+# exception text (a multi-line `debug_error_string` dump); when the TFF worker
+# dies, that dump came before our one-line error.
+_RETRYABLE_GRPC_LOG = "Received retryable gRPC error"
+
+
+class _OneLineGrpcErrors(logging.Filter):
+  """Shortens TFF's retryable-gRPC-error log records to one line (status
+  code and the first line of the details)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if (isinstance(record.msg, str)
+        and record.msg.startswith(_RETRYABLE_GRPC_LOG) and record.args):
+      error = record.args[0] if isinstance(record.args, tuple) else None
+      summary = str(error)
+      try:
+        summary = f"{error.code()}: {error.details()}"
+      except Exception:  # pylint: disable=broad-except
+        pass
+      lines = summary.strip().splitlines()
+      record.args = (lines[0] if lines else type(error).__name__,)
+    return True
+
+
+_GRPC_FILTER = _OneLineGrpcErrors()
+
+
+def shorten_library_logs() -> None:
+  """Makes library log records that dump whole gRPC errors one line long
+  (absl's logger; idempotent)."""
+  absl_logger = logging.getLogger("absl")
+  if _GRPC_FILTER not in absl_logger.filters:
+    absl_logger.addFilter(_GRPC_FILTER)
+
+
 def exit_on_input_error(main: Callable) -> Callable:
   """Wraps an absl `main(argv)`: a `FlairInputError`, `OutputWriteError` or
   `TffWorkerDiedError` becomes one line on stderr ("error: <message>") and exit status 1; Ctrl-C
   becomes exit status 130.
 
-  Also installs `install_sigterm_handler()`, and on the way out releases
+  Also installs `install_sigterm_handler()` and `shorten_library_logs()`,
+  and on the way out releases
   TFF's default context when TFF was loaded (`tff_runtime`).
   """
 
   @functools.wraps(main)
   def wrapped(argv):
     install_sigterm_handler()
+    shorten_library_logs()
     try:
       return main(argv)
     except (FlairInputError, OutputWriteError, TffWorkerDiedError) as e:

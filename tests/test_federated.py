@@ -433,6 +433,8 @@ def test_a_killed_worker_ends_main_with_a_one_line_error(prepared_sample_dir,
   stderr = stderr.decode()
   assert process.returncode == 1, stderr[-2000:]
   assert "Traceback" not in stderr, stderr[-2000:]
+  # No multi-line gRPC dump before the one-line error.
+  assert "debug_error_string" not in stderr, stderr[-2000:]
   last = stderr.strip().splitlines()[-1]
   assert last.startswith("error: the TFF worker process"), last
   assert "SIGKILL" in last and "tff_worker.log" in last, last
