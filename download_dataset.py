@@ -453,6 +453,10 @@ def _local_error(e: OSError, path: str) -> DownloadError:
   detail = e.strerror or str(e)
   if e.filename and e.filename != path:
     detail += f": {e.filename}"
+  if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+    return DownloadError(
+        f"file error on {path}: {detail}; make --dataset_dir writable (or "
+        "choose another) and rerun")
   return DownloadError(f"file error on {path}: {detail}")
 
 

@@ -18,24 +18,43 @@ Steps:
    JSON, a record that is not an object or misses a field, a field of the
    wrong type, an unknown partition (`dev` is read as `val`), a user in two
    partitions, a repeated image id, a missing image, a file that is not a
-   256x256 JPEG Pillow can open. All problems are collected; by default the
-   run stops with the full list (exit status 1). With `--skip_bad_images` the
-   records with problems are skipped and listed, with the reason, in a JSON
-   report (default `T/skipped_images.json`). Nothing is dropped silently.
+   256x256 JPEG that Pillow decodes completely (every image is decoded, in
+   the worker processes, so a truncated or corrupt JPEG is found here and not
+   at training time). All problems are collected; by default the run stops
+   with the full list (exit status 1). With `--skip_bad_images` the records
+   with problems are skipped and listed, with the reason, in a JSON report
+   (default `T/skipped_images.json`; a run without the flag removes a report
+   left there). Nothing is dropped silently.
 2. Users are written in parallel by a process pool (`--num_workers`, default
    all cores), one whole file per task, each to a temporary name and then
    renamed (`io_utils.atomic_path`): a final `<user_id>.tfrecords` is always
-   complete. A rerun skips users whose final file exists, so an interrupted
-   run resumes (this assumes the inputs did not change in between); stale
-   temporary files of an interrupted run are removed.
-3. `label_index.json` is written last, then a summary of users and images
+   complete.
+3. `T/prepare_manifest.jsonl` records what each user file was built from
+   (one JSON line per file: the label index digest, the writer options and a
+   digest of the user's records with the sha256 of each image). A rerun keeps
+   a user file only when all three are unchanged; any other file is written
+   again (the summary counts them by reason), and user files of users no
+   longer in the output are removed. So an interrupted run resumes, and a
+   rerun after the inputs changed (an image restored after
+   `--skip_bad_images`, edited metadata) ends equal to a fresh run. While
+   files are (re)written the directory holds no label index, and each file
+   finished is appended to the manifest at once; stale temporary files of an
+   interrupted run are removed.
+4. `label_index.json` is written last, then a summary of users and images
    per partition.
+
+A full disk, a read-only output or a permission error ends the run with one
+line naming the file (`errors.OutputWriteError`); nothing partial is left
+under a final name and the rerun completes it.
 
 TensorFlow is imported only by the processes that write (about 12 s each).
 """
 
 import collections
+import contextlib
 import dataclasses
+import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -53,6 +72,17 @@ from benchmark import io_utils
 
 # Report of the skipped records, written in the tfrecords directory by default.
 SKIPPED_IMAGES_REPORT_FILE = "skipped_images.json"
+# What each user file was built from (one JSON object per line); see
+# `prepare`.
+MANIFEST_FILE = "prepare_manifest.jsonl"
+# The options a user file's bytes depend on; a change rebuilds every file.
+# Bump "format" when the writer changes what it writes.
+WRITER_OPTIONS = {"format": 1, "images": constants.SMALL_IMAGES_DIR}
+# Why a user file found on disk is written again (summary and log).
+REBUILD_NO_ENTRY = "not in the manifest (written by an earlier version or an interrupted run)"
+REBUILD_LABEL_INDEX = "label index changed"
+REBUILD_OPTIONS = "writer options changed"
+REBUILD_RECORDS = "the user's records or images changed"
 # The first bytes of every JPEG file (SOI marker followed by a marker's 0xFF),
 # ITU-T T.81 Annex B.
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -109,8 +139,14 @@ class PrepareSummary:
     users: users per partition (all files of the partition, including those
       found complete from an earlier run).
     images: images per partition, likewise.
-    users_written: user files written by this run.
-    users_already_complete: user files found complete and skipped (resume).
+    users_written: user files written by this run (new and rebuilt).
+    users_already_complete: user files found complete, built from the same
+      records, images, label index and options, and kept (resume).
+    users_rebuilt: of `users_written`, files that existed but were built
+      from other inputs, by reason (the `REBUILD_*` texts).
+    files_removed: user files of an earlier run removed because their user
+      is no longer in the output (skipped now, moved partition, or gone from
+      the metadata).
     skipped: the records skipped with `skip_bad_images` (empty otherwise).
     report_path: the skip report written, or None.
     label_index_path: path of label_index.json.
@@ -123,6 +159,8 @@ class PrepareSummary:
   skipped: tuple[Problem, ...]
   report_path: Optional[str]
   label_index_path: str
+  users_rebuilt: dict[str, int] = dataclasses.field(default_factory=dict)
+  files_removed: int = 0
 
   def describe(self) -> str:
     """A multi-line human-readable summary."""
@@ -134,6 +172,15 @@ class PrepareSummary:
                  f"{sum(self.images.values()):8d} images "
                  f"({self.users_written} user files written now, "
                  f"{self.users_already_complete} already complete)")
+    if self.users_rebuilt:
+      lines.append(
+          f"  rebuilt {sum(self.users_rebuilt.values())} user files found "
+          "from an earlier run: " + "; ".join(
+              f"{n} {reason}" for reason, n in sorted(
+                  self.users_rebuilt.items())))
+    if self.files_removed:
+      lines.append(f"  removed {self.files_removed} user files of an earlier "
+                   "run whose user is not in this output")
     if self.report_path is not None:
       lines.append(f"  skipped {len(self.skipped)} bad records; list in "
                    f"{self.report_path}")
@@ -148,6 +195,7 @@ class _Record:
   labels: tuple[str, ...]
   fine_grained_labels: tuple[str, ...]
   partition: str
+  image_sha256: Optional[str] = None  # Set once the image is checked.
 
 
 # --- Checking ------------------------------------------------------------------
@@ -243,37 +291,53 @@ def _image_path(dataset_dir: str, image_id: str) -> str:
                       image_id + constants.IMAGE_EXTENSION)
 
 
-def _check_image(path: str) -> Optional[str]:
-  """None if `path` is a 256x256 JPEG that Pillow opens; else the problem."""
+def _check_image(path: str) -> tuple[Optional[str], Optional[str]]:
+  """Reads and fully decodes one image.
+
+  Returns:
+    `(problem, sha256)`: problem is None if `path` is a 256x256 JPEG that
+    Pillow decodes completely (a truncated or corrupt file fails here, not at
+    training time), else what is wrong; sha256 is the hex digest of the
+    file's bytes (None when it cannot be read).
+  """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     with open(path, "rb") as f:
-      head = f.read(len(_JPEG_MAGIC))
+      content = f.read()
   except FileNotFoundError:
-    return f"image file {path} not found"
+    return f"image file {path} not found", None
   except OSError as e:
-    return f"image file {path} cannot be read: {e}"
+    return f"image file {path} cannot be read: {e}", None
+  digest = hashlib.sha256(content).hexdigest()
+  head = content[:len(_JPEG_MAGIC)]
   if head != _JPEG_MAGIC:
     return (f"image file {path} is not a JPEG (its first bytes are "
-            f"{head!r}, expected {_JPEG_MAGIC!r})")
+            f"{head!r}, expected {_JPEG_MAGIC!r})"), digest
+  # Pillow raises several types (UnidentifiedImageError, OSError,
+  # SyntaxError, ...) for a corrupt file.
   try:
-    with Image.open(path) as image:
-      image_format, size = image.format, image.size
-      image.verify()
+    image = Image.open(io.BytesIO(content))
   except Exception as e:  # pylint: disable=broad-except
-    # Pillow raises several types (UnidentifiedImageError, OSError,
-    # SyntaxError, ...) for a corrupt file.
-    return f"image file {path} cannot be opened as an image: {e}"
+    return f"image file {path} cannot be opened as an image: {e}", digest
+  with image:
+    image_format, size = image.format, image.size
+    try:
+      image.load()  # Decodes every pixel: truncated or corrupt data fails.
+    except Exception as e:  # pylint: disable=broad-except
+      return (f"image file {path} cannot be decoded (truncated or corrupt "
+              f"image data): {e}"), digest
   if image_format != "JPEG":
-    return f"image file {path} is a {image_format} image, expected JPEG"
+    return (f"image file {path} is a {image_format} image, expected JPEG",
+            digest)
   expected = (constants.IMAGE_SIZE, constants.IMAGE_SIZE)
   if size != expected:
     return (f"image file {path} is {size[0]}x{size[1]} pixels, expected "
-            f"{expected[0]}x{expected[1]} (FLAIR's small images)")
-  return None
+            f"{expected[0]}x{expected[1]} (FLAIR's small images)"), digest
+  return None, digest
 
 
-def _check_images(paths: Sequence[str]) -> list[Optional[str]]:
+def _check_images(paths: Sequence[str]
+                  ) -> list[tuple[Optional[str], Optional[str]]]:
   """Pool task: `_check_image` for each path."""
   return [_check_image(path) for path in paths]
 
@@ -341,9 +405,9 @@ def _check_records(dataset_dir: str, raw_records: list[Any], pool,
   if bar is not None:
     bar.close()
   good = []
-  for record, message in zip(candidates, image_problems):
+  for record, (message, digest) in zip(candidates, image_problems):
     if message is None:
-      good.append(record)
+      good.append(dataclasses.replace(record, image_sha256=digest))
     else:
       problems_by_record[record.index].append(
           Problem(message, record.index, record.image_id, record.user_id))
@@ -372,16 +436,21 @@ def _tensorflow():
   return _tf
 
 
-def _write_user(task: tuple[str, list[tuple[str, list[int], list[int]]]]
-                ) -> str:
-  """Pool task: writes one user's file atomically; returns its path.
+def _write_user(
+    task: tuple[str, str, list[tuple[str, list[int], list[int]]]]) -> str:
+  """Pool task: writes one user's file atomically; returns its relative path.
 
   Args:
-    task: (final path, [(image path, label indices, fine label indices)]).
+    task: (final path, path relative to the output directory, [(image path,
+      label indices, fine label indices)]).
+
+  Raises:
+    errors.OutputWriteError: the output disk is full, read-only or not
+      permitted (names the file; nothing left under its name).
   """
   tf = _tensorflow()
-  path, examples = task
-  with io_utils.atomic_path(path) as tmp:
+  path, relative, examples = task
+  with io_utils.atomic_path(path, flag="--tfrecords_dir") as tmp:
     with tf.io.TFRecordWriter(tmp) as writer:
       for image_path, labels, fine_labels in examples:
         with open(image_path, "rb") as f:
@@ -395,7 +464,7 @@ def _write_user(task: tuple[str, list[tuple[str, list[int], list[int]]]]
                 int64_list=tf.train.Int64List(value=fine_labels)),
         }))
         writer.write(example.SerializeToString(deterministic=True))
-  return path
+  return relative
 
 
 def _remove_stale_temp_files(tfrecords_dir: str) -> int:
@@ -410,6 +479,83 @@ def _remove_stale_temp_files(tfrecords_dir: str) -> int:
         os.remove(os.path.join(directory, name))
         removed += 1
   return removed
+
+
+def _digest(obj: Any) -> str:
+  """sha256 hex digest of `obj` as canonical JSON."""
+  return hashlib.sha256(json.dumps(
+      obj, sort_keys=True, ensure_ascii=False,
+      separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def _manifest_entry(relative_path: str, label_index_digest: str,
+                    user_records: Sequence[_Record]) -> dict[str, Any]:
+  """What one user file is built from: its label index, the writer options
+  and every record written (ids, labels, the image's sha256)."""
+  return {
+      "file": relative_path,
+      "label_index_sha256": label_index_digest,
+      "options": WRITER_OPTIONS,
+      "records_sha256": _digest([
+          [r.user_id, r.partition, r.image_id, list(r.labels),
+           list(r.fine_grained_labels), r.image_sha256]
+          for r in user_records]),
+  }
+
+
+def _manifest_line(entry: dict[str, Any]) -> str:
+  return json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n"
+
+
+def _read_manifest(path: str) -> dict[str, dict[str, Any]]:
+  """{relative file: entry} of a manifest; the last line for a file wins; a
+  line that does not parse (cut by a kill) is ignored."""
+  entries = {}
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = f.readlines()
+  except FileNotFoundError:
+    return entries
+  for line in lines:
+    try:
+      entry = json.loads(line)
+      entries[entry["file"]] = entry
+    except (ValueError, TypeError, KeyError):
+      continue
+  return entries
+
+
+def _write_manifest(path: str, entries: Iterable[dict[str, Any]]) -> None:
+  io_utils.write_text_atomic(
+      path, "".join(_manifest_line(e) for e in
+                    sorted(entries, key=lambda e: e["file"])),
+      flag="--tfrecords_dir")
+
+
+def _rebuild_reason(old: Optional[dict[str, Any]],
+                    new: dict[str, Any]) -> Optional[str]:
+  """Why an existing user file must be written again, or None to keep it."""
+  if old is None:
+    return REBUILD_NO_ENTRY
+  if old.get("label_index_sha256") != new["label_index_sha256"]:
+    return REBUILD_LABEL_INDEX
+  if old.get("options") != new["options"]:
+    return REBUILD_OPTIONS
+  if old.get("records_sha256") != new["records_sha256"]:
+    return REBUILD_RECORDS
+  return None
+
+
+def _existing_user_files(tfrecords_dir: str) -> set[str]:
+  """Relative paths `<partition>/<name>.tfrecords` present now."""
+  found = set()
+  for partition in constants.PARTITIONS:
+    directory = os.path.join(tfrecords_dir, partition)
+    if os.path.isdir(directory):
+      found.update(f"{partition}/{name}" for name in os.listdir(directory)
+                   if name.endswith(constants.TFRECORD_SUFFIX)
+                   and not name.startswith("."))
+  return found
 
 
 def default_num_workers() -> int:
@@ -489,11 +635,16 @@ def prepare(dataset_dir: str, tfrecords_dir: str,
           "num_records": len(raw_records),
           "num_skipped_records": len({p.record_index for p in problems}),
           "skipped": [p.to_json() for p in problems],
-      })
+      }, flag="--report_path" if report_path else "--tfrecords_dir")
       if problems:
         logging.warning("skipping %d bad record(s); list in %s",
                         len({p.record_index for p in problems}),
                         written_report)
+    else:
+      # A report of an earlier --skip_bad_images run no longer describes
+      # this output.
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(tfrecords_dir, SKIPPED_IMAGES_REPORT_FILE))
 
     label_index = {
         constants.LABELS_KEY: {
@@ -508,38 +659,77 @@ def prepare(dataset_dir: str, tfrecords_dir: str,
     by_user: dict[str, list[_Record]] = collections.defaultdict(list)
     for record in records:
       by_user[record.user_id].append(record)
-    os.makedirs(tfrecords_dir, exist_ok=True)
-    removed = _remove_stale_temp_files(tfrecords_dir)
+    with io_utils.output_errors(tfrecords_dir, flag="--tfrecords_dir"):
+      os.makedirs(tfrecords_dir, exist_ok=True)
+      removed = _remove_stale_temp_files(tfrecords_dir)
     if removed:
       logging.info("removed %d temporary file(s) of an interrupted run",
                    removed)
+    manifest_path = os.path.join(tfrecords_dir, MANIFEST_FILE)
+    old_manifest = _read_manifest(manifest_path)
+    existing = _existing_user_files(tfrecords_dir)
+    label_index_digest = _digest(label_index)
     users = {p: 0 for p in constants.PARTITIONS}
     images = {p: 0 for p in constants.PARTITIONS}
     tasks = []
-    already_complete = 0
+    entries = {}  # Relative path -> manifest entry, of every current user.
+    kept = []
+    rebuilt: dict[str, int] = collections.Counter()
     for user_id, user_records in by_user.items():
       partition = user_records[0].partition
       users[partition] += 1
       images[partition] += len(user_records)
+      relative = f"{partition}/{user_id}{constants.TFRECORD_SUFFIX}"
       path = os.path.join(tfrecords_dir, partition,
                           user_id + constants.TFRECORD_SUFFIX)
-      if os.path.exists(path):
-        already_complete += 1
-        continue
-      tasks.append((path, [
+      entries[relative] = _manifest_entry(relative, label_index_digest,
+                                          user_records)
+      if relative in existing:
+        reason = _rebuild_reason(old_manifest.get(relative),
+                                 entries[relative])
+        if reason is None:
+          kept.append(relative)
+          continue
+        rebuilt[reason] += 1
+      tasks.append((path, relative, [
           (_image_path(dataset_dir, r.image_id),
            [label_index[constants.LABELS_KEY][n] for n in r.labels],
            [label_index[constants.FINE_GRAINED_LABELS_KEY][n]
             for n in r.fine_grained_labels])
           for r in user_records]))
+    stale = sorted(existing - set(entries))
+    already_complete = len(kept)
     for partition in constants.PARTITIONS:
       if users[partition]:
-        os.makedirs(os.path.join(tfrecords_dir, partition), exist_ok=True)
+        with io_utils.output_errors(tfrecords_dir, flag="--tfrecords_dir"):
+          os.makedirs(os.path.join(tfrecords_dir, partition), exist_ok=True)
       else:
         logging.warning("partition %r has no users", partition)
     if already_complete:
-      logging.info("%d user file(s) already complete, skipped (resume)",
+      logging.info("%d user file(s) already complete, kept (resume)",
                    already_complete)
+    for reason, count in sorted(rebuilt.items()):
+      logging.warning("rebuilding %d user file(s) of an earlier run: %s",
+                      count, reason)
+    label_index_path = os.path.join(tfrecords_dir, constants.LABEL_INDEX_FILE)
+    if tasks or stale:
+      # Until this run completes, the directory holds no label index (so no
+      # trainer reads a mix of old and new files), and the manifest lists
+      # only the files that are kept; each file written is added below.
+      with io_utils.output_errors(tfrecords_dir, flag="--tfrecords_dir"):
+        for name in constants.LABEL_INDEX_FILES:
+          with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(tfrecords_dir, name))
+      _write_manifest(manifest_path, [entries[r] for r in kept])
+      with io_utils.output_errors(tfrecords_dir, flag="--tfrecords_dir"):
+        for relative in stale:
+          os.remove(os.path.join(tfrecords_dir, relative))
+      if stale:
+        logging.warning(
+            "removed %d user file(s) of an earlier run whose user is not in "
+            "this output (skipped now, moved partition or not in the "
+            "metadata): %s", len(stale), ", ".join(stale[:5])
+            + (", ..." if len(stale) > 5 else ""))
 
     if tasks:
       if pool is None:
@@ -547,21 +737,31 @@ def prepare(dataset_dir: str, tfrecords_dir: str,
       else:
         # Small chunks keep the workers balanced (user sizes are heavy-tailed).
         results = pool.imap_unordered(_write_user, tasks, chunksize=1)
-      for _ in _progress(results, show_progress, total=len(tasks),
-                         desc="writing users", unit="user"):
-        pass
+      with io_utils.output_errors(manifest_path, flag="--tfrecords_dir"), \
+          open(manifest_path, "a", encoding="utf-8") as journal:
+        for relative in _progress(results, show_progress, total=len(tasks),
+                                  desc="writing users", unit="user"):
+          journal.write(_manifest_line(entries[relative]))
+          journal.flush()
   finally:
     if pool is not None:
       pool.terminate()
       pool.join()
+      # Workers stopped in the middle of a file (after an error elsewhere,
+      # Ctrl-C) leave their temporary file: removed here, not at the rerun.
+      if os.path.isdir(tfrecords_dir):
+        with contextlib.suppress(OSError):
+          _remove_stale_temp_files(tfrecords_dir)
 
-  label_index_path = os.path.join(tfrecords_dir, constants.LABEL_INDEX_FILE)
-  io_utils.write_json_atomic(label_index_path, label_index)
+  _write_manifest(manifest_path, entries.values())
+  io_utils.write_json_atomic(label_index_path, label_index,
+                             flag="--tfrecords_dir")
   return PrepareSummary(
       tfrecords_dir=tfrecords_dir, users=users, images=images,
       users_written=len(tasks), users_already_complete=already_complete,
       skipped=tuple(problems), report_path=written_report,
-      label_index_path=label_index_path)
+      label_index_path=label_index_path, users_rebuilt=dict(rebuilt),
+      files_removed=len(stale))
 
 
 # --- Command line --------------------------------------------------------------

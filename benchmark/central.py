@@ -26,6 +26,13 @@ its CSV row and its best-weights decision on disk; an epoch that wrote its row
 but was killed before its backup is trained again, and its old row is dropped
 first so that `metrics.csv` never repeats an epoch. A run that already
 finished is not trained again.
+
+A full disk, read-only directory or permission error while saving weights,
+the backup or metrics raises `errors.OutputWriteError` naming the output
+(no partial file is left under a final name, a metrics row cut short is
+removed); a record or image TensorFlow cannot read raises a
+`FlairInputError` naming the user files that fail
+(`data.training_data_error`). Rerunning after the cause is fixed resumes.
 """
 
 import contextlib
@@ -44,13 +51,14 @@ import tensorflow_federated as tff
 
 from benchmark import constants
 from benchmark import data
+from benchmark import errors
 from benchmark import io_utils
 from benchmark import metrics
 from benchmark import model as model_lib
 from benchmark import restore
 from benchmark.errors import FlairInputError
 
-BACKUP_DIR = "backup"
+BACKUP_DIR = constants.CENTRAL_BACKUP_DIR
 TRAINER_NAME = "central"
 # Images kept in the shuffle buffer of the pooled training set. Each decoded
 # image is 256*256*3 bytes = 192 KiB, so 2,000 images hold ~400 MiB of RAM.
@@ -306,8 +314,7 @@ class _ResumableBestWeights(tf.keras.callbacks.Callback):
       logging.info("Epoch %d: val_loss improved from %.6g to %.6g; saving %s",
                    epoch + 1, self.best, val_loss, self._weights_path)
       self.best = float(val_loss)
-      with io_utils.atomic_path(self._weights_path) as tmp:
-        self.model.save_weights(tmp, save_format="h5")
+      io_utils.save_keras_weights_h5(self.model, self._weights_path)
 
 
 def _build_model(config: CentralConfig, num_outputs: int) -> tf.keras.Model:
@@ -415,9 +422,30 @@ def train_central(config: CentralConfig) -> dict:
             log_dir=os.path.join(save_dir, constants.TENSORBOARD_DIR)),
         tf.keras.callbacks.BackupAndRestore(backup_dir),
     ]
-    model.fit(_train_dataset(client_data[constants.TRAIN], config),
-              epochs=config.num_epochs, validation_data=val_ds,
-              callbacks=callbacks, verbose=verbose)
+    try:
+      with io_utils.output_errors(save_dir):
+        model.fit(_train_dataset(client_data[constants.TRAIN], config),
+                  epochs=config.num_epochs, validation_data=val_ds,
+                  callbacks=callbacks, verbose=verbose)
+    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError,
+            tf.errors.NotFoundError) as e:
+      # A record or image that TensorFlow cannot read (the main pre-checks
+      # records and labels without decoding images; a file may change
+      # during the run): one line per user file that fails.
+      raise data.training_data_error(config.tfrecords_dir, label_spec,
+                                     e) from e
+    except errors.OutputWriteError:
+      # CSVLogger appends in place: a row cut by a full disk is removed so
+      # that metrics.csv holds complete rows only (the epoch is trained
+      # again on resume, its backup was not written). A backup cut short
+      # stays in TF's temporary "<ckpt>_temp" directory, never listed in the
+      # backup's index: removed to free the space.
+      io_utils.drop_partial_last_line(csv_path)
+      for root, dirs, _ in os.walk(backup_dir):
+        for name in dirs:
+          if name.endswith("_temp"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+      raise
     if not _has_backup(backup_dir):
       shutil.rmtree(backup_dir, ignore_errors=True)  # Keras leaves it empty.
 
@@ -426,10 +454,15 @@ def train_central(config: CentralConfig) -> dict:
         f"no best weights at {weights_path}: no epoch had a finite val loss")
   model.load_weights(weights_path)
   test_ds = _eval_dataset(client_data[constants.TEST], config.eval_batch_size)
-  final = {
-      constants.VAL: _evaluate(model, val_ds, names, verbose),
-      constants.TEST: _evaluate(model, test_ds, names, verbose),
-  }
+  try:
+    final = {
+        constants.VAL: _evaluate(model, val_ds, names, verbose),
+        constants.TEST: _evaluate(model, test_ds, names, verbose),
+    }
+  except (tf.errors.InvalidArgumentError, tf.errors.DataLossError,
+          tf.errors.NotFoundError) as e:
+    raise data.training_data_error(config.tfrecords_dir, label_spec,
+                                   e) from e
   io_utils.write_json_atomic(final_path, final)
   logging.info("Best weights (%s) on val: %s; on test: %s", weights_path,
                final[constants.VAL], final[constants.TEST])

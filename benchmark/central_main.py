@@ -5,17 +5,26 @@
 Flags and defaults are those of the original benchmark (FLAIR_REFERENCE.md,
 "Command lines"), plus `--seed`. The run itself is
 `benchmark.central.train_central`; this module only reads the flags, rejects
-bad input with a one-line error (exit status 1), writes the flag values to
+bad input with a one-line error (exit status 1), checks every user file
+(`data.check_tfrecords`: all bad files listed at once, or skipped with
+`--skip_bad_records`), claims the save directory
+(`io_utils.claim_save_dir`: `run.json` records the run; another run's
+directory is refused unless `--overwrite`), writes the flag values to
 `<save_model_dir>/flags.json` and starts training. Rerunning the same command
 resumes a killed run; see `benchmark.central` for every output file.
 """
 
+import dataclasses
 import json
+import os
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from benchmark import central
+from benchmark import constants
+from benchmark import data
 from benchmark import errors
 from benchmark import io_utils
 
@@ -41,10 +50,21 @@ _RESTORE_MODEL_PATH = flags.DEFINE_string(
     "from: builds the BatchNorm model and loads layers by name, skipping the "
     "classifier when its size differs.")
 _SAVE_MODEL_DIR = flags.DEFINE_string(
-    "save_model_dir", "./",
+    "save_model_dir", None,
     "Directory for the best weights, metrics.csv, tensorboard/, "
-    "final_metrics.json and flags.json; rerun with the same directory to "
-    "resume.")
+    "final_metrics.json, flags.json and run.json; rerun with the same "
+    "directory to resume. Default: a new directory runs/central-<UTC time>.")
+_SKIP_BAD_RECORDS = flags.DEFINE_boolean(
+    "skip_bad_records", False,
+    "Train without the records of --tfrecords_dir that cannot be used "
+    "(unreadable, cut short, missing features, label indices outside the "
+    "label index) instead of refusing to start; they are counted in the log "
+    "and in final_metrics.json.")
+_OVERWRITE = flags.DEFINE_boolean(
+    "overwrite", False,
+    "Delete the outputs of an earlier run in --save_model_dir (other files "
+    "are kept) and start afresh, instead of refusing a directory that holds "
+    "a different run.")
 _IMAGE_HEIGHT = flags.DEFINE_integer(
     "image_height", 224, "Height in pixels of the crop fed to the model.")
 _IMAGE_WIDTH = flags.DEFINE_integer(
@@ -60,6 +80,13 @@ _SEED = flags.DEFINE_integer(
     "Seed for weight initialisation, data order, shuffling, crops and flips.")
 flags.mark_flag_as_required("tfrecords_dir")
 
+# The flags that change a run's results: a run with other values is a
+# different run (io_utils.claim_save_dir). --num_epochs is not one: more
+# epochs continue the same run.
+_RESULT_FLAGS = (_LEARNING_RATE, _CLIPNORM, _TRAIN_BATCH_SIZE,
+                 _RESTORE_MODEL_PATH, _IMAGE_HEIGHT, _IMAGE_WIDTH,
+                 _USE_FINE_GRAINED_LABELS, _BINARY_LABEL, _SEED)
+
 _ALL_FLAGS = (_TFRECORDS_DIR, _LEARNING_RATE, _CLIPNORM, _TRAIN_BATCH_SIZE,
               _EVAL_BATCH_SIZE, _NUM_EPOCHS, _RESTORE_MODEL_PATH,
               _SAVE_MODEL_DIR, _IMAGE_HEIGHT, _IMAGE_WIDTH,
@@ -68,9 +95,24 @@ _ALL_FLAGS = (_TFRECORDS_DIR, _LEARNING_RATE, _CLIPNORM, _TRAIN_BATCH_SIZE,
 
 def _config_from_flags() -> central.CentralConfig:
   """The flag values as a validated `CentralConfig` (FlairInputError on bad
-  values, naming the flag)."""
-  return central.CentralConfig(
-      **{holder.name: holder.value for holder in _ALL_FLAGS})
+  values, naming the flag); an unset --save_model_dir becomes a new
+  directory under ./runs/."""
+  values = {holder.name: holder.value for holder in _ALL_FLAGS}
+  if values["save_model_dir"] is None:
+    values["save_model_dir"] = io_utils.fresh_run_dir(central.TRAINER_NAME)
+  return central.CentralConfig(**values)
+
+
+def _identity(config: central.CentralConfig, label_spec) -> dict:
+  """The run identity recorded in `run.json` (see `io_utils.run_identity`)."""
+  return io_utils.run_identity(
+      central.TRAINER_NAME,
+      io_utils.labels_identity(label_spec.names,
+                               label_spec.use_fine_grained_labels,
+                               label_spec.binary_label),
+      io_utils.model_identity(config.restore_model_path is not None,
+                              label_spec.num_outputs),
+      {h.name: getattr(config, h.name) for h in _RESULT_FLAGS})
 
 
 @errors.exit_on_input_error
@@ -80,10 +122,30 @@ def main(argv: list[str]) -> None:
         f"unexpected positional arguments: {' '.join(argv[1:])} (all "
         "settings are --flags)")
   config = _config_from_flags()
-  central.load_inputs(config)  # Rejects bad data flags before writing files.
-  io_utils.prepare_save_dir(
-      config.save_model_dir, {h.name: h.value for h in _ALL_FLAGS})
+  # Rejects bad data flags before writing files.
+  label_spec, _ = central.load_inputs(config)
+  flag_values = {h.name: getattr(config, h.name) for h in _ALL_FLAGS}
+  # Every user file read once (no image decoded): all bad files are
+  # reported at once, before anything is written.
+  bad = data.check_tfrecords(config.tfrecords_dir, label_spec,
+                             skip_bad_records=_SKIP_BAD_RECORDS.value)
+  for holder in (_SKIP_BAD_RECORDS, _OVERWRITE):
+    flag_values[holder.name] = holder.value
+  identity = _identity(config, label_spec)
+  identity["settings"][_SKIP_BAD_RECORDS.name] = _SKIP_BAD_RECORDS.value
+  io_utils.claim_save_dir(config.save_model_dir, identity, flag_values,
+                          overwrite=_OVERWRITE.value)
+  logging.info("This run writes to %s (rerun with --save_model_dir %s to "
+               "resume it).", config.save_model_dir, config.save_model_dir)
+  if bad:
+    config = dataclasses.replace(
+        config, tfrecords_dir=data.mirror_without_bad_records(
+            config.tfrecords_dir, bad, os.path.join(
+                config.save_model_dir,
+                constants.TFRECORDS_WITHOUT_BAD_RECORDS_DIR)))
   final = central.train_central(config)
+  if bad:
+    final = data.record_skipped_records(config.save_model_dir, final, bad)
   print(json.dumps(final, indent=2, sort_keys=True))
 
 

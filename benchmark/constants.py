@@ -60,12 +60,33 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # --- Trainer outputs in --save_model_dir (central and federated) -------------
 FLAGS_FILE = "flags.json"
+# What the run in a save directory is (trainer, label set, model, the settings
+# that change results); see io_utils.claim_save_dir.
+RUN_IDENTITY_FILE = "run.json"
 METRICS_CSV_FILE = "metrics.csv"
 FINAL_METRICS_FILE = "final_metrics.json"
 TENSORBOARD_DIR = "tensorboard"
 # Best weights by val loss; format with trainer="central"/"federated" and the
 # number of model outputs (FLAIR_REFERENCE.md names resnet18_central_17labels).
 BEST_WEIGHTS_FILE_PATTERN = "resnet18_{trainer}_{num_outputs}labels.h5"
+# Central's Keras BackupAndRestore state and federated's checkpoints and TFF
+# worker log (benchmark.central.BACKUP_DIR, benchmark.federated.CHECKPOINT_DIR
+# and WORKER_LOG_FILE hold the same names).
+CENTRAL_BACKUP_DIR = "backup"
+FEDERATED_CHECKPOINT_DIR = "checkpoints"
+FEDERATED_WORKER_LOG_FILE = "tff_worker.log"
+# With --skip_bad_records: the TFRecords directory the run trains on (links
+# to the good user files, copies of the bad ones without their bad records).
+TFRECORDS_WITHOUT_BAD_RECORDS_DIR = "tfrecords_without_bad_records"
+# Every name a trainer writes directly in --save_model_dir (plus the best
+# weights, BEST_WEIGHTS_FILE_PATTERN): what --overwrite removes, and what
+# makes a directory hold a run.
+RUN_OUTPUT_NAMES = (FLAGS_FILE, RUN_IDENTITY_FILE, METRICS_CSV_FILE,
+                    FINAL_METRICS_FILE, TENSORBOARD_DIR, CENTRAL_BACKUP_DIR,
+                    FEDERATED_CHECKPOINT_DIR, FEDERATED_WORKER_LOG_FILE,
+                    TFRECORDS_WITHOUT_BAD_RECORDS_DIR)
+# Default parent of a run's --save_model_dir (a fresh directory per run).
+DEFAULT_RUNS_DIR = "runs"
 
 # Where FedAvg rounds run (`federated_main --backend`; benchmark.backends says
 # what each is). Here so that light modules (the demo) can name them without

@@ -2,6 +2,7 @@
 into a one-line message and a non-zero exit code instead of a traceback."""
 
 import functools
+import logging
 import signal
 import sys
 from typing import Callable, NoReturn
@@ -26,6 +27,17 @@ class TffWorkerDiedError(BackendDiedError):
   """The TFF worker process died during a run (see `BackendDiedError`)."""
 
 
+class OutputWriteError(RuntimeError):
+  """An output file or directory could not be written: the disk is full, the
+  file system is read-only, permission is denied or the device failed.
+
+  The message names the path, the system's reason and what to do; nothing
+  partial is left under the final name, so rerunning the same command after
+  the cause is fixed resumes. Command-line entry points print it on one line
+  and exit with status 1.
+  """
+
+
 def _exit_on_sigterm(signum, frame) -> NoReturn:
   del frame
   raise SystemExit(128 + signum)
@@ -40,21 +52,59 @@ def install_sigterm_handler() -> None:
   signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
+# TFF's gRPC stub logs every retryable gRPC error at INFO with the whole
+# exception text (a multi-line `debug_error_string` dump); when the TFF worker
+# dies, that dump came before our one-line error.
+_RETRYABLE_GRPC_LOG = "Received retryable gRPC error"
+
+
+class _OneLineGrpcErrors(logging.Filter):
+  """Shortens TFF's retryable-gRPC-error log records to one line (status
+  code and the first line of the details)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if (isinstance(record.msg, str)
+        and record.msg.startswith(_RETRYABLE_GRPC_LOG) and record.args):
+      error = record.args[0] if isinstance(record.args, tuple) else None
+      summary = str(error)
+      try:
+        summary = f"{error.code()}: {error.details()}"
+      except Exception:  # pylint: disable=broad-except
+        pass
+      lines = summary.strip().splitlines()
+      record.args = (lines[0] if lines else type(error).__name__,)
+    return True
+
+
+_GRPC_FILTER = _OneLineGrpcErrors()
+
+
+def shorten_library_logs() -> None:
+  """Makes library log records that dump whole gRPC errors one line long
+  (absl's logger; idempotent)."""
+  absl_logger = logging.getLogger("absl")
+  if _GRPC_FILTER not in absl_logger.filters:
+    absl_logger.addFilter(_GRPC_FILTER)
+
+
 def exit_on_input_error(main: Callable) -> Callable:
-  """Wraps an absl `main(argv)`: a `FlairInputError` or `BackendDiedError`
-  becomes one line on stderr ("error: <message>") and exit status 1; Ctrl-C
+  """Wraps an absl `main(argv)`: a `FlairInputError`, `OutputWriteError` or
+  `BackendDiedError` becomes one line on stderr ("error: <message>") and exit
+  status 1; Ctrl-C
   becomes exit status 130.
 
-  Also installs `install_sigterm_handler()`, and on the way out releases
+  Also installs `install_sigterm_handler()` and `shorten_library_logs()`,
+  and on the way out releases
   TFF's default context when TFF was loaded (`tff_runtime`).
   """
 
   @functools.wraps(main)
   def wrapped(argv):
     install_sigterm_handler()
+    shorten_library_logs()
     try:
       return main(argv)
-    except (FlairInputError, BackendDiedError) as e:
+    except (FlairInputError, OutputWriteError, BackendDiedError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(1)
     except KeyboardInterrupt:

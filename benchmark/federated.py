@@ -316,8 +316,8 @@ def _evaluate(keras_model: tf.keras.Model, dataset: tf.data.Dataset
 
 
 def _save_weights_atomic(keras_model: tf.keras.Model, path: str) -> None:
-  with io_utils.atomic_path(path) as tmp:
-    keras_model.save_weights(tmp, save_format="h5")
+  # OutputWriteError (one line, nothing partial left) on a full disk.
+  io_utils.save_keras_weights_h5(keras_model, path)
 
 
 def _client_dataset_options() -> tf.data.Options:
@@ -558,11 +558,13 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
       config.save_model_dir,
       constants.BEST_WEIGHTS_FILE_PATTERN.format(trainer="federated",
                                                  num_outputs=num_outputs))
-  csv_manager = tff.program.CSVFileReleaseManager(
-      os.path.join(config.save_model_dir, constants.METRICS_CSV_FILE),
-      key_fieldname=ROUND_KEY)
-  tensorboard_manager = tff.program.TensorBoardReleaseManager(
-      os.path.join(config.save_model_dir, constants.TENSORBOARD_DIR))
+  csv_path = os.path.join(config.save_model_dir, constants.METRICS_CSV_FILE)
+  tensorboard_dir = os.path.join(config.save_model_dir,
+                                 constants.TENSORBOARD_DIR)
+  with io_utils.tff_output(csv_path):
+    csv_manager = tff.program.CSVFileReleaseManager(csv_path,
+                                                    key_fieldname=ROUND_KEY)
+  tensorboard_manager = tff.program.TensorBoardReleaseManager(tensorboard_dir)
   eval_preprocess = data.create_eval_preprocess_fn(config.eval_batch_size)
 
   def eval_dataset(partition: str) -> tf.data.Dataset:
@@ -581,9 +583,11 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
       return
     for key, values in pending_rows:
       full = {c: values.get(c, "") for c in all_columns}
-      _run_async(csv_manager.release(full, key))
-      _run_async(tensorboard_manager.release(
-          {c.replace("_", "/", 1): v for c, v in values.items()}, key))
+      with io_utils.tff_output(csv_path):
+        _run_async(csv_manager.release(full, key))
+      with io_utils.output_errors(tensorboard_dir):
+        _run_async(tensorboard_manager.release(
+            {c.replace("_", "/", 1): v for c, v in values.items()}, key))
     pending_rows.clear()
 
   def evaluate_and_maybe_save(round_num: int, row: dict) -> None:
@@ -636,12 +640,15 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
       release(round_num, row)
       if (round_num % config.rounds_per_checkpoint == 0
           or round_num == config.total_rounds):
-        _run_async(state_manager.save(
-            collections.OrderedDict(
-                state=backend.get_state(), round=round_num,
-                best_val_loss=best_val_loss, best_round=best_round,
-                sampling_seed=sampling_seed, dp_clip=clip),
-            round_num))
+        with io_utils.tff_output(os.path.join(
+            config.save_model_dir, CHECKPOINT_DIR,
+            f"{CHECKPOINT_PREFIX}{round_num}")):
+          _run_async(state_manager.save(
+              collections.OrderedDict(
+                  state=backend.get_state(), round=round_num,
+                  best_val_loss=best_val_loss, best_round=best_round,
+                  sampling_seed=sampling_seed, dp_clip=clip),
+              round_num))
       postfix = {"loss": f"{row.get(TRAIN_PREFIX + 'loss', float('nan')):.4f}"}
       if last_val is not None:
         postfix[key_metric] = f"{last_val:.4f}"

@@ -6,20 +6,30 @@ on FLAIR.
 Flags and defaults are those of the original benchmark (FLAIR_REFERENCE.md,
 "Command lines"), plus `--rounds_per_checkpoint`, `--dp_calibration`,
 `--seed`, `--backend`, `--num_workers`, `--ray_address`, `--algorithm`,
-`--proximal_strength` and the optimizer choices (`--server_optimizer` and its
-hyperparameters, `--client_optimizer`, `--client_momentum`). The run itself is `benchmark.federated.run_federated`; this module
+`--proximal_strength`, the optimizer choices (`--server_optimizer` and its
+hyperparameters, `--client_optimizer`, `--client_momentum`),
+`--skip_bad_records` and `--overwrite`. The run itself is
+`benchmark.federated.run_federated`; this module
 reads the flags, rejects bad input with a one-line error (exit status 1),
-writes the flag values to `<save_model_dir>/flags.json` and starts training.
+checks every user file (`data.check_tfrecords`: all bad files listed at once,
+or skipped with `--skip_bad_records`), claims the save directory
+(`io_utils.claim_save_dir`: `run.json` records the
+run; another run's directory is refused unless `--overwrite`), writes the
+flag values to `<save_model_dir>/flags.json` and starts training.
 Rerunning the same command resumes after the latest checkpoint. SIGTERM and
 Ctrl-C stop the run cleanly (whatever the backend started is stopped too).
 """
 
+import dataclasses
 import json
+import os
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from benchmark import backends
+from benchmark import constants
 from benchmark import data
 from benchmark import dp
 from benchmark import errors
@@ -77,10 +87,22 @@ _RESTORE_MODEL_PATH = flags.DEFINE_string(
     "BatchNorm model, loads layers by name (skipping the classifier when its "
     "size differs) and uses them as the initial global model.")
 _SAVE_MODEL_DIR = flags.DEFINE_string(
-    "save_model_dir", "./",
+    "save_model_dir", None,
     "Directory for the best weights, metrics.csv, tensorboard/, checkpoints/,"
-    " final_metrics.json and flags.json; rerun with the same directory to "
-    "resume.")
+    " final_metrics.json, flags.json and run.json; rerun with the same "
+    "directory to resume. Default: a new directory runs/federated-<UTC "
+    "time>.")
+_SKIP_BAD_RECORDS = flags.DEFINE_boolean(
+    "skip_bad_records", False,
+    "Train without the records of --tfrecords_dir that cannot be used "
+    "(unreadable, cut short, missing features, label indices outside the "
+    "label index) instead of refusing to start; they are counted in the log "
+    "and in final_metrics.json.")
+_OVERWRITE = flags.DEFINE_boolean(
+    "overwrite", False,
+    "Delete the outputs of an earlier run in --save_model_dir (other files "
+    "are kept) and start afresh, instead of refusing a directory that holds "
+    "a different run.")
 _IMAGE_HEIGHT = flags.DEFINE_integer(
     "image_height", 224, "Height in pixels of the crop fed to the model.")
 _IMAGE_WIDTH = flags.DEFINE_integer(
@@ -182,11 +204,43 @@ _ALL_FLAGS = (
     _CLIENT_OPTIMIZER, _CLIENT_MOMENTUM)
 
 
+# The flags that change a run's results (io_utils.claim_save_dir); with DP
+# also _DP_RESULT_FLAGS. --total_rounds is one only with DP (the noise is
+# calibrated for it); without DP more rounds continue the same run.
+_RESULT_FLAGS = (
+    _CLIENT_LEARNING_RATE, _CLIENT_CLIPNORM, _SERVER_LEARNING_RATE,
+    _CLIENT_EPOCHS_PER_ROUND, _CLIENT_BATCH_SIZE, _CLIENTS_PER_ROUND,
+    _CLIENT_DATASETS_RANDOM_SEED, _ROUNDS_PER_EVAL, _MAX_ELEMENTS_PER_CLIENT,
+    _RESTORE_MODEL_PATH, _IMAGE_HEIGHT, _IMAGE_WIDTH, _USE_FINE_GRAINED_LABELS,
+    _BINARY_LABEL, _EPSILON, _SEED, _ALGORITHM, _PROXIMAL_STRENGTH,
+    _SERVER_OPTIMIZER, _SERVER_MOMENTUM, _SERVER_BETA_1, _SERVER_BETA_2,
+    _SERVER_EPSILON, _CLIENT_OPTIMIZER, _CLIENT_MOMENTUM)
+_DP_RESULT_FLAGS = (_TOTAL_ROUNDS, _L2_NORM_CLIP, _TARGET_UNCLIPPED_QUANTILE,
+                    _SIMULATED_CLIENTS_PER_ROUND, _DP_CALIBRATION)
+
+
 def _config_from_flags() -> federated.FederatedConfig:
   """The flag values as a validated `FederatedConfig` (FlairInputError on bad
-  values, naming the flag)."""
-  return federated.FederatedConfig(
-      **{holder.name: holder.value for holder in _ALL_FLAGS})
+  values, naming the flag); an unset --save_model_dir becomes a new
+  directory under ./runs/."""
+  values = {holder.name: holder.value for holder in _ALL_FLAGS}
+  if values["save_model_dir"] is None:
+    values["save_model_dir"] = io_utils.fresh_run_dir("federated")
+  return federated.FederatedConfig(**values)
+
+
+def _identity(config: federated.FederatedConfig, label_spec) -> dict:
+  """The run identity recorded in `run.json` (see `io_utils.run_identity`)."""
+  result_flags = _RESULT_FLAGS + (_DP_RESULT_FLAGS if config.epsilon > 0
+                                  else ())
+  return io_utils.run_identity(
+      "federated",
+      io_utils.labels_identity(label_spec.names,
+                               label_spec.use_fine_grained_labels,
+                               label_spec.binary_label),
+      io_utils.model_identity(config.restore_model_path is not None,
+                              label_spec.num_outputs),
+      {h.name: getattr(config, h.name) for h in result_flags})
 
 
 @errors.exit_on_input_error
@@ -197,11 +251,40 @@ def main(argv: list[str]) -> None:
         "settings are --flags)")
   config = _config_from_flags()
   # Rejects a bad data directory or label flag before writing any file.
-  data.load_label_spec(config.tfrecords_dir, config.use_fine_grained_labels,
-                       config.binary_label)
-  io_utils.prepare_save_dir(
-      config.save_model_dir, {h.name: h.value for h in _ALL_FLAGS})
-  final = federated.run_federated(config)
+  label_spec = data.load_label_spec(config.tfrecords_dir,
+                                    config.use_fine_grained_labels,
+                                    config.binary_label)
+  flag_values = {h.name: getattr(config, h.name) for h in _ALL_FLAGS}
+  # Every user file read once (no image decoded): all bad files are
+  # reported at once, before anything is written.
+  bad = data.check_tfrecords(config.tfrecords_dir, label_spec,
+                             skip_bad_records=_SKIP_BAD_RECORDS.value)
+  for holder in (_SKIP_BAD_RECORDS, _OVERWRITE):
+    flag_values[holder.name] = holder.value
+  identity = _identity(config, label_spec)
+  identity["settings"][_SKIP_BAD_RECORDS.name] = _SKIP_BAD_RECORDS.value
+  io_utils.claim_save_dir(config.save_model_dir, identity, flag_values,
+                          overwrite=_OVERWRITE.value)
+  logging.info("This run writes to %s (rerun with --save_model_dir %s to "
+               "resume it).", config.save_model_dir, config.save_model_dir)
+  if bad:
+    config = dataclasses.replace(
+        config, tfrecords_dir=data.mirror_without_bad_records(
+            config.tfrecords_dir, bad, os.path.join(
+                config.save_model_dir,
+                constants.TFRECORDS_WITHOUT_BAD_RECORDS_DIR)))
+  try:
+    final = federated.run_federated(config)
+  except Exception as e:  # pylint: disable=broad-except
+    # A record or image the pre-check could not see (it decodes no image)
+    # or a file changed during the run: one line per user file that fails.
+    if isinstance(e, (errors.FlairInputError, errors.OutputWriteError,
+                      errors.BackendDiedError)) or not data.is_data_error(e):
+      raise
+    raise data.training_data_error(config.tfrecords_dir, label_spec,
+                                   e) from None
+  if bad:
+    final = data.record_skipped_records(config.save_model_dir, final, bad)
   print(json.dumps(final, indent=2, sort_keys=True))
 
 

@@ -77,3 +77,86 @@ def pytest_sessionfinish(session, exitstatus):
     print(f"\nerror: TFF worker_binary processes outlived their tests: "
           f"{leftover} (stopped now)")
     session.exitstatus = 1
+
+
+def _mount_tmpfs(path: str, size_kib: int) -> None:
+  import subprocess  # pylint: disable=g-import-not-at-top
+  os.makedirs(path, exist_ok=True)
+  if os.geteuid() != 0:
+    pytest.skip("a small file system is mounted for this test, which needs "
+                "root (mount -t tmpfs)")
+  result = subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", path],
+      capture_output=True, text=True, check=False)
+  if result.returncode != 0:
+    pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip()})")
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+  """`make(size_kib, fill_to_kib=None) -> path`: mounts a tmpfs of
+  `size_kib` KiB in the test's directory (unmounted afterwards); with
+  `fill_to_kib`, a file `filler` leaves about that much free. Skips with a
+  reason where no file system can be mounted (not root, no permission)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  mounted = []
+
+  def make(size_kib, fill_to_kib=None):
+    path = str(tmp_path / f"small_fs{len(mounted)}")
+    _mount_tmpfs(path, size_kib)
+    mounted.append(path)
+    if fill_to_kib is not None:
+      with open(os.path.join(path, "filler"), "wb") as f:
+        f.write(b"\0" * ((size_kib - fill_to_kib) * 1024))
+    return path
+
+  yield make
+  for path in mounted:
+    subprocess.run(["umount", "-l", path], check=False)
+
+
+def _records_of(path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return list(tf.data.TFRecordDataset(path).as_numpy_iterator())
+
+
+def _write_records(path, records):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  with tf.io.TFRecordWriter(path) as writer:
+    for record in records:
+      writer.write(record)
+
+
+@pytest.fixture
+def damaged_sample(prepared_sample_dir, tmp_path):
+  """A copy of the prepared real sample with three damaged train files: one
+  cut short (a truncated copy), one with a label index outside the label
+  index, one with a corrupt JPEG (right first bytes, garbage after)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from benchmark import constants  # pylint: disable=g-import-not-at-top
+  copy = str(tmp_path / "tfrecords")
+  shutil.copytree(prepared_sample_dir, copy)
+  train = os.path.join(copy, constants.TRAIN)
+  by_size = sorted(
+      (n for n in os.listdir(train) if n.endswith(constants.TFRECORD_SUFFIX)),
+      key=lambda n: -len(_records_of(os.path.join(train, n))))
+  cut, bad_label, bad_jpeg = (os.path.join(train, n) for n in by_size[:3])
+  assert len(_records_of(cut)) >= 2
+  with open(cut, "rb") as f:
+    content = f.read()
+  # A record is its length (8 bytes), a CRC (4), the data and a CRC (4).
+  first, second = (16 + len(r) for r in _records_of(cut)[:2])
+  with open(cut, "wb") as f:  # One record and a half.
+    f.write(content[:first + second // 2])
+  records = _records_of(bad_label)
+  example = tf.train.Example.FromString(records[-1])
+  example.features.feature[constants.LABELS_FEATURE].int64_list.value.append(
+      99)
+  _write_records(bad_label, records[:-1] + [example.SerializeToString()])
+  records = _records_of(bad_jpeg)
+  example = tf.train.Example.FromString(records[0])
+  image = example.features.feature[constants.IMAGE_FEATURE].bytes_list
+  image.value[0] = image.value[0][:3] + b"not a JPEG body" * 20
+  _write_records(bad_jpeg, [example.SerializeToString()] + records[1:])
+  return copy, cut, bad_label, bad_jpeg

@@ -24,6 +24,7 @@ import tensorflow as tf
 from benchmark import central
 from benchmark import constants
 from benchmark import data
+from benchmark import errors
 from benchmark import metrics
 from benchmark import model as model_lib
 from benchmark.errors import FlairInputError
@@ -470,7 +471,197 @@ def test_cli_resumes_after_kill(prepared_sample_dir, tmp_path):
       "num_epochs": num_epochs, "restore_model_path": None,
       "save_model_dir": str(save_dir), "image_height": CROP,
       "image_width": CROP, "use_fine_grained_labels": False,
-      "binary_label": None, "seed": 0}
+      "binary_label": None, "seed": 0, "skip_bad_records": False,
+      "overwrite": False}
+
+
+# --- Save directory: one run per directory, full disks -----------------------
+
+
+def _dir_files(directory):
+  """{relative path: bytes} of every file under `directory`."""
+  found = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        found[os.path.relpath(path, directory)] = f.read()
+  return found
+
+
+@pytest.mark.slow
+def test_cli_refuses_another_run_in_its_directory_until_overwrite(
+    prepared_sample_dir, tmp_path):
+  """The first run has no --save_model_dir: it writes to its own new
+  ./runs/central-<UTC time>, named in the log, and nothing else in the
+  working directory. A binary-label rerun and a federated run into that
+  directory are refused with one line, nothing changed; `--overwrite`
+  removes the old run's files and starts afresh."""
+  args = _cli(prepared_sample_dir, "unused", "--num_epochs", "1")
+  i = args.index("--save_model_dir")
+  del args[i:i + 2]
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  process = subprocess.run(
+      args, cwd=cwd, capture_output=True, text=True, timeout=_CLI_TIMEOUT_S,
+      check=False, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+  assert process.returncode == 0, process.stderr[-3000:]
+  runs = os.listdir(cwd / constants.DEFAULT_RUNS_DIR)
+  assert len(runs) == 1 and runs[0].startswith("central-"), runs
+  assert sorted(os.listdir(cwd)) == [constants.DEFAULT_RUNS_DIR]
+  assert f"--save_model_dir runs/{runs[0]}" in process.stderr
+  save_dir = cwd / constants.DEFAULT_RUNS_DIR / runs[0]
+
+  num_labels = len(_label_index(prepared_sample_dir)[constants.LABELS_KEY])
+  before = _dir_files(save_dir)
+  assert f"resnet18_central_{num_labels}labels.h5" in before
+
+  binary = _cli(prepared_sample_dir, save_dir, "--num_epochs", "1",
+                "--binary_label", "structure")
+  returncode, _, stderr = _run_cli(binary, str(tmp_path / "binary"))
+  line = _assert_one_line_error(returncode, stderr, "--binary_label")
+  assert "None there, 'structure' now" in line
+  assert "another --save_model_dir" in line and "--overwrite" in line
+  assert _dir_files(save_dir) == before
+
+  federated_cli = [
+      sys.executable, "-m", "benchmark.federated_main", "--tfrecords_dir",
+      str(prepared_sample_dir), "--save_model_dir", str(save_dir),
+      "--total_rounds", "1"]
+  returncode, _, stderr = _run_cli(federated_cli, str(tmp_path / "fed"))
+  line = _assert_one_line_error(returncode, stderr, "--save_model_dir")
+  assert "holds a central run, this is a federated run" in line
+  assert _dir_files(save_dir) == before
+
+  returncode, _, stderr = _run_cli(binary + ["--overwrite"],
+                                   str(tmp_path / "overwrite"))
+  assert returncode == 0, stderr[-3000:]
+  assert not (save_dir / f"resnet18_central_{num_labels}labels.h5").exists()
+  with open(save_dir / constants.FINAL_METRICS_FILE, encoding="utf-8") as f:
+    final = json.load(f)
+  _check_outputs(save_dir, 1, 1, final)  # 11 columns, one row per epoch.
+  with open(save_dir / constants.RUN_IDENTITY_FILE, encoding="utf-8") as f:
+    identity = json.load(f)
+  assert identity["settings"]["binary_label"] == "structure"
+  assert identity["model"]["num_outputs"] == 1
+
+
+@pytest.mark.slow
+def test_cli_full_disk_is_one_line_and_the_rerun_completes(
+    prepared_sample_dir, tmp_path, small_filesystem):
+  """The best weights (45 MB) fit, the epoch's backup (weights and Adam
+  moments, about 135 MB) does not: exit 1, one line naming the backup, no
+  traceback or crash, nothing partial; after space is freed the same
+  command completes."""
+  root = small_filesystem(400 * 1024, fill_to_kib=60 * 1024)
+  save_dir = os.path.join(root, "run")
+  args = _cli(prepared_sample_dir, save_dir, "--num_epochs", "2")
+  returncode, _, stderr = _run_cli(args, str(tmp_path / "full"))
+  line = _assert_one_line_error(
+      returncode, stderr,
+      os.path.join(save_dir, central.BACKUP_DIR) + "/")
+  assert "No space left on device" in line and "rerun the same command" in line
+  leftovers = [os.path.join(d, n) for d, dirs, files in os.walk(save_dir)
+               for n in dirs + files if n.endswith((".tmp", "_temp"))]
+  assert not leftovers
+  with open(os.path.join(save_dir, constants.METRICS_CSV_FILE), "rb") as f:
+    assert f.read().endswith(b"\n")
+
+  os.remove(os.path.join(root, "filler"))
+  returncode, _, stderr = _run_cli(args, str(tmp_path / "rerun"))
+  assert returncode == 0, stderr[-3000:]
+  num_labels = len(_label_index(prepared_sample_dir)[constants.LABELS_KEY])
+  with open(os.path.join(save_dir, constants.FINAL_METRICS_FILE),
+            encoding="utf-8") as f:
+    final = json.load(f)
+  _check_outputs(save_dir, num_labels, 2, final)
+
+
+def test_best_weights_on_a_full_disk_raise_one_line_and_leave_nothing(
+    prepared_sample_dir, tmp_path, small_filesystem):
+  """In process: the best-weights callback on a full disk (the h5py path
+  that used to end in a segmentation fault)."""
+  root = small_filesystem(4 * 1024, fill_to_kib=1024)
+  weights_path = os.path.join(root, "best.h5")
+  callback = central._ResumableBestWeights(  # pylint: disable=protected-access
+      weights_path, os.path.join(root, constants.METRICS_CSV_FILE))
+  callback.set_model(model_lib.resnet18(num_classes=2, crop_size=(CROP, CROP)))
+  callback.on_epoch_begin(0)
+  with pytest.raises(errors.OutputWriteError,
+                     match=f"^cannot write {weights_path}: No space left"):
+    callback.on_epoch_end(0, {"val_loss": 0.5})
+  assert sorted(os.listdir(root)) == ["filler"]
+
+
+# --- Bad data -------------------------------------------------------------------
+
+
+def test_image_tensorflow_cannot_decode_ends_training_naming_the_file(
+    damaged_sample, prepared_sample_dir, tmp_path):
+  """A JPEG that passes the pre-check (right first bytes) but that
+  TensorFlow cannot decode: one error naming the user file, not a graph
+  traceback."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  copy, cut, bad_label, bad_jpeg = damaged_sample
+  for path in (cut, bad_label):  # Only the bad JPEG is left.
+    shutil.copyfile(os.path.join(prepared_sample_dir, constants.TRAIN,
+                                 os.path.basename(path)), path)
+  config = _config(copy, tmp_path / "run")
+  with pytest.raises(FlairInputError) as info:
+    central.train_central(config)
+  lines = str(info.value).splitlines()
+  assert lines[0].startswith("data error during training in 1 user file(s)")
+  assert "rerun the same command to resume" in lines[0]
+  assert [line.strip().split(": ", 1)[0] for line in lines[1:]] == [
+      os.path.realpath(bad_jpeg)]
+  # The file fixed, the same run completes.
+  shutil.copyfile(os.path.join(prepared_sample_dir, constants.TRAIN,
+                               os.path.basename(bad_jpeg)), bad_jpeg)
+  final = central.train_central(config)
+  _check_outputs(tmp_path / "run", len(_label_index(copy)["labels"]), 1,
+                 final)
+
+
+def test_cli_read_only_save_dir_is_one_line(prepared_sample_dir, tmp_path,
+                                            small_filesystem):
+  root = small_filesystem(1024)
+  subprocess.run(["mount", "-o", "remount,ro", root], check=True)
+  save_dir = os.path.join(root, "run")
+  returncode, _, stderr = _run_cli(
+      _cli(prepared_sample_dir, save_dir, "--num_epochs", "1"),
+      str(tmp_path / "ro"))
+  line = _assert_one_line_error(returncode, stderr, "--save_model_dir")
+  assert "Read-only file system" in line
+
+
+@pytest.mark.slow
+def test_cli_bad_tfrecords_are_listed_at_once_or_skipped(
+    damaged_sample, prepared_sample_dir, tmp_path):
+  """A truncated copy of a user file and a record with a label outside the
+  label index: refused before anything is written, one line per file; with
+  --skip_bad_records the run trains without them and counts them."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  copy, cut, bad_label, bad_jpeg = damaged_sample
+  shutil.copyfile(os.path.join(prepared_sample_dir, constants.TRAIN,
+                               os.path.basename(bad_jpeg)), bad_jpeg)
+  save_dir = tmp_path / "run"
+  args = _cli(copy, save_dir, "--num_epochs", "1")
+  returncode, _, stderr = _run_cli(args, str(tmp_path / "refused"))
+  line = _assert_one_line_error(returncode, stderr, "--skip_bad_records")
+  assert "2 of the 15 user files" in line
+  following = stderr.splitlines()[stderr.splitlines().index(line) + 1:]
+  assert sorted(l.strip().split(": ", 1)[0] for l in following[:2]) == (
+      sorted([cut, bad_label]))
+  assert not save_dir.exists()
+
+  returncode, _, stderr = _run_cli(args + ["--skip_bad_records"],
+                                   str(tmp_path / "skipped"))
+  assert returncode == 0, stderr[-3000:]
+  assert "skipping 2 bad record(s) in 2 user file(s)" in stderr
+  with open(save_dir / constants.FINAL_METRICS_FILE, encoding="utf-8") as f:
+    final = json.load(f)
+  assert final["skipped_records"] == {"count": 2,
+                                      "files": {cut: 1, bad_label: 1}}
 
 
 # --- Learning ----------------------------------------------------------------

@@ -368,3 +368,73 @@ def test_preprocessed_dataset_traces_into_tff_computation(tiny_dir):
   assert images.dtype == np.uint8
   assert tuple(images.shape)[1:] == constants.IMAGE_SHAPE
   assert tuple(labels.shape)[1:] == (len(COARSE),)
+
+
+# --- Checking user files before training --------------------------------------
+
+
+def _records_of(path):
+  return list(tf.data.TFRecordDataset(path).as_numpy_iterator())
+
+
+def test_check_tfrecords_reports_every_bad_file_one_line_each(
+    damaged_sample):
+  copy, cut, bad_label, _ = damaged_sample
+  label_spec = data.load_label_spec(copy)
+  with pytest.raises(data.BadTFRecordsError) as info:
+    data.check_tfrecords(copy, label_spec)
+  lines = str(info.value).splitlines()
+  assert "2 of the 15 user files" in lines[0]
+  assert "--skip_bad_records" in lines[0]
+  assert len(lines) == 3
+  by_file = dict(line.strip().split(": ", 1) for line in lines[1:])
+  assert sorted(by_file) == sorted([cut, bad_label])
+  assert by_file[cut].startswith("cannot be read after 1 record(s) "
+                                 "(truncated or corrupt file")
+  assert by_file[bad_label].startswith("record ")
+  assert "index 99 outside the label index" in by_file[bad_label]
+
+
+def test_skip_bad_records_trains_on_a_mirror_without_them(damaged_sample,
+                                                         tmp_path):
+  copy, cut, bad_label, _ = damaged_sample
+  label_spec = data.load_label_spec(copy)
+  bad = data.check_tfrecords(copy, label_spec, skip_bad_records=True)
+  assert sorted(c.path for c in bad) == sorted([cut, bad_label])
+  mirror = data.mirror_without_bad_records(copy, bad,
+                                           str(tmp_path / "mirror"))
+  assert data.check_tfrecords(mirror, data.load_label_spec(mirror)) == []
+  name = os.path.basename
+  mirrored = lambda p: os.path.join(mirror, constants.TRAIN, name(p))
+  assert len(_records_of(mirrored(cut))) == 1
+  assert _records_of(mirrored(bad_label)) == _records_of(bad_label)[:-1]
+  summary = data.skipped_records_summary(bad)
+  assert summary == {"count": 2, "files": {cut: 1, bad_label: 1}}
+  # Good files are links to the originals.
+  good = [n for n in os.listdir(os.path.join(copy, constants.VAL))]
+  assert os.path.realpath(os.path.join(mirror, constants.VAL, good[0])) == (
+      os.path.realpath(os.path.join(copy, constants.VAL, good[0])))
+  # A user without a good record is left out.
+  all_bad = data.FileCheck(os.path.join(copy, constants.TEST, os.listdir(
+      os.path.join(copy, constants.TEST))[0]), 1, (0,), False, "bad")
+  mirror = data.mirror_without_bad_records(copy, bad + [all_bad],
+                                           str(tmp_path / "mirror2"))
+  assert os.listdir(os.path.join(mirror, constants.TEST)) == []
+
+
+def test_files_failing_in_tensorflow_are_named(damaged_sample):
+  copy, cut, bad_label, bad_jpeg = damaged_sample
+  lines = data.find_files_failing_in_tensorflow(
+      copy, data.load_label_spec(copy))
+  assert sorted(line.split(": ", 1)[0] for line in lines) == sorted(
+      os.path.realpath(p) for p in (cut, bad_label, bad_jpeg))
+
+
+def test_data_errors_are_recognised_through_grpc():
+  class FakeRpcError(Exception):
+    def details(self):
+      return ("Failed to run computation: jpeg::Uncompress failed. Invalid "
+              "JPEG data or crop window.\n [[{{node DecodeJpeg}}]]")
+  assert data.is_data_error(FakeRpcError("<_InactiveRpcError ...>"))
+  assert data.is_data_error(tf.errors.DataLossError(None, None, "cut"))
+  assert not data.is_data_error(RuntimeError("worker died"))

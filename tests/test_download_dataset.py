@@ -345,6 +345,18 @@ def test_disk_full_is_a_one_line_error(server, tmp_path):
   assert not (dataset_dir / constants.METADATA_FILE).exists()
 
 
+def test_read_only_dataset_dir_is_a_one_line_error(server, tmp_path,
+                                                   small_filesystem):
+  import subprocess as sp  # pylint: disable=g-import-not-at-top
+  root = small_filesystem(256)
+  sp.run(["mount", "-o", "remount,ro", root], check=True)
+  with pytest.raises(download_dataset.DownloadError,
+                     match=rf"^file error on {root}.*Read-only file "
+                     "system.*; make --dataset_dir writable") as info:
+    _download(server, root)
+  assert "\n" not in str(info.value)
+
+
 def test_bad_data_url_names_the_flag(tmp_path):
   with pytest.raises(errors.FlairInputError, match="--data_url"):
     download_dataset.download(str(tmp_path), data_url="ftp://example.org/")

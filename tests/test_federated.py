@@ -5,6 +5,8 @@ client, 1 local epoch, 3 rounds of 3 clients) so that ResNet-18 trains in
 seconds per round on a CPU; building the TFF computations dominates.
 """
 
+import asyncio
+import collections
 import csv
 import json
 import os
@@ -16,10 +18,13 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_federated as tff
 
 from benchmark import backends
 from benchmark import constants
+from benchmark import errors
 from benchmark import federated
+from benchmark import io_utils
 from benchmark import metrics as metrics_lib
 from benchmark import process_guard
 from benchmark import tff_runtime
@@ -441,6 +446,8 @@ def test_a_killed_worker_ends_main_with_a_one_line_error(prepared_sample_dir,
   stderr = stderr.decode()
   assert process.returncode == 1, stderr[-2000:]
   assert "Traceback" not in stderr, stderr[-2000:]
+  # No multi-line gRPC dump before the one-line error.
+  assert "debug_error_string" not in stderr, stderr[-2000:]
   last = stderr.strip().splitlines()[-1]
   assert last.startswith("error: the TFF worker process"), last
   assert "SIGKILL" in last and "tff_worker.log" in last, last
@@ -498,3 +505,90 @@ def test_killed_run_resumes_without_gaps_or_repeats(prepared_sample_dir,
   final = json.load(open(os.path.join(str(tmp_path),
                                       constants.FINAL_METRICS_FILE)))
   assert final["rounds_completed"] == 6
+
+
+# --- Save directory on a full disk --------------------------------------------
+
+
+@pytest.mark.slow
+def test_full_disk_is_one_line_and_leaves_nothing_partial(
+    prepared_sample_dir, tmp_path, small_filesystem):
+  """The command line on a full disk: the initial model's weights (45 MB)
+  do not fit: exit 1, one line naming the file, no traceback or crash, no
+  partial file (resuming after space is freed is the normal resume)."""
+  root = small_filesystem(64 * 1024, fill_to_kib=30 * 1024)
+  save_dir = os.path.join(root, "run")
+  result = subprocess.run(
+      _main_command(prepared_sample_dir, save_dir, total_rounds=1),
+      capture_output=True, text=True, env=_subprocess_env(), timeout=900,
+      cwd=REPO_ROOT)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  error_lines = [line for line in result.stderr.splitlines()
+                 if line.startswith("error:")]
+  weights = os.path.join(save_dir, "resnet18_federated_")
+  assert len(error_lines) == 1 and error_lines[0].startswith(
+      f"error: cannot write {weights}"), result.stderr[-3000:]
+  assert "No space left on device" in error_lines[0]
+  assert not [n for n in os.listdir(save_dir) if n.endswith((".h5", ".tmp"))]
+
+
+def test_checkpoint_on_a_full_disk_leaves_no_partial_state(small_filesystem):
+  """A checkpoint cut by a full disk: one-line OutputWriteError naming it,
+  TFF's temporary directory removed, and after space is freed the same
+  save succeeds and loads (so a rerun resumes)."""
+  root = small_filesystem(4096, fill_to_kib=256)
+  manager = tff.program.FileProgramStateManager(
+      os.path.join(root, federated.CHECKPOINT_DIR),
+      prefix=federated.CHECKPOINT_PREFIX)
+  state = collections.OrderedDict(
+      weights=np.ones([256, 1024], np.float32), round=1)  # 1 MiB.
+  path = os.path.join(root, federated.CHECKPOINT_DIR,
+                      federated.CHECKPOINT_PREFIX + "1")
+  with pytest.raises(errors.OutputWriteError,
+                     match=f"^cannot write {path}: No space left on device"):
+    with io_utils.tff_output(path):
+      asyncio.run(manager.save(state, 1))
+  assert os.listdir(os.path.join(root, federated.CHECKPOINT_DIR)) == []
+  os.remove(os.path.join(root, "filler"))
+  with io_utils.tff_output(path):
+    asyncio.run(manager.save(state, 1))
+  loaded, version = asyncio.run(manager.load_latest(state))
+  assert version == 1 and np.array_equal(loaded["weights"], state["weights"])
+
+
+@pytest.mark.slow
+def test_image_tensorflow_cannot_decode_ends_the_run_naming_the_file(
+    damaged_sample, prepared_sample_dir, tmp_path):
+  """A JPEG that passes the pre-check but fails to decode in a client's
+  training (inside the TFF worker): one error line naming the user file,
+  one line per bad file after it, no traceback or gRPC dump."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  copy, cut, bad_label, bad_jpeg = damaged_sample
+  for path in (cut, bad_label):  # Only the bad JPEG is left.
+    shutil.copyfile(os.path.join(prepared_sample_dir, constants.TRAIN,
+                                 os.path.basename(path)), path)
+  result = subprocess.run(
+      _main_command(copy, tmp_path / "run", total_rounds=1,
+                    clients_per_round=13),
+      capture_output=True, text=True, env=_subprocess_env(), timeout=900,
+      cwd=REPO_ROOT)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert "debug_error_string" not in result.stderr, result.stderr[-3000:]
+  lines = result.stderr.splitlines()
+  start = [i for i, line in enumerate(lines) if line.startswith("error:")]
+  assert len(start) == 1, result.stderr[-3000:]
+  assert lines[start[0]].startswith(
+      "error: data error during training in 1 user file(s)")
+  assert lines[start[0] + 1].strip().startswith(
+      os.path.realpath(bad_jpeg) + ": ")
+
+
+def test_overwrite_knows_every_output_of_both_trainers():
+  """--overwrite removes, and the run-identity rule looks for, the names in
+  constants.RUN_OUTPUT_NAMES: they must cover what the trainers write."""
+  from benchmark import central  # pylint: disable=g-import-not-at-top
+  for name in (central.BACKUP_DIR, federated.CHECKPOINT_DIR,
+               federated.WORKER_LOG_FILE):
+    assert name in constants.RUN_OUTPUT_NAMES

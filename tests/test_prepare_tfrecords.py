@@ -269,8 +269,152 @@ def test_killed_run_then_rerun_gives_same_files(synthetic_dataset_dir,
 
   summary = prepare_tfrecords.prepare(synthetic_dataset_dir, out,
                                       num_workers=1, show_progress=False)
-  assert summary.users_already_complete == len(written)
+  # A file renamed just before the kill, whose manifest line was not yet
+  # written, is written again (safe); every other one is kept.
+  not_journaled = summary.users_rebuilt.get(
+      prepare_tfrecords.REBUILD_NO_ENTRY, 0)
+  assert not_journaled <= 1
+  assert summary.users_already_complete == len(written) - not_journaled
+  assert set(summary.users_rebuilt) <= {prepare_tfrecords.REBUILD_NO_ENTRY}
   assert _output_files(out) == reference  # Also: no temporary file left.
+
+
+def test_skip_then_restore_equals_a_fresh_prepare(flair_sample_dir,
+                                                  tmp_path):
+  """The issue's sequence on the real sample: prepare with --skip_bad_images
+  while the only image of some label is missing, put it back, prepare
+  again: every kept file was written under the old label index, so all are
+  rebuilt, and the output equals a fresh prepare byte for byte."""
+  records = _records(flair_sample_dir)
+  label_counts = collections.Counter(
+      name for r in records for name in r[constants.LABELS_KEY])
+  rare = min(sorted(label_counts), key=label_counts.get)
+  assert label_counts[rare] == 1, "the sample has no label used once"
+  record = next(r for r in records if rare in r[constants.LABELS_KEY])
+  dataset = str(tmp_path / "dataset")
+  _copy_dataset(flair_sample_dir, dataset, records)
+  image = _image_path(dataset, record[constants.IMAGE_ID_KEY])
+  hidden = str(tmp_path / "hidden.jpg")
+  os.rename(image, hidden)
+
+  out = str(tmp_path / "out")
+  first = prepare_tfrecords.prepare(dataset, out, num_workers=1,
+                                    skip_bad_images=True, show_progress=False)
+  with open(first.label_index_path) as f:
+    assert rare not in json.load(f)[constants.LABELS_KEY]
+  os.rename(hidden, image)
+  second = prepare_tfrecords.prepare(dataset, out, num_workers=1,
+                                     skip_bad_images=True, show_progress=False)
+  fresh = str(tmp_path / "fresh")
+  prepare_tfrecords.prepare(dataset, fresh, num_workers=1,
+                            skip_bad_images=True, show_progress=False)
+  assert _output_files(out) == _output_files(fresh)
+  assert second.users_already_complete == 0
+  assert second.users_rebuilt == {
+      prepare_tfrecords.REBUILD_LABEL_INDEX: first.users_written}
+  assert "label index changed" in second.describe()
+  assert _check_prepared(dataset, out) == SAMPLE_NUM_IMAGES
+  # Without --skip_bad_images, the report of the earlier run is removed.
+  third = prepare_tfrecords.prepare(dataset, out, num_workers=1,
+                                    show_progress=False)
+  assert third.users_already_complete == SAMPLE_NUM_USERS
+  assert not os.path.exists(os.path.join(
+      out, prepare_tfrecords.SKIPPED_IMAGES_REPORT_FILE))
+
+
+def test_changed_inputs_rebuild_or_remove_only_what_changed(small_dataset,
+                                                            tmp_path):
+  out = str(tmp_path / "out")
+  prepare_tfrecords.prepare(small_dataset, out, num_workers=1,
+                            show_progress=False)
+  records = _records(small_dataset)
+  # Another image with the same labels: only its user's file is rebuilt.
+  changed, other = records[0], records[-1]
+  shutil.copyfile(_image_path(small_dataset, other[constants.IMAGE_ID_KEY]),
+                  _image_path(small_dataset, changed[constants.IMAGE_ID_KEY]))
+  # A user gone from the metadata: its file is removed.
+  gone = records[-1][constants.USER_ID_KEY]
+  kept_records = [r for r in records if r[constants.USER_ID_KEY] != gone]
+  labels_before = {n for r in records for n in r[constants.LABELS_KEY]}
+  labels_after = {n for r in kept_records for n in r[constants.LABELS_KEY]}
+  fine_before = {n for r in records
+                 for n in r[constants.FINE_GRAINED_LABELS_KEY]}
+  fine_after = {n for r in kept_records
+                for n in r[constants.FINE_GRAINED_LABELS_KEY]}
+  _write_records(small_dataset, kept_records)
+  summary = prepare_tfrecords.prepare(small_dataset, out, num_workers=1,
+                                      show_progress=False)
+  assert summary.files_removed == 1
+  if labels_before == labels_after and fine_before == fine_after:
+    assert summary.users_rebuilt == {prepare_tfrecords.REBUILD_RECORDS: 1}
+  else:  # The label index changed too: every file is rebuilt.
+    assert summary.users_rebuilt == {
+        prepare_tfrecords.REBUILD_LABEL_INDEX: summary.users_written}
+  fresh = str(tmp_path / "fresh")
+  prepare_tfrecords.prepare(small_dataset, fresh, num_workers=1,
+                            show_progress=False)
+  assert _output_files(out) == _output_files(fresh)
+  assert _check_prepared(small_dataset, out) == len(kept_records)
+
+
+def test_files_without_a_manifest_entry_are_rebuilt(small_dataset, tmp_path):
+  """An output of an earlier version (no manifest) is not trusted."""
+  reference = str(tmp_path / "reference")
+  prepare_tfrecords.prepare(small_dataset, reference, num_workers=1,
+                            show_progress=False)
+  out = str(tmp_path / "out")
+  shutil.copytree(reference, out)
+  os.remove(os.path.join(out, prepare_tfrecords.MANIFEST_FILE))
+  one = sorted(_user_files(out))[0]
+  with open(os.path.join(out, one), "wb") as f:
+    f.write(b"written under another label index")
+  summary = prepare_tfrecords.prepare(small_dataset, out, num_workers=1,
+                                      show_progress=False)
+  assert summary.users_rebuilt == {
+      prepare_tfrecords.REBUILD_NO_ENTRY: len(_user_files(reference))}
+  assert _output_files(out) == _output_files(reference)
+
+
+# --- Full disk -------------------------------------------------------------------
+
+
+def test_full_disk_is_one_error_naming_the_file_and_rerun_completes(
+    flair_sample_dir, prepared_sample_dir, small_filesystem):
+  root = small_filesystem(1024, fill_to_kib=200)
+  out = os.path.join(root, "out")
+  with pytest.raises(errors.OutputWriteError) as info:
+    prepare_tfrecords.prepare(flair_sample_dir, out, num_workers=1,
+                              show_progress=False)
+  message = str(info.value)
+  assert message.startswith(f"cannot write {out}/")
+  assert "No space left on device" in message and "\n" not in message
+  assert "--tfrecords_dir" in message
+  partial = _output_files(out)
+  reference = _output_files(prepared_sample_dir)
+  assert not [p for p in partial if p.endswith(".tmp")]
+  assert constants.LABEL_INDEX_FILE not in partial
+  for path in _user_files(out):  # Complete files only.
+    assert partial[path] == reference[path]
+  os.remove(os.path.join(root, "filler"))
+  prepare_tfrecords.prepare(flair_sample_dir, out, num_workers=1,
+                            show_progress=False)
+  assert _output_files(out) == reference
+
+
+@pytest.mark.slow
+def test_cli_full_disk_with_workers_is_one_line(flair_sample_dir, tmp_path,
+                                                small_filesystem):
+  root = small_filesystem(1024, fill_to_kib=200)
+  result = _run_cli("--dataset_dir", flair_sample_dir, "--tfrecords_dir",
+                    os.path.join(root, "out"), "--num_workers", "2")
+  assert result.returncode == 1, result.stderr
+  assert "Traceback" not in result.stderr, result.stderr
+  lines = [line for line in result.stderr.splitlines()
+           if line.startswith("error:")]
+  assert len(lines) == 1 and "No space left on device" in lines[0], (
+      result.stderr)
+  assert not [n for d, _, names in os.walk(root) for n in names
+              if n.endswith(".tmp")]
 
 
 # --- Bad input ------------------------------------------------------------------
