@@ -138,6 +138,7 @@ def _check_outputs(save_dir, num_outputs, num_epochs, final):
     ("clipnorm", -1.0, "--clipnorm"),
     ("train_batch_size", 2.5, "--train_batch_size"),
     ("seed", -1, "--seed"),
+    ("precision", "float16", "--precision"),
     ("tfrecords_dir", "", "--tfrecords_dir"),
     ("restore_model_path", "/nonexistent/resnet18.h5", "--restore_model_path"),
 ])
@@ -470,7 +471,7 @@ def test_cli_resumes_after_kill(prepared_sample_dir, tmp_path):
       "num_epochs": num_epochs, "restore_model_path": None,
       "save_model_dir": str(save_dir), "image_height": CROP,
       "image_width": CROP, "use_fine_grained_labels": False,
-      "binary_label": None, "seed": 0}
+      "binary_label": None, "seed": 0, "precision": "float32"}
 
 
 # --- Learning ----------------------------------------------------------------
