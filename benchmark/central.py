@@ -110,6 +110,9 @@ class CentralConfig:
     seed: seeds weight initialisation, the user order, shuffling, crops and
       flips (a non-negative integer).
     shuffle_buffer_size: images in the training shuffle buffer (> 0).
+    precision: "float32" (default) or "bfloat16": Keras mixed precision for
+      training and evaluation (`benchmark.model.layer_dtype`; variables,
+      loss and metrics stay float32).
 
   Raises:
     FlairInputError: (from `__post_init__`) a field is out of range; the
@@ -129,6 +132,7 @@ class CentralConfig:
   binary_label: Optional[str] = None
   seed: int = 0
   shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE
+  precision: str = model_lib.FLOAT32
 
   def __post_init__(self):
     if not isinstance(self.tfrecords_dir, str) or not self.tfrecords_dir:
@@ -163,6 +167,7 @@ class CentralConfig:
     if not _is_int(self.seed) or self.seed < 0:
       raise FlairInputError(
           f"--seed must be a non-negative integer, got {self.seed!r}")
+    model_lib.check_precision(self.precision)
 
 
 def load_inputs(config: CentralConfig
@@ -325,7 +330,7 @@ def _build_model(config: CentralConfig, num_outputs: int) -> tf.keras.Model:
       num_classes=num_outputs,
       pretrained=config.restore_model_path is not None,
       crop_size=(config.image_height, config.image_width),
-      seed=config.seed)
+      seed=config.seed, precision=config.precision)
   if config.restore_model_path is not None:
     # Logs its own summary (layers loaded, layers skipped and why).
     report = restore.restore_weights_by_name(model, config.restore_model_path)

@@ -140,6 +140,8 @@ class FederatedConfig:
       the reference: Adam, epsilon 0.01).
     client_optimizer, client_momentum: the clients' optimizer
       (`optimizers.build_client_optimizer`; the reference: SGD).
+    precision: `model.FLOAT32` or `model.BFLOAT16` (mixed precision of the
+      clients' and the evaluation model, see `model.resnet18`).
     clients_per_thread: accepted for compatibility with the original command
       line; TFF 0.87's local runtime schedules all clients of a round itself,
       so it has no effect.
@@ -183,6 +185,7 @@ class FederatedConfig:
   server_epsilon: float = optimizers.SERVER_EPSILON
   client_optimizer: str = "sgd"
   client_momentum: float = optimizers.MOMENTUM
+  precision: str = model_lib.FLOAT32
 
   def __post_init__(self):
     _check(bool(self.tfrecords_dir), "--tfrecords_dir is required")
@@ -226,6 +229,7 @@ class FederatedConfig:
     _check(self.proximal_strength >= 0 and math.isfinite(
         self.proximal_strength),
            f"--proximal_strength must be >= 0, got {self.proximal_strength}")
+    model_lib.check_precision(self.precision)
     self.server_optimizer_spec  # Validates the server optimizer flags.
     optimizers.build_client_optimizer(self.client_optimizer, 0.1, 1.0,
                                       self.client_momentum)
@@ -251,7 +255,8 @@ def _build_keras_model(config: FederatedConfig, num_outputs: int
   return model_lib.resnet18(
       input_shape=constants.IMAGE_SHAPE, num_classes=num_outputs,
       pretrained=config.restore_model_path is not None,
-      crop_size=(config.image_height, config.image_width), seed=config.seed)
+      crop_size=(config.image_height, config.image_width), seed=config.seed,
+      precision=config.precision)
 
 
 def _loss() -> tf.keras.losses.Loss:

@@ -35,6 +35,7 @@ from benchmark import dp
 from benchmark import errors
 from benchmark import federated
 from benchmark import io_utils
+from benchmark import model as model_lib
 from benchmark import optimizers
 
 _TFRECORDS_DIR = flags.DEFINE_string(
@@ -183,6 +184,11 @@ _CLIENT_OPTIMIZER = flags.DEFINE_enum(
 _CLIENT_MOMENTUM = flags.DEFINE_float(
     "client_momentum", optimizers.MOMENTUM,
     "With --client_optimizer sgdm: the momentum.")
+_PRECISION = flags.DEFINE_enum(
+    "precision", model_lib.FLOAT32, list(model_lib.PRECISIONS),
+    "float32, or bfloat16 for Keras mixed precision of the clients' and the "
+    "evaluation model (bfloat16 convolutions and activations; float32 "
+    "weights, normalisation, logits, loss and metrics).")
 _RAY_ADDRESS = flags.DEFINE_string(
     "ray_address", None,
     "With --backend ray: the address of a running Ray cluster (as `ray start "
@@ -201,7 +207,7 @@ _ALL_FLAGS = (
     _ROUNDS_PER_CHECKPOINT, _DP_CALIBRATION, _SEED, _BACKEND, _NUM_WORKERS,
     _RAY_ADDRESS, _ALGORITHM, _PROXIMAL_STRENGTH, _SERVER_OPTIMIZER,
     _SERVER_MOMENTUM, _SERVER_BETA_1, _SERVER_BETA_2, _SERVER_EPSILON,
-    _CLIENT_OPTIMIZER, _CLIENT_MOMENTUM)
+    _CLIENT_OPTIMIZER, _CLIENT_MOMENTUM, _PRECISION)
 
 
 # The flags that change a run's results (io_utils.claim_save_dir); with DP
@@ -214,7 +220,7 @@ _RESULT_FLAGS = (
     _RESTORE_MODEL_PATH, _IMAGE_HEIGHT, _IMAGE_WIDTH, _USE_FINE_GRAINED_LABELS,
     _BINARY_LABEL, _EPSILON, _SEED, _ALGORITHM, _PROXIMAL_STRENGTH,
     _SERVER_OPTIMIZER, _SERVER_MOMENTUM, _SERVER_BETA_1, _SERVER_BETA_2,
-    _SERVER_EPSILON, _CLIENT_OPTIMIZER, _CLIENT_MOMENTUM)
+    _SERVER_EPSILON, _CLIENT_OPTIMIZER, _CLIENT_MOMENTUM, _PRECISION)
 _DP_RESULT_FLAGS = (_TOTAL_ROUNDS, _L2_NORM_CLIP, _TARGET_UNCLIPPED_QUANTILE,
                     _SIMULATED_CLIENTS_PER_ROUND, _DP_CALIBRATION)
 

@@ -62,6 +62,67 @@ GROUP_NORM_GROUPS = 32
 # converted ImageNet statistics normalise as they did in PyTorch.
 NORM_EPSILON = 1e-5
 
+# Values of `--precision`: "float32" computes everything in float32;
+# "bfloat16" is Keras mixed precision (policy "mixed_bfloat16": variables,
+# gradients and optimizer state in float32, convolutions and activations in
+# bfloat16; see `layer_dtype`).
+FLOAT32 = "float32"
+BFLOAT16 = "bfloat16"
+PRECISIONS = (FLOAT32, BFLOAT16)
+# Layers that stay float32 under bfloat16 (Keras' mixed-precision guide keeps
+# the model output in float32; normalisation statistics and the global mean
+# over pixels are reductions where bfloat16's 8-bit mantissa would lose the
+# most): preprocessing, every normalisation, global pooling, the classifier.
+_FLOAT32_ROLES = ("preprocessing", "norm", "pooling_output", "classifier")
+
+
+def check_precision(precision, flag: str = "precision") -> str:
+  """Validates a `--precision` value and returns it.
+
+  Args:
+    precision: "float32" or "bfloat16".
+    flag: the flag name used in the error message.
+
+  Raises:
+    benchmark.errors.FlairInputError: any other value (one line, naming
+      `--{flag}` and the valid values).
+  """
+  if precision not in PRECISIONS:
+    raise errors.FlairInputError(
+        f"--{flag} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+  return precision
+
+
+def layer_dtype(precision: str, role: str = "compute"
+               ) -> tf.keras.mixed_precision.Policy:
+  """The Keras dtype policy of one layer of the model at `precision`.
+
+  The one place that decides which layers run in bfloat16, used by
+  `resnet18(precision=...)`: with "float32" every layer is float32; with
+  "bfloat16" convolutions, paddings, ReLUs, max-pooling and residual adds use
+  the "mixed_bfloat16" policy (float32 variables read as bfloat16, bfloat16
+  activations), while the roles in `_FLOAT32_ROLES` ("preprocessing",
+  "norm", "pooling_output", "classifier") stay float32, so the logits, and
+  therefore the loss and the metrics, are float32.
+
+  Args:
+    precision: "float32" or "bfloat16".
+    role: "compute" (default) or one of `_FLOAT32_ROLES`.
+
+  Returns:
+    A `tf.keras.mixed_precision.Policy` to pass as a layer's `dtype`.
+
+  Raises:
+    benchmark.errors.FlairInputError: `precision` is not valid.
+    ValueError: unknown `role`.
+  """
+  check_precision(precision)
+  if role != "compute" and role not in _FLOAT32_ROLES:
+    raise ValueError(f"unknown layer role {role!r}")
+  if precision == BFLOAT16 and role == "compute":
+    return tf.keras.mixed_precision.Policy("mixed_bfloat16")
+  return tf.keras.mixed_precision.Policy("float32")
+
 
 def _layer_seed(seed: int, layer_name: str) -> int:
   """A 31-bit seed for one layer, fixed by (`seed`, `layer_name`).
@@ -169,37 +230,114 @@ class RandomHorizontalFlip(tf.keras.layers.Layer):
     return config
 
 
+def _group_mean(values: tf.Tensor, groups: int) -> tf.Tensor:
+  """Means over each group of consecutive channels, repeated per channel.
+
+  `values`: `[batch, channels]` with `channels % groups == 0`; returns the
+  same shape, where channel `c` holds the mean of its group's
+  `channels // groups` entries (channels `g * C/G ... (g+1) * C/G - 1` form
+  group `g`, the grouping of Keras' `GroupNormalization`).
+  """
+  channels = values.shape[-1]
+  size = channels // groups
+  means = tf.reduce_mean(tf.reshape(values, [-1, groups, size]), axis=2,
+                         keepdims=True)
+  return tf.reshape(
+      tf.broadcast_to(means, [tf.shape(values)[0], groups, size]),
+      [-1, channels])
+
+
+@tf.keras.utils.register_keras_serializable(package="flair")
+class GroupNormalization(tf.keras.layers.GroupNormalization):
+  """Keras' `GroupNormalization` computed with fewer, cheaper ops.
+
+  The same layer (a subclass: same constructor, weights `gamma` and `beta`
+  of shape `[channels]`, same names, so `.h5` weights and restore-by-name are
+  unchanged) and the same function (Wu & He 2018, arXiv 1803.08494, Eq. 1-3):
+  for each image and each group of `channels / groups` consecutive channels,
+  `y = (x - mean) / sqrt(var + epsilon) * gamma + beta`, with `mean` and the
+  biased `var` over the group's height x width x channels entries.
+
+  Keras 2.14 reshapes `[b, h, w, c]` to `[b, h, w, groups, c / groups]`,
+  multiplies by an all-ones mask and calls `tf.nn.weighted_moments` (sums
+  over two non-adjacent axes). Here, for a rank-4 channels-last input
+  without a mask, the statistics are per-channel means over height and width
+  (`[b, c]`, the reduction of global average pooling), averaged within each
+  group on the tiny `[b, c]` tensors, and the output is one multiply-add,
+  `y = x * a + b` with per-image, per-channel `a = gamma / sqrt(var + eps)`
+  and `b = beta - mean * a`. The mean inside the variance is held constant
+  for differentiation (`tf.stop_gradient`): d var / d mean =
+  -2 mean(x - mean) = 0 exactly, so gradients are unchanged and autodiff
+  emits fewer ops. Equal to Keras' layer within float32 round-off
+  (tests/test_model.py: outputs and gradients to 1e-5 relative).
+
+  The statistics and the normalisation are computed in float32 (a bfloat16
+  input is upcast and the result cast back to the input's dtype);
+  `resnet18(precision="bfloat16")` keeps these layers' policy float32, so
+  gamma and beta are read in float32 too. Any other case (a mask, another
+  rank or axis) runs Keras' own implementation.
+  """
+
+  def call(self, inputs, mask=None):
+    if (mask is not None or inputs.shape.rank != 4 or
+        self.axis not in (-1, 3)):
+      return super().call(inputs, mask=mask)
+    x = tf.cast(inputs, tf.float32)
+    mean = _group_mean(tf.reduce_mean(x, axis=[1, 2]), self.groups)
+    variance = _group_mean(
+        tf.reduce_mean(
+            tf.math.squared_difference(
+                x, tf.stop_gradient(mean)[:, tf.newaxis, tf.newaxis, :]),
+            axis=[1, 2]),
+        self.groups)
+    scale = tf.math.rsqrt(variance + self.epsilon)
+    if self.scale:
+      scale = scale * tf.cast(self.gamma, tf.float32)
+    shift = -mean * scale
+    if self.center:
+      shift = shift + tf.cast(self.beta, tf.float32)
+    outputs = (x * scale[:, tf.newaxis, tf.newaxis, :] +
+               shift[:, tf.newaxis, tf.newaxis, :])
+    return tf.cast(outputs, inputs.dtype)
+
+
 class _Builder:
   """Creates the named layers of one model, with seeds derived from `seed`."""
 
-  def __init__(self, pretrained: bool, seed: int):
+  def __init__(self, pretrained: bool, seed: int, precision: str = FLOAT32):
     self.pretrained = pretrained
     self.seed = seed
+    self.compute = layer_dtype(precision)
+    self.norm_dtype = layer_dtype(precision, "norm")
 
   def conv(self, x, name: str, filters: int, kernel_size: int, stride: int):
     return tf.keras.layers.Conv2D(
         filters, kernel_size, strides=stride, padding="valid", use_bias=False,
         kernel_initializer=tf.keras.initializers.HeNormal(
             seed=_layer_seed(self.seed, name)),
-        name=name)(x)
+        dtype=self.compute, name=name)(x)
 
   def norm(self, x, name: str):
     if self.pretrained:
       # training=False at every call: the layer always normalises with its
       # moving statistics and never updates them; gamma and beta still train.
       return tf.keras.layers.BatchNormalization(
-          epsilon=NORM_EPSILON, name=name)(x, training=False)
-    return tf.keras.layers.GroupNormalization(
-        groups=GROUP_NORM_GROUPS, epsilon=NORM_EPSILON, name=name)(x)
+          epsilon=NORM_EPSILON, dtype=self.norm_dtype, name=name)(
+              x, training=False)
+    return GroupNormalization(
+        groups=GROUP_NORM_GROUPS, epsilon=NORM_EPSILON, dtype=self.norm_dtype,
+        name=name)(x)
 
   def basic_block(self, x, scope: str, filters: int, stride: int,
                   downsample: bool):
     shortcut = x
-    out = tf.keras.layers.ZeroPadding2D(1, name=f"{scope}_conv1_padding")(x)
+    out = tf.keras.layers.ZeroPadding2D(1, dtype=self.compute,
+                                        name=f"{scope}_conv1_padding")(x)
     out = self.conv(out, f"{scope}_conv1_3x3", filters, 3, stride)
     out = self.norm(out, f"{scope}_norm1")
-    out = tf.keras.layers.ReLU(name=f"{scope}_relu1")(out)
-    out = tf.keras.layers.ZeroPadding2D(1, name=f"{scope}_conv2_padding")(out)
+    out = tf.keras.layers.ReLU(dtype=self.compute, name=f"{scope}_relu1")(out)
+    out = tf.keras.layers.ZeroPadding2D(1, dtype=self.compute,
+                                        name=f"{scope}_conv2_padding")(out)
     out = self.conv(out, f"{scope}_conv2_3x3", filters, 3, 1)
     out = self.norm(out, f"{scope}_norm2")
     if downsample:
@@ -207,8 +345,9 @@ class _Builder:
       shortcut = self.conv(x, f"{stage}_downsample_conv_1x1", filters, 1,
                            stride)
       shortcut = self.norm(shortcut, f"{stage}_downsample_norm")
-    out = tf.keras.layers.Add(name=f"{scope}_add")([out, shortcut])
-    return tf.keras.layers.ReLU(name=f"{scope}_relu2")(out)
+    out = tf.keras.layers.Add(dtype=self.compute,
+                              name=f"{scope}_add")([out, shortcut])
+    return tf.keras.layers.ReLU(dtype=self.compute, name=f"{scope}_relu2")(out)
 
 
 def _check_positive_ints(name: str, values: Sequence[int], length: int):
@@ -225,7 +364,8 @@ def resnet18(input_shape: Sequence[int] = constants.IMAGE_SHAPE,
              pretrained: bool = False,
              crop_size: Sequence[int] = (224, 224),
              seed: int = 0,
-             augmentation_seed: Optional[int] = None) -> tf.keras.Model:
+             augmentation_seed: Optional[int] = None,
+             precision: str = FLOAT32) -> tf.keras.Model:
   """Builds ResNet-18 with FLAIR preprocessing inside; returns logits.
 
   Args:
@@ -249,6 +389,10 @@ def resnet18(input_shape: Sequence[int] = constants.IMAGE_SHAPE,
       unseeded; an integer gives them op-level seeds derived from it, which
       makes eager/Keras runs repeatable but repeats the same augmentation in
       every TFF round (see the module docstring).
+    precision: "float32" (default) or "bfloat16" (mixed precision: see
+      `layer_dtype` for which layers compute in bfloat16; the weights stay
+      float32, so weights files are the same for both). Every layer gets an
+      explicit dtype policy, so Keras' global policy has no effect.
 
   Returns:
     A `tf.keras.Model` named "resnet18", not compiled. Input: float32
@@ -256,6 +400,8 @@ def resnet18(input_shape: Sequence[int] = constants.IMAGE_SHAPE,
     cast by Keras). Output: float32 logits `[batch, num_classes]`.
 
   Raises:
+    benchmark.errors.FlairInputError (a ValueError): `precision` is not
+      "float32" or "bfloat16".
     ValueError: `input_shape` is not 3 positive integers with 3 channels,
       `crop_size` is not 2 positive integers, `num_classes`, `seed` or
       `augmentation_seed` is not a valid integer.
@@ -282,10 +428,14 @@ def resnet18(input_shape: Sequence[int] = constants.IMAGE_SHAPE,
       isinstance(augmentation_seed, bool)):
     raise ValueError(f"augmentation_seed must be None or an integer, got "
                      f"{augmentation_seed!r}")
+  check_precision(precision)
   input_shape = tuple(int(v) for v in input_shape)
   crop_height, crop_width = (int(v) for v in crop_size)
   seed = int(seed)
-  builder = _Builder(pretrained=bool(pretrained), seed=seed)
+  builder = _Builder(pretrained=bool(pretrained), seed=seed,
+                     precision=precision)
+  preprocessing = layer_dtype(precision, "preprocessing")
+  compute = builder.compute
 
   images = tf.keras.Input(shape=input_shape, dtype=tf.float32, name="image")
   if augmentation_seed is None:
@@ -293,20 +443,26 @@ def resnet18(input_shape: Sequence[int] = constants.IMAGE_SHAPE,
   else:
     crop_seed = _layer_seed(int(augmentation_seed), "crop")
     flip_seed = _layer_seed(int(augmentation_seed), "flip")
-  x = CropImages(crop_height, crop_width, seed=crop_seed, name="crop")(images)
-  x = RandomHorizontalFlip(seed=flip_seed, name="flip")(x)
-  x = tf.keras.layers.Rescaling(1.0 / 255.0, name="rescale")(x)
+  x = CropImages(crop_height, crop_width, seed=crop_seed,
+                 dtype=preprocessing, name="crop")(images)
+  x = RandomHorizontalFlip(seed=flip_seed, dtype=preprocessing,
+                           name="flip")(x)
+  x = tf.keras.layers.Rescaling(1.0 / 255.0, dtype=preprocessing,
+                                name="rescale")(x)
   x = tf.keras.layers.Normalization(
       axis=-1, mean=list(constants.IMAGENET_MEAN),
       variance=[s**2 for s in constants.IMAGENET_STD],
-      name="imagenet_normalization")(x)
+      dtype=preprocessing, name="imagenet_normalization")(x)
 
-  x = tf.keras.layers.ZeroPadding2D(3, name="initial_padding")(x)
+  x = tf.keras.layers.ZeroPadding2D(3, dtype=compute,
+                                    name="initial_padding")(x)
   x = builder.conv(x, "initial_conv", INITIAL_FILTERS, 7, 2)
   x = builder.norm(x, "initial_norm")
-  x = tf.keras.layers.ReLU(name="initial_relu")(x)
-  x = tf.keras.layers.ZeroPadding2D(1, name="pooling_padding")(x)
-  x = tf.keras.layers.MaxPooling2D(3, strides=2, name="initial_pooling")(x)
+  x = tf.keras.layers.ReLU(dtype=compute, name="initial_relu")(x)
+  x = tf.keras.layers.ZeroPadding2D(1, dtype=compute,
+                                    name="pooling_padding")(x)
+  x = tf.keras.layers.MaxPooling2D(3, strides=2, dtype=compute,
+                                   name="initial_pooling")(x)
 
   in_filters = INITIAL_FILTERS
   for stage, (filters, blocks) in enumerate(
@@ -318,10 +474,12 @@ def resnet18(input_shape: Sequence[int] = constants.IMAGE_SHAPE,
                               stride, downsample)
       in_filters = filters
 
-  x = tf.keras.layers.GlobalAveragePooling2D(name="global_pooling")(x)
+  x = tf.keras.layers.GlobalAveragePooling2D(
+      dtype=layer_dtype(precision, "pooling_output"),
+      name="global_pooling")(x)
   logits = tf.keras.layers.Dense(
       num_classes,
       kernel_initializer=tf.keras.initializers.GlorotUniform(
           seed=_layer_seed(seed, "classifier")),
-      name="classifier")(x)
+      dtype=layer_dtype(precision, "classifier"), name="classifier")(x)
   return tf.keras.Model(images, logits, name="resnet18")

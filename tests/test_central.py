@@ -139,6 +139,7 @@ def _check_outputs(save_dir, num_outputs, num_epochs, final):
     ("clipnorm", -1.0, "--clipnorm"),
     ("train_batch_size", 2.5, "--train_batch_size"),
     ("seed", -1, "--seed"),
+    ("precision", "float16", "--precision"),
     ("tfrecords_dir", "", "--tfrecords_dir"),
     ("restore_model_path", "/nonexistent/resnet18.h5", "--restore_model_path"),
 ])
@@ -472,7 +473,7 @@ def test_cli_resumes_after_kill(prepared_sample_dir, tmp_path):
       "save_model_dir": str(save_dir), "image_height": CROP,
       "image_width": CROP, "use_fine_grained_labels": False,
       "binary_label": None, "seed": 0, "skip_bad_records": False,
-      "overwrite": False}
+      "overwrite": False, "precision": "float32"}
 
 
 # --- Save directory: one run per directory, full disks -----------------------

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from benchmark import constants
+from benchmark import errors
 from benchmark import model
 
 NUM_CLASSES = 17
@@ -269,3 +270,170 @@ def test_one_federated_round_in_tff():
   assert len(after.non_trainable) == 2 * len(_layout()[1])
   for a, b in zip(before.non_trainable, after.non_trainable):
     np.testing.assert_array_equal(a, b)
+
+
+# --- Fast GroupNormalization and bfloat16 ---------------------------------
+
+# Tolerance of the fast GroupNorm against Keras' layer: both compute in
+# float32 with different summation orders, so results agree to float32
+# round-off (~1e-7 relative per op) amplified by the division by the group
+# standard deviation; 1e-5 of the largest magnitude is far above that and far
+# below any real difference (a wrong group or a missing term changes values
+# by O(1)).
+GN_RTOL = 1e-5
+
+
+def _keras_and_fast_norm(groups, channels, rng):
+  keras_layer = tf.keras.layers.GroupNormalization(
+      groups=groups, epsilon=model.NORM_EPSILON, name="some_norm")
+  fast_layer = model.GroupNormalization(
+      groups=groups, epsilon=model.NORM_EPSILON, name="some_norm")
+  for layer in (keras_layer, fast_layer):
+    layer.build((None, 3, 3, channels))
+  gamma = rng.uniform(0.5, 2.0, channels).astype(np.float32)
+  beta = rng.normal(size=channels).astype(np.float32)
+  for layer in (keras_layer, fast_layer):
+    layer.set_weights([gamma, beta])
+  return keras_layer, fast_layer
+
+
+def _value_and_grads(layer, x, upstream):
+  x = tf.constant(x)
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    y = layer(x)
+    loss = tf.reduce_sum(y * upstream)
+  grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+  return [y.numpy()] + [g.numpy() for g in grads]
+
+
+def _assert_close(actual, expected, rtol):
+  scale = max(1.0, float(np.max(np.abs(expected))))
+  np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("groups, shape", [
+    (32, (3, 7, 5, 64)),    # 2 channels per group, odd spatial sizes
+    (8, (2, 4, 4, 32)),     # 4 channels per group
+    (32, (4, 1, 1, 512)),   # 1x1 maps (ResNet-18's last stage at 32 px)
+])
+def test_fast_group_norm_equals_keras_outputs_and_gradients(groups, shape):
+  rng = np.random.default_rng(0)
+  keras_layer, fast_layer = _keras_and_fast_norm(groups, shape[-1], rng)
+  # A large common offset and per-channel scales: stresses the variance.
+  x = (rng.normal(size=shape) * rng.uniform(0.1, 10, shape[-1]) +
+       5.0).astype(np.float32)
+  upstream = rng.normal(size=shape).astype(np.float32)
+  expected = _value_and_grads(keras_layer, x, upstream)
+  actual = _value_and_grads(fast_layer, x, upstream)
+  for name, a, e in zip(("output", "d/dx", "d/dgamma", "d/dbeta"), actual,
+                        expected):
+    assert a.shape == e.shape, name
+    _assert_close(a, e, GN_RTOL)
+  # The normalised output really is per image and group: zero mean.
+  normalised = (actual[0] - fast_layer.beta.numpy()) / fast_layer.gamma.numpy()
+  per_group = normalised.reshape(shape[0], -1, groups, shape[-1] // groups)
+  np.testing.assert_allclose(per_group.mean(axis=(1, 3)), 0, atol=1e-4)
+
+
+def test_fast_group_norm_keeps_keras_layer_identity_and_weight_names():
+  rng = np.random.default_rng(1)
+  keras_layer, fast_layer = _keras_and_fast_norm(32, 64, rng)
+  assert isinstance(fast_layer, tf.keras.layers.GroupNormalization)
+  assert ([w.name for w in fast_layer.weights] ==
+          [w.name for w in keras_layer.weights] == ["gamma:0", "beta:0"])
+  config = fast_layer.get_config()
+  assert model.GroupNormalization.from_config(config).get_config() == config
+  # With a mask it falls back to Keras' own (masked) computation.
+  x = rng.normal(size=(2, 3, 3, 64)).astype(np.float32)
+  mask = (rng.random((2, 3, 3, 64)) < 0.7).astype(np.float32)
+  np.testing.assert_array_equal(fast_layer(x, mask=mask).numpy(),
+                                keras_layer(x, mask=mask).numpy())
+
+
+def test_group_norm_model_weights_load_into_a_keras_group_norm_model(
+    tmp_path, monkeypatch):
+  # .h5 weights written by the model with the fast layer load by name into
+  # the same model built with Keras' layer (what earlier versions wrote and
+  # read), and both compute the same logits.
+  fast = model.resnet18(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
+                        seed=5)
+  rng = np.random.default_rng(2)
+  for layer in fast.layers:
+    if isinstance(layer, tf.keras.layers.GroupNormalization):
+      c = layer.gamma.shape[0]
+      layer.set_weights([rng.uniform(0.5, 2, c).astype(np.float32),
+                         rng.normal(size=c).astype(np.float32)])
+  assert [w.name for w in fast.get_layer("initial_norm").weights] == [
+      "initial_norm/gamma:0", "initial_norm/beta:0"]
+  path = str(tmp_path / "fast.h5")
+  fast.save_weights(path)
+  monkeypatch.setattr(model, "GroupNormalization",
+                      tf.keras.layers.GroupNormalization)
+  reference = model.resnet18(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
+                             seed=6)
+  norms = [l for l in reference.layers
+           if isinstance(l, tf.keras.layers.GroupNormalization)]
+  assert norms and all(type(l) is tf.keras.layers.GroupNormalization
+                       for l in norms)
+  reference.load_weights(path, by_name=True)
+  images = rng.integers(0, 256, (2,) + SMALL_INPUT).astype(np.float32)
+  _assert_close(fast(images, training=False).numpy(),
+                reference(images, training=False).numpy(), 1e-4)
+
+
+@pytest.mark.parametrize("value", ["float16", "bf16", "", None, 32])
+def test_invalid_precision_is_a_one_line_flag_error(value):
+  with pytest.raises(errors.FlairInputError, match="--precision") as info:
+    model.check_precision(value)
+  assert "\n" not in str(info.value)
+  with pytest.raises(errors.FlairInputError, match="--precision"):
+    model.resnet18(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
+                   precision=value)
+
+
+# bfloat16 keeps 8 significand bits (relative rounding 2**-9 ~ 0.2%); through
+# 17 convolutions the logits of the same weights drift further. Measured on
+# this model (ResNet-18, 64 px, ImageNet-normalised random images): max
+# |logit difference| ~ 2% of the float32 logits' standard deviation. We
+# assert 10%: a wrong layer (e.g. a normalisation run in bfloat16 that loses
+# its statistics, or an uncast output) gives differences of the order of the
+# logits themselves.
+BF16_LOGIT_TOLERANCE = 0.10
+
+
+def test_bfloat16_model_is_mixed_precision_and_close_to_float32():
+  f32 = model.resnet18((72, 72, 3), NUM_CLASSES, crop_size=(64, 64), seed=7)
+  bf16 = model.resnet18((72, 72, 3), NUM_CLASSES, crop_size=(64, 64), seed=7,
+                        precision=model.BFLOAT16)
+  # Same weights, all float32 (so weights files do not depend on precision).
+  assert [w.name for w in bf16.weights] == [w.name for w in f32.weights]
+  assert all(w.dtype == tf.float32 for w in bf16.weights)
+  for wa, wb in zip(f32.get_weights(), bf16.get_weights()):
+    np.testing.assert_array_equal(wa, wb)
+  policies = {l.name: l.dtype_policy.name for l in bf16.layers}
+  assert policies["layer2_block1_conv1_3x3"] == "mixed_bfloat16"
+  assert policies["initial_conv"] == "mixed_bfloat16"
+  for name in ("crop", "imagenet_normalization", "initial_norm",
+               "layer4_block2_norm2", "global_pooling", "classifier"):
+    assert policies[name] == "float32", name
+  assert {l.dtype_policy.name for l in f32.layers} == {"float32"}
+
+  images = np.random.default_rng(3).integers(
+      0, 256, (4, 72, 72, 3)).astype(np.float32)
+  expected = f32(images, training=False).numpy()
+  actual = bf16(images, training=False)
+  assert actual.dtype == tf.float32
+  difference = np.max(np.abs(actual.numpy() - expected))
+  assert difference <= BF16_LOGIT_TOLERANCE * np.std(expected), (
+      difference, np.std(expected))
+  # It trains: float32 gradients, finite loss, weights move.
+  labels = (np.random.default_rng(4).random((4, NUM_CLASSES)) < 0.3
+           ).astype(np.float32)
+  bf16.compile(optimizer=tf.keras.optimizers.SGD(0.1),
+               loss=tf.keras.losses.BinaryCrossentropy(from_logits=True))
+  before = bf16.get_layer("initial_conv").kernel.numpy().copy()
+  history = bf16.fit(images, labels, batch_size=4, epochs=1, verbose=0)
+  assert np.isfinite(history.history["loss"][0])
+  assert not np.array_equal(before,
+                            bf16.get_layer("initial_conv").kernel.numpy())

@@ -124,3 +124,17 @@ def test_one_round_with_each_server_optimizer_changes_the_model(
   moved = max(np.abs(a - b).max()
               for a, b in zip(new, mapreduce.to_flat(weights)))
   assert moved > 1e-4
+
+
+def test_bfloat16_precision_reaches_the_federated_model(tmp_path):
+  """`--precision bfloat16` builds the clients' and evaluation model with
+  bfloat16 layers (float32 weights); a bad value names the flag."""
+  config = federated.FederatedConfig(tfrecords_dir="x",
+                                     precision="bfloat16", image_height=32,
+                                     image_width=32)
+  keras_model = federated._build_keras_model(config, 3)  # pylint: disable=protected-access
+  dtypes = {layer.compute_dtype for layer in keras_model.layers}
+  assert "bfloat16" in dtypes
+  assert all(w.dtype == tf.float32 for w in keras_model.weights)
+  with pytest.raises(FlairInputError, match="--precision"):
+    federated.FederatedConfig(tfrecords_dir="x", precision="float16")

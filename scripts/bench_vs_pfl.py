@@ -1,0 +1,405 @@
+"""Our central and FedAvg images/s, float32 and bfloat16, beside pfl-research.
+
+    python scripts/bench_vs_pfl.py [--tfrecords_dir T --dataset_dir D] \
+        [--precisions float32,bfloat16] [--crop 64] [--batch_size 16] \
+        [--num_clients 8] [--images_per_client 64] [--epochs 2] [--rounds 3] \
+        [--pfl_python PYTHON --pfl_driver bench_pfl.py]
+
+Settings of issue 12 by default: ResNet-18 with GroupNorm, 17 coarse labels,
+64x64 crops, batch 16, the 8 training users with the most images (each
+truncated to 64 images), 2 client epochs, one untimed warm-up round (or
+epoch) then 3 timed ones. Every figure is images trained per second of wall
+time (timed images / timed seconds), measured one after the other in this
+run, never side by side:
+
+* "central": the product's centralized model and compile step
+  (`benchmark.central._build_model`, inside a `MirroredStrategy` scope as
+  `train_central` builds it: Adam, clipnorm 10, the suite's metrics) trained
+  with Keras `fit` on the chosen users' preprocessed client datasets
+  concatenated (per-client batches of `--batch_size`), `--epochs` passes per
+  timed epoch-round.
+* "FedAvg": the product's learning process and round function
+  (`benchmark.federated.build_learning_process`, `run_round`, in
+  `benchmark.tff_runtime.local_runtime`): client SGD 0.1 with per-weight
+  clipping, weighted FedAvg, server Adam, the state kept in the TFF worker.
+  Everything a round costs is in the figure.
+* bfloat16 uses `benchmark.model.resnet18(precision="bfloat16")`. While
+  `FederatedConfig` has no `precision` field, the FedAvg model is built
+  through a wrapper of `federated._build_keras_model` that passes it.
+* pfl-research (when `--pfl_python` and `--pfl_driver` are given, after
+  ours): its FedAvg and a plain PyTorch loop on the same users and settings,
+  run by the given driver with the given interpreter (pfl 0.6 lives in its
+  own environment); the data is first converted to pfl's FLAIR HDF5 layout
+  by the `to_hdf5.py` converter beside the driver (or `--pfl_converter`).
+
+Without `--tfrecords_dir` a synthetic FLAIR-like dataset (`--synthetic_users`
+users, seed 0) is generated and prepared in a temporary directory; pfl needs
+`--dataset_dir` too (the directory the TFRecords were prepared from). The
+last line is `RESULT {json}` with every figure.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from unittest import mock
+
+from absl import app
+from absl import flags
+from absl import logging
+import tensorflow as tf
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmark import central
+from benchmark import constants
+from benchmark import data
+from benchmark import errors
+from benchmark import federated
+from benchmark import model as model_lib
+from benchmark import tff_runtime
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+_TFRECORDS_DIR = flags.DEFINE_string(
+    "tfrecords_dir", None,
+    "Prepared TFRecords; default: synthetic data in a temporary directory.")
+_DATASET_DIR = flags.DEFINE_string(
+    "dataset_dir", None,
+    "The dataset directory --tfrecords_dir was prepared from (only for the "
+    "pfl-research conversion).")
+_PRECISIONS = flags.DEFINE_list(
+    "precisions", ["float32", "bfloat16"], "Precisions to measure ours at.")
+_CROP = flags.DEFINE_integer("crop", 64, "Square crop size in pixels.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Client batch size.")
+_NUM_CLIENTS = flags.DEFINE_integer("num_clients", 8,
+                                    "Clients trained per round.")
+_IMAGES_PER_CLIENT = flags.DEFINE_integer(
+    "images_per_client", 64, "Images each client trains on (max elements).")
+_EPOCHS = flags.DEFINE_integer("epochs", 2, "Client epochs per round.")
+_ROUNDS = flags.DEFINE_integer(
+    "rounds", 3, "Timed rounds (and timed central epoch-rounds).")
+_SYNTHETIC_USERS = flags.DEFINE_integer(
+    "synthetic_users", 120, "Users of the generated dataset.")
+_KERAS_GROUP_NORM = flags.DEFINE_boolean(
+    "keras_group_norm", True,
+    "Also time central float32 training of the same model built with Keras' "
+    "own tf.keras.layers.GroupNormalization (the formulation before "
+    "benchmark.model.GroupNormalization), for the ratio.")
+_SKIP_FEDAVG = flags.DEFINE_boolean(
+    "skip_fedavg", False, "Measure central training only.")
+_PFL_PYTHON = flags.DEFINE_string(
+    "pfl_python", None,
+    "Python of an environment with pfl 0.6, torch, torchvision and h5py; "
+    "pfl-research is measured only when given.")
+_PFL_DRIVER = flags.DEFINE_string(
+    "pfl_driver", None, "pfl-research benchmark driver (bench_pfl.py).")
+_PFL_CONVERTER = flags.DEFINE_string(
+    "pfl_converter", None,
+    "Dataset directory -> pfl FLAIR HDF5 converter; default: to_hdf5.py "
+    "beside --pfl_driver.")
+_PFL_TV_SHIM = flags.DEFINE_boolean(
+    "pfl_tv_shim", False,
+    "Let the driver import its tv_shim module (needed only for a CPU-only "
+    "torch with a torchvision wheel built for CUDA torch; with matching "
+    "wheels the shim's op schemas clash with torchvision's and abort).")
+_PFL_THREADS = flags.DEFINE_integer(
+    "pfl_threads", 0,
+    "torch threads of the pfl-research driver (0: the number of CPUs). On a "
+    "loaded machine 1 thread was 8x faster than 2 (OpenMP under "
+    "oversubscription).")
+_PFL_HDF5 = flags.DEFINE_string(
+    "pfl_hdf5", None,
+    "An existing pfl FLAIR HDF5 of the same data (skips the conversion).")
+
+
+def _process_tree_cpu_seconds() -> float:
+  """User + system CPU seconds used so far by this process and its living
+  descendants (the TFF worker), from /proc/<pid>/stat (Linux)."""
+  parents, times = {}, {}
+  for entry in os.listdir("/proc"):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f"/proc/{entry}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+      continue
+    # After "pid (comm)": state ppid ... utime (14th field) stime (15th).
+    parents[int(entry)] = int(fields[1])
+    times[int(entry)] = int(fields[11]) + int(fields[12])
+  tree, frontier = {os.getpid()}, [os.getpid()]
+  while frontier:
+    parent = frontier.pop()
+    for pid, ppid in parents.items():
+      if ppid == parent and pid not in tree:
+        tree.add(pid)
+        frontier.append(pid)
+  return sum(times.get(pid, 0) for pid in tree) / os.sysconf("SC_CLK_TCK")
+
+
+class _Timer:
+  """Wall and process-tree CPU seconds of a `with` block."""
+
+  def __enter__(self):
+    self.wall = time.perf_counter()
+    self.cpu = _process_tree_cpu_seconds()
+    return self
+
+  def __exit__(self, *exc):
+    self.wall = time.perf_counter() - self.wall
+    self.cpu = _process_tree_cpu_seconds() - self.cpu
+
+
+def _check_flags() -> None:
+  for flag in (_CROP, _BATCH_SIZE, _NUM_CLIENTS, _IMAGES_PER_CLIENT, _EPOCHS,
+               _ROUNDS, _SYNTHETIC_USERS):
+    if flag.value <= 0:
+      raise errors.FlairInputError(
+          f"--{flag.name} must be a positive integer, got {flag.value}")
+  if not _PRECISIONS.value:
+    raise errors.FlairInputError("--precisions must name at least one")
+  for precision in _PRECISIONS.value:
+    model_lib.check_precision(precision, flag="precisions")
+  if bool(_PFL_PYTHON.value) != bool(_PFL_DRIVER.value):
+    raise errors.FlairInputError(
+        "--pfl_python and --pfl_driver must be given together")
+  for flag in (_PFL_PYTHON, _PFL_DRIVER, _PFL_CONVERTER, _PFL_HDF5):
+    if flag.value and not os.path.isfile(flag.value):
+      raise errors.FlairInputError(
+          f"--{flag.name} {flag.value!r} is not a file")
+
+
+def _prepare_synthetic(root: str) -> tuple[str, str]:
+  import prepare_tfrecords  # pylint: disable=g-import-not-at-top
+  from benchmark import synthetic_dataset  # pylint: disable=g-import-not-at-top
+  dataset_dir = os.path.join(root, "dataset")
+  tfrecords_dir = os.path.join(root, "tfrecords")
+  synthetic_dataset.generate(dataset_dir, num_users=_SYNTHETIC_USERS.value,
+                             seed=0)
+  prepare_tfrecords.prepare(dataset_dir, tfrecords_dir, show_progress=False)
+  return dataset_dir, tfrecords_dir
+
+
+def _pick_clients(train_data, count: int,
+                  max_images: int) -> tuple[list[str], int]:
+  """The `count` training users with the most images (ties by id, as the
+  pfl driver picks them); returns their ids and the images one pass trains
+  on (each user truncated to `max_images`)."""
+  sizes = {}
+  for client_id in train_data.client_ids:
+    sizes[client_id] = int(train_data.create_tf_dataset_for_client(
+        client_id).reduce(0, lambda n, _: n + 1))
+  chosen = sorted(sizes, key=lambda c: (-sizes[c], c))[:count]
+  return chosen, sum(min(sizes[c], max_images) for c in chosen)
+
+
+def _central_seconds(tfrecords_dir: str, train_data, clients: list[str],
+                     precision: str, num_outputs: int,
+                     keras_group_norm: bool = False) -> _Timer:
+  """Wall and CPU seconds of `--rounds` timed epoch-rounds of central Keras
+  `fit`; with `keras_group_norm`, the model uses Keras' GroupNormalization."""
+  preprocess = data.create_train_preprocess_fn(data.ClientSpec(
+      num_epochs=1, batch_size=_BATCH_SIZE.value,
+      max_elements=_IMAGES_PER_CLIENT.value))
+  dataset = None
+  for client_id in clients:
+    client_ds = preprocess(train_data.create_tf_dataset_for_client(client_id))
+    dataset = client_ds if dataset is None else dataset.concatenate(client_ds)
+  dataset = dataset.repeat(_EPOCHS.value).prefetch(tf.data.AUTOTUNE)
+  config = central.CentralConfig(
+      tfrecords_dir=tfrecords_dir, save_model_dir=tempfile.gettempdir(),
+      image_height=_CROP.value, image_width=_CROP.value, precision=precision)
+  patch = (mock.patch.object(model_lib, "GroupNormalization",
+                             tf.keras.layers.GroupNormalization)
+           if keras_group_norm else contextlib.nullcontext())
+  with patch, tf.distribute.MirroredStrategy().scope():
+    keras_model = central._build_model(config, num_outputs)  # pylint: disable=protected-access
+  keras_model.fit(dataset, epochs=1, verbose=0)  # Warm-up.
+  with _Timer() as timer:
+    keras_model.fit(dataset, epochs=_ROUNDS.value, verbose=0)
+  return timer
+
+
+def _fedavg_seconds(tfrecords_dir: str, label_spec, train_data,
+                    clients: list[str], precision: str) -> _Timer:
+  """Wall and CPU seconds (ours and the TFF worker's) of `--rounds` timed
+  FedAvg rounds, after one warm-up round."""
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+  settings = dict(
+      tfrecords_dir=tfrecords_dir, save_model_dir=tempfile.gettempdir(),
+      client_epochs_per_round=_EPOCHS.value,
+      client_batch_size=_BATCH_SIZE.value,
+      clients_per_round=_NUM_CLIENTS.value,
+      max_elements_per_client=_IMAGES_PER_CLIENT.value,
+      image_height=_CROP.value, image_width=_CROP.value, show_progress=False)
+  fields = {f.name for f in dataclasses.fields(federated.FederatedConfig)}
+  patch = None
+  if "precision" in fields:
+    settings["precision"] = precision
+  elif precision != model_lib.FLOAT32:
+
+    def build_at_precision(config, num_outputs):
+      # federated._build_keras_model's arguments, plus the precision.
+      return model_lib.resnet18(
+          input_shape=constants.IMAGE_SHAPE, num_classes=num_outputs,
+          pretrained=config.restore_model_path is not None,
+          crop_size=(config.image_height, config.image_width),
+          seed=config.seed, precision=precision)
+
+    patch = mock.patch.object(federated, "_build_keras_model",
+                              build_at_precision)
+  config = federated.FederatedConfig(**settings)
+  with patch or contextlib.nullcontext():
+    with tff_runtime.local_runtime() as runtime:
+      _, composed = federated.build_learning_process(
+          config, label_spec, train_data,
+          tff.learning.add_debug_measurements(tff.aggregators.MeanFactory()))
+      session = runtime.session(len(clients))
+      state = session.put(composed.initialize(),
+                          composed.next.type_signature.result[0])
+      state, _ = federated.run_round(session, composed, state, clients)
+      with _Timer() as timer:
+        for _ in range(_ROUNDS.value):
+          state, _ = federated.run_round(session, composed, state, clients)
+      return timer
+
+
+def _run_pfl(dataset_dir: str, tfrecords_dir: str, root: str) -> dict:
+  """Runs the pfl-research driver; returns its RESULT dict."""
+  hdf5 = _PFL_HDF5.value
+  if not hdf5:
+    if not dataset_dir:
+      raise errors.FlairInputError(
+          "--dataset_dir is required with --tfrecords_dir to convert the "
+          "data for pfl-research (or give --pfl_hdf5)")
+    converter = _PFL_CONVERTER.value or os.path.join(
+        os.path.dirname(os.path.abspath(_PFL_DRIVER.value)), "to_hdf5.py")
+    hdf5 = os.path.join(root, "flair_pfl.hdf5")
+    subprocess.run([_PFL_PYTHON.value, converter, dataset_dir, tfrecords_dir,
+                    hdf5], check=True, stdout=subprocess.DEVNULL)
+  # Runs the driver as __main__; without --pfl_tv_shim its `import tv_shim`
+  # gets an empty module.
+  prelude = ("import runpy, sys, types\n"
+             "if sys.argv[1] == '0':\n"
+             "  sys.modules['tv_shim'] = types.ModuleType('tv_shim')\n"
+             "sys.argv = sys.argv[2:]\n"
+             "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+  command = [
+      _PFL_PYTHON.value, "-c", prelude, str(int(_PFL_TV_SHIM.value)),
+      _PFL_DRIVER.value, "--hdf5", hdf5,
+      "--crop", str(_CROP.value), "--batch_size", str(_BATCH_SIZE.value),
+      "--num_clients", str(_NUM_CLIENTS.value),
+      "--images_per_client", str(_IMAGES_PER_CLIENT.value),
+      "--epochs", str(_EPOCHS.value), "--rounds", str(_ROUNDS.value),
+      "--threads", str(_PFL_THREADS.value or os.cpu_count())]
+  environment = dict(os.environ)
+  if _PFL_THREADS.value:
+    environment["OMP_NUM_THREADS"] = str(_PFL_THREADS.value)
+  completed = subprocess.run(command, check=True, capture_output=True,
+                             text=True, env=environment)
+  for line in completed.stdout.splitlines():
+    if not line.startswith("RESULT "):
+      print(f"  pfl: {line}")
+  match = re.search(r"^RESULT (\{.*\})$", completed.stdout, re.MULTILINE)
+  if not match:
+    raise RuntimeError(f"no RESULT line from {command}:\n"
+                       f"{completed.stdout}\n{completed.stderr[-2000:]}")
+  return json.loads(match.group(1))
+
+
+def _benchmark(dataset_dir: str, tfrecords_dir: str, root: str) -> None:
+  label_spec = data.load_label_spec(tfrecords_dir)
+  train_data = data.load_partition(tfrecords_dir, constants.TRAIN, label_spec)
+  clients, images_per_pass = _pick_clients(train_data, _NUM_CLIENTS.value,
+                                           _IMAGES_PER_CLIENT.value)
+  images_per_round = images_per_pass * _EPOCHS.value
+  timed_images = images_per_round * _ROUNDS.value
+  print(f"{len(clients)} clients, {images_per_pass} images (at most "
+        f"{_IMAGES_PER_CLIENT.value} per client) x {_EPOCHS.value} epoch(s) "
+        f"= {images_per_round} images per round; crop {_CROP.value}, batch "
+        f"{_BATCH_SIZE.value}; 1 warm-up + {_ROUNDS.value} timed; "
+        f"{os.cpu_count()} CPU(s)", flush=True)
+  results = {"images_per_round": images_per_round}
+  for precision in _PRECISIONS.value:
+    runs = [("central", _central_seconds, (tfrecords_dir, train_data, clients,
+                                             precision, label_spec.num_outputs))]
+    if _KERAS_GROUP_NORM.value and precision == model_lib.FLOAT32:
+      runs.append(("central_kerasgn", _central_seconds,
+                   (tfrecords_dir, train_data, clients, precision,
+                    label_spec.num_outputs, True)))
+    if not _SKIP_FEDAVG.value:
+      runs.append(("fedavg", _fedavg_seconds, (tfrecords_dir, label_spec,
+                                               train_data, clients, precision)))
+    for name, measure, args in runs:
+      timer = measure(*args)
+      results[f"ours_{name}_{precision}"] = timed_images / timer.wall
+      results[f"ours_{name}_{precision}_cpu_ms_per_image"] = (
+          1000 * timer.cpu / timed_images)
+      print(f"ours  {name:15s} {precision:8s} "
+            f"{results[f'ours_{name}_{precision}']:7.1f} images/s, "
+            f"{results[f'ours_{name}_{precision}_cpu_ms_per_image']:6.2f} "
+            "CPU ms/image", flush=True)
+  if _PFL_PYTHON.value:
+    pfl = _run_pfl(dataset_dir, tfrecords_dir, root)
+    results["pfl_fedavg"] = pfl["fedavg_img_s"]
+    results["pfl_plain_torch"] = pfl.get("plain_img_s")
+
+  print()
+  print(f"{'':28s} {'central/plain':>14s} {'FedAvg':>10s}  (images/s)")
+  for precision in _PRECISIONS.value:
+    fedavg = results.get(f"ours_fedavg_{precision}")
+    print(f"{'ours (Keras/TFF) ' + precision:28s} "
+          f"{results[f'ours_central_{precision}']:14.1f} "
+          f"{fedavg if fedavg is not None else float('nan'):10.1f}")
+  if "ours_central_kerasgn_float32" in results:
+    print("ratio ours central float32, our GroupNorm / Keras' GroupNorm: "
+          "images/s "
+          f"{results['ours_central_float32'] / results['ours_central_kerasgn_float32']:.3f}"
+          ", CPU per image "
+          f"{results['ours_central_float32_cpu_ms_per_image'] / results['ours_central_kerasgn_float32_cpu_ms_per_image']:.3f}")
+  for precision in _PRECISIONS.value[1:]:
+    base = _PRECISIONS.value[0]
+    for name in ("central", "fedavg"):
+      if f"ours_{name}_{precision}" in results:
+        print(f"ratio ours {name} {precision} / {base}: images/s "
+              f"{results[f'ours_{name}_{precision}'] / results[f'ours_{name}_{base}']:.3f}"
+              ", CPU per image "
+              f"{results[f'ours_{name}_{precision}_cpu_ms_per_image'] / results[f'ours_{name}_{base}_cpu_ms_per_image']:.3f}")
+  if "pfl_fedavg" in results:
+    plain = results["pfl_plain_torch"]
+    print(f"{'pfl-research (PyTorch) fp32':28s} "
+          f"{plain if plain is not None else float('nan'):14.1f} "
+          f"{results['pfl_fedavg']:10.1f}")
+    for precision in _PRECISIONS.value:
+      if plain:
+        print(f"ratio ours central {precision} / plain PyTorch: "
+              f"{results[f'ours_central_{precision}'] / plain:.3f}")
+      if f"ours_fedavg_{precision}" in results:
+        print(f"ratio ours FedAvg {precision} / pfl FedAvg: "
+              f"{results[f'ours_fedavg_{precision}'] / results['pfl_fedavg']:.3f}")
+  print("RESULT " + json.dumps(results))
+
+
+@errors.exit_on_input_error
+def main(argv):
+  if len(argv) > 1:
+    raise errors.FlairInputError(
+        f"unexpected positional arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)
+  _check_flags()
+  with tempfile.TemporaryDirectory() as root:
+    if _TFRECORDS_DIR.value:
+      _benchmark(_DATASET_DIR.value, _TFRECORDS_DIR.value, root)
+    else:
+      _benchmark(*_prepare_synthetic(root), root)
+
+
+if __name__ == "__main__":
+  app.run(main)
