@@ -474,18 +474,15 @@ def run_federated(config: FederatedConfig) -> dict:
 
 
 def _run_round(backend: backends.RoundBackend, cohort: list[str],
-               tfrecords_dir: str):
-  """One round; a client whose data cannot be read becomes a one-line
-  `FlairInputError` naming its file (rerunning resumes from the last
-  checkpoint once the file is fixed)."""
+               tfrecords_dir: str, label_spec: data.LabelSpec):
+  """One round; a client whose data cannot be read becomes the one-line-per-
+  file `FlairInputError` of `data.training_data_error` (every user file that
+  fails in TensorFlow is named; rerunning resumes from the last checkpoint
+  once they are fixed)."""
   try:
     return backend.run_round(cohort)
   except backends.ClientDataError as e:
-    path = os.path.join(tfrecords_dir, constants.TRAIN,
-                        e.client_id + constants.TFRECORD_SUFFIX)
-    raise FlairInputError(
-        f"training client {e.client_id} failed on {path}: {e.detail} (fix or "
-        "replace the file and rerun the same command to resume)") from None
+    raise data.training_data_error(tfrecords_dir, label_spec, e) from None
 
 
 def _initial_keras_model(config: FederatedConfig,
@@ -627,7 +624,8 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
     for round_num in range(completed + 1, config.total_rounds + 1):
       cohort = sample_clients(round_num, clients_per_round)
       start = time.monotonic()
-      round_metrics = _run_round(backend, cohort, config.tfrecords_dir)
+      round_metrics = _run_round(backend, cohort, config.tfrecords_dir,
+                                 label_spec)
       elapsed = time.monotonic() - start
       row = collections.OrderedDict([(ROUND_TIME_KEY, elapsed)])
       measured, next_clip = _round_columns(round_metrics, names)
