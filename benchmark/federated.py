@@ -57,6 +57,7 @@ import dataclasses
 import functools
 import math
 import os
+import shutil
 import time
 from typing import Any, Optional
 
@@ -485,6 +486,81 @@ def _run_round(backend: backends.RoundBackend, cohort: list[str],
     raise data.training_data_error(tfrecords_dir, label_spec, e) from None
 
 
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _remove_unfinished_checkpoints(checkpoint_dir: str) -> None:
+  """Removes what a save cut short left in `checkpoint_dir`: TFF writes a
+  checkpoint to `<prefix><round>_temp<N>` and renames it when complete, so a
+  process killed while saving (kill -9, power loss) leaves that directory,
+  which no load ever reads. Each is logged."""
+  try:
+    names = os.listdir(checkpoint_dir)
+  except FileNotFoundError:
+    return
+  for name in sorted(names):
+    if name.startswith(CHECKPOINT_PREFIX) and "_temp" in name:
+      path = os.path.join(checkpoint_dir, name)
+      logging.warning("Removing %s, a checkpoint whose saving was cut short "
+                      "(the process was stopped while writing it).", path)
+      shutil.rmtree(path, ignore_errors=True)
+
+
+def load_latest_checkpoint(state_manager: tff.program.FileProgramStateManager,
+                           structure: Any, checkpoint_dir: str
+                          ) -> tuple[Optional[Any], int]:
+  """The latest checkpoint that can be read, for resuming a run.
+
+  Saving is atomic (TFF renames a complete temporary directory), so a run
+  killed while saving leaves its previous checkpoint intact; the unfinished
+  temporary directory is removed here. A latest checkpoint that cannot be
+  read (a file cut short or damaged after it was written: a disk or copy
+  error) is logged, removed (so that the round can be saved again) and the
+  previous one is used; `CHECKPOINTS_KEPT` keeps one spare for this.
+
+  Args:
+    state_manager: the run's program-state manager over `checkpoint_dir`.
+    structure: the program state's structure (the initial state).
+    checkpoint_dir: the directory the manager writes to.
+
+  Returns:
+    `(program_state, round)`, or `(None, 0)` when there is no checkpoint.
+
+  Raises:
+    FlairInputError: there are checkpoints but none can be read with this
+      structure (another configuration's, or all damaged); one line naming
+      the directory and the first error.
+  """
+  _remove_unfinished_checkpoints(checkpoint_dir)
+  versions = _run_async(state_manager.get_versions()) or []
+  unreadable = []
+  for version in sorted(versions, reverse=True):
+    path = os.path.join(checkpoint_dir, f"{CHECKPOINT_PREFIX}{version}")
+    try:
+      loaded = _run_async(state_manager.load(version, structure))
+    except Exception as e:  # pylint: disable=broad-except
+      # Damaged files, or a structure, shape or dtype mismatch.
+      unreadable.append((path, e))
+      continue
+    for bad_path, error in unreadable:
+      logging.warning(
+          "Checkpoint %s cannot be read (%s); removed it and resuming from "
+          "the previous checkpoint, %s.", bad_path, _first_line(error), path)
+      shutil.rmtree(bad_path, ignore_errors=True)
+    return loaded, version
+  if unreadable:
+    path, error = unreadable[0]
+    raise FlairInputError(
+        f"no checkpoint in {checkpoint_dir} can be read with this "
+        f"configuration (labels, model or DP settings differ, or the files "
+        f"are damaged); use another --save_model_dir or delete "
+        f"{checkpoint_dir} ({os.path.basename(path)}: {_first_line(error)})"
+    ) from error
+  return None, 0
+
+
 def _initial_keras_model(config: FederatedConfig,
                          num_outputs: int) -> tf.keras.Model:
   keras_model = _build_keras_model(config, num_outputs)
@@ -528,14 +604,9 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
   state_manager = tff.program.FileProgramStateManager(
       os.path.join(config.save_model_dir, CHECKPOINT_DIR),
       prefix=CHECKPOINT_PREFIX, keep_total=CHECKPOINTS_KEPT, keep_first=False)
-  try:
-    loaded, version = _run_async(state_manager.load_latest(program_state))
-  except Exception as e:  # Any mismatch of structure, shapes or dtypes.
-    raise FlairInputError(
-        f"the checkpoint in {config.save_model_dir}/{CHECKPOINT_DIR} does not "
-        "match this configuration (labels, model or DP settings differ?); use "
-        f"another --save_model_dir or delete it ({type(e).__name__}: "
-        f"{str(e).splitlines()[0] if str(e) else ''})") from e
+  loaded, version = load_latest_checkpoint(
+      state_manager, program_state,
+      os.path.join(config.save_model_dir, CHECKPOINT_DIR))
   if loaded is not None:
     program_state = loaded
     logging.info("Resuming after round %d (checkpoint in %s)", version,

@@ -557,6 +557,60 @@ def test_checkpoint_on_a_full_disk_leaves_no_partial_state(small_filesystem):
   assert version == 1 and np.array_equal(loaded["weights"], state["weights"])
 
 
+def test_resume_skips_an_unfinished_or_damaged_checkpoint(tmp_path, caplog):
+  """A save cut by kill -9 leaves TFF's `<name>_temp<N>` directory (the
+  checkpoint is renamed only when complete): it is removed. A latest
+  checkpoint damaged after it was written (a data file cut short) is logged,
+  removed, and the previous one is resumed; that round can be saved again.
+  A checkpoint of another structure is a one-line input error."""
+  directory = str(tmp_path / federated.CHECKPOINT_DIR)
+  manager = tff.program.FileProgramStateManager(
+      directory, prefix=federated.CHECKPOINT_PREFIX,
+      keep_total=federated.CHECKPOINTS_KEPT, keep_first=False)
+  def state(round_num):
+    return collections.OrderedDict(
+        weights=np.full([64, 64], round_num, np.float32), round=round_num)
+  for round_num in (2, 4):
+    asyncio.run(manager.save(state(round_num), round_num))
+  latest = os.path.join(directory, federated.CHECKPOINT_PREFIX + "4")
+  data_files = [os.path.join(d, n) for d, _, names in os.walk(latest)
+                for n in names if ".data-" in n]
+  assert data_files
+  for path in data_files:  # Cut short, as by a failing copy or disk.
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  # What kill -9 leaves in the middle of saving round 6.
+  unfinished = os.path.join(directory, federated.CHECKPOINT_PREFIX +
+                            "6_temp1234")
+  os.makedirs(os.path.join(unfinished, "variables"))
+  with open(os.path.join(unfinished, "saved_model.pb"), "wb") as f:
+    f.write(b"\x08\x01partial")
+
+  caplog.set_level("WARNING")
+  loaded, version = federated.load_latest_checkpoint(manager, state(0),
+                                                     directory)
+  assert version == 2 and loaded["round"] == 2
+  assert np.array_equal(loaded["weights"], state(2)["weights"])
+  assert sorted(os.listdir(directory)) == [federated.CHECKPOINT_PREFIX + "2"]
+  messages = [r.getMessage() for r in caplog.records]
+  assert any(m.startswith(f"Checkpoint {latest} cannot be read") and
+             "resuming from the previous checkpoint" in m for m in messages)
+  assert any(m.startswith(f"Removing {unfinished}") for m in messages)
+  # The resumed run saves round 4 again and resumes from it next time.
+  asyncio.run(manager.save(state(4), 4))
+  loaded, version = federated.load_latest_checkpoint(manager, state(0),
+                                                     directory)
+  assert version == 4 and loaded["round"] == 4
+
+  other = collections.OrderedDict(weights=np.zeros([3], np.int64), round=0,
+                                  extra=0)
+  with pytest.raises(FlairInputError) as info:
+    federated.load_latest_checkpoint(manager, other, directory)
+  assert "\n" not in str(info.value)
+  assert str(info.value).startswith(
+      f"no checkpoint in {directory} can be read with this configuration")
+
+
 @pytest.mark.slow
 def test_image_tensorflow_cannot_decode_ends_the_run_naming_the_file(
     damaged_sample, prepared_sample_dir, tmp_path):
