@@ -658,7 +658,7 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
       full = {c: values.get(c, "") for c in all_columns}
       with io_utils.tff_output(csv_path):
         _run_async(csv_manager.release(full, key))
-      with io_utils.output_errors(tensorboard_dir):
+      with io_utils.summary_output(tensorboard_dir):
         _run_async(tensorboard_manager.release(
             {c.replace("_", "/", 1): v for c, v in values.items()}, key))
     pending_rows.clear()

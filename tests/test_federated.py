@@ -557,6 +557,64 @@ def test_checkpoint_on_a_full_disk_leaves_no_partial_state(small_filesystem):
   assert version == 1 and np.array_equal(loaded["weights"], state["weights"])
 
 
+def _event_files(directory):
+  return sorted(os.path.join(d, n) for d, _, names in os.walk(directory)
+                for n in names if n.startswith("events.out.tfevents."))
+
+
+def _ends_after_a_complete_record(path):
+  """Whether the TFRecord file `path` ends where a record ends (records are
+  an 8-byte little-endian length, 4 CRC bytes, the data, 4 CRC bytes)."""
+  with open(path, "rb") as f:
+    content = f.read()
+  end = 0
+  while end < len(content):
+    end += 16 + int.from_bytes(content[end:end + 8], "little")
+  return end == len(content) > 0
+
+
+def _scalar_steps(directory):
+  """{tag: [steps]} of the scalars in every events file under `directory`
+  (reading fails on a record cut short)."""
+  steps = collections.defaultdict(list)
+  for path in _event_files(directory):
+    for record in tf.compat.v1.io.tf_record_iterator(path):
+      event = tf.compat.v1.Event.FromString(record)
+      for value in event.summary.value:
+        steps[value.tag].append(event.step)
+  return dict(steps)
+
+
+def test_tensorboard_on_a_full_disk_is_one_line_and_keeps_the_events(
+    small_filesystem):
+  """TensorBoard summaries of the rounds (TFF's TensorBoardReleaseManager,
+  as `_train` writes them) on a full disk: a one-line OutputWriteError
+  naming the events file; the events file keeps complete records only;
+  after space is freed, a rerun's summaries are written."""
+  root = small_filesystem(512, fill_to_kib=8)
+  directory = os.path.join(root, constants.TENSORBOARD_DIR)
+  manager = tff.program.TensorBoardReleaseManager(directory)
+  row = {f"train/metric_{i}": float(i) for i in range(40)}
+  with pytest.raises(errors.OutputWriteError) as info:
+    for round_num in range(1, 200):
+      with io_utils.summary_output(directory):
+        asyncio.run(manager.release(row, round_num))
+  message = str(info.value)
+  events, = _event_files(directory)
+  assert message.startswith(f"cannot write {events}: No space left on "
+                            "device"), message
+  assert "\n" not in message and "rerun the same command" in message
+  assert _ends_after_a_complete_record(events)
+  written = _scalar_steps(directory)
+  os.remove(os.path.join(root, "filler"))
+  rerun = tff.program.TensorBoardReleaseManager(directory)
+  asyncio.run(rerun.release(row, 1))
+  del rerun
+  # The new events file is flushed when the writer is deleted.
+  after = _scalar_steps(directory)
+  assert after["train/metric_0"] == written.get("train/metric_0", []) + [1]
+
+
 def test_resume_skips_an_unfinished_or_damaged_checkpoint(tmp_path, caplog):
   """A save cut by kill -9 leaves TFF's `<name>_temp<N>` directory (the
   checkpoint is renamed only when complete): it is removed. A latest
