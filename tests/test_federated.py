@@ -669,23 +669,46 @@ def test_resume_skips_an_unfinished_or_damaged_checkpoint(tmp_path, caplog):
       f"no checkpoint in {directory} can be read with this configuration")
 
 
+def _seed_sampling_user_in_round_2_only(tfrecords_dir, user, cohort_size):
+  """A `--client_datasets_random_seed` whose round-1 cohort leaves `user`
+  out and whose round-2 cohort has it (`run_federated`'s sampling)."""
+  from benchmark import data  # pylint: disable=g-import-not-at-top
+  ids = list(data.load_partition(tfrecords_dir, constants.TRAIN,
+                                 data.load_label_spec(tfrecords_dir))
+             .client_ids)
+  for seed in range(1000):
+    sample = tff.simulation.build_uniform_sampling_fn(
+        ids, replace=False, random_seed=seed)
+    if user not in sample(1, cohort_size) and user in sample(2, cohort_size):
+      return seed
+  raise AssertionError(f"no seed samples {user} in round 2 only")
+
+
 @pytest.mark.slow
-def test_image_tensorflow_cannot_decode_ends_the_run_naming_the_file(
+def test_bad_records_skipped_then_train_time_error_then_fixed_run_resumes(
     damaged_sample, prepared_sample_dir, tmp_path):
-  """A JPEG that passes the pre-check but fails to decode in a client's
-  training (inside the TFF worker): one error line naming the user file,
-  one line per bad file after it, no traceback or gRPC dump."""
+  """federated_main on a damaged copy of the real sample, with
+  --skip_bad_records: the truncated file's cut record and the record with a
+  label outside the label index are skipped (counted in the log); a JPEG
+  that passes the pre-check but fails to decode in round 2 ends the run
+  with one error line naming the user file (no traceback or gRPC dump),
+  after round 1's checkpoint. Once the file is fixed, the same command
+  resumes after round 1 and ends like an uninterrupted run: every output,
+  each round once, rounds 0-1 kept as written, and the skipped records
+  counted in final_metrics.json."""
   import shutil  # pylint: disable=g-import-not-at-top
   copy, cut, bad_label, bad_jpeg = damaged_sample
-  for path in (cut, bad_label):  # Only the bad JPEG is left.
-    shutil.copyfile(os.path.join(prepared_sample_dir, constants.TRAIN,
-                                 os.path.basename(path)), path)
-  result = subprocess.run(
-      _main_command(copy, tmp_path / "run", total_rounds=1,
-                    clients_per_round=13),
-      capture_output=True, text=True, env=_subprocess_env(), timeout=900,
-      cwd=REPO_ROOT)
+  user = os.path.basename(bad_jpeg)[:-len(constants.TFRECORD_SUFFIX)]
+  seed = _seed_sampling_user_in_round_2_only(copy, user, 3)
+  save_dir = str(tmp_path / "run")
+  command = _main_command(
+      copy, save_dir, total_rounds=2, rounds_per_checkpoint=1,
+      rounds_per_eval=2, client_datasets_random_seed=seed,
+      skip_bad_records=True)
+  result = subprocess.run(command, capture_output=True, text=True,
+                          env=_subprocess_env(), timeout=900, cwd=REPO_ROOT)
   assert result.returncode == 1, result.stderr[-3000:]
+  assert "skipping 2 bad record(s) in 2 user file(s)" in result.stderr
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
   assert "debug_error_string" not in result.stderr, result.stderr[-3000:]
   lines = result.stderr.splitlines()
@@ -693,8 +716,36 @@ def test_image_tensorflow_cannot_decode_ends_the_run_naming_the_file(
   assert len(start) == 1, result.stderr[-3000:]
   assert lines[start[0]].startswith(
       "error: data error during training in 1 user file(s)")
+  assert "rerun the same command to resume" in lines[start[0]]
   assert lines[start[0] + 1].strip().startswith(
       os.path.realpath(bad_jpeg) + ": ")
+  assert os.listdir(os.path.join(save_dir, federated.CHECKPOINT_DIR)) == [
+      federated.CHECKPOINT_PREFIX + "1"]
+  first_rows = _read_csv(os.path.join(save_dir, constants.METRICS_CSV_FILE))
+  assert [int(r["round"]) for r in first_rows] == [0, 1]
+  assert not os.path.exists(os.path.join(save_dir,
+                                         constants.FINAL_METRICS_FILE))
+  leftovers = [os.path.join(d, n) for d, dirs, files in os.walk(save_dir)
+               for n in dirs + files if n.endswith(".tmp") or "_temp" in n]
+  assert not leftovers
+
+  shutil.copyfile(os.path.join(prepared_sample_dir, constants.TRAIN,
+                               os.path.basename(bad_jpeg)), bad_jpeg)
+  result = subprocess.run(command, capture_output=True, text=True,
+                          env=_subprocess_env(), timeout=900, cwd=REPO_ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resuming after round 1" in result.stderr
+  assert "skipping 2 bad record(s) in 2 user file(s)" in result.stderr
+  assert "Trained without 2 bad record(s)" in result.stderr
+  with open(os.path.join(copy, constants.LABEL_INDEX_FILE),
+            encoding="utf-8") as f:
+    num_outputs = len(json.load(f)[constants.LABELS_KEY])
+  final, rows = _check_outputs(save_dir, num_outputs, 2, dp_on=False)
+  assert rows[:2] == first_rows
+  assert final["rounds_completed"] == 2
+  assert final["skipped_records"] == {"count": 2,
+                                      "files": {cut: 1, bad_label: 1}}
+  assert json.loads(result.stdout) == final
 
 
 def test_overwrite_knows_every_output_of_both_trainers():
