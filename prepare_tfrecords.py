@@ -643,8 +643,13 @@ def prepare(dataset_dir: str, tfrecords_dir: str,
     else:
       # A report of an earlier --skip_bad_images run no longer describes
       # this output.
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(tfrecords_dir, SKIPPED_IMAGES_REPORT_FILE))
+      # (Looked up first: on a read-only file system, removing even a
+      # missing file fails.)
+      old_report = os.path.join(tfrecords_dir, SKIPPED_IMAGES_REPORT_FILE)
+      if os.path.lexists(old_report):
+        with io_utils.output_errors(old_report, flag="--tfrecords_dir",
+                                    exact=True):
+          os.remove(old_report)
 
     label_index = {
         constants.LABELS_KEY: {

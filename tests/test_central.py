@@ -663,16 +663,21 @@ def test_image_tensorflow_cannot_decode_ends_training_naming_the_file(
                  final)
 
 
-def test_cli_read_only_save_dir_is_one_line(prepared_sample_dir, tmp_path,
-                                            small_filesystem):
-  root = small_filesystem(1024)
-  subprocess.run(["mount", "-o", "remount,ro", root], check=True)
-  save_dir = os.path.join(root, "run")
+@pytest.mark.parametrize("kind", ["read_only", "permission"])
+def test_cli_unwritable_save_dir_is_one_line(prepared_sample_dir, tmp_path,
+                                             make_unwritable, kind):
+  """A --save_model_dir that cannot be created (its parent is on a
+  read-only file system, or not writable): exit 1, one line naming the
+  flag, the directory and the reason; nothing written."""
+  from conftest import UNWRITABLE_REASONS  # pylint: disable=g-import-not-at-top
+  parent, prefix = make_unwritable(kind)
+  save_dir = os.path.join(parent, "run")
   returncode, _, stderr = _run_cli(
-      _cli(prepared_sample_dir, save_dir, "--num_epochs", "1"),
+      prefix + _cli(prepared_sample_dir, save_dir, "--num_epochs", "1"),
       str(tmp_path / "ro"))
   line = _assert_one_line_error(returncode, stderr, "--save_model_dir")
-  assert "Read-only file system" in line
+  assert save_dir in line and UNWRITABLE_REASONS[kind] in line
+  assert os.listdir(parent) == []
 
 
 @pytest.mark.slow

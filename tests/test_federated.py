@@ -533,6 +533,31 @@ def test_full_disk_is_one_line_and_leaves_nothing_partial(
   assert not [n for n in os.listdir(save_dir) if n.endswith((".h5", ".tmp"))]
 
 
+@pytest.mark.parametrize("kind", ["read_only", "permission"])
+def test_cli_unwritable_save_dir_is_one_line(prepared_sample_dir,
+                                             make_unwritable, kind):
+  """An existing --save_model_dir that cannot be written to (read-only file
+  system, or no permission): exit 1 before training, one line naming the
+  first file and the reason, no traceback, nothing written."""
+  from conftest import UNWRITABLE_REASONS  # pylint: disable=g-import-not-at-top
+  save_dir, prefix = make_unwritable(kind)
+  result = subprocess.run(
+      prefix + _main_command(prepared_sample_dir, save_dir, total_rounds=1),
+      capture_output=True, text=True, env=_subprocess_env(), timeout=900,
+      cwd=REPO_ROOT)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  error_lines = [line for line in result.stderr.splitlines()
+                 if line.startswith("error:")]
+  assert len(error_lines) == 1, result.stderr[-3000:]
+  run_json = os.path.join(save_dir, constants.RUN_IDENTITY_FILE)
+  assert error_lines[0].startswith(
+      f"error: cannot write {run_json}: {UNWRITABLE_REASONS[kind]}"), (
+          error_lines[0])
+  assert "--save_model_dir" in error_lines[0]
+  assert os.listdir(save_dir) == []
+
+
 def test_checkpoint_on_a_full_disk_leaves_no_partial_state(small_filesystem):
   """A checkpoint cut by a full disk: one-line OutputWriteError naming it,
   TFF's temporary directory removed, and after space is freed the same
