@@ -339,16 +339,12 @@ def build_aggregator(
         noise_multiplier=noise_multiplier,
         clients_per_round=float(clients_per_round), clip=l2_norm_clip)
   else:
-    try:
-      factory = tff.aggregators.DifferentiallyPrivateFactory.gaussian_adaptive(
-          noise_multiplier=noise_multiplier,
-          clients_per_round=float(clients_per_round),
-          initial_l2_norm_clip=l2_norm_clip,
-          target_unclipped_quantile=target_unclipped_quantile)
-    except ValueError as e:
-      if "clipped_count_stddev" not in str(e):
-        raise
-      stddev = _TFF_CLIPPED_COUNT_STDDEV_FRACTION * clients_per_round
+    # TFF's condition (adaptive_clip_noise_params): the noised clipped count
+    # must carry part of the budget, so the noise multiplier must stay below
+    # twice its stddev. Checked here so that the user gets the flags to
+    # change instead of TFF's ValueError.
+    stddev = _TFF_CLIPPED_COUNT_STDDEV_FRACTION * clients_per_round
+    if noise_multiplier > 0 and noise_multiplier >= 2 * stddev:
       raise FlairInputError(
           f"adaptive clipping (--target_unclipped_quantile "
           f"{target_unclipped_quantile}) cannot reach noise multiplier "
@@ -357,5 +353,10 @@ def build_aggregator(
           f"round) needs noise multiplier < {2 * stddev:.3g}; use more clients "
           "per round (--clients_per_round or --simulated_clients_per_round), "
           "a larger --epsilon, or fixed clipping with "
-          "--target_unclipped_quantile 0") from None
+          "--target_unclipped_quantile 0")
+    factory = tff.aggregators.DifferentiallyPrivateFactory.gaussian_adaptive(
+        noise_multiplier=noise_multiplier,
+        clients_per_round=float(clients_per_round),
+        initial_l2_norm_clip=l2_norm_clip,
+        target_unclipped_quantile=target_unclipped_quantile)
   return tff.learning.add_debug_measurements(factory)
