@@ -144,8 +144,9 @@ class FederatedConfig:
     precision: `model.FLOAT32` or `model.BFLOAT16` (mixed precision of the
       clients' and the evaluation model, see `model.resnet18`).
     clients_per_thread: accepted for compatibility with the original command
-      line; TFF 0.87's local runtime schedules all clients of a round itself,
-      so it has no effect.
+      line; it has no effect (each backend schedules a round's clients
+      itself, `num_workers` sets how many train at once), and
+      `federated_main` warns when the flag is given.
   """
   tfrecords_dir: str
   save_model_dir: str = "./"

@@ -538,13 +538,17 @@ def test_cli_unwritable_save_dir_is_one_line(prepared_sample_dir,
                                              make_unwritable, kind):
   """An existing --save_model_dir that cannot be written to (read-only file
   system, or no permission): exit 1 before training, one line naming the
-  first file and the reason, no traceback, nothing written."""
+  first file and the reason, no traceback, nothing written. (The same run
+  checks that the ignored --clients_per_thread, when given, is warned
+  about: a start of federated_main costs 20 s.)"""
   from conftest import UNWRITABLE_REASONS  # pylint: disable=g-import-not-at-top
   save_dir, prefix = make_unwritable(kind)
   result = subprocess.run(
-      prefix + _main_command(prepared_sample_dir, save_dir, total_rounds=1),
+      prefix + _main_command(prepared_sample_dir, save_dir, total_rounds=1,
+                             clients_per_thread=7),
       capture_output=True, text=True, env=_subprocess_env(), timeout=900,
       cwd=REPO_ROOT)
+  assert "--clients_per_thread 7 has no effect" in result.stderr
   assert result.returncode == 1, result.stderr[-3000:]
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
   error_lines = [line for line in result.stderr.splitlines()
