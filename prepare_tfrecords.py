@@ -4,7 +4,7 @@
       [--num_workers N] [--skip_bad_images] [--report_path P]
 
 Reads `D/labels_and_metadata.json` and `D/small_images/<image_id>.jpg` and
-writes, as FLAIR_REFERENCE.md ("Per-user TFRecords") specifies:
+writes, in the format of docs/formats.md ("Per-user TFRecords"):
 
 * `T/<partition>/<user_id>.tfrecords`: one `tf.train.Example` per image of the
   user (in metadata order) with `image/encoded_jpeg` (the JPEG file's bytes,

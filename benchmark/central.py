@@ -1,8 +1,8 @@
 """Centralized (non-federated) training of ResNet-18 on FLAIR with Keras.
 
 The centralized run is the upper bound that federated results are compared
-with (FLAIR_REFERENCE.md, "Command lines"): every training user's images are
-pooled into one dataset and the model is trained with Adam on binary
+with (docs/original_benchmark.md, "Command lines"): every training user's
+images are pooled into one dataset and the model is trained with Adam on binary
 cross-entropy over logits. `train_central(config)` is the whole run; the flags
 live in `benchmark.central_main`.
 
@@ -87,7 +87,7 @@ def _positive_float(flag: str, value) -> None:
 @dataclasses.dataclass(frozen=True)
 class CentralConfig:
   """Settings of one centralized run; field names are the flags of
-  `benchmark.central_main` (defaults from FLAIR_REFERENCE.md).
+  `benchmark.central_main` (defaults from docs/original_benchmark.md).
 
   Attributes:
     tfrecords_dir: directory written by `prepare_tfrecords.py`.

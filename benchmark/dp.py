@@ -11,7 +11,7 @@ is that of the sampled Gaussian mechanism with sampling rate
 accountant of `dp_accounting` (Mironov, Talwar, Zhang 2019, arXiv 1908.10530)
 converts the composed RDP curve into an (epsilon, delta) guarantee.
 
-Two calibrations (FLAIR_REFERENCE.md, "Central DP"):
+Two calibrations (docs/dp.md, "Calibration"):
 
 * `"rounds"` (default): the noise multiplier is the smallest one (to within
   `tol`) for which exactly `total_rounds` compositions of the sampled Gaussian
@@ -70,7 +70,7 @@ _TFF_CLIPPED_COUNT_STDDEV_FRACTION = 0.05
 
 
 def target_delta(num_train_clients: int) -> float:
-  """Returns delta = 1 / n**1.1 for `n` training users (FLAIR_REFERENCE.md),
+  """Returns delta = 1 / n**1.1 for `n` training users (docs/dp.md),
   i.e. below 1/n as a user-level delta must be."""
   if num_train_clients < 1:
     raise ValueError(

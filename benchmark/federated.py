@@ -2,7 +2,7 @@
 user-level central DP.
 
 One plain function, `run_federated(FederatedConfig) -> dict`, runs the whole
-program (FLAIR_REFERENCE.md, "federated_main"):
+program (docs/original_benchmark.md, "A FedAvg round"):
 
 * FedAvg (`tff.learning.algorithms.build_weighted_fed_avg`, or the unweighted
   builder with a DP aggregator): each round samples `clients_per_round`
@@ -117,7 +117,7 @@ def _check(condition: bool, message: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class FederatedConfig:
   """A federated run: the reference flags of federated_main (same names and
-  defaults, FLAIR_REFERENCE.md) plus the project's own.
+  defaults, docs/original_benchmark.md) plus the project's own.
 
   Attributes beyond the reference:
     rounds_per_checkpoint: save the program state every this many rounds

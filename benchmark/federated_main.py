@@ -3,10 +3,11 @@ on FLAIR.
 
     python -m benchmark.federated_main --tfrecords_dir T [flags]
 
-Flags and defaults are those of the original benchmark (FLAIR_REFERENCE.md,
-"Command lines"), plus `--rounds_per_checkpoint`, `--dp_calibration`,
-`--seed`, `--backend`, `--num_workers`, `--ray_address`, `--algorithm`,
-`--proximal_strength`, the optimizer choices (`--server_optimizer` and its
+Flags and defaults are those of the original benchmark
+(docs/original_benchmark.md, "Command lines"), plus
+`--rounds_per_checkpoint`, `--dp_calibration`, `--seed`, `--backend`,
+`--num_workers`, `--ray_address`, `--algorithm`, `--proximal_strength`, the
+optimizer choices (`--server_optimizer` and its
 hyperparameters, `--client_optimizer`, `--client_momentum`),
 `--skip_bad_records` and `--overwrite`. The run itself is
 `benchmark.federated.run_federated`; this module

@@ -14,7 +14,8 @@ from tensorflow_privacy.privacy.analysis import compute_noise_from_budget_lib
 from benchmark import dp
 from benchmark.errors import FlairInputError
 
-# FLAIR's training users and the reference defaults (FLAIR_REFERENCE.md).
+# FLAIR's training users and the reference defaults (docs/formats.md,
+# docs/original_benchmark.md).
 N = 41_131
 COHORT = 200
 ROUNDS = 5_000
