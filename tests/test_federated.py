@@ -716,8 +716,9 @@ def _seed_sampling_user_in_round_2_only(tfrecords_dir, user, cohort_size):
 @pytest.mark.slow
 def test_bad_records_skipped_then_train_time_error_then_fixed_run_resumes(
     damaged_sample, prepared_sample_dir, tmp_path):
-  """federated_main on a damaged copy of the real sample, with
-  --skip_bad_records: the truncated file's cut record and the record with a
+  """federated_main on a damaged copy of the real sample. Without
+  --skip_bad_records it refuses to start, one line per bad file, nothing
+  written. With it, the truncated file's cut record and the record with a
   label outside the label index are skipped (counted in the log); a JPEG
   that passes the pre-check but fails to decode in round 2 ends the run
   with one error line naming the user file (no traceback or gRPC dump),
@@ -732,8 +733,22 @@ def test_bad_records_skipped_then_train_time_error_then_fixed_run_resumes(
   save_dir = str(tmp_path / "run")
   command = _main_command(
       copy, save_dir, total_rounds=2, rounds_per_checkpoint=1,
-      rounds_per_eval=2, client_datasets_random_seed=seed,
-      skip_bad_records=True)
+      rounds_per_eval=2, client_datasets_random_seed=seed)
+  result = subprocess.run(command, capture_output=True, text=True,
+                          env=_subprocess_env(), timeout=900, cwd=REPO_ROOT)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  lines = result.stderr.splitlines()
+  start = [i for i, line in enumerate(lines) if line.startswith("error:")]
+  assert len(start) == 1, result.stderr[-3000:]
+  assert "2 of the 15 user files" in lines[start[0]]
+  assert "--skip_bad_records" in lines[start[0]]
+  assert sorted(line.strip().split(": ", 1)[0]
+                for line in lines[start[0] + 1:start[0] + 3]) == sorted(
+                    [cut, bad_label])
+  assert not os.path.exists(save_dir)
+
+  command.append("--skip_bad_records")
   result = subprocess.run(command, capture_output=True, text=True,
                           env=_subprocess_env(), timeout=900, cwd=REPO_ROOT)
   assert result.returncode == 1, result.stderr[-3000:]
