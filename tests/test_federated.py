@@ -451,6 +451,13 @@ def test_a_killed_worker_ends_main_with_a_one_line_error(prepared_sample_dir,
   last = stderr.strip().splitlines()[-1]
   assert last.startswith("error: the TFF worker process"), last
   assert "SIGKILL" in last and "tff_worker.log" in last, last
+  # Nothing partial is left: rerunning resumes from complete files (the
+  # resume itself is test_killed_run_resumes_without_gaps_or_repeats).
+  leftovers = [os.path.join(d, n) for d, dirs, files in os.walk(tmp_path)
+               for n in dirs + files if n.endswith(".tmp") or "_temp" in n]
+  assert not leftovers
+  with open(csv_path, "rb") as f:
+    assert f.read().endswith(b"\n")
 
 
 def _still_running(processes: dict[int, str]) -> set[int]:
