@@ -1,6 +1,6 @@
 """Downloads FLAIR and unpacks it into a dataset directory, resumably, safely.
 
-Files fetched, relative to `--data_url` (FLAIR_REFERENCE.md, "Download
+Files fetched, relative to `--data_url` (docs/formats.md, "Download
 layout"):
 
   labels/labels_and_metadata.json     -> <dataset_dir>/labels_and_metadata.json
@@ -76,7 +76,7 @@ from benchmark import constants
 from benchmark import errors
 from benchmark import io_utils
 
-# FLAIR_REFERENCE.md, "Download layout".
+# docs/formats.md, "Download layout".
 DEFAULT_DATA_URL = (
     "https://docs-assets.developer.apple.com/ml-research/datasets/flair/")
 NUM_ARCHIVES = 43

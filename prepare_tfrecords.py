@@ -4,7 +4,7 @@
       [--num_workers N] [--skip_bad_images] [--report_path P]
 
 Reads `D/labels_and_metadata.json` and `D/small_images/<image_id>.jpg` and
-writes, as FLAIR_REFERENCE.md ("Per-user TFRecords") specifies:
+writes, in the format of docs/formats.md ("Per-user TFRecords"):
 
 * `T/<partition>/<user_id>.tfrecords`: one `tf.train.Example` per image of the
   user (in metadata order) with `image/encoded_jpeg` (the JPEG file's bytes,
@@ -643,8 +643,13 @@ def prepare(dataset_dir: str, tfrecords_dir: str,
     else:
       # A report of an earlier --skip_bad_images run no longer describes
       # this output.
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(tfrecords_dir, SKIPPED_IMAGES_REPORT_FILE))
+      # (Looked up first: on a read-only file system, removing even a
+      # missing file fails.)
+      old_report = os.path.join(tfrecords_dir, SKIPPED_IMAGES_REPORT_FILE)
+      if os.path.lexists(old_report):
+        with io_utils.output_errors(old_report, flag="--tfrecords_dir",
+                                    exact=True):
+          os.remove(old_report)
 
     label_index = {
         constants.LABELS_KEY: {

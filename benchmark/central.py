@@ -1,8 +1,8 @@
 """Centralized (non-federated) training of ResNet-18 on FLAIR with Keras.
 
 The centralized run is the upper bound that federated results are compared
-with (FLAIR_REFERENCE.md, "Command lines"): every training user's images are
-pooled into one dataset and the model is trained with Adam on binary
+with (docs/original_benchmark.md, "Command lines"): every training user's
+images are pooled into one dataset and the model is trained with Adam on binary
 cross-entropy over logits. `train_central(config)` is the whole run; the flags
 live in `benchmark.central_main`.
 
@@ -87,7 +87,7 @@ def _positive_float(flag: str, value) -> None:
 @dataclasses.dataclass(frozen=True)
 class CentralConfig:
   """Settings of one centralized run; field names are the flags of
-  `benchmark.central_main` (defaults from FLAIR_REFERENCE.md).
+  `benchmark.central_main` (defaults from docs/original_benchmark.md).
 
   Attributes:
     tfrecords_dir: directory written by `prepare_tfrecords.py`.
@@ -360,6 +360,28 @@ def _keras_verbosity() -> int:
   return 1 if sys.stdout.isatty() else 2
 
 
+def tidy_after_write_error(save_dir: str) -> None:
+  """Leaves only complete outputs in `save_dir` after a storage failure
+  (`OutputWriteError`) during `model.fit`.
+
+  CSVLogger appends in place: a row cut by a full disk is removed so that
+  metrics.csv holds complete rows only (the epoch is trained again on
+  resume, its backup was not written). The TensorBoard callback appends to
+  its events files: a record cut short is removed, so TensorBoard reads
+  them without error. A backup cut short stays in TF's temporary
+  "<ckpt>_temp" directory, never listed in the backup's index: removed to
+  free the space.
+  """
+  io_utils.drop_partial_last_line(
+      os.path.join(save_dir, constants.METRICS_CSV_FILE))
+  io_utils.drop_partial_event_records(
+      os.path.join(save_dir, constants.TENSORBOARD_DIR))
+  for root, dirs, _ in os.walk(os.path.join(save_dir, BACKUP_DIR)):
+    for name in dirs:
+      if name.endswith("_temp"):
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
 def train_central(config: CentralConfig) -> dict:
   """Trains ResNet-18 on the pooled training users, keeping the best weights
   by val loss, and evaluates them on val and test.
@@ -440,16 +462,7 @@ def train_central(config: CentralConfig) -> dict:
       raise data.training_data_error(config.tfrecords_dir, label_spec,
                                      e) from e
     except errors.OutputWriteError:
-      # CSVLogger appends in place: a row cut by a full disk is removed so
-      # that metrics.csv holds complete rows only (the epoch is trained
-      # again on resume, its backup was not written). A backup cut short
-      # stays in TF's temporary "<ckpt>_temp" directory, never listed in the
-      # backup's index: removed to free the space.
-      io_utils.drop_partial_last_line(csv_path)
-      for root, dirs, _ in os.walk(backup_dir):
-        for name in dirs:
-          if name.endswith("_temp"):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+      tidy_after_write_error(save_dir)
       raise
     if not _has_backup(backup_dir):
       shutil.rmtree(backup_dir, ignore_errors=True)  # Keras leaves it empty.

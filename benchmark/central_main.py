@@ -2,8 +2,8 @@
 
     python -m benchmark.central_main --tfrecords_dir T [flags]
 
-Flags and defaults are those of the original benchmark (FLAIR_REFERENCE.md,
-"Command lines"), plus `--seed`. The run itself is
+Flags and defaults are those of the original benchmark
+(docs/original_benchmark.md, "Command lines"), plus `--seed`. The run itself is
 `benchmark.central.train_central`; this module only reads the flags, rejects
 bad input with a one-line error (exit status 1), checks every user file
 (`data.check_tfrecords`: all bad files listed at once, or skipped with

@@ -1,7 +1,7 @@
 """Names shared by every writer and reader of FLAIR data.
 
 The values follow the FLAIR download layout and the per-user TFRecord format of
-apple/ml-flair (see FLAIR_REFERENCE.md, "Download layout" and "Per-user
+apple/ml-flair (see docs/formats.md, "Download layout" and "Per-user
 TFRecords"). Nothing else in the project spells these strings out.
 """
 
@@ -67,7 +67,7 @@ METRICS_CSV_FILE = "metrics.csv"
 FINAL_METRICS_FILE = "final_metrics.json"
 TENSORBOARD_DIR = "tensorboard"
 # Best weights by val loss; format with trainer="central"/"federated" and the
-# number of model outputs (FLAIR_REFERENCE.md names resnet18_central_17labels).
+# number of model outputs (e.g. resnet18_central_17labels.h5).
 BEST_WEIGHTS_FILE_PATTERN = "resnet18_{trainer}_{num_outputs}labels.h5"
 # Central's Keras BackupAndRestore state and federated's checkpoints and TFF
 # worker log (benchmark.central.BACKUP_DIR, benchmark.federated.CHECKPOINT_DIR

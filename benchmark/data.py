@@ -1,6 +1,6 @@
 """Per-user FLAIR TFRecords as TFF client data, and client preprocessing.
 
-A prepared TFRecords directory (FLAIR_REFERENCE.md, "Per-user TFRecords") is
+A prepared TFRecords directory (docs/formats.md, "Per-user TFRecords") is
 
     <tfrecords_dir>/label_index.json   (or label_to_index.json)
     <tfrecords_dir>/<partition>/<user_id>.tfrecords

@@ -11,7 +11,7 @@ is that of the sampled Gaussian mechanism with sampling rate
 accountant of `dp_accounting` (Mironov, Talwar, Zhang 2019, arXiv 1908.10530)
 converts the composed RDP curve into an (epsilon, delta) guarantee.
 
-Two calibrations (FLAIR_REFERENCE.md, "Central DP"):
+Two calibrations (docs/dp.md, "Calibration"):
 
 * `"rounds"` (default): the noise multiplier is the smallest one (to within
   `tol`) for which exactly `total_rounds` compositions of the sampled Gaussian
@@ -70,7 +70,7 @@ _TFF_CLIPPED_COUNT_STDDEV_FRACTION = 0.05
 
 
 def target_delta(num_train_clients: int) -> float:
-  """Returns delta = 1 / n**1.1 for `n` training users (FLAIR_REFERENCE.md),
+  """Returns delta = 1 / n**1.1 for `n` training users (docs/dp.md),
   i.e. below 1/n as a user-level delta must be."""
   if num_train_clients < 1:
     raise ValueError(
@@ -339,16 +339,12 @@ def build_aggregator(
         noise_multiplier=noise_multiplier,
         clients_per_round=float(clients_per_round), clip=l2_norm_clip)
   else:
-    try:
-      factory = tff.aggregators.DifferentiallyPrivateFactory.gaussian_adaptive(
-          noise_multiplier=noise_multiplier,
-          clients_per_round=float(clients_per_round),
-          initial_l2_norm_clip=l2_norm_clip,
-          target_unclipped_quantile=target_unclipped_quantile)
-    except ValueError as e:
-      if "clipped_count_stddev" not in str(e):
-        raise
-      stddev = _TFF_CLIPPED_COUNT_STDDEV_FRACTION * clients_per_round
+    # TFF's condition (adaptive_clip_noise_params): the noised clipped count
+    # must carry part of the budget, so the noise multiplier must stay below
+    # twice its stddev. Checked here so that the user gets the flags to
+    # change instead of TFF's ValueError.
+    stddev = _TFF_CLIPPED_COUNT_STDDEV_FRACTION * clients_per_round
+    if noise_multiplier > 0 and noise_multiplier >= 2 * stddev:
       raise FlairInputError(
           f"adaptive clipping (--target_unclipped_quantile "
           f"{target_unclipped_quantile}) cannot reach noise multiplier "
@@ -357,5 +353,10 @@ def build_aggregator(
           f"round) needs noise multiplier < {2 * stddev:.3g}; use more clients "
           "per round (--clients_per_round or --simulated_clients_per_round), "
           "a larger --epsilon, or fixed clipping with "
-          "--target_unclipped_quantile 0") from None
+          "--target_unclipped_quantile 0")
+    factory = tff.aggregators.DifferentiallyPrivateFactory.gaussian_adaptive(
+        noise_multiplier=noise_multiplier,
+        clients_per_round=float(clients_per_round),
+        initial_l2_norm_clip=l2_norm_clip,
+        target_unclipped_quantile=target_unclipped_quantile)
   return tff.learning.add_debug_measurements(factory)

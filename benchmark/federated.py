@@ -2,7 +2,7 @@
 user-level central DP.
 
 One plain function, `run_federated(FederatedConfig) -> dict`, runs the whole
-program (FLAIR_REFERENCE.md, "federated_main"):
+program (docs/original_benchmark.md, "A FedAvg round"):
 
 * FedAvg (`tff.learning.algorithms.build_weighted_fed_avg`, or the unweighted
   builder with a DP aggregator): each round samples `clients_per_round`
@@ -57,6 +57,7 @@ import dataclasses
 import functools
 import math
 import os
+import shutil
 import time
 from typing import Any, Optional
 
@@ -116,7 +117,7 @@ def _check(condition: bool, message: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class FederatedConfig:
   """A federated run: the reference flags of federated_main (same names and
-  defaults, FLAIR_REFERENCE.md) plus the project's own.
+  defaults, docs/original_benchmark.md) plus the project's own.
 
   Attributes beyond the reference:
     rounds_per_checkpoint: save the program state every this many rounds
@@ -143,8 +144,9 @@ class FederatedConfig:
     precision: `model.FLOAT32` or `model.BFLOAT16` (mixed precision of the
       clients' and the evaluation model, see `model.resnet18`).
     clients_per_thread: accepted for compatibility with the original command
-      line; TFF 0.87's local runtime schedules all clients of a round itself,
-      so it has no effect.
+      line; it has no effect (each backend schedules a round's clients
+      itself, `num_workers` sets how many train at once), and
+      `federated_main` warns when the flag is given.
   """
   tfrecords_dir: str
   save_model_dir: str = "./"
@@ -485,6 +487,81 @@ def _run_round(backend: backends.RoundBackend, cohort: list[str],
     raise data.training_data_error(tfrecords_dir, label_spec, e) from None
 
 
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _remove_unfinished_checkpoints(checkpoint_dir: str) -> None:
+  """Removes what a save cut short left in `checkpoint_dir`: TFF writes a
+  checkpoint to `<prefix><round>_temp<N>` and renames it when complete, so a
+  process killed while saving (kill -9, power loss) leaves that directory,
+  which no load ever reads. Each is logged."""
+  try:
+    names = os.listdir(checkpoint_dir)
+  except FileNotFoundError:
+    return
+  for name in sorted(names):
+    if name.startswith(CHECKPOINT_PREFIX) and "_temp" in name:
+      path = os.path.join(checkpoint_dir, name)
+      logging.warning("Removing %s, a checkpoint whose saving was cut short "
+                      "(the process was stopped while writing it).", path)
+      shutil.rmtree(path, ignore_errors=True)
+
+
+def load_latest_checkpoint(state_manager: tff.program.FileProgramStateManager,
+                           structure: Any, checkpoint_dir: str
+                          ) -> tuple[Optional[Any], int]:
+  """The latest checkpoint that can be read, for resuming a run.
+
+  Saving is atomic (TFF renames a complete temporary directory), so a run
+  killed while saving leaves its previous checkpoint intact; the unfinished
+  temporary directory is removed here. A latest checkpoint that cannot be
+  read (a file cut short or damaged after it was written: a disk or copy
+  error) is logged, removed (so that the round can be saved again) and the
+  previous one is used; `CHECKPOINTS_KEPT` keeps one spare for this.
+
+  Args:
+    state_manager: the run's program-state manager over `checkpoint_dir`.
+    structure: the program state's structure (the initial state).
+    checkpoint_dir: the directory the manager writes to.
+
+  Returns:
+    `(program_state, round)`, or `(None, 0)` when there is no checkpoint.
+
+  Raises:
+    FlairInputError: there are checkpoints but none can be read with this
+      structure (another configuration's, or all damaged); one line naming
+      the directory and the first error.
+  """
+  _remove_unfinished_checkpoints(checkpoint_dir)
+  versions = _run_async(state_manager.get_versions()) or []
+  unreadable = []
+  for version in sorted(versions, reverse=True):
+    path = os.path.join(checkpoint_dir, f"{CHECKPOINT_PREFIX}{version}")
+    try:
+      loaded = _run_async(state_manager.load(version, structure))
+    except Exception as e:  # pylint: disable=broad-except
+      # Damaged files, or a structure, shape or dtype mismatch.
+      unreadable.append((path, e))
+      continue
+    for bad_path, error in unreadable:
+      logging.warning(
+          "Checkpoint %s cannot be read (%s); removed it and resuming from "
+          "the previous checkpoint, %s.", bad_path, _first_line(error), path)
+      shutil.rmtree(bad_path, ignore_errors=True)
+    return loaded, version
+  if unreadable:
+    path, error = unreadable[0]
+    raise FlairInputError(
+        f"no checkpoint in {checkpoint_dir} can be read with this "
+        f"configuration (labels, model or DP settings differ, or the files "
+        f"are damaged); use another --save_model_dir or delete "
+        f"{checkpoint_dir} ({os.path.basename(path)}: {_first_line(error)})"
+    ) from error
+  return None, 0
+
+
 def _initial_keras_model(config: FederatedConfig,
                          num_outputs: int) -> tf.keras.Model:
   keras_model = _build_keras_model(config, num_outputs)
@@ -528,14 +605,9 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
   state_manager = tff.program.FileProgramStateManager(
       os.path.join(config.save_model_dir, CHECKPOINT_DIR),
       prefix=CHECKPOINT_PREFIX, keep_total=CHECKPOINTS_KEPT, keep_first=False)
-  try:
-    loaded, version = _run_async(state_manager.load_latest(program_state))
-  except Exception as e:  # Any mismatch of structure, shapes or dtypes.
-    raise FlairInputError(
-        f"the checkpoint in {config.save_model_dir}/{CHECKPOINT_DIR} does not "
-        "match this configuration (labels, model or DP settings differ?); use "
-        f"another --save_model_dir or delete it ({type(e).__name__}: "
-        f"{str(e).splitlines()[0] if str(e) else ''})") from e
+  loaded, version = load_latest_checkpoint(
+      state_manager, program_state,
+      os.path.join(config.save_model_dir, CHECKPOINT_DIR))
   if loaded is not None:
     program_state = loaded
     logging.info("Resuming after round %d (checkpoint in %s)", version,
@@ -587,7 +659,7 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
       full = {c: values.get(c, "") for c in all_columns}
       with io_utils.tff_output(csv_path):
         _run_async(csv_manager.release(full, key))
-      with io_utils.output_errors(tensorboard_dir):
+      with io_utils.summary_output(tensorboard_dir):
         _run_async(tensorboard_manager.release(
             {c.replace("_", "/", 1): v for c, v in values.items()}, key))
     pending_rows.clear()

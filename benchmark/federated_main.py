@@ -3,10 +3,11 @@ on FLAIR.
 
     python -m benchmark.federated_main --tfrecords_dir T [flags]
 
-Flags and defaults are those of the original benchmark (FLAIR_REFERENCE.md,
-"Command lines"), plus `--rounds_per_checkpoint`, `--dp_calibration`,
-`--seed`, `--backend`, `--num_workers`, `--ray_address`, `--algorithm`,
-`--proximal_strength`, the optimizer choices (`--server_optimizer` and its
+Flags and defaults are those of the original benchmark
+(docs/original_benchmark.md, "Command lines"), plus
+`--rounds_per_checkpoint`, `--dp_calibration`, `--seed`, `--backend`,
+`--num_workers`, `--ray_address`, `--algorithm`, `--proximal_strength`, the
+optimizer choices (`--server_optimizer` and its
 hyperparameters, `--client_optimizer`, `--client_momentum`),
 `--skip_bad_records` and `--overwrite`. The run itself is
 `benchmark.federated.run_federated`; this module
@@ -64,7 +65,8 @@ _CLIENTS_PER_ROUND = flags.DEFINE_integer(
 _CLIENTS_PER_THREAD = flags.DEFINE_integer(
     "clients_per_thread", 50,
     "Accepted for compatibility with the original command line; has no "
-    "effect: TFF 0.87's local runtime schedules a round's clients itself.")
+    "effect (a warning says so when it is given): each --backend schedules a "
+    "round's clients itself; --num_workers sets how many train at once.")
 _CLIENT_DATASETS_RANDOM_SEED = flags.DEFINE_integer(
     "client_datasets_random_seed", None,
     "Seed of the per-round client sampling (the cohort of round r depends "
@@ -256,6 +258,12 @@ def main(argv: list[str]) -> None:
         f"unexpected positional arguments: {' '.join(argv[1:])} (all "
         "settings are --flags)")
   config = _config_from_flags()
+  if _CLIENTS_PER_THREAD.present:
+    logging.warning(
+        "--clients_per_thread %d has no effect: it is accepted for the "
+        "original command line only (each --backend schedules a round's "
+        "clients itself; --num_workers sets how many train at once).",
+        config.clients_per_thread)
   # Rejects a bad data directory or label flag before writing any file.
   label_spec = data.load_label_spec(config.tfrecords_dir,
                                     config.use_fine_grained_labels,

@@ -210,6 +210,65 @@ def drop_partial_last_line(path: str) -> None:
     logging.warning("could not tidy %s after a failed write: %s", path, e)
 
 
+# TFRecord framing (TensorFlow's record_writer.cc): an 8-byte little-endian
+# data length, a 4-byte CRC of it, the data, a 4-byte CRC of the data.
+_RECORD_HEADER_BYTES = 12
+_RECORD_FOOTER_BYTES = 4
+
+
+def drop_partial_last_record(path: str) -> None:
+  """Truncates the TFRecord file `path` (e.g. a TensorBoard events file)
+  after its last complete record, removing a record cut short by a failed
+  append; does nothing when the file is missing or ends with a complete
+  record (a failure to tidy is logged, not raised). Record lengths are
+  followed, CRCs are not checked."""
+  try:
+    with open(path, "rb+") as f:
+      size = os.fstat(f.fileno()).st_size
+      end = 0
+      while end + _RECORD_HEADER_BYTES <= size:
+        f.seek(end)
+        length = int.from_bytes(f.read(8), "little")
+        following = (end + _RECORD_HEADER_BYTES + length
+                     + _RECORD_FOOTER_BYTES)
+        if following > size:
+          break
+        end = following
+      if end < size:
+        f.truncate(end)
+  except FileNotFoundError:
+    pass
+  except OSError as e:
+    logging.warning("could not tidy %s after a failed write: %s", path, e)
+
+
+def drop_partial_event_records(directory: str) -> None:
+  """`drop_partial_last_record` on every TensorBoard events file
+  (`events.out.tfevents.*`) under `directory`."""
+  for root, _, names in os.walk(directory):
+    for name in names:
+      if name.startswith("events.out.tfevents."):
+        drop_partial_last_record(os.path.join(root, name))
+
+
+@contextlib.contextmanager
+def summary_output(directory: str,
+                   flag: str = "--save_model_dir") -> Iterator[None]:
+  """For TensorBoard summaries written under `directory` (`tf.summary`, TFF's
+  `TensorBoardReleaseManager`): on a storage failure in the block, a record
+  cut short at the end of an events file is dropped (the file stays
+  readable, earlier summaries kept) and `OutputWriteError` naming the events
+  file is raised (cause: the original error). Other exceptions propagate
+  unchanged."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    if isinstance(e, errors.OutputWriteError) or storage_errno(e) is None:
+      raise
+    drop_partial_event_records(directory)
+    raise output_write_error(directory, e, flag) from e
+
+
 @contextlib.contextmanager
 def tff_output(path: str, flag: str = "--save_model_dir") -> Iterator[None]:
   """For an output that TFF's file program-state and release managers write:

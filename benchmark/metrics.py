@@ -7,8 +7,8 @@ and an optional `sample_weight` (`[batch]`, `[batch, 1]` or
 
 Multi-label (`num_outputs > 1`): macro and micro precision, recall, F1 and
 averaged precision. One binary label (`num_outputs == 1`): precision, recall,
-F1 and averaged precision. Names as in FLAIR_REFERENCE.md ("Metrics
-reported").
+F1 and averaged precision. Names as in docs/original_benchmark.md
+("Metrics").
 
 Definitions (scikit-learn's, so that the values can be checked against
 `sklearn.metrics`):

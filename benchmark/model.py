@@ -6,9 +6,9 @@ Learning for Image Recognition", arXiv 1512.03385; torchvision
 3x3/2 max-pooling, four stages of two basic blocks (64, 128, 256, 512
 filters; the first block of stages 2-4 has stride 2 and a 1x1 convolution +
 normalisation shortcut), global average pooling and a dense classifier that
-returns logits. Every layer carries the name listed in FLAIR_REFERENCE.md
-("Model"), so that the published ImageNet `resnet18.h5` loads by layer name
-(see `benchmark.restore`).
+returns logits. Every layer carries the name listed in
+docs/original_benchmark.md ("Model"), so that the published ImageNet
+`resnet18.h5` loads by layer name (see `benchmark.restore`).
 
 Preprocessing is part of the model, in front of `initial_padding`:
 

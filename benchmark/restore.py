@@ -1,7 +1,7 @@
 """Restores Keras weights from an HDF5 file by layer name, skipping layers whose
 shapes differ, and reports what was loaded and what was skipped.
 
-Used for `--restore_model_path` (FLAIR_REFERENCE.md, "Fine-tuning"): the
+Used for `--restore_model_path` (docs/original_benchmark.md, "Fine-tuning"): the
 published ImageNet `resnet18.h5` carries a 1000-way classifier, so every layer
 but the classifier loads into a FLAIR ResNet-18 built with the same layer
 names (`benchmark.model`).

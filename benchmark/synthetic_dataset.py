@@ -1,7 +1,7 @@
 """A FLAIR-like synthetic dataset: the demo's and the tests' embedded data.
 
 `generate(dataset_dir, num_users, seed)` writes a directory in the layout of a
-downloaded FLAIR dataset (FLAIR_REFERENCE.md, "Download layout"):
+downloaded FLAIR dataset (docs/formats.md, "Download layout"):
 
 * `labels_and_metadata.json`: one record per image with `user_id`,
   `image_id` (a string of digits), `labels` (coarse), `fine_grained_labels`

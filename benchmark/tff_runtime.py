@@ -4,7 +4,7 @@ TFF 0.87 executes computations in a separate C++ process,
 `tensorflow_federated/data/worker_binary`, which its default context starts
 lazily, lets inherit our stdout/stderr, and stops only from a `__del__`; it was
 seen still running after Python exited, holding the caller's output pipe open
-(ENVIRONMENT.md). Here we start that worker ourselves and always stop it:
+(docs/tff_runtime.md). Here we start that worker ourselves and always stop it:
 
 * `local_runtime()` starts the worker with its output sent to a log file (or
   discarded), asks the kernel to kill it if our process dies

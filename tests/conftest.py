@@ -115,6 +115,54 @@ def small_filesystem(tmp_path):
     subprocess.run(["umount", "-l", path], check=False)
 
 
+# The reason each kind of unwritable directory gives (os.strerror).
+UNWRITABLE_REASONS = {"read_only": "Read-only file system",
+                      "permission": "Permission denied"}
+
+
+# As root, a subprocess run under this prefix is refused by file permissions
+# like any user (the capabilities that bypass them are dropped).
+_WITHOUT_PERMISSION_BYPASS = ["setpriv",
+                              "--bounding-set=-dac_override,-dac_read_search"]
+
+
+@pytest.fixture
+def make_unwritable(tmp_path, small_filesystem):
+  """`make(kind) -> (path, command_prefix)`: an existing, empty directory
+  that a command cannot write to, and what to put before the command's
+  argv: `"read_only"`, a small tmpfs remounted read-only (skips where none
+  can be mounted); `"permission"`, a directory of mode 0555 (as root, the
+  command runs under `setpriv` without the capabilities that bypass file
+  permissions; skips when setpriv is missing)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  made = []
+
+  def make(kind):
+    if kind == "read_only":
+      root = small_filesystem(256)
+      path = os.path.join(root, "out")
+      os.mkdir(path)
+      subprocess.run(["mount", "-o", "remount,ro", root], check=True)
+      return path, []
+    assert kind == "permission", kind
+    prefix = []
+    if os.geteuid() == 0:
+      if shutil.which("setpriv") is None:
+        pytest.skip("file permissions do not stop root, and setpriv (to "
+                    "drop that) is missing")
+      prefix = list(_WITHOUT_PERMISSION_BYPASS)
+    path = str(tmp_path / f"no_permission{len(made)}")
+    os.mkdir(path)
+    os.chmod(path, 0o555)
+    made.append(path)
+    return path, prefix
+
+  yield make
+  for path in made:
+    os.chmod(path, 0o755)
+
+
 def _records_of(path):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   return list(tf.data.TFRecordDataset(path).as_numpy_iterator())

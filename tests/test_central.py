@@ -594,6 +594,46 @@ def test_best_weights_on_a_full_disk_raise_one_line_and_leave_nothing(
   assert sorted(os.listdir(root)) == ["filler"]
 
 
+def test_tensorboard_on_a_full_disk_is_one_line_and_tidied(small_filesystem):
+  """The Keras TensorBoard callback of `train_central` on a full disk, in the
+  same wrapping (`io_utils.output_errors` over `fit`, then
+  `tidy_after_write_error`): one line naming the events file, and the
+  events files and metrics.csv keep complete records and rows only."""
+  from benchmark import io_utils  # pylint: disable=g-import-not-at-top
+  root = small_filesystem(512, fill_to_kib=12)
+  save_dir = os.path.join(root, "run")
+  model = tf.keras.Sequential([tf.keras.layers.Dense(1, input_shape=(2,))])
+  model.compile(loss="mse", metrics=["mae"])
+  x = np.zeros([4, 2], np.float32)
+  callbacks = [
+      tf.keras.callbacks.CSVLogger(
+          os.path.join(save_dir, constants.METRICS_CSV_FILE), append=True),
+      tf.keras.callbacks.TensorBoard(
+          log_dir=os.path.join(save_dir, constants.TENSORBOARD_DIR))]
+  os.makedirs(save_dir)
+  with pytest.raises(errors.OutputWriteError) as info:
+    with io_utils.output_errors(save_dir):
+      model.fit(x, x[:, :1], validation_data=(x, x[:, :1]), epochs=2000,
+                verbose=0, callbacks=callbacks)
+  central.tidy_after_write_error(save_dir)
+  message = str(info.value)
+  assert "\n" not in message
+  named = message.split(": ", 1)[0][len("cannot write "):]
+  events = [os.path.join(d, n) for d, _, names in os.walk(save_dir)
+            for n in names if n.startswith("events.out.tfevents.")]
+  assert named in events, message  # The CSV row is short: it fits.
+  assert "No space left on device" in message
+  for path in events:
+    with open(path, "rb") as f:
+      content = f.read()
+    end = 0
+    while end < len(content):  # Complete records only.
+      end += 16 + int.from_bytes(content[end:end + 8], "little")
+    assert end == len(content), path
+  with open(os.path.join(save_dir, constants.METRICS_CSV_FILE), "rb") as f:
+    assert f.read().endswith(b"\n")
+
+
 # --- Bad data -------------------------------------------------------------------
 
 
@@ -623,16 +663,21 @@ def test_image_tensorflow_cannot_decode_ends_training_naming_the_file(
                  final)
 
 
-def test_cli_read_only_save_dir_is_one_line(prepared_sample_dir, tmp_path,
-                                            small_filesystem):
-  root = small_filesystem(1024)
-  subprocess.run(["mount", "-o", "remount,ro", root], check=True)
-  save_dir = os.path.join(root, "run")
+@pytest.mark.parametrize("kind", ["read_only", "permission"])
+def test_cli_unwritable_save_dir_is_one_line(prepared_sample_dir, tmp_path,
+                                             make_unwritable, kind):
+  """A --save_model_dir that cannot be created (its parent is on a
+  read-only file system, or not writable): exit 1, one line naming the
+  flag, the directory and the reason; nothing written."""
+  from conftest import UNWRITABLE_REASONS  # pylint: disable=g-import-not-at-top
+  parent, prefix = make_unwritable(kind)
+  save_dir = os.path.join(parent, "run")
   returncode, _, stderr = _run_cli(
-      _cli(prepared_sample_dir, save_dir, "--num_epochs", "1"),
+      prefix + _cli(prepared_sample_dir, save_dir, "--num_epochs", "1"),
       str(tmp_path / "ro"))
   line = _assert_one_line_error(returncode, stderr, "--save_model_dir")
-  assert "Read-only file system" in line
+  assert save_dir in line and UNWRITABLE_REASONS[kind] in line
+  assert os.listdir(parent) == []
 
 
 @pytest.mark.slow

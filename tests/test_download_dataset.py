@@ -357,6 +357,30 @@ def test_read_only_dataset_dir_is_a_one_line_error(server, tmp_path,
   assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("kind", ["read_only", "permission"])
+def test_cli_unwritable_dataset_dir_is_one_line(server, make_unwritable,
+                                                kind):
+  """An existing --dataset_dir that cannot be written to: exit 1, one line
+  naming the path and the reason, no traceback, nothing written."""
+  from conftest import UNWRITABLE_REASONS  # pylint: disable=g-import-not-at-top
+  dataset_dir, prefix = make_unwritable(kind)
+  result = subprocess.run(
+      prefix + [sys.executable, os.path.join(REPO_ROOT, "download_dataset.py"),
+       f"--dataset_dir={dataset_dir}", f"--data_url={server.url}",
+       "--noprogress", "--max_retries=1", "--retry_backoff_s=0.01"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
+  assert result.returncode == 1, result.stderr
+  assert "Traceback" not in result.stderr, result.stderr
+  error_lines = [line for line in result.stderr.splitlines()
+                 if line.startswith("error:")]
+  assert len(error_lines) == 1, result.stderr
+  assert error_lines[0].startswith(f"error: file error on {dataset_dir}"), (
+      error_lines[0])
+  assert UNWRITABLE_REASONS[kind] in error_lines[0]
+  assert "make --dataset_dir writable" in error_lines[0]
+  assert os.listdir(dataset_dir) == []
+
+
 def test_bad_data_url_names_the_flag(tmp_path):
   with pytest.raises(errors.FlairInputError, match="--data_url"):
     download_dataset.download(str(tmp_path), data_url="ftp://example.org/")

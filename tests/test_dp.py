@@ -14,7 +14,8 @@ from tensorflow_privacy.privacy.analysis import compute_noise_from_budget_lib
 from benchmark import dp
 from benchmark.errors import FlairInputError
 
-# FLAIR's training users and the reference defaults (FLAIR_REFERENCE.md).
+# FLAIR's training users and the reference defaults (docs/formats.md,
+# docs/original_benchmark.md).
 N = 41_131
 COHORT = 200
 ROUNDS = 5_000
@@ -132,6 +133,22 @@ def test_adaptive_clipping_with_too_much_noise_explains_flags():
     assert flag in message
   # Fixed clipping accepts the same noise.
   dp.build_aggregator(0.5, 3, 0.1, 0.0)
+
+
+@pytest.mark.parametrize("clients", [3, 20, 200])
+def test_adaptive_clipping_limit_is_tffs(clients):
+  """The limit checked before TFF is called is TFF's own: just below it TFF
+  builds the aggregator, at it TFF itself refuses (ValueError) and we give
+  the one-line error."""
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+  limit = 2 * 0.05 * clients
+  dp.build_aggregator(limit * (1 - 1e-6), clients, 0.1, 0.1)
+  with pytest.raises(ValueError):
+    tff.aggregators.DifferentiallyPrivateFactory.gaussian_adaptive(
+        noise_multiplier=limit, clients_per_round=float(clients),
+        initial_l2_norm_clip=0.1, target_unclipped_quantile=0.1)
+  with pytest.raises(FlairInputError, match="--target_unclipped_quantile 0"):
+    dp.build_aggregator(limit, clients, 0.1, 0.1)
 
 
 @pytest.mark.parametrize("clip,quantile,flag", [

@@ -451,6 +451,13 @@ def test_a_killed_worker_ends_main_with_a_one_line_error(prepared_sample_dir,
   last = stderr.strip().splitlines()[-1]
   assert last.startswith("error: the TFF worker process"), last
   assert "SIGKILL" in last and "tff_worker.log" in last, last
+  # Nothing partial is left: rerunning resumes from complete files (the
+  # resume itself is test_killed_run_resumes_without_gaps_or_repeats).
+  leftovers = [os.path.join(d, n) for d, dirs, files in os.walk(tmp_path)
+               for n in dirs + files if n.endswith(".tmp") or "_temp" in n]
+  assert not leftovers
+  with open(csv_path, "rb") as f:
+    assert f.read().endswith(b"\n")
 
 
 def _still_running(processes: dict[int, str]) -> set[int]:
@@ -533,6 +540,35 @@ def test_full_disk_is_one_line_and_leaves_nothing_partial(
   assert not [n for n in os.listdir(save_dir) if n.endswith((".h5", ".tmp"))]
 
 
+@pytest.mark.parametrize("kind", ["read_only", "permission"])
+def test_cli_unwritable_save_dir_is_one_line(prepared_sample_dir,
+                                             make_unwritable, kind):
+  """An existing --save_model_dir that cannot be written to (read-only file
+  system, or no permission): exit 1 before training, one line naming the
+  first file and the reason, no traceback, nothing written. (The same run
+  checks that the ignored --clients_per_thread, when given, is warned
+  about: a start of federated_main costs 20 s.)"""
+  from conftest import UNWRITABLE_REASONS  # pylint: disable=g-import-not-at-top
+  save_dir, prefix = make_unwritable(kind)
+  result = subprocess.run(
+      prefix + _main_command(prepared_sample_dir, save_dir, total_rounds=1,
+                             clients_per_thread=7),
+      capture_output=True, text=True, env=_subprocess_env(), timeout=900,
+      cwd=REPO_ROOT)
+  assert "--clients_per_thread 7 has no effect" in result.stderr
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  error_lines = [line for line in result.stderr.splitlines()
+                 if line.startswith("error:")]
+  assert len(error_lines) == 1, result.stderr[-3000:]
+  run_json = os.path.join(save_dir, constants.RUN_IDENTITY_FILE)
+  assert error_lines[0].startswith(
+      f"error: cannot write {run_json}: {UNWRITABLE_REASONS[kind]}"), (
+          error_lines[0])
+  assert "--save_model_dir" in error_lines[0]
+  assert os.listdir(save_dir) == []
+
+
 def test_checkpoint_on_a_full_disk_leaves_no_partial_state(small_filesystem):
   """A checkpoint cut by a full disk: one-line OutputWriteError naming it,
   TFF's temporary directory removed, and after space is freed the same
@@ -557,23 +593,173 @@ def test_checkpoint_on_a_full_disk_leaves_no_partial_state(small_filesystem):
   assert version == 1 and np.array_equal(loaded["weights"], state["weights"])
 
 
+def _event_files(directory):
+  return sorted(os.path.join(d, n) for d, _, names in os.walk(directory)
+                for n in names if n.startswith("events.out.tfevents."))
+
+
+def _ends_after_a_complete_record(path):
+  """Whether the TFRecord file `path` ends where a record ends (records are
+  an 8-byte little-endian length, 4 CRC bytes, the data, 4 CRC bytes)."""
+  with open(path, "rb") as f:
+    content = f.read()
+  end = 0
+  while end < len(content):
+    end += 16 + int.from_bytes(content[end:end + 8], "little")
+  return end == len(content) > 0
+
+
+def _scalar_steps(directory):
+  """{tag: [steps]} of the scalars in every events file under `directory`
+  (reading fails on a record cut short)."""
+  steps = collections.defaultdict(list)
+  for path in _event_files(directory):
+    for record in tf.compat.v1.io.tf_record_iterator(path):
+      event = tf.compat.v1.Event.FromString(record)
+      for value in event.summary.value:
+        steps[value.tag].append(event.step)
+  return dict(steps)
+
+
+def test_tensorboard_on_a_full_disk_is_one_line_and_keeps_the_events(
+    small_filesystem):
+  """TensorBoard summaries of the rounds (TFF's TensorBoardReleaseManager,
+  as `_train` writes them) on a full disk: a one-line OutputWriteError
+  naming the events file; the events file keeps complete records only;
+  after space is freed, a rerun's summaries are written."""
+  root = small_filesystem(512, fill_to_kib=8)
+  directory = os.path.join(root, constants.TENSORBOARD_DIR)
+  manager = tff.program.TensorBoardReleaseManager(directory)
+  row = {f"train/metric_{i}": float(i) for i in range(40)}
+  with pytest.raises(errors.OutputWriteError) as info:
+    for round_num in range(1, 200):
+      with io_utils.summary_output(directory):
+        asyncio.run(manager.release(row, round_num))
+  message = str(info.value)
+  events, = _event_files(directory)
+  assert message.startswith(f"cannot write {events}: No space left on "
+                            "device"), message
+  assert "\n" not in message and "rerun the same command" in message
+  assert _ends_after_a_complete_record(events)
+  written = _scalar_steps(directory)
+  os.remove(os.path.join(root, "filler"))
+  rerun = tff.program.TensorBoardReleaseManager(directory)
+  asyncio.run(rerun.release(row, 1))
+  del rerun
+  # The new events file is flushed when the writer is deleted.
+  after = _scalar_steps(directory)
+  assert after["train/metric_0"] == written.get("train/metric_0", []) + [1]
+
+
+def test_resume_skips_an_unfinished_or_damaged_checkpoint(tmp_path, caplog):
+  """A save cut by kill -9 leaves TFF's `<name>_temp<N>` directory (the
+  checkpoint is renamed only when complete): it is removed. A latest
+  checkpoint damaged after it was written (a data file cut short) is logged,
+  removed, and the previous one is resumed; that round can be saved again.
+  A checkpoint of another structure is a one-line input error."""
+  directory = str(tmp_path / federated.CHECKPOINT_DIR)
+  manager = tff.program.FileProgramStateManager(
+      directory, prefix=federated.CHECKPOINT_PREFIX,
+      keep_total=federated.CHECKPOINTS_KEPT, keep_first=False)
+  def state(round_num):
+    return collections.OrderedDict(
+        weights=np.full([64, 64], round_num, np.float32), round=round_num)
+  for round_num in (2, 4):
+    asyncio.run(manager.save(state(round_num), round_num))
+  latest = os.path.join(directory, federated.CHECKPOINT_PREFIX + "4")
+  data_files = [os.path.join(d, n) for d, _, names in os.walk(latest)
+                for n in names if ".data-" in n]
+  assert data_files
+  for path in data_files:  # Cut short, as by a failing copy or disk.
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  # What kill -9 leaves in the middle of saving round 6.
+  unfinished = os.path.join(directory, federated.CHECKPOINT_PREFIX +
+                            "6_temp1234")
+  os.makedirs(os.path.join(unfinished, "variables"))
+  with open(os.path.join(unfinished, "saved_model.pb"), "wb") as f:
+    f.write(b"\x08\x01partial")
+
+  caplog.set_level("WARNING")
+  loaded, version = federated.load_latest_checkpoint(manager, state(0),
+                                                     directory)
+  assert version == 2 and loaded["round"] == 2
+  assert np.array_equal(loaded["weights"], state(2)["weights"])
+  assert sorted(os.listdir(directory)) == [federated.CHECKPOINT_PREFIX + "2"]
+  messages = [r.getMessage() for r in caplog.records]
+  assert any(m.startswith(f"Checkpoint {latest} cannot be read") and
+             "resuming from the previous checkpoint" in m for m in messages)
+  assert any(m.startswith(f"Removing {unfinished}") for m in messages)
+  # The resumed run saves round 4 again and resumes from it next time.
+  asyncio.run(manager.save(state(4), 4))
+  loaded, version = federated.load_latest_checkpoint(manager, state(0),
+                                                     directory)
+  assert version == 4 and loaded["round"] == 4
+
+  other = collections.OrderedDict(weights=np.zeros([3], np.int64), round=0,
+                                  extra=0)
+  with pytest.raises(FlairInputError) as info:
+    federated.load_latest_checkpoint(manager, other, directory)
+  assert "\n" not in str(info.value)
+  assert str(info.value).startswith(
+      f"no checkpoint in {directory} can be read with this configuration")
+
+
+def _seed_sampling_user_in_round_2_only(tfrecords_dir, user, cohort_size):
+  """A `--client_datasets_random_seed` whose round-1 cohort leaves `user`
+  out and whose round-2 cohort has it (`run_federated`'s sampling)."""
+  from benchmark import data  # pylint: disable=g-import-not-at-top
+  ids = list(data.load_partition(tfrecords_dir, constants.TRAIN,
+                                 data.load_label_spec(tfrecords_dir))
+             .client_ids)
+  for seed in range(1000):
+    sample = tff.simulation.build_uniform_sampling_fn(
+        ids, replace=False, random_seed=seed)
+    if user not in sample(1, cohort_size) and user in sample(2, cohort_size):
+      return seed
+  raise AssertionError(f"no seed samples {user} in round 2 only")
+
+
 @pytest.mark.slow
-def test_image_tensorflow_cannot_decode_ends_the_run_naming_the_file(
+def test_bad_records_skipped_then_train_time_error_then_fixed_run_resumes(
     damaged_sample, prepared_sample_dir, tmp_path):
-  """A JPEG that passes the pre-check but fails to decode in a client's
-  training (inside the TFF worker): one error line naming the user file,
-  one line per bad file after it, no traceback or gRPC dump."""
+  """federated_main on a damaged copy of the real sample. Without
+  --skip_bad_records it refuses to start, one line per bad file, nothing
+  written. With it, the truncated file's cut record and the record with a
+  label outside the label index are skipped (counted in the log); a JPEG
+  that passes the pre-check but fails to decode in round 2 ends the run
+  with one error line naming the user file (no traceback or gRPC dump),
+  after round 1's checkpoint. Once the file is fixed, the same command
+  resumes after round 1 and ends like an uninterrupted run: every output,
+  each round once, rounds 0-1 kept as written, and the skipped records
+  counted in final_metrics.json."""
   import shutil  # pylint: disable=g-import-not-at-top
   copy, cut, bad_label, bad_jpeg = damaged_sample
-  for path in (cut, bad_label):  # Only the bad JPEG is left.
-    shutil.copyfile(os.path.join(prepared_sample_dir, constants.TRAIN,
-                                 os.path.basename(path)), path)
-  result = subprocess.run(
-      _main_command(copy, tmp_path / "run", total_rounds=1,
-                    clients_per_round=13),
-      capture_output=True, text=True, env=_subprocess_env(), timeout=900,
-      cwd=REPO_ROOT)
+  user = os.path.basename(bad_jpeg)[:-len(constants.TFRECORD_SUFFIX)]
+  seed = _seed_sampling_user_in_round_2_only(copy, user, 3)
+  save_dir = str(tmp_path / "run")
+  command = _main_command(
+      copy, save_dir, total_rounds=2, rounds_per_checkpoint=1,
+      rounds_per_eval=2, client_datasets_random_seed=seed)
+  result = subprocess.run(command, capture_output=True, text=True,
+                          env=_subprocess_env(), timeout=900, cwd=REPO_ROOT)
   assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  lines = result.stderr.splitlines()
+  start = [i for i, line in enumerate(lines) if line.startswith("error:")]
+  assert len(start) == 1, result.stderr[-3000:]
+  assert "2 of the 15 user files" in lines[start[0]]
+  assert "--skip_bad_records" in lines[start[0]]
+  assert sorted(line.strip().split(": ", 1)[0]
+                for line in lines[start[0] + 1:start[0] + 3]) == sorted(
+                    [cut, bad_label])
+  assert not os.path.exists(save_dir)
+
+  command.append("--skip_bad_records")
+  result = subprocess.run(command, capture_output=True, text=True,
+                          env=_subprocess_env(), timeout=900, cwd=REPO_ROOT)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "skipping 2 bad record(s) in 2 user file(s)" in result.stderr
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
   assert "debug_error_string" not in result.stderr, result.stderr[-3000:]
   lines = result.stderr.splitlines()
@@ -581,8 +767,36 @@ def test_image_tensorflow_cannot_decode_ends_the_run_naming_the_file(
   assert len(start) == 1, result.stderr[-3000:]
   assert lines[start[0]].startswith(
       "error: data error during training in 1 user file(s)")
+  assert "rerun the same command to resume" in lines[start[0]]
   assert lines[start[0] + 1].strip().startswith(
       os.path.realpath(bad_jpeg) + ": ")
+  assert os.listdir(os.path.join(save_dir, federated.CHECKPOINT_DIR)) == [
+      federated.CHECKPOINT_PREFIX + "1"]
+  first_rows = _read_csv(os.path.join(save_dir, constants.METRICS_CSV_FILE))
+  assert [int(r["round"]) for r in first_rows] == [0, 1]
+  assert not os.path.exists(os.path.join(save_dir,
+                                         constants.FINAL_METRICS_FILE))
+  leftovers = [os.path.join(d, n) for d, dirs, files in os.walk(save_dir)
+               for n in dirs + files if n.endswith(".tmp") or "_temp" in n]
+  assert not leftovers
+
+  shutil.copyfile(os.path.join(prepared_sample_dir, constants.TRAIN,
+                               os.path.basename(bad_jpeg)), bad_jpeg)
+  result = subprocess.run(command, capture_output=True, text=True,
+                          env=_subprocess_env(), timeout=900, cwd=REPO_ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resuming after round 1" in result.stderr
+  assert "skipping 2 bad record(s) in 2 user file(s)" in result.stderr
+  assert "Trained without 2 bad record(s)" in result.stderr
+  with open(os.path.join(copy, constants.LABEL_INDEX_FILE),
+            encoding="utf-8") as f:
+    num_outputs = len(json.load(f)[constants.LABELS_KEY])
+  final, rows = _check_outputs(save_dir, num_outputs, 2, dp_on=False)
+  assert rows[:2] == first_rows
+  assert final["rounds_completed"] == 2
+  assert final["skipped_records"] == {"count": 2,
+                                      "files": {cut: 1, bad_label: 1}}
+  assert json.loads(result.stdout) == final
 
 
 def test_overwrite_knows_every_output_of_both_trainers():

@@ -205,3 +205,24 @@ def test_read_only_output_names_the_file(small_filesystem):
   with pytest.raises(errors.OutputWriteError,
                      match=f"^cannot write {path}: Read-only file system"):
     io_utils.write_json_atomic(path, {})
+
+
+def test_drop_partial_last_record_keeps_the_complete_records(tmp_path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "events.out.tfevents.1")
+  with tf.io.TFRecordWriter(path) as writer:
+    for record in (b"bb" * 100, b"a", b"ccc"):
+      writer.write(record)
+  with open(path, "rb") as f:
+    complete = f.read()
+  io_utils.drop_partial_last_record(path)  # Nothing to drop.
+  with open(path, "rb") as f:
+    assert f.read() == complete
+  for cut in (5, 14, 214):  # Inside the header, the data, the footer.
+    with open(path, "wb") as f:
+      f.write(complete + complete[:cut])
+    io_utils.drop_partial_last_record(path)
+    with open(path, "rb") as f:
+      assert f.read() == complete
+  assert list(tf.compat.v1.io.tf_record_iterator(path)) == [
+      b"bb" * 100, b"a", b"ccc"]

@@ -46,7 +46,7 @@ def _expected_counts(num_classes, batch_norm):
 
 
 def _reference_layer_names():
-  """Layer names listed in FLAIR_REFERENCE.md ("Model")."""
+  """Layer names listed in docs/original_benchmark.md ("Model")."""
   names = ["initial_padding", "initial_conv", "initial_norm", "initial_relu",
            "pooling_padding", "initial_pooling", "global_pooling",
            "classifier"]

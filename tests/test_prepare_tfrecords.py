@@ -136,9 +136,9 @@ def small_dataset(synthetic_dataset_dir, tmp_path):
   return target
 
 
-def _run_cli(*args, timeout=600):
+def _run_cli(*args, timeout=600, prefix=()):
   return subprocess.run(
-      [sys.executable, "prepare_tfrecords.py", *args], cwd=REPO_ROOT,
+      [*prefix, sys.executable, "prepare_tfrecords.py", *args], cwd=REPO_ROOT,
       capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -417,6 +417,40 @@ def test_cli_full_disk_with_workers_is_one_line(flair_sample_dir, tmp_path,
               if n.endswith(".tmp")]
 
 
+def test_cli_truncated_real_image_then_fixed_equals_a_clean_prepare(
+    flair_sample_dir, prepared_sample_dir, tmp_path):
+  """A copy of the real sample with one JPEG cut to half its size (a copy
+  cut short): exit 1 before writing, one line naming the image, no
+  traceback; with the image restored, the same command's output equals a
+  clean prepare's, byte for byte."""
+  records = _records(flair_sample_dir)
+  dataset = str(tmp_path / "dataset")
+  _copy_dataset(flair_sample_dir, dataset, records)
+  image = _image_path(dataset, records[7][constants.IMAGE_ID_KEY])
+  with open(image, "rb") as f:
+    content = f.read()
+  with open(image, "wb") as f:
+    f.write(content[:len(content) // 2])
+  out = str(tmp_path / "out")
+  result = _run_cli("--dataset_dir", dataset, "--tfrecords_dir", out,
+                    "--num_workers", "1")
+  assert result.returncode == 1, result.stderr
+  assert "Traceback" not in result.stderr, result.stderr
+  lines = [line for line in result.stderr.splitlines()
+           if line.startswith("error:")]
+  assert len(lines) == 1, result.stderr
+  assert "1 problem(s)" in lines[0] and "nothing written" in lines[0]
+  assert f"image file {image} cannot be decoded" in lines[0], lines[0]
+  assert not os.path.exists(out)
+
+  with open(image, "wb") as f:
+    f.write(content)
+  result = _run_cli("--dataset_dir", dataset, "--tfrecords_dir", out,
+                    "--num_workers", "1")
+  assert result.returncode == 0, result.stderr
+  assert _output_files(out) == _output_files(prepared_sample_dir)
+
+
 # --- Bad input ------------------------------------------------------------------
 
 
@@ -573,6 +607,27 @@ def test_cli_malformed_json_exits_1(small_dataset, tmp_path):
   assert result.returncode == 1
   assert path in result.stderr and "not valid JSON" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["read_only", "permission"])
+def test_cli_unwritable_tfrecords_dir_is_one_line(flair_sample_dir,
+                                                  make_unwritable, kind):
+  """An existing --tfrecords_dir that cannot be written to (read-only file
+  system, or no permission): exit 1, one line naming the path and the
+  reason, no traceback, nothing written."""
+  from conftest import UNWRITABLE_REASONS  # pylint: disable=g-import-not-at-top
+  out, prefix = make_unwritable(kind)
+  result = _run_cli("--dataset_dir", flair_sample_dir, "--tfrecords_dir", out,
+                    "--num_workers", "1", prefix=prefix)
+  assert result.returncode == 1, result.stderr
+  assert "Traceback" not in result.stderr, result.stderr
+  error_lines = [line for line in result.stderr.splitlines()
+                 if line.startswith("error:")]
+  assert len(error_lines) == 1, result.stderr
+  assert error_lines[0].startswith(f"error: cannot write {out}"), error_lines
+  assert UNWRITABLE_REASONS[kind] in error_lines[0]
+  assert "--tfrecords_dir" in error_lines[0]
+  assert os.listdir(out) == []
 
 
 @pytest.mark.slow
