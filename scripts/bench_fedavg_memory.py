@@ -8,9 +8,13 @@ Each (backend, cohort) runs in a child process that builds the trainer's
 FedAvg process (ResNet-18 GroupNorm, 17 coarse labels, 32x32 crops, 1 client
 epoch, at most 8 images per client, batch 8), opens the backend and runs two
 rounds of `cohort` clients sampled from the training users. This script
-samples the resident memory (VmRSS) of the child's whole process tree (the
-TFF worker, Ray's processes and actors included) every 0.2 s and prints the
-peak, beside the ratio to the smallest cohort's peak. A tree that passes
+samples the memory of the child's whole process tree (the TFF worker, Ray's
+processes and actors included) every 0.2 s and prints the peak of its summed
+RSS and of its summed PSS (RSS counts pages shared between the processes,
+such as TensorFlow's libraries, once per process; PSS splits them, so it is
+what the tree takes from the machine), each beside the ratio to the
+smallest cohort's peak, and the PSS of each kind of process at the PSS
+peak. A tree that passes
 `--max_rss_gb` is stopped and reported as over it (TFF's worker keeps every
 client's update until the round's aggregation, so its memory grows with the
 cohort).
@@ -57,17 +61,46 @@ _CHILD = flags.DEFINE_string(
     "child", None, "Internal: run one measurement, 'backend:cohort'.")
 
 
-def _tree_rss_bytes(pid: int) -> int:
-  total = 0
+def _process_memory(pid: int) -> tuple[int, int]:
+  """(RSS, PSS) of one process in bytes; (0, 0) if it is gone.
+
+  RSS counts every resident page the process maps, so pages shared between
+  processes (TensorFlow's libraries, Ray's object store) count once per
+  process; PSS (Linux's proportional set size, /proc/PID/smaps_rollup)
+  divides each shared page between the processes that map it, so PSS sums
+  to what a process tree takes from the machine.
+  """
+  values = {}
+  try:
+    with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+      for line in f:
+        key, _, rest = line.partition(":")
+        if key in ("Rss", "Pss"):
+          values[key] = int(rest.split()[0]) * 1024
+  except OSError:
+    pass
+  return values.get("Rss", 0), values.get("Pss", 0)
+
+
+def _process_name(pid: int) -> str:
+  try:
+    with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
+      return f.read().strip()
+  except OSError:
+    return "?"
+
+
+def _tree_memory(pid: int) -> tuple[int, int, list[tuple[str, int]]]:
+  """Sums of RSS and PSS over `pid` and its descendants, and each
+  process's (name, PSS)."""
+  rss_total = pss_total = 0
+  members = []
   for member in [pid] + list(process_guard.descendants(pid)):
-    try:
-      with open(f"/proc/{member}/status", encoding="ascii") as f:
-        for line in f:
-          if line.startswith("VmRSS:"):
-            total += int(line.split()[1]) * 1024
-    except OSError:
-      pass
-  return total
+    rss, pss = _process_memory(member)
+    rss_total += rss
+    pss_total += pss
+    members.append((_process_name(member), pss))
+  return rss_total, pss_total, members
 
 
 def _child(tfrecords_dir: str, spec: str) -> None:
@@ -114,14 +147,19 @@ def _measure(tfrecords_dir: str, name: str, cohort: int) -> dict:
              f"--tfrecords_dir={tfrecords_dir}", f"--child={name}:{cohort}"]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   limit = _MAX_RSS_GB.value * 2**30
-  peak, over = 0, False
+  peak_rss = peak_pss = 0
+  at_peak = []
+  over = False
   with tempfile.TemporaryFile("w+") as out:
     process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                env=env, cwd=REPO_ROOT)
     try:
       while process.poll() is None:
-        peak = max(peak, _tree_rss_bytes(process.pid))
-        if peak > limit:
+        rss, pss, members = _tree_memory(process.pid)
+        peak_rss = max(peak_rss, rss)
+        if pss > peak_pss:
+          peak_pss, at_peak = pss, members
+        if rss > limit:
           over = True
           for pid in process_guard.descendants(process.pid):
             os.kill(pid, 9)
@@ -134,7 +172,8 @@ def _measure(tfrecords_dir: str, name: str, cohort: int) -> dict:
       process.wait()
     out.seek(0)
     lines = out.read().splitlines()
-  result = {"peak_rss_gb": peak / 2**30, "over_limit": over}
+  result = {"peak_rss_gb": peak_rss / 2**30, "peak_pss_gb": peak_pss / 2**30,
+            "over_limit": over, "at_peak": at_peak}
   found = [l for l in lines if l.startswith("RESULT ")]
   if found:
     result.update(json.loads(found[-1][len("RESULT "):]))
@@ -143,24 +182,35 @@ def _measure(tfrecords_dir: str, name: str, cohort: int) -> dict:
   return result
 
 
+def _breakdown(members: list[tuple[str, int]]) -> str:
+  """'name PSS-GB' per process name (summed), largest first."""
+  by_name = {}
+  for name, pss in members:
+    by_name[name] = by_name.get(name, 0) + pss
+  return ", ".join(f"{name} {pss / 2**30:.2f}" for name, pss in
+                   sorted(by_name.items(), key=lambda item: -item[1])
+                   if pss >= 2**24)
+
+
 def _run(tfrecords_dir: str) -> None:
   cohorts = [int(c) for c in _COHORTS.value]
   print(f"{'backend':12s} {'cohort':>6s} {'peak RSS GB':>12s} "
-        f"{'x smallest':>10s} {'round s':>8s}")
+        f"{'x smallest':>10s} {'peak PSS GB':>12s} {'x smallest':>10s} "
+        f"{'round s':>8s}  PSS GB by process at the PSS peak")
   for name in _BACKENDS.value:
-    first = None
+    first_rss = first_pss = None
     for cohort in cohorts:
       result = _measure(tfrecords_dir, name, cohort)
-      peak = result["peak_rss_gb"]
-      first = first or peak
-      if result["over_limit"]:
-        shown = f"> {_MAX_RSS_GB.value:.1f}"
-      else:
-        shown = f"{peak:.2f}"
+      rss, pss = result["peak_rss_gb"], result["peak_pss_gb"]
+      first_rss, first_pss = first_rss or rss, first_pss or pss
+      shown = f"> {_MAX_RSS_GB.value:.1f}" if result["over_limit"] else (
+          f"{rss:.2f}")
       round_s = result.get("round_s", [float("nan")])[-1]
-      print(f"{name:12s} {cohort:6d} {shown:>12s} {peak / first:10.2f} "
-            f"{round_s:8.1f}" + (f"  {result['error']}"
-                                 if "error" in result else ""), flush=True)
+      print(f"{name:12s} {cohort:6d} {shown:>12s} {rss / first_rss:10.2f} "
+            f"{pss:12.2f} {pss / first_pss:10.2f} {round_s:8.1f}  "
+            f"{_breakdown(result['at_peak'])}"
+            + (f"  {result['error']}" if "error" in result else ""),
+            flush=True)
 
 
 def main(argv):
