@@ -68,6 +68,7 @@ from absl import logging
 
 from benchmark import constants
 from benchmark import errors
+from benchmark import formats
 from benchmark import io_utils
 
 # Report of the skipped records, written in the tfrecords directory by default.
@@ -455,15 +456,7 @@ def _write_user(
       for image_path, labels, fine_labels in examples:
         with open(image_path, "rb") as f:
           jpeg = f.read()
-        example = tf.train.Example(features=tf.train.Features(feature={
-            constants.IMAGE_FEATURE: tf.train.Feature(
-                bytes_list=tf.train.BytesList(value=[jpeg])),
-            constants.LABELS_FEATURE: tf.train.Feature(
-                int64_list=tf.train.Int64List(value=labels)),
-            constants.FINE_GRAINED_LABELS_FEATURE: tf.train.Feature(
-                int64_list=tf.train.Int64List(value=fine_labels)),
-        }))
-        writer.write(example.SerializeToString(deterministic=True))
+        writer.write(formats.encode_example(jpeg, labels, fine_labels))
   return relative
 
 
@@ -651,14 +644,8 @@ def prepare(dataset_dir: str, tfrecords_dir: str,
                                     exact=True):
           os.remove(old_report)
 
-    label_index = {
-        constants.LABELS_KEY: {
-            name: i for i, name in enumerate(sorted(
-                {label for r in records for label in r.labels}))},
-        constants.FINE_GRAINED_LABELS_KEY: {
-            name: i for i, name in enumerate(sorted(
-                {label for r in records for label in r.fine_grained_labels}))},
-    }
+    label_index = formats.build_label_index(
+        (r.labels, r.fine_grained_labels) for r in records)
 
     # Group by user (a user's records need not be adjacent), metadata order.
     by_user: dict[str, list[_Record]] = collections.defaultdict(list)
