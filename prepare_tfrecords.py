@@ -393,6 +393,32 @@ def _check_records(source, raw_records: list[Any], pool,
   return good, all_problems
 
 
+def check_input(source, show_progress: bool = False
+                ) -> tuple[list[_Record], list[Problem]]:
+  """Every record and image of a source checked, in this process, as
+  `prepare` checks them (for other writers of the same data, e.g.
+  export_pfl_hdf5.py).
+
+  Args:
+    source: a `benchmark.sources` source.
+    show_progress: show a tqdm progress bar.
+
+  Returns:
+    `(records, problems)`: the good records in input order (fields
+    `index`, `user_id`, `image_id`, `labels`, `fine_grained_labels`,
+    `partition`, `image_sha256`), and every problem found.
+
+  Raises:
+    FlairInputError: as `source.load_records`.
+  """
+  raw_records = source.load_records()
+  _set_source(source)
+  try:
+    return _check_records(source, raw_records, None, show_progress)
+  finally:
+    _set_source(None)
+
+
 # --- Writing -------------------------------------------------------------------
 
 _tf = None
