@@ -13,6 +13,9 @@ program (docs/original_benchmark.md, "A FedAvg round"):
   (`tff.simulation.compose_dataset_computation_with_learning_process`); each
   client runs SGD with per-weight gradient clipping; the server applies the
   averaged model delta with Adam (epsilon 0.01).
+* FLAIR-IID when `iid`: the training clients are `benchmark.iid`'s dealing
+  of the training images to the same users (seeded by `iid_seed`); val and
+  test are the users' own data.
 * DP when `epsilon > 0`: `benchmark.dp` calibrates the noise and builds the
   Gaussian aggregator (fixed or adaptive clipping).
 * Every `rounds_per_eval` rounds (and before the first round and after the

@@ -8,15 +8,17 @@ import os
 import subprocess
 import sys
 
-os.environ["HF_DATASETS_OFFLINE"] = "1"  # Before `datasets` is imported.
+import numpy as np
+import pytest
 
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmark import constants
+from benchmark import errors
+from benchmark import pfl_hdf5
+import prepare_tfrecords
 
-from benchmark import constants  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmark import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmark import pfl_hdf5  # pylint: disable=g-import-not-at-top,wrong-import-position
-import prepare_tfrecords  # pylint: disable=g-import-not-at-top,wrong-import-position
+# Read when `datasets` is first imported (in the fixture below): nothing is
+# fetched from a hub.
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The dataset card's columns, in its order.
