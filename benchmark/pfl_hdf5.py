@@ -169,8 +169,16 @@ def read_records(h5, path: str) -> Iterator[tuple[dict[str, Any], tuple]]:
       per_image = {}
       for key, (row_name, col_name, _) in _LABEL_DATASETS.items():
         lists = [[] for _ in image_ids]
-        for row, col in zip(group[row_name][()], group[col_name][()]):
-          lists[int(row)].append(names[key].get(int(col), f"<index {col}>"))
+        rows, cols = group[row_name][()], group[col_name][()]
+        if len(rows) != len(cols) or any(
+            int(r) >= len(image_ids) or int(c) not in names[key]
+            for r, c in zip(rows, cols)):
+          raise FlairInputError(
+              f"--pfl_hdf5 {path}: /{partition}/{user_id}/{row_name} and "
+              f"{col_name} must be of equal length, with rows < the "
+              f"{len(image_ids)} images and columns in the label mapping")
+        for row, col in zip(rows, cols):
+          lists[int(row)].append(names[key][int(col)])
         per_image[key] = lists
       for j, image_id in enumerate(image_ids):
         yield ({constants.USER_ID_KEY: user_id,

@@ -194,3 +194,21 @@ def test_prepare_from_a_pfl_made_hdf5_encodes_its_pixels(
               for e in (a, b)]
     # Re-encoded at quality 95: close to, not equal to, the original.
     assert np.abs(pixels[0] - pixels[1]).mean() < 3.0
+
+
+def test_pfl_hdf5_with_a_label_outside_its_mapping_is_one_line_error(
+    flair_sample_dir, tmp_path):
+  h5py = pytest.importorskip("h5py")
+  import export_pfl_hdf5  # pylint: disable=g-import-not-at-top
+  hdf5 = str(tmp_path / "bad.hdf5")
+  export_pfl_hdf5.export(flair_sample_dir, hdf5, show_progress=False)
+  with h5py.File(hdf5, "r+") as h5:
+    user = sorted(h5["train"])[0]
+    h5[f"/train/{user}/labels_col"][0] = 200
+  with pytest.raises(errors.FlairInputError,
+                     match=rf"--pfl_hdf5 .*/train/{user}/labels_row"):
+    prepare_tfrecords.prepare(None, str(tmp_path / "out"), num_workers=1,
+                              show_progress=False, pfl_hdf5=hdf5)
+  with pytest.raises(errors.FlairInputError, match="--pfl_hdf5 .*not a file"):
+    prepare_tfrecords.prepare(None, str(tmp_path / "out"), num_workers=1,
+                              pfl_hdf5=str(tmp_path / "missing.hdf5"))
