@@ -140,7 +140,8 @@ def label_skew(user_labels: Sequence[np.ndarray]) -> float:
   images. The statistic is the mean over users, weighted by their number of
   images, of the total variation distance (half the L1 distance) between
   the user's mix and the partition's. It is 0 when every user has the
-  partition's mix and near 1 when users hold disjoint labels. Random
+  partition's mix, and approaches 1 when many users each hold labels that
+  no other user has (two such users of equal size give 0.5). Random
   dealing leaves a small value from sampling alone (users with few images).
 
   Args:
