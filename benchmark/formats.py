@@ -16,7 +16,7 @@ images and labels give the same bytes.
 
 import os
 import struct
-from typing import Iterable, Sequence
+from typing import BinaryIO, Iterable, Sequence
 
 from benchmark import constants
 from benchmark import errors
@@ -78,37 +78,55 @@ def build_label_index(
   }
 
 
+def complete_tfrecords(f: BinaryIO) -> tuple[list[int], int]:
+  """Follows the record framing of an open TFRecord file from its start.
+
+  Reads only each record's 8-byte length and seeks over the rest; checksums
+  are not verified.
+
+  Args:
+    f: the file, open for binary reading (its position is changed).
+
+  Returns:
+    `(lengths, end)`: the data length of every complete record, in file
+    order, and the byte offset where the last complete record ends (the
+    file's size when it does not end inside a record).
+
+  Raises:
+    OSError: the file cannot be read.
+  """
+  size = os.fstat(f.fileno()).st_size
+  lengths, end = [], 0
+  while end + _TFRECORD_HEADER_BYTES <= size:
+    f.seek(end)
+    (length,) = struct.unpack("<Q", f.read(8))
+    following = end + _TFRECORD_HEADER_BYTES + length + _TFRECORD_FOOTER_BYTES
+    if following > size:
+      break
+    lengths.append(length)
+    end = following
+  return lengths, end
+
+
 def tfrecord_lengths(path: str) -> list[int]:
   """The data length of every record of a TFRecord file, in file order.
 
-  Reads only the 12-byte header of each record and seeks over its data, so
-  it is fast on large files; checksums are not verified (the trainers'
-  `data.check_tfrecords` reads and checks every record).
+  Fast on large files (`complete_tfrecords`: no data read); the trainers'
+  `data.check_tfrecords` reads and checks every record.
 
   Raises:
     FlairInputError: the file cannot be read or ends inside a record
       (names the file).
   """
-  lengths = []
   try:
-    size = os.path.getsize(path)
     with open(path, "rb") as f:
-      position = 0
-      while position < size:
-        header = f.read(_TFRECORD_HEADER_BYTES)
-        if len(header) < _TFRECORD_HEADER_BYTES:
-          raise errors.FlairInputError(
-              f"TFRecord file {path} ends inside a record header at byte "
-              f"{position} (a truncated copy? rerun prepare_tfrecords.py)")
-        (length,) = struct.unpack("<Q", header[:8])
-        position += _TFRECORD_HEADER_BYTES + length + _TFRECORD_FOOTER_BYTES
-        if position > size:
-          raise errors.FlairInputError(
-              f"TFRecord file {path} ends inside record {len(lengths)} (a "
-              "truncated copy? rerun prepare_tfrecords.py)")
-        lengths.append(length)
-        f.seek(position)
+      lengths, end = complete_tfrecords(f)
+      size = os.fstat(f.fileno()).st_size
   except OSError as e:
     raise errors.FlairInputError(
         f"cannot read TFRecord file {path}: {e.strerror or e}") from None
+  if end < size:
+    raise errors.FlairInputError(
+        f"TFRecord file {path} ends inside record {len(lengths)} (a "
+        "truncated copy? rerun prepare_tfrecords.py)")
   return lengths
