@@ -1,10 +1,14 @@
-"""Converts a downloaded FLAIR dataset directory into per-user TFRecords.
+"""Converts a FLAIR dataset into per-user TFRecords.
 
   python prepare_tfrecords.py --dataset_dir D --tfrecords_dir T \
       [--num_workers N] [--skip_bad_images] [--report_path P]
+  python prepare_tfrecords.py --hf_dataset H --tfrecords_dir T ...
+  python prepare_tfrecords.py --pfl_hdf5 F --tfrecords_dir T ...
 
-Reads `D/labels_and_metadata.json` and `D/small_images/<image_id>.jpg` and
-writes, in the format of docs/formats.md ("Per-user TFRecords"):
+Reads `D/labels_and_metadata.json` and `D/small_images/<image_id>.jpg` (or
+the same records and images from a local Hugging Face `apple/flair` copy, or
+from pfl-research's HDF5: `benchmark.sources`) and writes, in the format of
+docs/formats.md ("Per-user TFRecords"):
 
 * `T/<partition>/<user_id>.tfrecords`: one `tf.train.Example` per image of the
   user (in metadata order) with `image/encoded_jpeg` (the JPEG file's bytes,
@@ -68,7 +72,9 @@ from absl import logging
 
 from benchmark import constants
 from benchmark import errors
+from benchmark import formats
 from benchmark import io_utils
+from benchmark import sources
 
 # Report of the skipped records, written in the tfrecords directory by default.
 SKIPPED_IMAGES_REPORT_FILE = "skipped_images.json"
@@ -201,31 +207,6 @@ class _Record:
 # --- Checking ------------------------------------------------------------------
 
 
-def _load_metadata(dataset_dir: str) -> list[Any]:
-  if not os.path.isdir(dataset_dir):
-    raise errors.FlairInputError(
-        f"--dataset_dir {dataset_dir!r} is not a directory (expected a FLAIR "
-        f"dataset directory with {constants.METADATA_FILE})")
-  path = os.path.join(dataset_dir, constants.METADATA_FILE)
-  try:
-    with open(path, "rb") as f:
-      data = json.load(f)
-  except FileNotFoundError:
-    raise errors.FlairInputError(
-        f"metadata file {path} not found (expected the FLAIR "
-        f"{constants.METADATA_FILE} in --dataset_dir)") from None
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise errors.FlairInputError(
-        f"metadata file {path} is not valid JSON: {e}") from None
-  if not isinstance(data, list):
-    raise errors.FlairInputError(
-        f"metadata file {path} must hold a JSON list of records, got a "
-        f"{type(data).__name__}")
-  if not data:
-    raise errors.FlairInputError(f"metadata file {path} holds no records")
-  return data
-
-
 def _is_safe_file_name(name: str) -> bool:
   return (bool(name) and "/" not in name and "\\" not in name
           and "\0" not in name and not name.startswith("."))
@@ -286,60 +267,56 @@ def _parse_record(index: int, raw: Any
                  partition), []
 
 
-def _image_path(dataset_dir: str, image_id: str) -> str:
-  return os.path.join(dataset_dir, constants.SMALL_IMAGES_DIR,
-                      image_id + constants.IMAGE_EXTENSION)
-
-
-def _check_image(path: str) -> tuple[Optional[str], Optional[str]]:
-  """Reads and fully decodes one image.
+def _check_image(key: Any) -> tuple[Optional[str], Optional[str]]:
+  """Reads (from the source set by `_worker_init`) and fully decodes one
+  image.
 
   Returns:
-    `(problem, sha256)`: problem is None if `path` is a 256x256 JPEG that
+    `(problem, sha256)`: problem is None if image `key` is a 256x256 JPEG that
     Pillow decodes completely (a truncated or corrupt file fails here, not at
     training time), else what is wrong; sha256 is the hex digest of the
     file's bytes (None when it cannot be read).
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
+  path = _source.describe_image(key)
   try:
-    with open(path, "rb") as f:
-      content = f.read()
+    content = _source.read_image(key)
   except FileNotFoundError:
-    return f"image file {path} not found", None
+    return f"image {path} not found", None
   except OSError as e:
-    return f"image file {path} cannot be read: {e}", None
+    return f"image {path} cannot be read: {e}", None
   digest = hashlib.sha256(content).hexdigest()
   head = content[:len(_JPEG_MAGIC)]
   if head != _JPEG_MAGIC:
-    return (f"image file {path} is not a JPEG (its first bytes are "
+    return (f"image {path} is not a JPEG (its first bytes are "
             f"{head!r}, expected {_JPEG_MAGIC!r})"), digest
   # Pillow raises several types (UnidentifiedImageError, OSError,
   # SyntaxError, ...) for a corrupt file.
   try:
     image = Image.open(io.BytesIO(content))
   except Exception as e:  # pylint: disable=broad-except
-    return f"image file {path} cannot be opened as an image: {e}", digest
+    return f"image {path} cannot be opened as an image: {e}", digest
   with image:
     image_format, size = image.format, image.size
     try:
       image.load()  # Decodes every pixel: truncated or corrupt data fails.
     except Exception as e:  # pylint: disable=broad-except
-      return (f"image file {path} cannot be decoded (truncated or corrupt "
+      return (f"image {path} cannot be decoded (truncated or corrupt "
               f"image data): {e}"), digest
   if image_format != "JPEG":
-    return (f"image file {path} is a {image_format} image, expected JPEG",
+    return (f"image {path} is a {image_format} image, expected JPEG",
             digest)
   expected = (constants.IMAGE_SIZE, constants.IMAGE_SIZE)
   if size != expected:
-    return (f"image file {path} is {size[0]}x{size[1]} pixels, expected "
+    return (f"image {path} is {size[0]}x{size[1]} pixels, expected "
             f"{expected[0]}x{expected[1]} (FLAIR's small images)"), digest
   return None, digest
 
 
-def _check_images(paths: Sequence[str]
+def _check_images(keys: Sequence[Any]
                   ) -> list[tuple[Optional[str], Optional[str]]]:
-  """Pool task: `_check_image` for each path."""
-  return [_check_image(path) for path in paths]
+  """Pool task: `_check_image` for each image key."""
+  return [_check_image(key) for key in keys]
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -355,7 +332,7 @@ def _progress(iterable, show: bool, **kwargs):
   return tqdm.tqdm(iterable, **kwargs)
 
 
-def _check_records(dataset_dir: str, raw_records: list[Any], pool,
+def _check_records(source, raw_records: list[Any], pool,
                    show_progress: bool) -> tuple[list[_Record], list[Problem]]:
   """All records checked: (good records, problems in record order)."""
   problems_by_record: dict[int, list[Problem]] = collections.defaultdict(list)
@@ -389,7 +366,7 @@ def _check_records(dataset_dir: str, raw_records: list[Any], pool,
     image_record[record.image_id] = record.index
     candidates.append(record)
 
-  paths = [_image_path(dataset_dir, r.image_id) for r in candidates]
+  paths = [source.image_key(r.index, r.image_id) for r in candidates]
   chunks = list(_chunks(paths, _CHECK_CHUNK_SIZE))
   if pool is None:
     results = map(_check_images, chunks)
@@ -416,16 +393,51 @@ def _check_records(dataset_dir: str, raw_records: list[Any], pool,
   return good, all_problems
 
 
+def check_input(source, show_progress: bool = False
+                ) -> tuple[list[_Record], list[Problem]]:
+  """Every record and image of a source checked, in this process, as
+  `prepare` checks them (for other writers of the same data, e.g.
+  export_pfl_hdf5.py).
+
+  Args:
+    source: a `benchmark.sources` source.
+    show_progress: show a tqdm progress bar.
+
+  Returns:
+    `(records, problems)`: the good records in input order (fields
+    `index`, `user_id`, `image_id`, `labels`, `fine_grained_labels`,
+    `partition`, `image_sha256`), and every problem found.
+
+  Raises:
+    FlairInputError: as `source.load_records`.
+  """
+  raw_records = source.load_records()
+  _set_source(source)
+  try:
+    return _check_records(source, raw_records, None, show_progress)
+  finally:
+    _set_source(None)
+
+
 # --- Writing -------------------------------------------------------------------
 
 _tf = None
+# The input (a `benchmark.sources` source) that `_check_image` and
+# `_write_user` read images from, in this process.
+_source = None
 
 
-def _worker_init() -> None:
+def _set_source(source) -> None:
+  global _source
+  _source = source
+
+
+def _worker_init(source) -> None:
   # Silence TensorFlow's C++ start-up messages (GPU plugin registration noise
   # that TF prints at level ERROR) in the writer processes; a failure still
   # reaches the parent as a Python exception.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  _set_source(source)
 
 
 def _tensorflow():
@@ -437,12 +449,13 @@ def _tensorflow():
 
 
 def _write_user(
-    task: tuple[str, str, list[tuple[str, list[int], list[int]]]]) -> str:
+    task: tuple[str, str, list[tuple[Any, list[int], list[int]]]]) -> str:
   """Pool task: writes one user's file atomically; returns its relative path.
 
   Args:
-    task: (final path, path relative to the output directory, [(image path,
-      label indices, fine label indices)]).
+    task: (final path, path relative to the output directory, [(image key
+      in the source set by `_worker_init`, label indices, fine label
+      indices)]).
 
   Raises:
     errors.OutputWriteError: the output disk is full, read-only or not
@@ -452,18 +465,9 @@ def _write_user(
   path, relative, examples = task
   with io_utils.atomic_path(path, flag="--tfrecords_dir") as tmp:
     with tf.io.TFRecordWriter(tmp) as writer:
-      for image_path, labels, fine_labels in examples:
-        with open(image_path, "rb") as f:
-          jpeg = f.read()
-        example = tf.train.Example(features=tf.train.Features(feature={
-            constants.IMAGE_FEATURE: tf.train.Feature(
-                bytes_list=tf.train.BytesList(value=[jpeg])),
-            constants.LABELS_FEATURE: tf.train.Feature(
-                int64_list=tf.train.Int64List(value=labels)),
-            constants.FINE_GRAINED_LABELS_FEATURE: tf.train.Feature(
-                int64_list=tf.train.Int64List(value=fine_labels)),
-        }))
-        writer.write(example.SerializeToString(deterministic=True))
+      for image_key, labels, fine_labels in examples:
+        jpeg = _source.read_image(image_key)
+        writer.write(formats.encode_example(jpeg, labels, fine_labels))
   return relative
 
 
@@ -566,15 +570,21 @@ def default_num_workers() -> int:
     return os.cpu_count() or 1
 
 
-def prepare(dataset_dir: str, tfrecords_dir: str,
+def prepare(dataset_dir: Optional[str], tfrecords_dir: str,
             num_workers: Optional[int] = None, skip_bad_images: bool = False,
             show_progress: bool = True,
-            report_path: Optional[str] = None) -> PrepareSummary:
+            report_path: Optional[str] = None,
+            hf_dataset: Optional[str] = None,
+            pfl_hdf5: Optional[str] = None) -> PrepareSummary:
   """Writes per-user TFRecords and label_index.json (see the module doc).
+
+  The input is exactly one of `dataset_dir`, `hf_dataset` and `pfl_hdf5`
+  (`benchmark.sources`); the same images and labels give the same bytes
+  from each.
 
   Args:
     dataset_dir: a FLAIR dataset directory (labels_and_metadata.json and
-      small_images/).
+      small_images/), or None.
     tfrecords_dir: output directory; created if needed. Users whose final
       file already exists there are skipped (resume).
     num_workers: processes that check and write; None = all cores. With 1,
@@ -584,13 +594,17 @@ def prepare(dataset_dir: str, tfrecords_dir: str,
     show_progress: show tqdm progress bars.
     report_path: where the skip report goes with `skip_bad_images`; default
       `<tfrecords_dir>/skipped_images.json`.
+    hf_dataset: a local copy of Hugging Face `apple/flair` (parquet shards
+      or a `save_to_disk` directory), or None.
+    pfl_hdf5: pfl-research's FLAIR HDF5 file, or None.
 
   Returns:
     A `PrepareSummary`.
 
   Raises:
-    FlairInputError: a bad argument, a missing dataset directory or metadata
-      file, malformed JSON, or no usable record.
+    FlairInputError: a bad argument, not exactly one input, a missing
+      dataset directory or metadata file, malformed JSON, an input not in
+      its expected layout, or no usable record.
     BadInputError (a FlairInputError): bad records or images without
       `skip_bad_images`; its `problems` lists all of them.
   """
@@ -600,8 +614,10 @@ def prepare(dataset_dir: str, tfrecords_dir: str,
       num_workers < 1):
     raise errors.FlairInputError(
         f"--num_workers must be a positive integer, got {num_workers!r}")
-  raw_records = _load_metadata(dataset_dir)
-  metadata_path = os.path.join(dataset_dir, constants.METADATA_FILE)
+  source = sources.open_source(dataset_dir, hf_dataset, pfl_hdf5)
+  raw_records = source.load_records()
+  metadata_path = source.name
+  _set_source(source)
 
   pool = None
   try:
@@ -609,8 +625,8 @@ def prepare(dataset_dir: str, tfrecords_dir: str,
       # "spawn": the parent may have imported TensorFlow (tests, notebooks),
       # and forking a process with TF's threads is unsafe.
       pool = multiprocessing.get_context("spawn").Pool(
-          num_workers, initializer=_worker_init)
-    records, problems = _check_records(dataset_dir, raw_records, pool,
+          num_workers, initializer=_worker_init, initargs=(source,))
+    records, problems = _check_records(source, raw_records, pool,
                                        show_progress)
     if problems and not skip_bad_images:
       shown = "; ".join(p.describe() for p in problems[:_PROBLEMS_IN_MESSAGE])
@@ -631,7 +647,7 @@ def prepare(dataset_dir: str, tfrecords_dir: str,
       written_report = report_path or os.path.join(
           tfrecords_dir, SKIPPED_IMAGES_REPORT_FILE)
       io_utils.write_json_atomic(written_report, {
-          "dataset_dir": dataset_dir,
+          "dataset_dir": source.path,
           "num_records": len(raw_records),
           "num_skipped_records": len({p.record_index for p in problems}),
           "skipped": [p.to_json() for p in problems],
@@ -651,14 +667,8 @@ def prepare(dataset_dir: str, tfrecords_dir: str,
                                     exact=True):
           os.remove(old_report)
 
-    label_index = {
-        constants.LABELS_KEY: {
-            name: i for i, name in enumerate(sorted(
-                {label for r in records for label in r.labels}))},
-        constants.FINE_GRAINED_LABELS_KEY: {
-            name: i for i, name in enumerate(sorted(
-                {label for r in records for label in r.fine_grained_labels}))},
-    }
+    label_index = formats.build_label_index(
+        (r.labels, r.fine_grained_labels) for r in records)
 
     # Group by user (a user's records need not be adjacent), metadata order.
     by_user: dict[str, list[_Record]] = collections.defaultdict(list)
@@ -697,7 +707,7 @@ def prepare(dataset_dir: str, tfrecords_dir: str,
           continue
         rebuilt[reason] += 1
       tasks.append((path, relative, [
-          (_image_path(dataset_dir, r.image_id),
+          (source.image_key(r.index, r.image_id),
            [label_index[constants.LABELS_KEY][n] for n in r.labels],
            [label_index[constants.FINE_GRAINED_LABELS_KEY][n]
             for n in r.fine_grained_labels])
@@ -749,6 +759,8 @@ def prepare(dataset_dir: str, tfrecords_dir: str,
           journal.write(_manifest_line(entries[relative]))
           journal.flush()
   finally:
+    _set_source(None)
+    source.close()
     if pool is not None:
       pool.terminate()
       pool.join()
@@ -777,7 +789,15 @@ def _define_flags() -> None:
   # the tests do) adds no global flags.
   flags.DEFINE_string("dataset_dir", None,
                       "FLAIR dataset directory (labels_and_metadata.json, "
-                      "small_images/).")
+                      "small_images/). Or give --hf_dataset or --pfl_hdf5.")
+  flags.DEFINE_string("hf_dataset", None,
+                      "Instead of --dataset_dir: a local copy of Hugging Face "
+                      "apple/flair (a parquet file, a directory of *.parquet "
+                      "shards, or a directory written by save_to_disk).")
+  flags.DEFINE_string("pfl_hdf5", None,
+                      "Instead of --dataset_dir: pfl-research's FLAIR HDF5 "
+                      "file (dataset/flair/download_preprocess.py, or "
+                      "export_pfl_hdf5.py).")
   flags.DEFINE_string("tfrecords_dir", None,
                       "Output directory for <partition>/<user_id>.tfrecords "
                       "and label_index.json.")
@@ -789,7 +809,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("report_path", None,
                       "Report of skipped records (with --skip_bad_images); "
                       "default <tfrecords_dir>/" + SKIPPED_IMAGES_REPORT_FILE)
-  flags.mark_flags_as_required(["dataset_dir", "tfrecords_dir"])
+  flags.mark_flag_as_required("tfrecords_dir")
 
 
 @errors.exit_on_input_error
@@ -802,7 +822,9 @@ def main(argv: list[str]) -> None:
     summary = prepare(flag_values.dataset_dir, flag_values.tfrecords_dir,
                       num_workers=flag_values.num_workers,
                       skip_bad_images=flag_values.skip_bad_images,
-                      report_path=flag_values.report_path)
+                      report_path=flag_values.report_path,
+                      hf_dataset=flag_values.hf_dataset,
+                      pfl_hdf5=flag_values.pfl_hdf5)
   except BadInputError as e:
     print(f"{len(e.problems)} problem(s) found:", file=sys.stderr)
     for problem in e.problems:

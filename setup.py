@@ -12,11 +12,12 @@ setuptools.setup(
     description="Federated learning benchmarks on FLAIR with TensorFlow Federated",
     python_requires=">=3.9,<3.12",
     packages=setuptools.find_packages(include=["benchmark", "benchmark.*"]),
-    py_modules=["download_dataset", "prepare_tfrecords"],
+    py_modules=["download_dataset", "prepare_tfrecords", "export_pfl_hdf5"],
     entry_points={
         "console_scripts": [
             "flair-download=download_dataset:run",
             "flair-prepare=prepare_tfrecords:run",
+            "flair-export-pfl-hdf5=export_pfl_hdf5:run",
             "flair-central=benchmark.central_main:run",
             "flair-federated=benchmark.federated_main:run",
             "flair-explore=benchmark.explore:run",

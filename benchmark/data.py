@@ -300,6 +300,16 @@ def load_partition(tfrecords_dir: str, partition: str,
     FlairInputError: if the directory or partition is missing, the partition
       name is unknown, or the partition holds no `*.tfrecords` file.
   """
+  return tff.simulation.datasets.FilePerUserClientData(
+      partition_files(tfrecords_dir, partition), create_dataset_fn(label_spec))
+
+
+def partition_files(tfrecords_dir: str, partition: str) -> dict[str, str]:
+  """The user files of one partition: `{user id: path}`, sorted by user id.
+
+  Raises:
+    FlairInputError: as `load_partition`.
+  """
   directory = _partition_dir(tfrecords_dir, partition)
   suffix = constants.TFRECORD_SUFFIX
   files = {
@@ -312,8 +322,7 @@ def load_partition(tfrecords_dir: str, partition: str,
     raise FlairInputError(
         f"partition directory {directory!r} holds no *{suffix} files "
         "(expected one file per user)")
-  return tff.simulation.datasets.FilePerUserClientData(
-      files, create_dataset_fn(label_spec))
+  return files
 
 
 def load_client_data(

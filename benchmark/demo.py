@@ -8,6 +8,9 @@
      plus central DP (`benchmark.federated_main`), all at a small crop so that
      the run takes minutes on 2 CPU cores; each step is the suite's own
      command, run in a child process and printed first;
+     With `--iid`, FedAvg also runs on FLAIR-IID (`federated_main --iid`:
+     the same users and image counts, images dealt out at random) beside the
+     users' own non-IID data, so the table shows the cost of heterogeneity;
   4. prints one table (test metrics, wall time, DP guarantee), writes it as
      `summary.csv`/`summary.json`, and plots the validation metrics over
      epochs and rounds as `val_metrics.png`, all in one results folder whose
@@ -226,7 +229,8 @@ def _read_final_metrics(save_dir: str) -> dict[str, Any]:
 def run_demo(results_dir: str, dataset_dir: Optional[str] = None,
              num_users: int = 300, seed: int = 0,
              scale: str = "small",
-             backend: str = constants.BACKEND_INPROCESS) -> str:
+             backend: str = constants.BACKEND_INPROCESS,
+             iid: bool = False) -> str:
   """Runs data generation/preparation, central, FedAvg and DP-FedAvg.
 
   Each step is the suite's own command (`benchmark.synthetic_dataset`,
@@ -242,6 +246,8 @@ def run_demo(results_dir: str, dataset_dir: Optional[str] = None,
     seed: seed for generation, model initialisation and client sampling.
     scale: a key of `SCALES`.
     backend: the FedAvg runs' `--backend` (`constants.BACKENDS`).
+    iid: also run FedAvg on FLAIR-IID (setting `fedavg_iid`, after
+      `fedavg`).
 
   Returns:
     The results folder (summary.csv, summary.json, val_metrics.png and one
@@ -264,17 +270,18 @@ def run_demo(results_dir: str, dataset_dir: Optional[str] = None,
   out_dir = os.path.abspath(os.path.join(results_dir, f"demo-{stamp}"))
   os.makedirs(out_dir, exist_ok=True)
 
+  total_steps = 6 if iid else 5
   if dataset_dir is None:
     dataset_dir = os.path.join(out_dir, "dataset")
     users = sizes.num_users or num_users
-    _step(f"1/5 generating a FLAIR-like dataset ({users} users)")
+    _step(f"1/{total_steps} generating a FLAIR-like dataset ({users} users)")
     _run_step(_command("benchmark.synthetic_dataset", dataset_dir=dataset_dir,
                        num_users=users, seed=seed))
   else:
-    _step(f"1/5 using the dataset in {dataset_dir}")
+    _step(f"1/{total_steps} using the dataset in {dataset_dir}")
 
   tfrecords_dir = os.path.join(out_dir, "tfrecords")
-  _step("2/5 preparing per-user TFRecords")
+  _step(f"2/{total_steps} preparing per-user TFRecords")
   # One worker: at demo scale, worker processes would spend longer importing
   # TensorFlow than writing (scripts/bench_prepare.py).
   _run_step(_command("prepare_tfrecords", dataset_dir=dataset_dir,
@@ -284,7 +291,7 @@ def run_demo(results_dir: str, dataset_dir: Optional[str] = None,
   common = dict(tfrecords_dir=tfrecords_dir, image_height=sizes.crop,
                 image_width=sizes.crop, eval_batch_size=128, seed=seed)
 
-  _step(f"3/5 centralized training ({sizes.central_epochs} epochs, "
+  _step(f"3/{total_steps} centralized training ({sizes.central_epochs} epochs, "
         f"{sizes.crop}x{sizes.crop} crops)")
   save_dir = os.path.join(out_dir, "central")
   seconds = _run_step(_command(
@@ -302,16 +309,19 @@ def run_demo(results_dir: str, dataset_dir: Optional[str] = None,
       max_elements_per_client=sizes.max_elements_per_client,
       client_epochs_per_round=sizes.client_epochs_per_round,
       client_datasets_random_seed=seed, backend=backend, **common)
-  for step, setting, epsilon in (("4/5", "fedavg", 0.0),
-                                 ("5/5", "fedavg_dp", sizes.dp_epsilon)):
-    what = "FedAvg" + (f" with central DP (epsilon {epsilon:g})"
-                       if epsilon else "")
-    _step(f"{step} {what}: {sizes.rounds} rounds of "
+  federated_runs = [("fedavg", 0.0, False)]
+  if iid:
+    federated_runs.append(("fedavg_iid", 0.0, True))
+  federated_runs.append(("fedavg_dp", sizes.dp_epsilon, False))
+  for number, (setting, epsilon, on_iid) in enumerate(federated_runs, 4):
+    what = "FedAvg" + (" on FLAIR-IID" if on_iid else "") + (
+        f" with central DP (epsilon {epsilon:g})" if epsilon else "")
+    _step(f"{number}/{total_steps} {what}: {sizes.rounds} rounds of "
           f"{sizes.clients_per_round} clients")
     save_dir = os.path.join(out_dir, setting)
     seconds = _run_step(_command(
         "benchmark.federated_main", save_model_dir=save_dir, epsilon=epsilon,
-        **federated_common))
+        iid=on_iid or None, **federated_common))
     runs.append(dict(setting=setting, final_metrics=_read_final_metrics(
         save_dir), wall_time_s=seconds, save_dir=save_dir))
 
@@ -343,7 +353,7 @@ def main(argv):
         f"--num_users must be at least 3 (one per partition), got "
         f"{values.num_users}")
   run_demo(values.results_dir, values.dataset_dir, values.num_users,
-           values.seed, values.scale, values.backend)
+           values.seed, values.scale, values.backend, values.iid)
 
 
 def _define_flags() -> None:
@@ -369,6 +379,10 @@ def _define_flags() -> None:
   flags.DEFINE_enum(
       "backend", constants.BACKEND_INPROCESS, list(constants.BACKENDS),
       "Where the FedAvg runs' rounds run (federated_main --backend).")
+  flags.DEFINE_boolean(
+      "iid", False,
+      "Also run FedAvg on FLAIR-IID (federated_main --iid: the training "
+      "images dealt out at random to the same users) beside the non-IID run.")
 
 
 def run():

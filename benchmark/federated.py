@@ -13,6 +13,9 @@ program (docs/original_benchmark.md, "A FedAvg round"):
   (`tff.simulation.compose_dataset_computation_with_learning_process`); each
   client runs SGD with per-weight gradient clipping; the server applies the
   averaged model delta with Adam (epsilon 0.01).
+* FLAIR-IID when `iid`: the training clients are `benchmark.iid`'s dealing
+  of the training images to the same users (seeded by `iid_seed`); val and
+  test are the users' own data.
 * DP when `epsilon > 0`: `benchmark.dp` calibrates the noise and builds the
   Gaussian aggregator (fixed or adaptive clipping).
 * Every `rounds_per_eval` rounds (and before the first round and after the
@@ -71,6 +74,7 @@ from benchmark import backends
 from benchmark import constants
 from benchmark import data
 from benchmark import dp
+from benchmark import iid
 from benchmark import io_utils
 from benchmark import metrics as metrics_lib
 from benchmark import model as model_lib
@@ -143,6 +147,10 @@ class FederatedConfig:
       (`optimizers.build_client_optimizer`; the reference: SGD).
     precision: `model.FLOAT32` or `model.BFLOAT16` (mixed precision of the
       clients' and the evaluation model, see `model.resnet18`).
+    iid: train on FLAIR-IID: the training images dealt out at random to the
+      training users, each keeping its number of images (`benchmark.iid`);
+      val and test are unchanged.
+    iid_seed: with `iid`, the seed of the dealing (>= 0).
     clients_per_thread: accepted for compatibility with the original command
       line; it has no effect (each backend schedules a round's clients
       itself, `num_workers` sets how many train at once), and
@@ -188,6 +196,8 @@ class FederatedConfig:
   client_optimizer: str = "sgd"
   client_momentum: float = optimizers.MOMENTUM
   precision: str = model_lib.FLOAT32
+  iid: bool = False
+  iid_seed: int = 0
 
   def __post_init__(self):
     _check(bool(self.tfrecords_dir), "--tfrecords_dir is required")
@@ -239,6 +249,9 @@ class FederatedConfig:
            or self.client_datasets_random_seed >= 0,
            "--client_datasets_random_seed must be >= 0, got "
            f"{self.client_datasets_random_seed}")
+    _check(isinstance(self.iid_seed, int) and not isinstance(
+        self.iid_seed, bool) and self.iid_seed >= 0,
+           f"--iid_seed must be an integer >= 0, got {self.iid_seed!r}")
 
   @property
   def use_dp(self) -> bool:
@@ -439,6 +452,11 @@ def run_federated(config: FederatedConfig) -> dict:
                                     config.binary_label)
   num_outputs = label_spec.num_outputs
   client_data = data.load_client_data(config.tfrecords_dir, label_spec)
+  if config.iid:
+    client_data[constants.TRAIN] = iid.load_iid_partition(
+        config.tfrecords_dir, label_spec, config.iid_seed)
+    logging.info("FLAIR-IID: training images dealt out at random to the "
+                 "training users (--iid_seed %d)", config.iid_seed)
   train_ids = list(client_data[constants.TRAIN].client_ids)
   clients_per_round = config.clients_per_round
   if clients_per_round > len(train_ids):

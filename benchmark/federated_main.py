@@ -6,8 +6,9 @@ on FLAIR.
 Flags and defaults are those of the original benchmark
 (docs/original_benchmark.md, "Command lines"), plus
 `--rounds_per_checkpoint`, `--dp_calibration`, `--seed`, `--backend`,
-`--num_workers`, `--ray_address`, `--algorithm`, `--proximal_strength`, the
-optimizer choices (`--server_optimizer` and its
+`--num_workers`, `--ray_address`, `--algorithm`, `--proximal_strength`,
+`--iid` and `--iid_seed` (FLAIR-IID), the optimizer choices
+(`--server_optimizer` and its
 hyperparameters, `--client_optimizer`, `--client_momentum`),
 `--skip_bad_records` and `--overwrite`. The run itself is
 `benchmark.federated.run_federated`; this module
@@ -196,6 +197,15 @@ _RAY_ADDRESS = flags.DEFINE_string(
     "With --backend ray: the address of a running Ray cluster (as `ray start "
     "--head` prints it); unset starts an embedded local Ray that is stopped "
     "with the run.")
+_IID = flags.DEFINE_boolean(
+    "iid", False,
+    "Train on FLAIR-IID: the training images dealt out uniformly at random "
+    "to the training users, each user keeping its number of images "
+    "(benchmark.iid); val and test are unchanged.")
+_IID_SEED = flags.DEFINE_integer(
+    "iid_seed", 0,
+    "With --iid: the seed of the dealing (the same seed gives the same "
+    "clients, also on resume).")
 flags.mark_flag_as_required("tfrecords_dir")
 
 _ALL_FLAGS = (
@@ -209,7 +219,7 @@ _ALL_FLAGS = (
     _ROUNDS_PER_CHECKPOINT, _DP_CALIBRATION, _SEED, _BACKEND, _NUM_WORKERS,
     _RAY_ADDRESS, _ALGORITHM, _PROXIMAL_STRENGTH, _SERVER_OPTIMIZER,
     _SERVER_MOMENTUM, _SERVER_BETA_1, _SERVER_BETA_2, _SERVER_EPSILON,
-    _CLIENT_OPTIMIZER, _CLIENT_MOMENTUM, _PRECISION)
+    _CLIENT_OPTIMIZER, _CLIENT_MOMENTUM, _PRECISION, _IID, _IID_SEED)
 
 
 # The flags that change a run's results (io_utils.claim_save_dir); with DP
@@ -225,6 +235,10 @@ _RESULT_FLAGS = (
     _SERVER_EPSILON, _CLIENT_OPTIMIZER, _CLIENT_MOMENTUM, _PRECISION)
 _DP_RESULT_FLAGS = (_TOTAL_ROUNDS, _L2_NORM_CLIP, _TARGET_UNCLIPPED_QUANTILE,
                     _SIMULATED_CLIENTS_PER_ROUND, _DP_CALIBRATION)
+# With --iid (left out otherwise, so that runs made before the flag existed
+# keep resuming): an IID run and a non-IID one, or two dealings, never share
+# a save directory.
+_IID_RESULT_FLAGS = (_IID, _IID_SEED)
 
 
 def _config_from_flags() -> federated.FederatedConfig:
@@ -239,8 +253,9 @@ def _config_from_flags() -> federated.FederatedConfig:
 
 def _identity(config: federated.FederatedConfig, label_spec) -> dict:
   """The run identity recorded in `run.json` (see `io_utils.run_identity`)."""
-  result_flags = _RESULT_FLAGS + (_DP_RESULT_FLAGS if config.epsilon > 0
-                                  else ())
+  result_flags = (_RESULT_FLAGS
+                  + (_DP_RESULT_FLAGS if config.epsilon > 0 else ())
+                  + (_IID_RESULT_FLAGS if config.iid else ()))
   return io_utils.run_identity(
       "federated",
       io_utils.labels_identity(label_spec.names,

@@ -20,6 +20,7 @@ from absl import logging
 
 from benchmark import constants
 from benchmark import errors
+from benchmark import formats
 
 # The process umask, read once at import (reading it means setting it, which
 # is not thread-safe later). mkstemp creates files 0600; final files get the
@@ -210,12 +211,6 @@ def drop_partial_last_line(path: str) -> None:
     logging.warning("could not tidy %s after a failed write: %s", path, e)
 
 
-# TFRecord framing (TensorFlow's record_writer.cc): an 8-byte little-endian
-# data length, a 4-byte CRC of it, the data, a 4-byte CRC of the data.
-_RECORD_HEADER_BYTES = 12
-_RECORD_FOOTER_BYTES = 4
-
-
 def drop_partial_last_record(path: str) -> None:
   """Truncates the TFRecord file `path` (e.g. a TensorBoard events file)
   after its last complete record, removing a record cut short by a failed
@@ -224,17 +219,8 @@ def drop_partial_last_record(path: str) -> None:
   followed, CRCs are not checked."""
   try:
     with open(path, "rb+") as f:
-      size = os.fstat(f.fileno()).st_size
-      end = 0
-      while end + _RECORD_HEADER_BYTES <= size:
-        f.seek(end)
-        length = int.from_bytes(f.read(8), "little")
-        following = (end + _RECORD_HEADER_BYTES + length
-                     + _RECORD_FOOTER_BYTES)
-        if following > size:
-          break
-        end = following
-      if end < size:
+      _, end = formats.complete_tfrecords(f)
+      if end < os.fstat(f.fileno()).st_size:
         f.truncate(end)
   except FileNotFoundError:
     pass

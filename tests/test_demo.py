@@ -74,3 +74,22 @@ def test_plot_val_metrics_writes_png(tmp_path):
 def test_run_demo_rejects_unknown_scale(tmp_path):
   with pytest.raises(demo.errors.FlairInputError, match="--scale"):
     demo.run_demo(str(tmp_path), scale="huge")
+
+
+def test_run_demo_with_iid_runs_fedavg_on_flair_iid_beside_non_iid(
+    tmp_path, monkeypatch):
+  commands = []
+  monkeypatch.setattr(demo, "_run_step",
+                      lambda argv: commands.append(argv) or 1.0)
+  monkeypatch.setattr(demo, "_read_final_metrics",
+                      lambda save_dir: _final(0.5, 0.3))
+  monkeypatch.setattr(demo, "plot_val_metrics", lambda runs, path: None)
+  out = demo.run_demo(str(tmp_path), scale="tiny", iid=True)
+  federated = [c for c in commands if "benchmark.federated_main" in c]
+  assert len(federated) == 3
+  assert ["--iid" in c for c in federated] == [False, True, False]
+  assert any(a.startswith("--epsilon=") and a != "--epsilon=0.0"
+             for a in federated[2])
+  with open(os.path.join(out, "summary.csv"), newline="") as f:
+    settings = [row["setting"] for row in csv.DictReader(f)]
+  assert settings == ["central", "fedavg", "fedavg_iid", "fedavg_dp"]
