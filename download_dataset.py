@@ -74,6 +74,7 @@ import tqdm
 
 from benchmark import constants
 from benchmark import errors
+from benchmark import formats
 from benchmark import io_utils
 
 # docs/formats.md, "Download layout".
@@ -573,21 +574,19 @@ def unpack_archive(archive_path: str, dataset_dir: str, image_dir: str,
 
 
 def _load_image_ids(metadata_path: str) -> list[str]:
+  """The image ids of a labels_and_metadata.json whose records all meet
+  `formats.check_metadata_records`; DownloadError otherwise."""
   try:
-    with open(metadata_path, encoding="utf-8") as f:
-      records = json.load(f)
-  except (OSError, ValueError) as e:
-    raise DownloadError(f"cannot read {metadata_path}: {e}; delete it and "
-                        "rerun to fetch it again") from None
-  if not isinstance(records, list):
-    raise DownloadError(f"{metadata_path}: expected a JSON list of records")
-  ids = []
-  for i, record in enumerate(records):
-    if not isinstance(record, dict) or constants.IMAGE_ID_KEY not in record:
-      raise DownloadError(f"{metadata_path}: record {i} has no "
-                          f"{constants.IMAGE_ID_KEY!r}")
-    ids.append(str(record[constants.IMAGE_ID_KEY]))
-  return ids
+    raw = formats.read_metadata_file(metadata_path)
+  except errors.FlairInputError as e:
+    raise DownloadError(f"{e}; delete it and rerun to fetch it again"
+                        ) from None
+  records, problems = formats.check_metadata_records(raw)
+  if problems:
+    raise DownloadError(
+        f"{metadata_path} {problems[0].describe()} ({len(problems)} bad "
+        "record(s); delete it and rerun to fetch it again)")
+  return [r.image_id for r in records]
 
 
 def verify_images(dataset_dir: str,

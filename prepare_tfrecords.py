@@ -101,31 +101,8 @@ _TEMP_FILE_PATTERN = re.compile(
     r"^\..+" + re.escape(constants.TFRECORD_SUFFIX) + r"\..+\.tmp$")
 
 
-@dataclasses.dataclass(frozen=True)
-class Problem:
-  """One bad input item.
-
-  Attributes:
-    message: what is wrong, naming the file and what was expected.
-    record_index: 0-based index of the record in labels_and_metadata.json,
-      None for a problem with no record.
-    image_id: the record's image id (as a string), when known.
-    user_id: the record's user id, when known.
-  """
-  message: str
-  record_index: Optional[int] = None
-  image_id: Optional[str] = None
-  user_id: Optional[str] = None
-
-  def describe(self) -> str:
-    """One line naming the record and the problem."""
-    if self.record_index is None:
-      return self.message
-    return (f"record {self.record_index} (image_id {self.image_id!r}, "
-            f"user_id {self.user_id!r}): {self.message}")
-
-  def to_json(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+# One bad input item (a record or an image): `formats.Problem`.
+Problem = formats.Problem
 
 
 class BadInputError(errors.FlairInputError):
@@ -194,77 +171,11 @@ class PrepareSummary:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Record:
-  index: int
-  user_id: str
-  image_id: str
-  labels: tuple[str, ...]
-  fine_grained_labels: tuple[str, ...]
-  partition: str
+class _Record(formats.MetadataRecord):
   image_sha256: Optional[str] = None  # Set once the image is checked.
 
 
 # --- Checking ------------------------------------------------------------------
-
-
-def _is_safe_file_name(name: str) -> bool:
-  return (bool(name) and "/" not in name and "\\" not in name
-          and "\0" not in name and not name.startswith("."))
-
-
-def _parse_record(index: int, raw: Any
-                  ) -> tuple[Optional[_Record], list[Problem]]:
-  """Checks the fields of one record; returns the record or its problems."""
-  if not isinstance(raw, dict):
-    return None, [Problem(f"is a {type(raw).__name__}, expected a JSON object "
-                          f"with {list(constants.REQUIRED_RECORD_KEYS)}",
-                          index)]
-  image_id = raw.get(constants.IMAGE_ID_KEY)
-  user_id = raw.get(constants.USER_ID_KEY)
-  shown_image_id = None if image_id is None else str(image_id)
-  shown_user_id = None if user_id is None else str(user_id)
-
-  def problem(message):
-    return Problem(message, index, shown_image_id, shown_user_id)
-
-  problems = []
-  missing = [k for k in constants.REQUIRED_RECORD_KEYS if k not in raw]
-  if missing:
-    problems.append(problem(f"missing field(s) {missing}"))
-  if constants.IMAGE_ID_KEY in raw:
-    if isinstance(image_id, int) and not isinstance(image_id, bool) and (
-        image_id >= 0):
-      image_id = str(image_id)
-    elif not (isinstance(image_id, str) and _is_safe_file_name(image_id)):
-      problems.append(problem(
-          f"{constants.IMAGE_ID_KEY} must be a non-negative integer or a "
-          f"string usable as a file name, got {image_id!r}"))
-  if constants.USER_ID_KEY in raw and not (
-      isinstance(user_id, str) and _is_safe_file_name(user_id)):
-    problems.append(problem(
-        f"{constants.USER_ID_KEY} must be a string usable as a file name (no "
-        f"'/', not starting with '.'), got {user_id!r}"))
-  for key in (constants.LABELS_KEY, constants.FINE_GRAINED_LABELS_KEY):
-    if key in raw:
-      value = raw[key]
-      if not (isinstance(value, list)
-              and all(isinstance(v, str) and v for v in value)):
-        problems.append(problem(
-            f"{key} must be a list of non-empty strings, got {value!r}"))
-  partition = raw.get(constants.PARTITION_KEY)
-  if constants.PARTITION_KEY in raw:
-    partition = constants.PARTITION_ALIASES.get(partition, partition)
-    if partition not in constants.PARTITIONS:
-      problems.append(problem(
-          f"unknown {constants.PARTITION_KEY} {raw[constants.PARTITION_KEY]!r}"
-          f" (expected one of {list(constants.PARTITIONS)} or "
-          f"{list(constants.PARTITION_ALIASES)})"))
-  if problems:
-    return None, problems
-  return _Record(index, user_id, image_id,
-                 tuple(raw[constants.LABELS_KEY]),
-                 tuple(raw[constants.FINE_GRAINED_LABELS_KEY]),
-                 partition), []
 
 
 def _check_image(key: Any) -> tuple[Optional[str], Optional[str]]:
@@ -335,36 +246,10 @@ def _progress(iterable, show: bool, **kwargs):
 def _check_records(source, raw_records: list[Any], pool,
                    show_progress: bool) -> tuple[list[_Record], list[Problem]]:
   """All records checked: (good records, problems in record order)."""
+  candidates, record_problems = formats.check_metadata_records(raw_records)
   problems_by_record: dict[int, list[Problem]] = collections.defaultdict(list)
-  parsed = []
-  for index, raw in enumerate(raw_records):
-    record, problems = _parse_record(index, raw)
-    if problems:
-      problems_by_record[index] += problems
-    else:
-      parsed.append(record)
-
-  # Consistency across records: one partition per user, unique image ids.
-  user_partition: dict[str, tuple[str, int]] = {}
-  image_record: dict[str, int] = {}
-  candidates = []
-  for record in parsed:
-    def problem(message, record=record):
-      return Problem(message, record.index, record.image_id, record.user_id)
-    first = user_partition.setdefault(record.user_id,
-                                      (record.partition, record.index))
-    if first[0] != record.partition:
-      problems_by_record[record.index].append(problem(
-          f"user is in partition {record.partition!r} here but in "
-          f"{first[0]!r} in record {first[1]} (a user belongs to one "
-          f"partition)"))
-      continue
-    if record.image_id in image_record:
-      problems_by_record[record.index].append(problem(
-          f"image_id repeats record {image_record[record.image_id]}"))
-      continue
-    image_record[record.image_id] = record.index
-    candidates.append(record)
+  for p in record_problems:
+    problems_by_record[p.record_index].append(p)
 
   paths = [source.image_key(r.index, r.image_id) for r in candidates]
   chunks = list(_chunks(paths, _CHECK_CHUNK_SIZE))
@@ -384,7 +269,7 @@ def _check_records(source, raw_records: list[Any], pool,
   good = []
   for record, (message, digest) in zip(candidates, image_problems):
     if message is None:
-      good.append(dataclasses.replace(record, image_sha256=digest))
+      good.append(_Record(**dataclasses.asdict(record), image_sha256=digest))
     else:
       problems_by_record[record.index].append(
           Problem(message, record.index, record.image_id, record.user_id))

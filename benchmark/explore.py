@@ -43,6 +43,7 @@ import tqdm
 
 from benchmark import constants
 from benchmark import errors
+from benchmark import formats
 from benchmark import io_utils
 
 # Figure file names (in the output directory), in the order they are made.
@@ -107,72 +108,31 @@ class SampleImage:
 # ----------------------------------------------------------------------------
 
 
-def _canonical_partition(value: Any, where: str) -> str:
-  if isinstance(value, str):
-    name = constants.PARTITION_ALIASES.get(value, value)
-    if name in constants.PARTITIONS:
-      return name
-  valid = ", ".join(constants.PARTITIONS + tuple(constants.PARTITION_ALIASES))
-  raise errors.FlairInputError(
-      f"{where}: partition {value!r} is not one of {valid}")
-
-
-def _label_tuple(value: Any, key: str, where: str) -> tuple[str, ...]:
-  if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-    raise errors.FlairInputError(
-        f"{where}: {key!r} must be a list of label names (strings), got "
-        f"{type(value).__name__}")
-  return tuple(value)
-
-
-def parse_metadata_records(raw: Any, source: str) -> list[ImageRecord]:
-  """Validates the parsed content of `labels_and_metadata.json`.
+def parse_metadata_records(raw: Sequence[Any], source: str
+                           ) -> list[ImageRecord]:
+  """Validates the records of `labels_and_metadata.json`, by the rules
+  prepare_tfrecords.py applies (`formats.check_metadata_records`).
 
   Args:
-    raw: the decoded JSON: a list with one object per image holding the keys
-      `constants.REQUIRED_RECORD_KEYS`. `image_id` may be a string or an
-      integer; `partition` may be `dev` (read as `val`).
+    raw: the decoded JSON list (`formats.read_metadata_file`).
     source: the file name, for error messages.
 
   Returns:
     One `ImageRecord` per image, in file order.
 
   Raises:
-    FlairInputError: naming the record (its index) and what is wrong.
+    FlairInputError: a bad record: one line naming the file, the first bad
+      record and what is wrong (and how many more problems there are).
   """
-  if not isinstance(raw, list):
-    raise errors.FlairInputError(
-        f"{source}: expected a JSON list of image records, got "
-        f"{type(raw).__name__}")
-  if not raw:
-    raise errors.FlairInputError(f"{source}: holds no image records")
-  records = []
-  for i, item in enumerate(raw):
-    where = f"{source} record {i}"
-    if not isinstance(item, dict):
-      raise errors.FlairInputError(
-          f"{where}: expected a JSON object, got {type(item).__name__}")
-    missing = [k for k in constants.REQUIRED_RECORD_KEYS if k not in item]
-    if missing:
-      raise errors.FlairInputError(
-          f"{where}: missing key(s) {', '.join(missing)}; a record needs "
-          f"{', '.join(constants.REQUIRED_RECORD_KEYS)}")
-    user_id, image_id = item[constants.USER_ID_KEY], item[constants.IMAGE_ID_KEY]
-    if not isinstance(user_id, str) or not user_id:
-      raise errors.FlairInputError(f"{where}: user_id must be a non-empty string")
-    if isinstance(image_id, bool) or not isinstance(image_id, (str, int)):
-      raise errors.FlairInputError(
-          f"{where}: image_id must be a string or integer, got {image_id!r}")
-    records.append(ImageRecord(
-        user_id=user_id,
-        image_id=str(image_id),
-        partition=_canonical_partition(item[constants.PARTITION_KEY], where),
-        labels=_label_tuple(item[constants.LABELS_KEY], constants.LABELS_KEY,
-                            where),
-        fine_grained_labels=_label_tuple(
-            item[constants.FINE_GRAINED_LABELS_KEY],
-            constants.FINE_GRAINED_LABELS_KEY, where)))
-  return records
+  records, problems = formats.check_metadata_records(raw)
+  if problems:
+    more = (f" (and {len(problems) - 1} more problem(s); prepare_tfrecords.py "
+            "lists them all)" if len(problems) > 1 else "")
+    raise errors.FlairInputError(f"{source} {problems[0].describe()}{more}")
+  return [ImageRecord(user_id=r.user_id, image_id=r.image_id,
+                      partition=r.partition, labels=r.labels,
+                      fine_grained_labels=r.fine_grained_labels)
+          for r in records]
 
 
 def load_metadata_records(dataset_dir: str) -> list[ImageRecord]:
@@ -187,17 +147,8 @@ def load_metadata_records(dataset_dir: str) -> list[ImageRecord]:
         f"--dataset_dir {dataset_dir}: not a directory (expected a downloaded "
         f"FLAIR dataset holding {constants.METADATA_FILE})")
   path = os.path.join(dataset_dir, constants.METADATA_FILE)
-  if not os.path.isfile(path):
-    raise errors.FlairInputError(
-        f"{path}: file not found (--dataset_dir must hold "
-        f"{constants.METADATA_FILE}; download it with download_dataset.py)")
   logging.info("Reading %s", path)
-  try:
-    with open(path, encoding="utf-8") as f:
-      raw = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise errors.FlairInputError(f"{path}: not valid JSON ({e})") from None
-  return parse_metadata_records(raw, path)
+  return parse_metadata_records(formats.read_metadata_file(path), path)
 
 
 def _read_image_file(path: str) -> tuple[Optional[np.ndarray], str]:

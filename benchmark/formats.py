@@ -1,5 +1,9 @@
-"""The on-disk formats of prepared FLAIR data, written and read in one place.
+"""The on-disk formats of FLAIR data, written and read in one place.
 
+* The records of `labels_and_metadata.json` and the rules they must meet:
+  `read_metadata_file`, `parse_metadata_record`, `check_metadata_records`
+  (prepare_tfrecords.py, explore and download_dataset.py all check with
+  these).
 * One image as a `tf.train.Example` (FLAIR_REFERENCE.md, "Per-user
   TFRecords"): `encode_example`.
 * The label index, `{"labels": {name: index}, "fine_grained_labels": {name:
@@ -14,9 +18,11 @@ dataset directory, a Hugging Face copy, pfl-research's HDF5), so the same
 images and labels give the same bytes.
 """
 
+import dataclasses
+import json
 import os
 import struct
-from typing import BinaryIO, Iterable, Sequence
+from typing import Any, BinaryIO, Iterable, Optional, Sequence
 
 from benchmark import constants
 from benchmark import errors
@@ -25,6 +31,211 @@ from benchmark import errors
 # (4) before, the data's CRC (4) after.
 _TFRECORD_HEADER_BYTES = 12
 _TFRECORD_FOOTER_BYTES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """One bad input item.
+
+  Attributes:
+    message: what is wrong, naming the file and what was expected.
+    record_index: 0-based index of the record in labels_and_metadata.json,
+      None for a problem with no record.
+    image_id: the record's image id (as a string), when known.
+    user_id: the record's user id, when known.
+  """
+  message: str
+  record_index: Optional[int] = None
+  image_id: Optional[str] = None
+  user_id: Optional[str] = None
+
+  def describe(self) -> str:
+    """One line naming the record and the problem."""
+    if self.record_index is None:
+      return self.message
+    return (f"record {self.record_index} (image_id {self.image_id!r}, "
+            f"user_id {self.user_id!r}): {self.message}")
+
+  def to_json(self) -> dict[str, Any]:
+    """The fields as a JSON-serializable dict."""
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetadataRecord:
+  """One valid record of labels_and_metadata.json.
+
+  Attributes:
+    index: 0-based index of the record in the file.
+    user_id: the user, usable as a file name.
+    image_id: the image, as a string usable as a file name (an integer id is
+      written in decimal).
+    labels: coarse label names.
+    fine_grained_labels: fine-grained label names.
+    partition: one of `constants.PARTITIONS` (`dev` is read as `val`).
+  """
+  index: int
+  user_id: str
+  image_id: str
+  labels: tuple[str, ...]
+  fine_grained_labels: tuple[str, ...]
+  partition: str
+
+
+def is_safe_file_name(name: str) -> bool:
+  """Whether `name` (a str) can name a file in a directory: non-empty, no
+  path separator or NUL, not starting with '.'."""
+  return (bool(name) and "/" not in name and "\\" not in name
+          and "\0" not in name and not name.startswith("."))
+
+
+def read_metadata_file(path: str) -> list[Any]:
+  """The decoded JSON list of a labels_and_metadata.json (records not
+  checked: see `check_metadata_records`).
+
+  Args:
+    path: the file.
+
+  Returns:
+    The non-empty list, one item per record.
+
+  Raises:
+    FlairInputError: the file is missing or unreadable, is not valid JSON,
+      is not a list or is an empty one (one line naming the file).
+  """
+  try:
+    with open(path, "rb") as f:
+      raw = json.load(f)
+  except FileNotFoundError:
+    raise errors.FlairInputError(
+        f"{path}: file not found (a FLAIR dataset directory holds "
+        f"{constants.METADATA_FILE}; download it with download_dataset.py)"
+    ) from None
+  except OSError as e:
+    raise errors.FlairInputError(
+        f"{path}: cannot be read ({e.strerror or e})") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise errors.FlairInputError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(raw, list):
+    raise errors.FlairInputError(
+        f"{path}: expected a JSON list of image records, got "
+        f"{type(raw).__name__}")
+  if not raw:
+    raise errors.FlairInputError(f"{path}: holds no image records")
+  return raw
+
+
+def parse_metadata_record(index: int, raw: Any
+                          ) -> tuple[Optional[MetadataRecord], list[Problem]]:
+  """Checks the fields of one record of labels_and_metadata.json.
+
+  A record is a JSON object with `constants.REQUIRED_RECORD_KEYS`:
+  `user_id` a string usable as a file name, `image_id` such a string or a
+  non-negative integer, `labels` and `fine_grained_labels` lists of
+  non-empty strings, `partition` one of `constants.PARTITIONS` or an alias
+  (`dev`).
+
+  Args:
+    index: the record's 0-based index in the file.
+    raw: the decoded record.
+
+  Returns:
+    `(record, [])` for a valid record, `(None, problems)` otherwise (every
+    problem of the record found). Raises nothing.
+  """
+  if not isinstance(raw, dict):
+    return None, [Problem(f"is a {type(raw).__name__}, expected a JSON object "
+                          f"with {list(constants.REQUIRED_RECORD_KEYS)}",
+                          index)]
+  image_id = raw.get(constants.IMAGE_ID_KEY)
+  user_id = raw.get(constants.USER_ID_KEY)
+  shown_image_id = None if image_id is None else str(image_id)
+  shown_user_id = None if user_id is None else str(user_id)
+
+  def problem(message):
+    return Problem(message, index, shown_image_id, shown_user_id)
+
+  problems = []
+  missing = [k for k in constants.REQUIRED_RECORD_KEYS if k not in raw]
+  if missing:
+    problems.append(problem(f"missing field(s) {missing}"))
+  if constants.IMAGE_ID_KEY in raw:
+    if isinstance(image_id, int) and not isinstance(image_id, bool) and (
+        image_id >= 0):
+      image_id = str(image_id)
+    elif not (isinstance(image_id, str) and is_safe_file_name(image_id)):
+      problems.append(problem(
+          f"{constants.IMAGE_ID_KEY} must be a non-negative integer or a "
+          f"string usable as a file name, got {image_id!r}"))
+  if constants.USER_ID_KEY in raw and not (
+      isinstance(user_id, str) and is_safe_file_name(user_id)):
+    problems.append(problem(
+        f"{constants.USER_ID_KEY} must be a string usable as a file name (no "
+        f"'/', not starting with '.'), got {user_id!r}"))
+  for key in (constants.LABELS_KEY, constants.FINE_GRAINED_LABELS_KEY):
+    if key in raw:
+      value = raw[key]
+      if not (isinstance(value, list)
+              and all(isinstance(v, str) and v for v in value)):
+        problems.append(problem(
+            f"{key} must be a list of non-empty strings, got {value!r}"))
+  partition = raw.get(constants.PARTITION_KEY)
+  if constants.PARTITION_KEY in raw:
+    partition = (constants.PARTITION_ALIASES.get(partition, partition)
+                 if isinstance(partition, str) else partition)
+    if partition not in constants.PARTITIONS:
+      problems.append(problem(
+          f"unknown {constants.PARTITION_KEY} {raw[constants.PARTITION_KEY]!r}"
+          f" (expected one of {list(constants.PARTITIONS)} or "
+          f"{list(constants.PARTITION_ALIASES)})"))
+  if problems:
+    return None, problems
+  return MetadataRecord(index, user_id, image_id,
+                        tuple(raw[constants.LABELS_KEY]),
+                        tuple(raw[constants.FINE_GRAINED_LABELS_KEY]),
+                        partition), []
+
+
+def check_metadata_records(raw_records: Sequence[Any]
+                           ) -> tuple[list[MetadataRecord], list[Problem]]:
+  """Checks every record of labels_and_metadata.json, alone and together.
+
+  Each record as `parse_metadata_record`; across records, a user belongs to
+  one partition and an image id occurs once (the later record is the bad
+  one). Images are not looked at.
+
+  Args:
+    raw_records: the decoded list (`read_metadata_file`).
+
+  Returns:
+    `(records, problems)`: the valid records in file order, and every
+    problem found, in record order. Raises nothing.
+  """
+  problems = []
+  user_partition: dict[str, tuple[str, int]] = {}
+  image_record: dict[str, int] = {}
+  records = []
+  for index, raw in enumerate(raw_records):
+    record, record_problems = parse_metadata_record(index, raw)
+    if record_problems:
+      problems += record_problems
+      continue
+    first = user_partition.setdefault(record.user_id,
+                                      (record.partition, record.index))
+    if first[0] != record.partition:
+      problems.append(Problem(
+          f"user is in partition {record.partition!r} here but in "
+          f"{first[0]!r} in record {first[1]} (a user belongs to one "
+          f"partition)", record.index, record.image_id, record.user_id))
+      continue
+    if record.image_id in image_record:
+      problems.append(Problem(
+          f"image_id repeats record {image_record[record.image_id]}",
+          record.index, record.image_id, record.user_id))
+      continue
+    image_record[record.image_id] = record.index
+    records.append(record)
+  return records, problems
 
 
 def encode_example(jpeg: bytes, labels: Sequence[int],

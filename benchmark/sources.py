@@ -23,6 +23,7 @@ import os
 from typing import Any, Optional
 
 from benchmark import constants
+from benchmark import formats
 from benchmark import pfl_hdf5
 from benchmark.errors import FlairInputError
 
@@ -47,30 +48,11 @@ class DownloadedSource:
       FlairInputError: no directory, no metadata file, malformed JSON, not
         a list or an empty one.
     """
-    import json  # pylint: disable=g-import-not-at-top
     if not os.path.isdir(self.path):
       raise FlairInputError(
           f"--dataset_dir {self.path!r} is not a directory (expected a FLAIR "
           f"dataset directory with {constants.METADATA_FILE})")
-    try:
-      with open(self.metadata_path, "rb") as f:
-        data = json.load(f)
-    except FileNotFoundError:
-      raise FlairInputError(
-          f"metadata file {self.metadata_path} not found (expected the FLAIR "
-          f"{constants.METADATA_FILE} in --dataset_dir)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise FlairInputError(
-          f"metadata file {self.metadata_path} is not valid JSON: {e}"
-      ) from None
-    if not isinstance(data, list):
-      raise FlairInputError(
-          f"metadata file {self.metadata_path} must hold a JSON list of "
-          f"records, got a {type(data).__name__}")
-    if not data:
-      raise FlairInputError(
-          f"metadata file {self.metadata_path} holds no records")
-    return data
+    return formats.read_metadata_file(self.metadata_path)
 
   def image_key(self, record_index: int, image_id: str) -> str:
     del record_index

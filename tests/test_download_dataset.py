@@ -405,6 +405,22 @@ def test_missing_images_are_reported(source_dir, tmp_path):
   assert report.read_text().splitlines() == ["small_images/999000999.jpg"]
 
 
+@pytest.mark.parametrize("content, message", [
+    ("[{", "not valid JSON"),
+    ('[{"user_id": "u1", "image_id": "../x", "labels": [], '
+     '"fine_grained_labels": [], "partition": "train"}]',
+     "record 0 (image_id '../x', user_id 'u1'): image_id must be"),
+])
+def test_verify_images_checks_records_as_prepare_does(tmp_path, content,
+                                                      message):
+  (tmp_path / constants.METADATA_FILE).write_text(content)
+  with pytest.raises(download_dataset.DownloadError) as info:
+    download_dataset.verify_images(str(tmp_path))
+  assert message in str(info.value)
+  assert constants.METADATA_FILE in str(info.value)
+  assert "\n" not in str(info.value)
+
+
 # --- Malicious archives -------------------------------------------------------
 
 
