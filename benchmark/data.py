@@ -27,7 +27,6 @@ batch).
 
 import dataclasses
 import difflib
-import json
 import os
 from typing import Callable, Optional
 
@@ -36,6 +35,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from benchmark import constants
+from benchmark import formats
 from benchmark.errors import FlairInputError
 
 # Above this many valid names, an unknown-label error lists close matches
@@ -102,48 +102,6 @@ class LabelSpec:
     return self.names.index(self.binary_label)
 
 
-def _require_dir(tfrecords_dir: str) -> None:
-  if not os.path.isdir(tfrecords_dir):
-    raise FlairInputError(
-        f"--tfrecords_dir {tfrecords_dir!r} is not a directory (expected the "
-        "output of prepare_tfrecords.py)")
-
-
-def find_label_index_file(tfrecords_dir: str) -> str:
-  """Returns the path of the label index JSON in `tfrecords_dir`.
-
-  `label_index.json` is preferred; `label_to_index.json` (the name the original
-  ml-flair scripts used) is accepted.
-
-  Raises:
-    FlairInputError: if the directory or both files are missing.
-  """
-  _require_dir(tfrecords_dir)
-  for name in constants.LABEL_INDEX_FILES:
-    path = os.path.join(tfrecords_dir, name)
-    if os.path.isfile(path):
-      return path
-  raise FlairInputError(
-      f"no label index in --tfrecords_dir {tfrecords_dir!r}: expected one of "
-      f"{', '.join(constants.LABEL_INDEX_FILES)}")
-
-
-def _names_in_index_order(mapping, path: str, key: str) -> tuple[str, ...]:
-  """Validates `{name: index}` with indices 0..n-1; returns names by index."""
-  if not isinstance(mapping, dict) or not mapping:
-    raise FlairInputError(
-        f"{path}: {key!r} must be a non-empty object {{label: index}}")
-  names = [None] * len(mapping)
-  for name, index in mapping.items():
-    if (isinstance(index, bool) or not isinstance(index, int)
-        or not 0 <= index < len(mapping) or names[index] is not None):
-      raise FlairInputError(
-          f"{path}: {key!r} indices must be the integers 0..{len(mapping) - 1},"
-          f" each used once (label {name!r} has {index!r})")
-    names[index] = name
-  return tuple(names)
-
-
 def _unknown_label_message(label: str, spec_kind: str,
                            names: tuple[str, ...], path: str) -> str:
   if len(names) <= _MAX_NAMES_IN_ERROR:
@@ -177,17 +135,12 @@ def load_label_spec(tfrecords_dir: str,
       or `binary_label` is not a label of the chosen set (the message lists
       the valid names, or close matches for the fine-grained set).
   """
-  path = find_label_index_file(tfrecords_dir)
-  try:
-    with open(path, encoding="utf-8") as f:
-      index = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise FlairInputError(f"cannot read label index {path}: {e}") from e
+  path, index = formats.read_label_index(tfrecords_dir)
   key = (constants.FINE_GRAINED_LABELS_KEY if use_fine_grained_labels
          else constants.LABELS_KEY)
-  if not isinstance(index, dict) or key not in index:
-    raise FlairInputError(f"label index {path} has no {key!r} object")
-  names = _names_in_index_order(index[key], path, key)
+  names = index[key]
+  if not names:
+    raise FlairInputError(f"{path}: {key!r} holds no labels")
   kind = "fine-grained" if use_fine_grained_labels else "coarse"
   if binary_label is not None and binary_label not in names:
     raise FlairInputError(
@@ -261,7 +214,7 @@ def create_dataset_fn(
 
 def _partition_dir(tfrecords_dir: str, partition: str) -> str:
   """Resolves `partition` (or its alias) to an existing directory."""
-  _require_dir(tfrecords_dir)
+  formats.require_tfrecords_dir(tfrecords_dir)
   canonical = constants.PARTITION_ALIASES.get(partition, partition)
   if canonical not in constants.PARTITIONS:
     raise FlairInputError(
@@ -614,7 +567,7 @@ def mirror_without_bad_records(tfrecords_dir: str, bad: list[FileCheck],
   with io_utils.output_errors(target_dir):
     shutil.rmtree(target_dir, ignore_errors=True)
     os.makedirs(target_dir)
-    index_path = find_label_index_file(tfrecords_dir)
+    index_path = formats.find_label_index_file(tfrecords_dir)
     shutil.copyfile(index_path,
                     os.path.join(target_dir, os.path.basename(index_path)))
   for path in _user_files(tfrecords_dir):

@@ -28,7 +28,6 @@ The output directory receives `report.txt` (the printed report),
 import collections
 import dataclasses
 import io
-import json
 import math
 import os
 import textwrap
@@ -205,52 +204,18 @@ class _UserFile:
 
 
 def load_label_names(tfrecords_dir: str) -> tuple[list[str], list[str]]:
-  """Reads the label index JSON of a prepared directory.
-
-  Accepts `constants.LABEL_INDEX_FILE` or the original scripts'
-  `constants.LEGACY_LABEL_INDEX_FILE`, holding
-  `{"labels": {name: index}, "fine_grained_labels": {name: index}}`.
+  """Reads the label index of a prepared directory
+  (`formats.read_label_index`).
 
   Returns:
     `(coarse_names, fine_names)`: label names in index order.
 
   Raises:
-    FlairInputError: a missing directory, no index file, malformed JSON, or
-      indices that are not 0..n-1 each used once.
+    FlairInputError: as `formats.read_label_index`.
   """
-  if not os.path.isdir(tfrecords_dir):
-    raise errors.FlairInputError(
-        f"--tfrecords_dir {tfrecords_dir}: not a directory (expected the "
-        "output of prepare_tfrecords.py)")
-  for name in constants.LABEL_INDEX_FILES:
-    path = os.path.join(tfrecords_dir, name)
-    if os.path.isfile(path):
-      break
-  else:
-    raise errors.FlairInputError(
-        f"--tfrecords_dir {tfrecords_dir}: no label index "
-        f"({' or '.join(constants.LABEL_INDEX_FILES)}); prepare the directory "
-        "with prepare_tfrecords.py")
-  try:
-    with open(path, encoding="utf-8") as f:
-      raw = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise errors.FlairInputError(f"{path}: not valid JSON ({e})") from None
-  names = []
-  for key in (constants.LABELS_FEATURE, constants.FINE_GRAINED_LABELS_FEATURE):
-    mapping = raw.get(key) if isinstance(raw, dict) else None
-    if not isinstance(mapping, dict) or not all(
-        isinstance(v, int) and not isinstance(v, bool)
-        for v in mapping.values()):
-      raise errors.FlairInputError(
-          f"{path}: expected {{\"{constants.LABELS_FEATURE}\": {{name: index}}, "
-          f"\"{constants.FINE_GRAINED_LABELS_FEATURE}\": {{name: index}}}}; "
-          f"{key!r} is missing or not a name-to-integer mapping")
-    if sorted(mapping.values()) != list(range(len(mapping))):
-      raise errors.FlairInputError(
-          f"{path}: {key!r} indices must be 0..{len(mapping) - 1}, each once")
-    names.append(sorted(mapping, key=mapping.get))
-  return names[0], names[1]
+  _, names = formats.read_label_index(tfrecords_dir)
+  return (list(names[constants.LABELS_KEY]),
+          list(names[constants.FINE_GRAINED_LABELS_KEY]))
 
 
 def list_user_files(tfrecords_dir: str) -> list[_UserFile]:

@@ -4,6 +4,10 @@
   `read_metadata_file`, `parse_metadata_record`, `check_metadata_records`
   (prepare_tfrecords.py, explore and download_dataset.py all check with
   these).
+* A prepared directory (`require_tfrecords_dir`) and its label index file,
+  `constants.LABEL_INDEX_FILES` (`label_index.json`, or the original
+  scripts' `label_to_index.json`): `find_label_index_file`,
+  `read_label_index`.
 * One image as a `tf.train.Example` (FLAIR_REFERENCE.md, "Per-user
   TFRecords"): `encode_example`.
 * The label index, `{"labels": {name: index}, "fine_grained_labels": {name:
@@ -287,6 +291,91 @@ def build_label_index(
       constants.FINE_GRAINED_LABELS_KEY: {
           n: i for i, n in enumerate(sorted(fine))},
   }
+
+
+def require_tfrecords_dir(tfrecords_dir: str) -> None:
+  """Checks that `tfrecords_dir` (a str) is a directory.
+
+  Raises:
+    FlairInputError: it is not (one line naming the --tfrecords_dir flag).
+  """
+  if not os.path.isdir(tfrecords_dir):
+    raise errors.FlairInputError(
+        f"--tfrecords_dir {tfrecords_dir!r} is not a directory (expected the "
+        "output of prepare_tfrecords.py)")
+
+
+def find_label_index_file(tfrecords_dir: str) -> str:
+  """The path of the label index file of a prepared directory.
+
+  `constants.LABEL_INDEX_FILE` is preferred; the original scripts'
+  `constants.LEGACY_LABEL_INDEX_FILE` is accepted.
+
+  Args:
+    tfrecords_dir: the output of prepare_tfrecords.py.
+
+  Raises:
+    FlairInputError: the directory or both files are missing.
+  """
+  require_tfrecords_dir(tfrecords_dir)
+  for name in constants.LABEL_INDEX_FILES:
+    path = os.path.join(tfrecords_dir, name)
+    if os.path.isfile(path):
+      return path
+  raise errors.FlairInputError(
+      f"--tfrecords_dir {tfrecords_dir!r}: no label index "
+      f"({' or '.join(constants.LABEL_INDEX_FILES)}); prepare the directory "
+      "with prepare_tfrecords.py")
+
+
+def read_label_index(tfrecords_dir: str
+                     ) -> tuple[str, dict[str, tuple[str, ...]]]:
+  """Reads and checks the label index of a prepared directory.
+
+  The file (`find_label_index_file`) holds `{"labels": {name: index},
+  "fine_grained_labels": {name: index}}`, each set's indices the integers
+  0..n-1, each used once.
+
+  Args:
+    tfrecords_dir: the output of prepare_tfrecords.py.
+
+  Returns:
+    `(path, names)`: the file read, and per key (`constants.LABELS_KEY`,
+    `constants.FINE_GRAINED_LABELS_KEY`) the label names in index order.
+
+  Raises:
+    FlairInputError: a missing directory or file, an unreadable file,
+      malformed JSON, or a set that is not such a mapping (one line naming
+      the file).
+  """
+  path = find_label_index_file(tfrecords_dir)
+  try:
+    with open(path, "rb") as f:
+      raw = json.load(f)
+  except OSError as e:
+    raise errors.FlairInputError(
+        f"cannot read label index {path}: {e.strerror or e}") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise errors.FlairInputError(
+        f"cannot read label index {path}: not valid JSON ({e})") from None
+  names = {}
+  for key in (constants.LABELS_KEY, constants.FINE_GRAINED_LABELS_KEY):
+    mapping = raw.get(key) if isinstance(raw, dict) else None
+    if not isinstance(mapping, dict):
+      raise errors.FlairInputError(
+          f"{path}: expected {{\"{constants.LABELS_KEY}\": {{name: index}}, "
+          f"\"{constants.FINE_GRAINED_LABELS_KEY}\": {{name: index}}}}; "
+          f"{key!r} is missing or not an object")
+    ordered = [None] * len(mapping)
+    for name, index in mapping.items():
+      if (isinstance(index, bool) or not isinstance(index, int)
+          or not 0 <= index < len(mapping) or ordered[index] is not None):
+        raise errors.FlairInputError(
+            f"{path}: {key!r} indices must be 0..{len(mapping) - 1}, each "
+            f"used once (label {name!r} has {index!r})")
+      ordered[index] = name
+    names[key] = tuple(ordered)
+  return path, names
 
 
 def complete_tfrecords(f: BinaryIO) -> tuple[list[int], int]:

@@ -358,6 +358,16 @@ GOOD_INDEX = json.dumps({"labels": {"animal": 0, "food": 1},
                          "fine_grained_labels": {"dog": 0, "soup": 1}})
 
 
+def test_label_names_from_either_index_file_name(tmp_path):
+  root = _tfrecords_dir(tmp_path)
+  (root / constants.LEGACY_LABEL_INDEX_FILE).write_text(GOOD_INDEX)
+  assert explore.load_label_names(str(root)) == (["animal", "food"],
+                                                 ["dog", "soup"])
+  (root / constants.LABEL_INDEX_FILE).write_text(json.dumps(
+      {"labels": {"food": 0}, "fine_grained_labels": {}}))
+  assert explore.load_label_names(str(root)) == (["food"], [])
+
+
 def test_bad_tfrecords_dirs(tmp_path):
   root = _tfrecords_dir(tmp_path)
   with pytest.raises(errors.FlairInputError, match="no label index"):
