@@ -213,25 +213,15 @@ def create_dataset_fn(
 
 
 def _partition_dir(tfrecords_dir: str, partition: str) -> str:
-  """Resolves `partition` (or its alias) to an existing directory."""
-  formats.require_tfrecords_dir(tfrecords_dir)
-  canonical = constants.PARTITION_ALIASES.get(partition, partition)
-  if canonical not in constants.PARTITIONS:
+  """Resolves `partition` (or its alias) to its one existing directory."""
+  path = formats.find_partition_dir(tfrecords_dir, partition)
+  if path is None:
+    candidates = formats.partition_folder_names(partition)
     raise FlairInputError(
-        f"unknown partition {partition!r}: expected one of "
-        f"{', '.join(constants.PARTITIONS)} (or "
-        f"{', '.join(constants.PARTITION_ALIASES)})")
-  candidates = [canonical] + sorted(
-      alias for alias, target in constants.PARTITION_ALIASES.items()
-      if target == canonical)
-  for name in candidates:
-    path = os.path.join(tfrecords_dir, name)
-    if os.path.isdir(path):
-      return path
-  raise FlairInputError(
-      f"partition {canonical!r} not found in --tfrecords_dir "
-      f"{tfrecords_dir!r}: expected a subdirectory "
-      f"{' or '.join(repr(c + '/') for c in candidates)}")
+        f"partition {candidates[0]!r} not found in --tfrecords_dir "
+        f"{tfrecords_dir!r}: expected a subdirectory "
+        f"{' or '.join(repr(c + '/') for c in candidates)}")
+  return path
 
 
 def load_partition(tfrecords_dir: str, partition: str,
@@ -242,7 +232,7 @@ def load_partition(tfrecords_dir: str, partition: str,
   Args:
     tfrecords_dir: a directory written by `prepare_tfrecords.py`.
     partition: `train`, `val` or `test`; `dev` is accepted for `val`, and a
-      `dev/` directory is read when `val/` is absent.
+      `dev/` directory is read in place of `val/` (both is an error).
     label_spec: from `load_label_spec` on the same directory.
 
   Returns:
@@ -251,7 +241,8 @@ def load_partition(tfrecords_dir: str, partition: str,
 
   Raises:
     FlairInputError: if the directory or partition is missing, the partition
-      name is unknown, or the partition holds no `*.tfrecords` file.
+      name is unknown, both `val/` and `dev/` exist, or the partition holds
+      no `*.tfrecords` file.
   """
   return tff.simulation.datasets.FilePerUserClientData(
       partition_files(tfrecords_dir, partition), create_dataset_fn(label_spec))
@@ -264,16 +255,11 @@ def partition_files(tfrecords_dir: str, partition: str) -> dict[str, str]:
     FlairInputError: as `load_partition`.
   """
   directory = _partition_dir(tfrecords_dir, partition)
-  suffix = constants.TFRECORD_SUFFIX
-  files = {
-      name[:-len(suffix)]: os.path.join(directory, name)
-      for name in sorted(os.listdir(directory))
-      if name.endswith(suffix) and not name.startswith(".")
-      and len(name) > len(suffix)
-  }
+  files = formats.user_files(directory)
   if not files:
     raise FlairInputError(
-        f"partition directory {directory!r} holds no *{suffix} files "
+        f"partition directory {directory!r} holds no "
+        f"*{constants.TFRECORD_SUFFIX} files "
         "(expected one file per user)")
   return files
 
@@ -484,11 +470,8 @@ def _user_files(tfrecords_dir: str) -> list[str]:
   """Every user file of the three partitions."""
   paths = []
   for partition in constants.PARTITIONS:
-    directory = _partition_dir(tfrecords_dir, partition)
-    paths += [os.path.join(directory, name)
-              for name in sorted(os.listdir(directory))
-              if name.endswith(constants.TFRECORD_SUFFIX)
-              and not name.startswith(".")]
+    paths += formats.user_files(
+        _partition_dir(tfrecords_dir, partition)).values()
   return paths
 
 

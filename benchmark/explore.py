@@ -221,37 +221,22 @@ def load_label_names(tfrecords_dir: str) -> tuple[list[str], list[str]]:
 def list_user_files(tfrecords_dir: str) -> list[_UserFile]:
   """Lists `<tfrecords_dir>/<partition>/<user_id>.tfrecords`, sorted.
 
+  Partition folders as `formats.find_partition_dir`; a missing one is
+  logged and read as empty.
+
   Raises:
     FlairInputError: a missing directory, both `val/` and `dev/`, or no
       TFRecord file in any partition folder.
   """
-  if not os.path.isdir(tfrecords_dir):
-    raise errors.FlairInputError(
-        f"--tfrecords_dir {tfrecords_dir}: not a directory (expected the "
-        "output of prepare_tfrecords.py)")
   files = []
   for partition in constants.PARTITIONS:
-    folders = [partition] + sorted(
-        alias for alias, target in constants.PARTITION_ALIASES.items()
-        if target == partition)
-    present = [f for f in folders
-               if os.path.isdir(os.path.join(tfrecords_dir, f))]
-    if len(present) > 1:
-      raise errors.FlairInputError(
-          f"--tfrecords_dir {tfrecords_dir}: holds both "
-          f"{' and '.join(p + '/' for p in present)}, which name the same "
-          "partition; keep one")
-    if not present:
+    folder = formats.find_partition_dir(tfrecords_dir, partition)
+    if folder is None:
       logging.warning("%s: no %s/ folder; partition %s is empty",
                       tfrecords_dir, partition, partition)
       continue
-    folder = os.path.join(tfrecords_dir, present[0])
-    for name in sorted(os.listdir(folder)):
-      if name.endswith(constants.TFRECORD_SUFFIX) and not name.startswith("."):
-        files.append(_UserFile(
-            path=os.path.join(folder, name),
-            user_id=name[:-len(constants.TFRECORD_SUFFIX)],
-            partition=partition))
+    files += [_UserFile(path=path, user_id=user_id, partition=partition)
+              for user_id, path in formats.user_files(folder).items()]
   if not files:
     raise errors.FlairInputError(
         f"--tfrecords_dir {tfrecords_dir}: no *{constants.TFRECORD_SUFFIX} "

@@ -8,6 +8,9 @@
   `constants.LABEL_INDEX_FILES` (`label_index.json`, or the original
   scripts' `label_to_index.json`): `find_label_index_file`,
   `read_label_index`.
+* Its partition folders, `<partition>/<user_id>.tfrecords`, `dev/` read as
+  `val/` (but not both): `partition_folder_names`, `find_partition_dir`,
+  `user_files`.
 * One image as a `tf.train.Example` (FLAIR_REFERENCE.md, "Per-user
   TFRecords"): `encode_example`.
 * The label index, `{"labels": {name: index}, "fine_grained_labels": {name:
@@ -376,6 +379,80 @@ def read_label_index(tfrecords_dir: str
       ordered[index] = name
     names[key] = tuple(ordered)
   return path, names
+
+
+def partition_folder_names(partition: str) -> list[str]:
+  """The folder names that may hold a partition.
+
+  Args:
+    partition: one of `constants.PARTITIONS` or an alias (`dev`).
+
+  Returns:
+    The canonical name first, then its aliases (`["val", "dev"]`).
+
+  Raises:
+    FlairInputError: an unknown partition name.
+  """
+  canonical = constants.PARTITION_ALIASES.get(partition, partition)
+  if canonical not in constants.PARTITIONS:
+    raise errors.FlairInputError(
+        f"unknown partition {partition!r}: expected one of "
+        f"{', '.join(constants.PARTITIONS)} (or "
+        f"{', '.join(constants.PARTITION_ALIASES)})")
+  return [canonical] + sorted(
+      alias for alias, target in constants.PARTITION_ALIASES.items()
+      if target == canonical)
+
+
+def find_partition_dir(tfrecords_dir: str, partition: str) -> Optional[str]:
+  """The folder of one partition in a prepared directory.
+
+  Args:
+    tfrecords_dir: the output of prepare_tfrecords.py.
+    partition: as `partition_folder_names`.
+
+  Returns:
+    The path of the one existing folder of `partition_folder_names`, or None
+    when there is none.
+
+  Raises:
+    FlairInputError: `tfrecords_dir` is not a directory, the partition name
+      is unknown, or two folders name the partition (`val/` and `dev/`:
+      ambiguous input).
+  """
+  require_tfrecords_dir(tfrecords_dir)
+  present = [os.path.join(tfrecords_dir, name)
+             for name in partition_folder_names(partition)
+             if os.path.isdir(os.path.join(tfrecords_dir, name))]
+  if len(present) > 1:
+    raise errors.FlairInputError(
+        f"--tfrecords_dir {tfrecords_dir!r}: holds both "
+        f"{' and '.join(os.path.basename(p) + '/' for p in present)}, which "
+        "name the same partition; keep one")
+  return present[0] if present else None
+
+
+def user_files(partition_dir: str) -> dict[str, str]:
+  """The user files of a partition folder, `<user_id>.tfrecords`.
+
+  Hidden files (an interrupted write's temporary files) are left out.
+
+  Args:
+    partition_dir: the folder (`find_partition_dir`).
+
+  Returns:
+    `{user id: path}`, sorted by file name (empty when there is none).
+
+  Raises:
+    OSError: the folder cannot be listed.
+  """
+  suffix = constants.TFRECORD_SUFFIX
+  return {
+      name[:-len(suffix)]: os.path.join(partition_dir, name)
+      for name in sorted(os.listdir(partition_dir))
+      if name.endswith(suffix) and not name.startswith(".")
+      and len(name) > len(suffix)
+  }
 
 
 def complete_tfrecords(f: BinaryIO) -> tuple[list[int], int]:

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from benchmark import constants
 from benchmark import data
+from benchmark import explore
 from benchmark.errors import FlairInputError
 
 COARSE = ("animal", "food", "outdoor", "structure")
@@ -205,6 +206,23 @@ def test_partition_errors(tmp_path, tiny_dir):
   open(os.path.join(root, "train", ".u.tfrecords.x.tmp"), "w").close()
   with pytest.raises(FlairInputError, match="no \\*.tfrecords"):
     data.load_partition(root, "train", spec)
+
+
+def test_val_and_dev_together_are_ambiguous(tmp_path):
+  """One rule for data and explore (formats.find_partition_dir): a folder
+  `dev/` is read as `val/`, but both present is a one-line input error."""
+  root = _write_tiny(tmp_path / "both", val_dir_name="dev")
+  os.makedirs(os.path.join(root, "val"))
+  spec = data.load_label_spec(root)
+  for load in (lambda: data.load_partition(root, "val", spec),
+               lambda: data.load_partition(root, "dev", spec),
+               lambda: data.load_client_data(root, spec),
+               lambda: explore.list_user_files(root)):
+    with pytest.raises(FlairInputError, match="both val/ and dev/") as e:
+      load()
+    assert "\n" not in str(e.value)
+  # The train partition alone is not ambiguous.
+  assert data.partition_files(root, "train")
 
 
 def test_label_index_out_of_range_fails(tmp_path, tiny_dir):
