@@ -271,6 +271,38 @@ def encode_example(jpeg: bytes, labels: Sequence[int],
   return example.SerializeToString(deterministic=True)
 
 
+def decode_example(serialized: bytes) -> tuple[bytes, list[int], list[int]]:
+  """Reads back one image's `tf.train.Example` (`encode_example`'s inverse).
+
+  Args:
+    serialized: the serialized example (one TFRecord record's data).
+
+  Returns:
+    `(jpeg, labels, fine_grained_labels)` as given to `encode_example`.
+
+  Raises:
+    ValueError: `serialized` is not a `tf.train.Example`, or lacks one of
+      the three features or has other than one image value (names which).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from google.protobuf import message  # pylint: disable=g-import-not-at-top
+  try:
+    feature = tf.train.Example.FromString(serialized).features.feature
+  except message.DecodeError:
+    raise ValueError("not a tf.train.Example") from None
+  for key in (constants.IMAGE_FEATURE, constants.LABELS_FEATURE,
+              constants.FINE_GRAINED_LABELS_FEATURE):
+    if key not in feature:
+      raise ValueError(f"no {key!r} feature")
+  images = feature[constants.IMAGE_FEATURE].bytes_list.value
+  if len(images) != 1:
+    raise ValueError(f"{len(images)} values in feature "
+                     f"{constants.IMAGE_FEATURE!r}, expected one")
+  return (images[0],
+          list(feature[constants.LABELS_FEATURE].int64_list.value),
+          list(feature[constants.FINE_GRAINED_LABELS_FEATURE].int64_list.value))
+
+
 def build_label_index(
     label_lists: Iterable[tuple[Sequence[str], Sequence[str]]]
 ) -> dict[str, dict[str, int]]:

@@ -181,8 +181,8 @@ def damaged_sample(prepared_sample_dir, tmp_path):
   cut short (a truncated copy), one with a label index outside the label
   index, one with a corrupt JPEG (right first bytes, garbage after)."""
   import shutil  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from benchmark import constants  # pylint: disable=g-import-not-at-top
+  from benchmark import formats  # pylint: disable=g-import-not-at-top
   copy = str(tmp_path / "tfrecords")
   shutil.copytree(prepared_sample_dir, copy)
   train = os.path.join(copy, constants.TRAIN)
@@ -198,15 +198,13 @@ def damaged_sample(prepared_sample_dir, tmp_path):
   with open(cut, "wb") as f:  # One record and a half.
     f.write(content[:first + second // 2])
   records = _records_of(bad_label)
-  example = tf.train.Example.FromString(records[-1])
-  example.features.feature[constants.LABELS_FEATURE].int64_list.value.append(
-      99)
-  _write_records(bad_label, records[:-1] + [example.SerializeToString()])
+  jpeg, labels, fine = formats.decode_example(records[-1])
+  _write_records(bad_label, records[:-1] + [
+      formats.encode_example(jpeg, labels + [99], fine)])
   records = _records_of(bad_jpeg)
-  example = tf.train.Example.FromString(records[0])
-  image = example.features.feature[constants.IMAGE_FEATURE].bytes_list
-  image.value[0] = image.value[0][:3] + b"not a JPEG body" * 20
-  _write_records(bad_jpeg, [example.SerializeToString()] + records[1:])
+  jpeg, labels, fine = formats.decode_example(records[0])
+  _write_records(bad_jpeg, [formats.encode_example(
+      jpeg[:3] + b"not a JPEG body" * 20, labels, fine)] + records[1:])
   return copy, cut, bad_label, bad_jpeg
 
 

@@ -11,6 +11,7 @@ import tensorflow as tf
 from benchmark import constants
 from benchmark import data
 from benchmark import explore
+from benchmark import formats
 from benchmark.errors import FlairInputError
 
 COARSE = ("animal", "food", "outdoor", "structure")
@@ -21,19 +22,6 @@ def _jpeg(seed: int) -> bytes:
   rng = np.random.default_rng(seed)
   pixels = rng.integers(0, 256, size=constants.IMAGE_SHAPE, dtype=np.uint8)
   return tf.io.encode_jpeg(pixels).numpy()
-
-
-def _example(jpeg: bytes, labels, fine) -> bytes:
-  feature = {
-      constants.IMAGE_FEATURE: tf.train.Feature(
-          bytes_list=tf.train.BytesList(value=[jpeg])),
-      constants.LABELS_FEATURE: tf.train.Feature(
-          int64_list=tf.train.Int64List(value=labels)),
-      constants.FINE_GRAINED_LABELS_FEATURE: tf.train.Feature(
-          int64_list=tf.train.Int64List(value=fine)),
-  }
-  return tf.train.Example(
-      features=tf.train.Features(feature=feature)).SerializeToString()
 
 
 # user -> list of (coarse indices, fine indices); partition per user.
@@ -61,7 +49,7 @@ def _write_tiny(root, index_name=constants.LABEL_INDEX_FILE,
       path = os.path.join(root, name, user + constants.TFRECORD_SUFFIX)
       with tf.io.TFRecordWriter(path) as writer:
         for labels, fine in records:
-          writer.write(_example(_jpeg(seed), labels, fine))
+          writer.write(formats.encode_example(_jpeg(seed), labels, fine))
           seed += 1
   return root
 
@@ -134,6 +122,18 @@ def test_malformed_index(tmp_path):
     f.write("{not json")
   with pytest.raises(FlairInputError, match="cannot read"):
     data.load_label_spec(str(tmp_path))
+
+
+def test_example_encode_decode_round_trip():
+  serialized = formats.encode_example(b"\xff\xd8jpeg", [3, 0], [])
+  assert formats.decode_example(serialized) == (b"\xff\xd8jpeg", [3, 0], [])
+  with pytest.raises(ValueError, match="not a tf.train.Example"):
+    formats.decode_example(b"\xff\xff\xff")
+  missing = tf.train.Example(features=tf.train.Features(feature={
+      constants.IMAGE_FEATURE: tf.train.Feature(
+          bytes_list=tf.train.BytesList(value=[b"x"]))}))
+  with pytest.raises(ValueError, match="no 'labels' feature"):
+    formats.decode_example(missing.SerializeToString())
 
 
 # --- decoding and partitions ----------------------------------------------
@@ -230,7 +230,7 @@ def test_label_index_out_of_range_fails(tmp_path, tiny_dir):
   os.makedirs(os.path.join(root, "train"))
   path = os.path.join(root, "train", "u" + constants.TFRECORD_SUFFIX)
   with tf.io.TFRecordWriter(path) as writer:
-    writer.write(_example(_jpeg(0), [len(COARSE)], [0]))
+    writer.write(formats.encode_example(_jpeg(0), [len(COARSE)], [0]))
   cd = data.load_partition(root, "train", data.load_label_spec(tiny_dir))
   with pytest.raises(tf.errors.InvalidArgumentError, match="label index"):
     _elements(cd, "u")

@@ -14,6 +14,7 @@ import pytest
 from benchmark import constants
 from benchmark import errors
 from benchmark import explore
+from benchmark import formats
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -392,16 +393,7 @@ def _write_examples(path, examples):
   import tensorflow as tf
   with tf.io.TFRecordWriter(str(path)) as writer:
     for labels, fine in examples:
-      feature = {
-          constants.IMAGE_FEATURE: tf.train.Feature(
-              bytes_list=tf.train.BytesList(value=[b"not a jpeg"])),
-          constants.LABELS_FEATURE: tf.train.Feature(
-              int64_list=tf.train.Int64List(value=labels)),
-          constants.FINE_GRAINED_LABELS_FEATURE: tf.train.Feature(
-              int64_list=tf.train.Int64List(value=fine)),
-      }
-      writer.write(tf.train.Example(
-          features=tf.train.Features(feature=feature)).SerializeToString())
+      writer.write(formats.encode_example(b"not a jpeg", labels, fine))
 
 
 def test_tfrecords_legacy_index_dev_folder_and_bad_records(tmp_path):

@@ -15,6 +15,7 @@ import pytest
 
 from benchmark import constants
 from benchmark import errors
+from benchmark import formats
 import prepare_tfrecords
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,14 +41,8 @@ def _image_path(dataset_dir, image_id):
 def _read_examples(path):
   """[(jpeg bytes, label indices, fine label indices)] of one user file."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  examples = []
-  for serialized in tf.data.TFRecordDataset(path).as_numpy_iterator():
-    feature = tf.train.Example.FromString(serialized).features.feature
-    examples.append((
-        feature[constants.IMAGE_FEATURE].bytes_list.value[0],
-        list(feature[constants.LABELS_FEATURE].int64_list.value),
-        list(feature[constants.FINE_GRAINED_LABELS_FEATURE].int64_list.value)))
-  return examples
+  return [formats.decode_example(serialized) for serialized
+          in tf.data.TFRecordDataset(path).as_numpy_iterator()]
 
 
 def _output_files(tfrecords_dir):
