@@ -11,14 +11,16 @@
 * Its partition folders, `<partition>/<user_id>.tfrecords`, `dev/` read as
   `val/` (but not both): `partition_folder_names`, `find_partition_dir`,
   `user_files`.
-* One image as a `tf.train.Example` (FLAIR_REFERENCE.md, "Per-user
-  TFRecords"): `encode_example`.
+* One image as a `tf.train.Example` (docs/formats.md, "Per-user
+  TFRecords"): `encode_example`, and back, `decode_example`.
 * The label index, `{"labels": {name: index}, "fine_grained_labels": {name:
-  index}}` with indices in sorted name order: `build_label_index`.
+  index}}` with indices in sorted name order: written from the records by
+  `build_label_index`, read by `read_label_index`.
 * TFRecord framing (TensorFlow's `tfrecord` file format: per record a
   little-endian uint64 length, a 4-byte masked CRC of the length, the data,
-  a 4-byte masked CRC of the data): `tfrecord_lengths`, which counts records
-  without TensorFlow and without reading their data.
+  a 4-byte masked CRC of the data): `complete_tfrecords` and
+  `tfrecord_lengths`, which count records without TensorFlow and without
+  reading their data.
 
 `prepare_tfrecords.py` writes with these, whatever its input (a downloaded
 dataset directory, a Hugging Face copy, pfl-research's HDF5), so the same
