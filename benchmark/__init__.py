@@ -1,1 +1,30 @@
-"""FLAIR benchmark suite: data preparation, ResNet-18, central and federated training."""
+"""FLAIR benchmark suite: data preparation, ResNet-18, central and federated training.
+
+Importing `tensorflow_federated` installs a default execution context whose
+executor factory owns a `ServiceManager`; that object's `__del__` runs during
+interpreter shutdown, after the `subprocess` module it uses has been torn
+down, and prints "Exception ignored in ... ServiceManager.__del__" with a
+traceback below the output of every command (TFF 0.87). The package
+therefore releases that context at exit, while the interpreter is still
+whole (`_release_tff_default_context`). It imports nothing heavy itself.
+"""
+
+import atexit
+import sys
+
+
+def _release_tff_default_context() -> None:
+  """Replaces TFF's default execution context by its no-op one, if TFF was
+  imported, so the old context (and any worker process it started) is
+  released now rather than during interpreter teardown."""
+  if "tensorflow_federated" not in sys.modules:
+    return
+  # pylint: disable=g-import-not-at-top
+  from tensorflow_federated.python.core.impl.context_stack import runtime_error_context
+  from tensorflow_federated.python.core.impl.context_stack import set_default_context
+  # pylint: enable=g-import-not-at-top
+  set_default_context.set_default_context(
+      runtime_error_context.RuntimeErrorContext())
+
+
+atexit.register(_release_tff_default_context)

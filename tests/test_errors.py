@@ -1,6 +1,9 @@
 """The one-line error helpers of benchmark.errors."""
 
 import logging
+import os
+import subprocess
+import sys
 
 from benchmark import errors
 
@@ -30,3 +33,16 @@ def test_retryable_grpc_errors_are_logged_on_one_line(caplog):
                                  "StatusCode.UNAVAILABLE: failed to connect "
                                  "to all addresses")
   assert "debug_error_string" not in caplog.text
+
+
+def test_importing_the_suite_leaves_no_tff_traceback_at_exit():
+  # TFF 0.87's default context prints "Exception ignored in ...
+  # ServiceManager.__del__" with a traceback at interpreter exit unless the
+  # package releases it first (benchmark/__init__.py).
+  repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, "-c", "import benchmark.data"], cwd=repo_root,
+      capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert "Exception ignored" not in result.stderr, result.stderr[-2000:]
