@@ -2,12 +2,11 @@
 `federated_main`): their common flags, defined once, and the steps from parsed
 flags to a claimed run directory.
 
-Every command defines its flags in a `_define_flags(flag_values)` function
-called by its `run()`, never at import, so that any set of commands can be
-imported in one process (the tests do). The trainers call
-`define_trainer_flags` there for the flags they have in common; the flag names
-and defaults are the original benchmark's (docs/original_benchmark.md,
-"Command lines").
+Every command defines its flags in a `_define_flags` function called by its
+`run()`, never at import, so that any set of commands can be imported in one
+process (tests/test_cli.py does). The trainers call `define_trainer_flags`
+there for the flags they have in common; the flag names and defaults are the
+original benchmark's (docs/original_benchmark.md, "Command lines").
 """
 
 import dataclasses
