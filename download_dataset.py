@@ -855,41 +855,55 @@ def _run_pipeline(todo: list[Archive], dataset_dir: str,
 
 # --- Command line -------------------------------------------------------------
 
-_DATASET_DIR = flags.DEFINE_string(
-    "dataset_dir", None,
-    "Directory to download FLAIR into (created if missing); ends up holding "
-    "labels_and_metadata.json, label_relationship.txt and small_images/.")
-_DOWNLOAD_RAW = flags.DEFINE_bool(
-    "download_raw", False,
-    "Also download the raw full-size images into raw_images/ (43 more "
-    "archives, about 1.2 TB unpacked).")
-_KEEP_ARCHIVES = flags.DEFINE_bool(
-    "keep_archive_after_decompress", False,
-    "Keep each .tar.gz archive in dataset_dir after unpacking it (by default "
-    "it is deleted once unpacked).")
-_DATA_URL = flags.DEFINE_string(
-    "data_url", DEFAULT_DATA_URL,
-    "Base URL of the FLAIR files (labels/, images/); point it at a mirror or "
-    "a local server.")
-_NUM_WORKERS = flags.DEFINE_integer(
-    "num_workers", 4, "Number of files downloaded in parallel.",
-    lower_bound=1, upper_bound=MAX_WORKERS)
-_NUM_UNPACK_WORKERS = flags.DEFINE_integer(
-    "num_unpack_workers", None,
-    "Number of archives unpacked in parallel; default min(4, CPU count).",
-    lower_bound=1, upper_bound=MAX_WORKERS)
-_MAX_RETRIES = flags.DEFINE_integer(
-    "max_retries", 5,
-    "Retries of a file after consecutive connection errors, truncated "
-    "transfers or HTTP 5xx/408/429 replies.", lower_bound=0)
-_RETRY_BACKOFF_S = flags.DEFINE_float(
-    "retry_backoff_s", 1.0,
-    "Seconds to wait before the first retry; doubled for each further retry "
-    "(at most 60 s).", lower_bound=0.0)
-_TIMEOUT_S = flags.DEFINE_float(
-    "timeout_s", 60.0, "Socket timeout of one HTTP request, in seconds.",
-    lower_bound=0.001)
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+def _define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines this command's flags (called by `run`, not at import, so that
+  this module can be imported beside the other commands)."""
+  flags.DEFINE_string(
+      "dataset_dir", None,
+      "Directory to download FLAIR into (created if missing); ends up holding "
+      "labels_and_metadata.json, label_relationship.txt and small_images/.",
+      flag_values=flag_values)
+  flags.DEFINE_bool(
+      "download_raw", False,
+      "Also download the raw full-size images into raw_images/ (43 more "
+      "archives, about 1.2 TB unpacked).",
+      flag_values=flag_values)
+  flags.DEFINE_bool(
+      "keep_archive_after_decompress", False,
+      "Keep each .tar.gz archive in dataset_dir after unpacking it (by default "
+      "it is deleted once unpacked).",
+      flag_values=flag_values)
+  flags.DEFINE_string(
+      "data_url", DEFAULT_DATA_URL,
+      "Base URL of the FLAIR files (labels/, images/); point it at a mirror or "
+      "a local server.",
+      flag_values=flag_values)
+  flags.DEFINE_integer(
+      "num_workers", 4, "Number of files downloaded in parallel.",
+      lower_bound=1, upper_bound=MAX_WORKERS,
+      flag_values=flag_values)
+  flags.DEFINE_integer(
+      "num_unpack_workers", None,
+      "Number of archives unpacked in parallel; default min(4, CPU count).",
+      lower_bound=1, upper_bound=MAX_WORKERS,
+      flag_values=flag_values)
+  flags.DEFINE_integer(
+      "max_retries", 5,
+      "Retries of a file after consecutive connection errors, truncated "
+      "transfers or HTTP 5xx/408/429 replies.", lower_bound=0,
+      flag_values=flag_values)
+  flags.DEFINE_float(
+      "retry_backoff_s", 1.0,
+      "Seconds to wait before the first retry; doubled for each further retry "
+      "(at most 60 s).", lower_bound=0.0,
+      flag_values=flag_values)
+  flags.DEFINE_float(
+      "timeout_s", 60.0, "Socket timeout of one HTTP request, in seconds.",
+      lower_bound=0.001,
+      flag_values=flag_values)
+  flags.DEFINE_bool("progress", True, "Show progress bars.",
+                    flag_values=flag_values)
+  flags.mark_flag_as_required("dataset_dir", flag_values=flag_values)
 
 
 @errors.exit_on_input_error
@@ -898,13 +912,15 @@ def main(argv):
     raise errors.FlairInputError(
         f"unexpected positional arguments: {' '.join(argv[1:])}")
   start = time.monotonic()
+  values = flags.FLAGS
   summary = download(
-      _DATASET_DIR.value, data_url=_DATA_URL.value,
-      download_raw=_DOWNLOAD_RAW.value, keep_archives=_KEEP_ARCHIVES.value,
-      num_workers=_NUM_WORKERS.value,
-      num_unpack_workers=_NUM_UNPACK_WORKERS.value,
-      max_retries=_MAX_RETRIES.value, retry_backoff_s=_RETRY_BACKOFF_S.value,
-      timeout_s=_TIMEOUT_S.value, show_progress=_PROGRESS.value)
+      values.dataset_dir, data_url=values.data_url,
+      download_raw=values.download_raw,
+      keep_archives=values.keep_archive_after_decompress,
+      num_workers=values.num_workers,
+      num_unpack_workers=values.num_unpack_workers,
+      max_retries=values.max_retries, retry_backoff_s=values.retry_backoff_s,
+      timeout_s=values.timeout_s, show_progress=values.progress)
   print(f"FLAIR ready in {summary.dataset_dir}: "
         f"{summary.num_images_verified} images verified; "
         f"{len(summary.fetched)} file(s) fetched "
@@ -915,7 +931,8 @@ def main(argv):
 
 
 def run():
-  flags.mark_flag_as_required("dataset_dir")
+  """Console-script entry point (`flair-download`)."""
+  _define_flags()
   app.run(main)
 
 

@@ -1,7 +1,8 @@
 """Installs the FLAIR benchmark package and its command-line entry points.
 
-Dependencies are installed from requirements.txt with overrides.txt by
-`make install` (TFF 0.87's own pins do not resolve; see README "Install").
+Dependencies are installed by `make install` from requirements.lock, the
+whole resolution of requirements.txt with overrides.txt (TFF 0.87's own pins
+do not resolve; see README "Install").
 """
 
 import setuptools

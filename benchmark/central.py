@@ -56,6 +56,7 @@ from benchmark import io_utils
 from benchmark import metrics
 from benchmark import model as model_lib
 from benchmark import restore
+from benchmark import validate
 from benchmark.errors import FlairInputError
 
 BACKUP_DIR = constants.CENTRAL_BACKUP_DIR
@@ -66,22 +67,6 @@ DEFAULT_SHUFFLE_BUFFER_SIZE = 2000
 # User files read at once when pooling the training users (interleaved, so
 # consecutive examples come from different users before the shuffle buffer).
 _INTERLEAVE_CYCLE_LENGTH = 16
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _positive_int(flag: str, value) -> None:
-  if not _is_int(value) or value <= 0:
-    raise FlairInputError(
-        f"--{flag} must be a positive integer, got {value!r}")
-
-
-def _positive_float(flag: str, value) -> None:
-  if (isinstance(value, bool) or not isinstance(value, (int, float))
-      or not math.isfinite(value) or value <= 0):
-    raise FlairInputError(f"--{flag} must be a positive number, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,11 +124,11 @@ class CentralConfig:
       raise FlairInputError(
           "--tfrecords_dir is required: the directory written by "
           "prepare_tfrecords.py")
-    _positive_float("learning_rate", self.learning_rate)
-    _positive_float("clipnorm", self.clipnorm)
+    validate.check_positive_number("--learning_rate", self.learning_rate)
+    validate.check_positive_number("--clipnorm", self.clipnorm)
     for flag in ("train_batch_size", "eval_batch_size", "num_epochs",
                  "image_height", "image_width", "shuffle_buffer_size"):
-      _positive_int(flag, getattr(self, flag))
+      validate.check_int(f"--{flag}", getattr(self, flag))
     for flag in ("image_height", "image_width"):
       if getattr(self, flag) > constants.IMAGE_SIZE:
         raise FlairInputError(
@@ -164,9 +149,7 @@ class CentralConfig:
         not isinstance(self.binary_label, str) or not self.binary_label):
       raise FlairInputError(
           f"--binary_label must be a label name, got {self.binary_label!r}")
-    if not _is_int(self.seed) or self.seed < 0:
-      raise FlairInputError(
-          f"--seed must be a non-negative integer, got {self.seed!r}")
+    validate.check_int("--seed", self.seed, 0)
     model_lib.check_precision(self.precision)
 
 

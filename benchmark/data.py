@@ -36,6 +36,7 @@ import tensorflow_federated as tff
 
 from benchmark import constants
 from benchmark import formats
+from benchmark import validate
 from benchmark.errors import FlairInputError
 
 # Above this many valid names, an unknown-label error lists close matches
@@ -276,12 +277,6 @@ def load_client_data(
           for partition in constants.PARTITIONS}
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise FlairInputError(
-        f"ClientSpec.{name} must be an integer >= {minimum}, got {value!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class ClientSpec:
   """How a training client turns its examples into batches.
@@ -300,11 +295,12 @@ class ClientSpec:
   shuffle_buffer_size: int = 1000
 
   def __post_init__(self):
-    _check_int("num_epochs", self.num_epochs, 1)
-    _check_int("batch_size", self.batch_size, 1)
-    if self.max_elements is not None:
-      _check_int("max_elements", self.max_elements, 1)
-    _check_int("shuffle_buffer_size", self.shuffle_buffer_size, 1)
+    validate.check_int("ClientSpec.num_epochs", self.num_epochs)
+    validate.check_int("ClientSpec.batch_size", self.batch_size)
+    validate.check_int("ClientSpec.max_elements", self.max_elements,
+                       allow_none=True)
+    validate.check_int("ClientSpec.shuffle_buffer_size",
+                       self.shuffle_buffer_size)
 
 
 def create_train_preprocess_fn(spec: ClientSpec,
@@ -348,10 +344,7 @@ def create_eval_preprocess_fn(batch_size: int) -> PreprocessFn:
   Raises:
     FlairInputError: if `batch_size` is not a positive integer.
   """
-  if (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-      or batch_size < 1):
-    raise FlairInputError(
-        f"eval batch_size must be an integer >= 1, got {batch_size!r}")
+  validate.check_int("eval batch_size", batch_size)
 
   def preprocess(dataset: tf.data.Dataset) -> tf.data.Dataset:
     return dataset.batch(batch_size)

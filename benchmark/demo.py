@@ -37,6 +37,7 @@ from absl import flags
 from benchmark import constants
 from benchmark import errors
 from benchmark import io_utils
+from benchmark import validate
 
 _DEMO_SCALES = ("tiny", "small")
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,7 +160,8 @@ def plot_val_metrics(runs: list[dict[str, Any]], png_path: str) -> None:
       ax = axes[row][col]
       max_step = 1.0
       for run in runs:
-        records = _read_csv(os.path.join(run["save_dir"], "metrics.csv"))
+        records = _read_csv(os.path.join(run["save_dir"],
+                                         constants.METRICS_CSV_FILE))
         points = [(_float(r.get(step_key)), _float(r.get(f"val_{metric}")))
                   for r in records if r.get(step_key) not in (None, "")]
         points = [(x, y) for x, y in points if not math.isnan(y)]
@@ -348,10 +350,8 @@ def main(argv):
     raise errors.FlairInputError(
         f"unexpected arguments: {' '.join(argv[1:])}")
   values = flags.FLAGS
-  if values.num_users < 3:
-    raise errors.FlairInputError(
-        f"--num_users must be at least 3 (one per partition), got "
-        f"{values.num_users}")
+  validate.check_int("--num_users", values.num_users, 3,
+                     reason="one user per partition")
   run_demo(values.results_dir, values.dataset_dir, values.num_users,
            values.seed, values.scale, values.backend, values.iid)
 

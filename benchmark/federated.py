@@ -79,6 +79,7 @@ from benchmark import io_utils
 from benchmark import metrics as metrics_lib
 from benchmark import model as model_lib
 from benchmark import optimizers
+from benchmark import validate
 from benchmark.errors import FlairInputError
 
 ALGORITHM_FEDAVG = "fedavg"
@@ -204,17 +205,13 @@ class FederatedConfig:
     _check(bool(self.save_model_dir), "--save_model_dir must not be empty")
     for name in ("client_learning_rate", "client_clipnorm",
                  "server_learning_rate", "l2_norm_clip"):
-      value = getattr(self, name)
-      _check(value > 0 and math.isfinite(value),
-             f"--{name} must be a positive number, got {value}")
+      validate.check_positive_number(f"--{name}", getattr(self, name))
     for name in ("client_epochs_per_round", "client_batch_size",
                  "clients_per_round", "clients_per_thread", "total_rounds",
                  "rounds_per_eval", "max_elements_per_client",
                  "eval_batch_size", "image_height", "image_width",
                  "rounds_per_checkpoint"):
-      value = getattr(self, name)
-      _check(isinstance(value, int) and not isinstance(value, bool)
-             and value >= 1, f"--{name} must be an integer >= 1, got {value!r}")
+      validate.check_int(f"--{name}", getattr(self, name))
     _check(self.epsilon >= 0 and math.isfinite(self.epsilon),
            f"--epsilon must be >= 0 (0 = no DP), got {self.epsilon}")
     _check(0 <= self.target_unclipped_quantile < 1,
@@ -230,9 +227,8 @@ class FederatedConfig:
     _check(self.backend in backends.BACKENDS,
            f"--backend must be one of {', '.join(backends.BACKENDS)}, got "
            f"{self.backend!r}")
-    _check(self.num_workers is None or (
-        isinstance(self.num_workers, int) and self.num_workers >= 1),
-           f"--num_workers must be an integer >= 1, got {self.num_workers!r}")
+    if self.num_workers is not None:
+      validate.check_int("--num_workers", self.num_workers)
     _check(self.ray_address is None or self.backend == backends.BACKEND_RAY,
            "--ray_address is only used with --backend ray")
     _check(self.algorithm in ALGORITHMS,
@@ -245,13 +241,10 @@ class FederatedConfig:
     self.server_optimizer_spec  # Validates the server optimizer flags.
     optimizers.build_client_optimizer(self.client_optimizer, 0.1, 1.0,
                                       self.client_momentum)
-    _check(self.client_datasets_random_seed is None
-           or self.client_datasets_random_seed >= 0,
-           "--client_datasets_random_seed must be >= 0, got "
-           f"{self.client_datasets_random_seed}")
-    _check(isinstance(self.iid_seed, int) and not isinstance(
-        self.iid_seed, bool) and self.iid_seed >= 0,
-           f"--iid_seed must be an integer >= 0, got {self.iid_seed!r}")
+    if self.client_datasets_random_seed is not None:
+      validate.check_int("--client_datasets_random_seed",
+                         self.client_datasets_random_seed, 0)
+    validate.check_int("--iid_seed", self.iid_seed, 0)
 
   @property
   def use_dp(self) -> bool:

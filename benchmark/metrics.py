@@ -71,6 +71,8 @@ from typing import Optional
 
 import tensorflow as tf
 
+from benchmark import validate
+
 MACRO = "macro"
 MICRO = "micro"
 AVERAGES = (MACRO, MICRO)
@@ -90,10 +92,7 @@ DEFAULT_LOGIT_RANGE = 32.0
 
 
 def _check_num_outputs(num_outputs) -> None:
-  if (isinstance(num_outputs, bool) or not isinstance(num_outputs, int)
-      or num_outputs < 1):
-    raise ValueError(
-        f"num_outputs must be an integer >= 1, got {num_outputs!r}")
+  validate.check_int("num_outputs", num_outputs, error=ValueError)
 
 
 def _check_average(average) -> None:

@@ -45,6 +45,7 @@ import tensorflow as tf
 
 from benchmark import constants
 from benchmark import errors
+from benchmark import validate
 
 # Filters per stage and blocks per stage of ResNet-18 (torchvision
 # `resnet18`: BasicBlock, layers [2, 2, 2, 2]).
@@ -350,15 +351,6 @@ class _Builder:
     return tf.keras.layers.ReLU(dtype=self.compute, name=f"{scope}_relu2")(out)
 
 
-def _check_positive_ints(name: str, values: Sequence[int], length: int):
-  if (not isinstance(values, (tuple, list)) or len(values) != length or
-      not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-              for v in values) or
-      min(values) <= 0):
-    raise ValueError(f"{name} must be {length} positive integers, got "
-                     f"{values!r}")
-
-
 def resnet18(input_shape: Sequence[int] = constants.IMAGE_SHAPE,
              num_classes: int = len(constants.COARSE_LABELS),
              pretrained: bool = False,
@@ -403,29 +395,24 @@ def resnet18(input_shape: Sequence[int] = constants.IMAGE_SHAPE,
     benchmark.errors.FlairInputError (a ValueError): `precision` is not
       "float32" or "bfloat16".
     ValueError: `input_shape` is not 3 positive integers with 3 channels,
-      `crop_size` is not 2 positive integers, `num_classes`, `seed` or
-      `augmentation_seed` is not a valid integer.
+      `crop_size` is not 2 positive integers, `num_classes` is not an
+      integer >= 1, `seed` or `augmentation_seed` is not an integer.
     benchmark.errors.FlairInputError (a ValueError): `crop_size` is larger
       than the input image.
   """
-  _check_positive_ints("input_shape", input_shape, 3)
+  validate.check_ints("input_shape", input_shape, 3, error=ValueError)
   if input_shape[2] != len(constants.IMAGENET_MEAN):
     raise ValueError(f"input_shape must have {len(constants.IMAGENET_MEAN)} "
                      f"(RGB) channels, got {tuple(input_shape)}")
-  _check_positive_ints("crop_size", crop_size, 2)
+  validate.check_ints("crop_size", crop_size, 2, error=ValueError)
   if crop_size[0] > input_shape[0] or crop_size[1] > input_shape[1]:
     raise errors.FlairInputError(
         f"crop_size (image_height, image_width) {tuple(crop_size)} must fit "
         f"inside the input images {tuple(input_shape[:2])}")
-  if (not isinstance(num_classes, (int, np.integer)) or
-      isinstance(num_classes, bool) or num_classes <= 0):
-    raise ValueError(f"num_classes must be a positive integer, got "
-                     f"{num_classes!r}")
-  if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+  validate.check_int("num_classes", num_classes, error=ValueError)
+  if not validate.is_int(seed):
     raise ValueError(f"seed must be an integer, got {seed!r}")
-  if augmentation_seed is not None and (
-      not isinstance(augmentation_seed, (int, np.integer)) or
-      isinstance(augmentation_seed, bool)):
+  if augmentation_seed is not None and not validate.is_int(augmentation_seed):
     raise ValueError(f"augmentation_seed must be None or an integer, got "
                      f"{augmentation_seed!r}")
   check_precision(precision)

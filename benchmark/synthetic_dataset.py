@@ -56,6 +56,7 @@ from PIL import Image
 from benchmark import constants
 from benchmark import errors
 from benchmark import io_utils
+from benchmark import validate
 
 # --- Statistics of the full FLAIR dataset -------------------------------------
 # Source: ../shared/flair_sample/statistics.json ("computed on the full
@@ -148,20 +149,11 @@ def _split_counts(num_users: int) -> dict[str, int]:
 
 def _validate_arguments(num_users: int, seed: int,
                         max_images_per_user: Optional[int]) -> None:
-  if isinstance(num_users, bool) or not isinstance(num_users, int) or (
-      num_users < 3):
-    raise errors.FlairInputError(
-        f"num_users must be an integer >= 3 (one user per partition at "
-        f"least), got {num_users!r}")
-  if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-    raise errors.FlairInputError(
-        f"seed must be a non-negative integer, got {seed!r}")
-  if max_images_per_user is not None and (
-      isinstance(max_images_per_user, bool)
-      or not isinstance(max_images_per_user, int) or max_images_per_user < 1):
-    raise errors.FlairInputError(
-        f"max_images_per_user must be a positive integer or None, got "
-        f"{max_images_per_user!r}")
+  validate.check_int("num_users", num_users, 3,
+                     reason="one user per partition at least")
+  validate.check_int("seed", seed, 0)
+  validate.check_int("max_images_per_user", max_images_per_user,
+                     allow_none=True)
 
 
 def make_metadata(num_users: int, seed: int = 0,
