@@ -37,6 +37,7 @@ Linux only (it uses prctl and /proc).
 import asyncio
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import subprocess
@@ -63,6 +64,11 @@ _PR_SET_PDEATHSIG = 1
 _READY_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 10.0
 _WATCHDOG_PERIOD_S = 0.5
+# After a call to the worker fails: how long to wait for the worker to have
+# exited before taking the failure for something other than its death (a
+# worker killed mid-call is gone within milliseconds; this covers a loaded
+# machine).
+_FAILED_CALL_GRACE_S = 2.0
 _GRPC_OPTIONS = [
     ("grpc.max_message_length", 2_000_000_000),
     ("grpc.max_receive_message_length", 2_000_000_000),
@@ -315,14 +321,22 @@ class LocalRuntime:
   def worker_pid(self) -> int:
     return self._process.pid
 
-  def check_alive(self) -> None:
-    """Raises `TffWorkerDiedError` if the worker process has exited."""
-    if self._process.poll() is not None:
-      raise self._watchdog.error()
+  def check_alive(self, grace_s: float = 0.0) -> None:
+    """Raises `TffWorkerDiedError` if the worker process has exited, waiting
+    up to `grace_s` seconds for that. (`Popen.poll()` answers "running"
+    while the watchdog thread is reaping the process, so a blocking wait is
+    what tells after a failed call.)"""
+    try:
+      self._process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+      return
+    raise self._watchdog.error()
 
   def session(self, num_clients: int) -> WorkerSession:
     """A `WorkerSession` for computations over `num_clients` clients."""
-    session = WorkerSession(self._stub, num_clients, self.check_alive)
+    session = WorkerSession(
+        self._stub, num_clients,
+        functools.partial(self.check_alive, _FAILED_CALL_GRACE_S))
     self._sessions.append(session)
     return session
 
