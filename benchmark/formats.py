@@ -2,8 +2,8 @@
 
 * The records of `labels_and_metadata.json` and the rules they must meet:
   `read_metadata_file`, `parse_metadata_record`, `check_metadata_records`
-  (prepare_tfrecords.py, explore and download_dataset.py all check with
-  these).
+  (prepare_tfrecords.py, explore's reader in dataset_stats.py and
+  download_dataset.py all check with these).
 * A prepared directory (`require_tfrecords_dir`) and its label index file,
   `constants.LABEL_INDEX_FILES` (`label_index.json`, or the original
   scripts' `label_to_index.json`): `find_label_index_file`,

@@ -1,6 +1,8 @@
-"""Tests of benchmark.explore: the report's numbers against counts computed
-here from labels_and_metadata.json, every figure written as a real PNG, the
-dataset-dir and TFRecords modes agreeing, and bad input failing in one line."""
+"""Tests of benchmark.explore and the modules it calls (dataset_stats: the
+records and statistics; dataset_figures: the PNGs): the report's numbers
+against counts computed here from labels_and_metadata.json, every figure
+written as a real PNG, the dataset-dir and TFRecords modes agreeing, and bad
+input failing in one line."""
 
 import collections
 import json
@@ -12,6 +14,8 @@ from PIL import Image
 import pytest
 
 from benchmark import constants
+from benchmark import dataset_figures
+from benchmark import dataset_stats
 from benchmark import errors
 from benchmark import explore
 from benchmark import formats
@@ -206,9 +210,9 @@ def test_explore_prepared_synthetic(synthetic_dataset_dir,
 
 
 def _record(user, partition, labels, fine, image_id="1"):
-  return explore.ImageRecord(user_id=user, image_id=image_id,
-                             partition=partition, labels=tuple(labels),
-                             fine_grained_labels=tuple(fine))
+  return dataset_stats.ImageRecord(user_id=user, image_id=image_id,
+                                   partition=partition, labels=tuple(labels),
+                                   fine_grained_labels=tuple(fine))
 
 
 def test_compute_statistics_small_example():
@@ -218,8 +222,8 @@ def test_compute_statistics_small_example():
       _record("b", "val", ["animal"], ["dog"]),
       _record("c", "test", ["food", "animal"], ["cat", "soup"]),
   ]
-  stats = explore.compute_statistics(records, top_k_fine_labels=2,
-                                     coarse_vocabulary=("food", "religion"))
+  stats = dataset_stats.compute_statistics(
+      records, top_k_fine_labels=2, coarse_vocabulary=("food", "religion"))
   assert stats["partition_images"] == {"train": 2, "val": 1, "test": 1}
   assert stats["partition_users"] == {"train": 1, "val": 1, "test": 1}
   assert stats["coarse_label_image_counts"] == {
@@ -248,14 +252,14 @@ def test_choose_sample_users_largest_first_ties_by_id():
              [_record("b", "train", ["food"], ["x"])] * 2 +
              [_record("a", "train", ["food"], ["x"])] * 2 +
              [_record("c", "val", ["food"], ["x"])])
-  chosen = explore.choose_sample_users(records, num_users=3, num_images=2)
+  chosen = dataset_stats.choose_sample_users(records, num_users=3, num_images=2)
   assert list(chosen) == ["z", "a", "b"]
   assert [len(v) for v in chosen.values()] == [2, 2, 2]
 
 
 def test_log_bins_cover_every_count():
   for max_value in (1, 2, 5, 37, 4151):
-    edges = explore._log_bin_edges(max_value)
+    edges = dataset_figures._log_bin_edges(max_value)
     assert edges[0] == 1 and edges[-1] > max_value
     assert all(b > a for a, b in zip(edges, edges[1:]))
 
@@ -362,11 +366,11 @@ GOOD_INDEX = json.dumps({"labels": {"animal": 0, "food": 1},
 def test_label_names_from_either_index_file_name(tmp_path):
   root = _tfrecords_dir(tmp_path)
   (root / constants.LEGACY_LABEL_INDEX_FILE).write_text(GOOD_INDEX)
-  assert explore.load_label_names(str(root)) == (["animal", "food"],
-                                                 ["dog", "soup"])
+  assert dataset_stats.load_label_names(str(root)) == (["animal", "food"],
+                                                       ["dog", "soup"])
   (root / constants.LABEL_INDEX_FILE).write_text(json.dumps(
       {"labels": {"food": 0}, "fine_grained_labels": {}}))
-  assert explore.load_label_names(str(root)) == (["food"], [])
+  assert dataset_stats.load_label_names(str(root)) == (["food"], [])
 
 
 def test_bad_tfrecords_dirs(tmp_path):
@@ -401,12 +405,13 @@ def test_tfrecords_legacy_index_dev_folder_and_bad_records(tmp_path):
   (root / "dev").mkdir(parents=True)
   (root / constants.LEGACY_LABEL_INDEX_FILE).write_text(GOOD_INDEX)
   _write_examples(root / "dev" / "u1.tfrecords", [([0, 1], [0]), ([1], [1])])
-  records = explore.load_tfrecord_records(str(root), show_progress=False)
+  records = dataset_stats.load_tfrecord_records(str(root), show_progress=False)
   assert sorted(records, key=lambda r: r.labels) == [
-      explore.ImageRecord("u1", None, "val", ("animal", "food"), ("dog",)),
-      explore.ImageRecord("u1", None, "val", ("food",), ("soup",))]
+      dataset_stats.ImageRecord("u1", None, "val", ("animal", "food"),
+                                ("dog",)),
+      dataset_stats.ImageRecord("u1", None, "val", ("food",), ("soup",))]
   # Bytes that do not decode as an image become a placeholder tile.
-  (row,) = explore.sample_images_from_tfrecords(str(root), ["u1"], 5)
+  (row,) = dataset_stats.sample_images_from_tfrecords(str(root), ["u1"], 5)
   assert [(t.pixels, t.note) for t in row] == [(None, "unreadable image")] * 2
 
   _write_examples(root / "dev" / "u2.tfrecords", [([5], [0])])
@@ -451,13 +456,13 @@ def test_wide_histograms_use_log_axes_narrow_ones_unit_bars():
   from matplotlib.figure import Figure
   wide = {"1": 500, "7": 40, "90": 3, "1500": 1}
   ax = Figure().subplots()
-  assert explore._integer_histogram(ax, wide) == " (log scale)"
+  assert dataset_figures._integer_histogram(ax, wide) == " (log scale)"
   assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
   # Every user lands in a bin: the bar heights add up to the user count.
   assert sum(p.get_height() for p in ax.patches) == sum(wide.values())
   narrow = {"1": 5, "2": 14, "6": 1}
   ax = Figure().subplots()
-  assert explore._integer_histogram(ax, narrow) == ""
+  assert dataset_figures._integer_histogram(ax, narrow) == ""
   assert ax.get_xscale() == "linear"
   assert sorted((p.get_x() + p.get_width() / 2, p.get_height())
                 for p in ax.patches) == [(1, 5), (2, 14), (6, 1)]
