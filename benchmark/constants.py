@@ -11,6 +11,8 @@ LABEL_RELATIONSHIP_FILE = "label_relationship.txt"
 SMALL_IMAGES_DIR = "small_images"
 RAW_IMAGES_DIR = "raw_images"
 IMAGE_EXTENSION = ".jpg"
+# download_dataset.py's bookkeeping (completion markers, unpack staging).
+DOWNLOAD_STATE_DIR = ".download_state"
 
 # Keys of one record of labels_and_metadata.json.
 USER_ID_KEY = "user_id"

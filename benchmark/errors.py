@@ -16,6 +16,20 @@ class FlairInputError(ValueError):
   """
 
 
+class DownloadError(FlairInputError):
+  """A download, unpack or verification step of download_dataset.py failed.
+
+  The message is one line naming the URL, file or archive member and what to
+  do; command-line use prints it as `error: <message>` and exits with status 1.
+  """
+
+
+class DownloadStopped(Exception):
+  """A download or unpack worker saw its stop event set (another task failed
+  or the user interrupted) and stopped quietly; the pipeline reports the first
+  real error instead."""
+
+
 class BackendDiedError(RuntimeError):
   """A process that runs FedAvg clients (the TFF worker, a Ray actor) died
   during a run, for instance killed by the kernel for lack of memory.

@@ -1,4 +1,5 @@
-"""Tests of download_dataset.py against a real HTTP server on 127.0.0.1.
+"""Tests of download_dataset.py, benchmark/fetch.py and benchmark/archive.py
+against a real HTTP server on 127.0.0.1.
 
 The server (tests/download_server.py) serves a FLAIR-layout tree built here
 from the real sample in ../shared/flair_sample (or, where that is absent, from
@@ -19,8 +20,10 @@ import time
 import pytest
 
 import download_dataset
+from benchmark import archive
 from benchmark import constants
 from benchmark import errors
+from benchmark import fetch
 from download_server import Fault
 from download_server import FileServer
 
@@ -123,7 +126,7 @@ def _files_under(root):
   directory excluded."""
   found = set()
   for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = [d for d in dirnames if d != download_dataset.STATE_DIR]
+    dirnames[:] = [d for d in dirnames if d != constants.DOWNLOAD_STATE_DIR]
     for name in filenames + [d for d in dirnames
                              if os.path.islink(os.path.join(dirpath, d))]:
       found.add(os.path.relpath(os.path.join(dirpath, name), root))
@@ -224,16 +227,16 @@ def test_dropped_connection_then_rerun_resumes(server, tree, tmp_path):
   target, size = _archive_with_images(tree)
   cut = size // 2
   server.set_fault(target, Fault(drop_after_bytes=cut, times=1))
-  with pytest.raises(download_dataset.DownloadError,
+  with pytest.raises(errors.DownloadError,
                      match=rf"{target}.*closed after {cut} of {size} bytes"):
     _download(server, dataset_dir, max_retries=0, num_workers=1)
   part = dataset_dir / (os.path.basename(target) +
-                        download_dataset.PART_SUFFIX)
+                        fetch.PART_SUFFIX)
   assert os.path.getsize(part) == cut
   assert not (dataset_dir / os.path.basename(target)).exists()
   # Archives finished in the first run: unpacked (marker) or fully on disk.
   finished = [p for p in SMALL if p != target and (
-      (dataset_dir / download_dataset.STATE_DIR /
+      (dataset_dir / constants.DOWNLOAD_STATE_DIR /
        (os.path.basename(p) + download_dataset.MARKER_SUFFIX)).exists() or
       (dataset_dir / os.path.basename(p)).exists())]
   assert finished, "the first run should have completed some archives"
@@ -288,7 +291,7 @@ def test_server_errors_are_retried_then_succeed(server, tree, tmp_path):
 
 def test_not_found_fails_at_once_naming_the_url(server, tmp_path):
   server.set_fault(SMALL[3], Fault(status=404))
-  with pytest.raises(download_dataset.DownloadError) as info:
+  with pytest.raises(errors.DownloadError) as info:
     _download(server, tmp_path / "flair", max_retries=3)
   assert f"HTTP 404): {server.url}{SMALL[3]}" in str(info.value)
   assert server.count(SMALL[3]) == 1  # Not retried.
@@ -296,7 +299,7 @@ def test_not_found_fails_at_once_naming_the_url(server, tmp_path):
 
 def test_repeated_server_errors_give_up_after_max_retries(server, tmp_path):
   server.set_fault(RELATIONSHIP_URL, Fault(status=500))
-  with pytest.raises(download_dataset.DownloadError,
+  with pytest.raises(errors.DownloadError,
                      match=r"HTTP 500 .*label_relationship.txt.*after 3 "):
     _download(server, tmp_path / "flair", max_retries=2)
   assert server.count(RELATIONSHIP_URL) == 3
@@ -336,9 +339,9 @@ def test_cli_success_prints_summary(server, tree, tmp_path):
 def test_disk_full_is_a_one_line_error(server, tmp_path):
   dataset_dir = tmp_path / "flair"
   os.makedirs(dataset_dir)
-  part = dataset_dir / (constants.METADATA_FILE + download_dataset.PART_SUFFIX)
+  part = dataset_dir / (constants.METADATA_FILE + fetch.PART_SUFFIX)
   os.symlink("/dev/full", part)  # Every write there fails with ENOSPC.
-  with pytest.raises(download_dataset.DownloadError,
+  with pytest.raises(errors.DownloadError,
                      match=rf"disk full while writing {part}") as info:
     _download(server, dataset_dir)
   assert "\n" not in str(info.value)
@@ -350,7 +353,7 @@ def test_read_only_dataset_dir_is_a_one_line_error(server, tmp_path,
   import subprocess as sp  # pylint: disable=g-import-not-at-top
   root = small_filesystem(256)
   sp.run(["mount", "-o", "remount,ro", root], check=True)
-  with pytest.raises(download_dataset.DownloadError,
+  with pytest.raises(errors.DownloadError,
                      match=rf"^file error on {root}.*Read-only file "
                      "system.*; make --dataset_dir writable") as info:
     _download(server, root)
@@ -414,7 +417,7 @@ def test_missing_images_are_reported(source_dir, tmp_path):
 def test_verify_images_checks_records_as_prepare_does(tmp_path, content,
                                                       message):
   (tmp_path / constants.METADATA_FILE).write_text(content)
-  with pytest.raises(download_dataset.DownloadError) as info:
+  with pytest.raises(errors.DownloadError) as info:
     download_dataset.verify_images(str(tmp_path))
   assert message in str(info.value)
   assert constants.METADATA_FILE in str(info.value)
@@ -475,7 +478,7 @@ def test_malicious_archive_writes_nothing_outside(kind, tree, tmp_path):
   dataset_dir = tmp_path / "flair"
 
   with FileServer(str(root), max_lifetime_s=60) as server:
-    with pytest.raises(download_dataset.UnsafeArchiveError) as info:
+    with pytest.raises(archive.UnsafeArchiveError) as info:
       _download(server, dataset_dir)
 
   message = str(info.value)
@@ -489,7 +492,7 @@ def test_malicious_archive_writes_nothing_outside(kind, tree, tmp_path):
   assert not os.path.exists("/evil") and not os.path.exists("/evil_abs")
   # Nothing of the refused archive installed, and no link anywhere.
   assert not (dataset_dir / "small_images" / f"{image_id}.jpg").exists()
-  assert not (dataset_dir / download_dataset.STATE_DIR /
+  assert not (dataset_dir / constants.DOWNLOAD_STATE_DIR /
               (archive_name + download_dataset.MARKER_SUFFIX)).exists()
   assert not any(os.path.islink(os.path.join(tmp_path, p))
                  for p in _walk_all(tmp_path))
@@ -513,7 +516,7 @@ def test_cli_terminated_mid_download_leaves_no_partial_file_under_final_name(
   target, size = _archive_with_images(tree)
   half = size // 2
   server.set_fault(target, Fault(stall_after_bytes=half, stall_s=3.0))
-  part = dataset_dir / (os.path.basename(target) + download_dataset.PART_SUFFIX)
+  part = dataset_dir / (os.path.basename(target) + fetch.PART_SUFFIX)
   process = subprocess.Popen(
       [sys.executable, os.path.join(REPO_ROOT, "download_dataset.py"),
        f"--dataset_dir={dataset_dir}", f"--data_url={server.url}",
@@ -537,7 +540,7 @@ def test_cli_terminated_mid_download_leaves_no_partial_file_under_final_name(
   # ...and never under the final name.
   assert not (dataset_dir / os.path.basename(target)).exists()
   assert not os.path.exists(
-      dataset_dir / download_dataset.STATE_DIR /
+      dataset_dir / constants.DOWNLOAD_STATE_DIR /
       ("unpack-" + os.path.basename(target)))
 
   summary = _download(server, dataset_dir)
