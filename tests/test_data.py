@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from benchmark import constants
 from benchmark import data
-from benchmark import explore
+from benchmark import dataset_stats
 from benchmark import formats
 from benchmark.errors import FlairInputError
 
@@ -217,7 +217,7 @@ def test_val_and_dev_together_are_ambiguous(tmp_path):
   for load in (lambda: data.load_partition(root, "val", spec),
                lambda: data.load_partition(root, "dev", spec),
                lambda: data.load_client_data(root, spec),
-               lambda: explore.list_user_files(root)):
+               lambda: dataset_stats.list_user_files(root)):
     with pytest.raises(FlairInputError, match="both val/ and dev/") as e:
       load()
     assert "\n" not in str(e.value)
