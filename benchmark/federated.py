@@ -267,6 +267,15 @@ def _build_keras_model(config: FederatedConfig, num_outputs: int
       precision=config.precision)
 
 
+def keras_model_weights(keras_model: tf.keras.Model
+                       ) -> tff.learning.models.ModelWeights:
+  """A Keras model's weights as numpy arrays in TFF's `ModelWeights` (its
+  trainable and non-trainable weights, each in the model's order)."""
+  return tff.learning.models.ModelWeights(
+      trainable=[w.numpy() for w in keras_model.trainable_weights],
+      non_trainable=[w.numpy() for w in keras_model.non_trainable_weights])
+
+
 def _loss() -> tf.keras.losses.Loss:
   return tf.keras.losses.BinaryCrossentropy(from_logits=True)
 
@@ -602,9 +611,7 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
   eval_model = _initial_keras_model(config, num_outputs)
   eval_model.compile(loss=_loss(),
                      metrics=metrics_lib.make_metrics(num_outputs))
-  initial_weights = tff.learning.models.ModelWeights(
-      trainable=[w.numpy() for w in eval_model.trainable_weights],
-      non_trainable=[w.numpy() for w in eval_model.non_trainable_weights])
+  initial_weights = keras_model_weights(eval_model)
   state = backend.initialize(initial_weights)
 
   sampling_seed = config.client_datasets_random_seed

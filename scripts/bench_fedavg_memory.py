@@ -123,9 +123,7 @@ def _child(tfrecords_dir: str, spec: str) -> None:
   # The initial model is built before TFF traces the process (a Keras
   # functional model built after that tracing can fail to build).
   model = federated._build_keras_model(config, label_spec.num_outputs)  # pylint: disable=protected-access
-  weights = tff.learning.models.ModelWeights(
-      trainable=[w.numpy() for w in model.trainable_weights],
-      non_trainable=[w.numpy() for w in model.non_trainable_weights])
+  weights = federated.keras_model_weights(model)
   _, composed = federated.build_learning_process(
       config, label_spec, train,
       tff.learning.add_debug_measurements(tff.aggregators.MeanFactory()))

@@ -148,9 +148,7 @@ def _benchmark(tfrecords_dir: str) -> None:
 
   # --- FedAvg on each backend, its rounds interleaved with Keras epochs. ---
   initial_model = federated._build_keras_model(config, label_spec.num_outputs)  # pylint: disable=protected-access
-  initial_weights = tff.learning.models.ModelWeights(
-      trainable=[w.numpy() for w in initial_model.trainable_weights],
-      non_trainable=[w.numpy() for w in initial_model.non_trainable_weights])
+  initial_weights = federated.keras_model_weights(initial_model)
   _, composed = federated.build_learning_process(
       config, label_spec, train_data,
       tff.learning.add_debug_measurements(tff.aggregators.MeanFactory()))

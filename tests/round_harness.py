@@ -17,7 +17,6 @@ import os
 import time
 
 import numpy as np
-import tensorflow_federated as tff
 
 from benchmark import backends
 from benchmark import constants
@@ -89,9 +88,7 @@ def build(tfrecords_dir, aggregator, weighted, **overrides):
       config, label_spec, train, aggregator, weighted=weighted)
   keras_model = model_lib.resnet18(
       num_classes=label_spec.num_outputs, crop_size=(32, 32), seed=3)
-  weights = tff.learning.models.ModelWeights(
-      trainable=[w.numpy() for w in keras_model.trainable_weights],
-      non_trainable=[w.numpy() for w in keras_model.non_trainable_weights])
+  weights = federated.keras_model_weights(keras_model)
   return composed, weights, sorted(train.client_ids)
 
 
