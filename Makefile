@@ -17,7 +17,11 @@ INSTALL_LOCK := $(if $(GPU),$(GPU_LOCK),$(LOCK))
 # UPGRADE=1: `make lock` moves every unpinned dependency to its newest release
 # (otherwise it keeps the versions already in the locks where they still fit).
 UPGRADE ?=
-PYTEST_ARGS ?=
+# The suite runs in parallel processes (pytest-xdist), one per core, at most
+# 4: most of its time is single-threaded (TensorFlow tracing, TFF's compiler,
+# process start-up), and each process can take a few GB. PYTEST_ARGS="-n 0"
+# runs it in this process alone.
+PYTEST_ARGS ?= --numprocesses=auto --maxprocesses=4
 # Extra flags for `python -m benchmark.demo` (e.g. DEMO_FLAGS="--scale tiny").
 DEMO_FLAGS ?=
 

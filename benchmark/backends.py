@@ -348,7 +348,11 @@ def _ray_session(ray_address: Optional[str]):
                  log_to_driver=False, logging_level="warning")
       else:
         stack.enter_context(process_guard.guard())
-        ray.init(num_cpus=_cpu_count(), include_dashboard=False,
+        # "local": a new Ray of our own even where RAY_ADDRESS is set or a
+        # `ray start` cluster runs on this machine (--ray_address is the one
+        # way to use those).
+        ray.init(address="local", num_cpus=_cpu_count(),
+                 include_dashboard=False,
                  log_to_driver=False, logging_level="warning",
                  _node_ip_address="127.0.0.1")
     except (ConnectionError, ValueError, RuntimeError) as e:

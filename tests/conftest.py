@@ -209,15 +209,21 @@ def damaged_sample(prepared_sample_dir, tmp_path):
 
 
 def pytest_collection_modifyitems(session, config, items):
-  """Runs tests/test_tff_runtime.py first.
+  """Orders the tests: tests/test_tff_runtime.py first, then the slow ones,
+  then the rest (each group in file order).
 
-  In a full run of the suite (2026-11-22), its three tests of the TFF
-  worker watchdog (a SIGINT to the main thread when the worker dies) failed
-  when they ran last, after the Ray and in-process backend tests had run in
-  the same pytest process: the main thread was not interrupted. Each passes
-  alone and the suite's other watchdog test (a subprocess) passed; the cause
-  in the shared process is not found yet. Running them first keeps them
-  meaningful; the order of the other tests is unchanged.
+  tests/test_tff_runtime.py first: in a full run of the suite (2026-11-22),
+  its three tests of the TFF worker watchdog (a SIGINT to the main thread
+  when the worker dies) failed when they ran last, after the Ray and
+  in-process backend tests had run in the same pytest process: the main
+  thread was not interrupted. Each passes alone and the suite's other
+  watchdog test (a subprocess) passed; the cause in the shared process is not
+  found yet. Running them first keeps them meaningful.
+
+  Slow tests next: `make test` runs the suite in parallel processes
+  (pytest-xdist), which take tests in this order; long tests started early
+  and short ones filling in at the end finish sooner than the reverse.
   """
   del session, config
-  items.sort(key=lambda item: item.path.name != "test_tff_runtime.py")
+  items.sort(key=lambda item: (item.path.name != "test_tff_runtime.py",
+                               item.get_closest_marker("slow") is None))

@@ -1,9 +1,11 @@
-"""Every shell command the README shows is run here, in README order, at small
-scale: paths stay as written (relative to a temporary working directory),
-`.venv/bin/python` becomes this interpreter, and small-scale flags are
-appended (absl takes the last value of a repeated flag). A README command that
-this test does not know how to run fails the test, so the README cannot show
-an untested command."""
+"""Every shell command the README shows is run here at small scale: the
+download and prepare commands first, in README order, in a new working
+directory (the `readme_workdir` fixture), then each other command as a test
+of its own in that directory (so parallel test processes can share them out).
+Paths stay as written (relative to the working directory), `.venv/bin/python`
+becomes this interpreter, and small-scale flags are appended (absl takes the
+last value of a repeated flag). A README command that this test does not know
+how to run fails the test, so the README cannot show an untested command."""
 
 import os
 import re
@@ -105,48 +107,129 @@ def source_dir(request):
     return request.getfixturevalue("synthetic_dataset_dir")
 
 
-@pytest.mark.slow
-def test_readme_commands_run_at_small_scale(source_dir, tmp_path):
-  work = str(tmp_path / "work")
+def _argv_at_small_scale(command: str, work: str,
+                         server_url: str = "") -> list[str]:
+  """A README command as this test runs it in the working directory `work`
+  (see the module docstring)."""
+  argv = shlex.split(command)
+  program = program_of(argv)
+  if program == "make demo":
+    return ["make", "--no-print-directory", "-C", REPO_ROOT,
+            "-o", ".venv/.installed", "demo", f"VPY={sys.executable}",
+            f"DEMO_FLAGS=--scale=tiny --results_dir={work}/demo_results"]
+  if argv[0].endswith("python"):
+    argv[0] = sys.executable
+  if program.endswith(".py"):
+    argv[1] = os.path.join(REPO_ROOT, program)
+  argv += SMALL_SCALE_FLAGS[program]
+  if program == "download_dataset.py":
+    argv.append(f"--data_url={server_url}")
+  return argv
+
+
+# The README's first steps, which the other commands read from: run in order
+# by the `readme_workdir` fixture.
+SETUP_PROGRAMS = ("download_dataset.py", "prepare_tfrecords.py")
+
+
+def _setup_commands() -> list[str]:
+  return [c for c in readme_commands()
+          if program_of(shlex.split(c)) in SETUP_PROGRAMS]
+
+
+def _later_commands() -> list[str]:
+  return [c for c in readme_commands()
+          if c not in NOT_RUN_HERE and
+          program_of(shlex.split(c)) not in SETUP_PROGRAMS]
+
+
+@pytest.fixture(scope="module")
+def readme_workdir(source_dir, tmp_path_factory):
+  """A working directory where the README's download and prepare commands
+  ran, in README order, from a local server holding `source_dir`; it also
+  holds `resnet18.h5` for the README's --restore_model_path command. The
+  README's other commands each run in it (tests below), which write to
+  paths of their own."""
+  root = tmp_path_factory.mktemp("readme")
+  work = str(root / "work")
   os.makedirs(work)
-  server_root = str(tmp_path / "server")
+  server_root = str(root / "server")
   build_tree(source_dir, server_root)
   _write_imagenet_like_weights(os.path.join(work, "resnet18.h5"))
-  ran = []
   with FileServer(server_root, max_lifetime_s=600) as server:
-    for command in readme_commands():
-      if command in NOT_RUN_HERE:
-        continue
-      argv = shlex.split(command)
-      program = program_of(argv)
-      if program == "make demo":
-        argv = ["make", "--no-print-directory", "-C", REPO_ROOT,
-                "-o", ".venv/.installed", "demo",
-                f"VPY={sys.executable}",
-                f"DEMO_FLAGS=--scale=tiny --results_dir={work}/demo_results"]
-      else:
-        if argv[0].endswith("python"):
-          argv[0] = sys.executable
-        if program.endswith(".py"):
-          argv[1] = os.path.join(REPO_ROOT, program)
-        argv += SMALL_SCALE_FLAGS[program]
-        if program == "download_dataset.py":
-          argv.append(f"--data_url={server.url}")
-      result = _run(argv, cwd=work)
-      ran.append(program)
-      if program == "make demo":
-        last_line = result.stdout.strip().splitlines()[-1]
-        assert last_line.startswith("Results: "), last_line
-        results = last_line[len("Results: "):]
-        assert os.path.isfile(os.path.join(results, "val_metrics.png"))
-        assert os.path.isfile(os.path.join(results, "summary.csv"))
+    for command in _setup_commands():
+      _run(_argv_at_small_scale(command, work, server.url), cwd=work)
+  return work
 
-  # The chain really produced what the README says each step produces.
-  assert os.path.isfile(os.path.join(work, "flair_data",
+
+@pytest.mark.slow
+def test_readme_download_and_prepare_commands(readme_workdir):
+  """download_dataset.py and prepare_tfrecords.py as the README shows them
+  produce what the README's later commands read."""
+  assert [program_of(shlex.split(c)) for c in _setup_commands()] == list(
+      SETUP_PROGRAMS)
+  assert os.path.isfile(os.path.join(readme_workdir, "flair_data",
                                      "labels_and_metadata.json"))
-  assert os.path.isfile(os.path.join(work, "flair_tfrecords",
+  assert os.path.isfile(os.path.join(readme_workdir, "flair_tfrecords",
                                      "label_index.json"))
-  for run in ("central", "central_pretrained", "fedavg", "fedavg_dp"):
-    assert os.path.isfile(os.path.join(work, "runs", run,
-                                       "final_metrics.json")), run
-  assert "make demo" in ran and "benchmark.federated_main" in ran
+
+
+def _flag_value(argv: list[str], flag: str) -> str:
+  """The last value of `--flag V` or `--flag=V` in `argv`."""
+  value = None
+  for i, arg in enumerate(argv):
+    if arg == flag and i + 1 < len(argv):
+      value = argv[i + 1]
+    elif arg.startswith(flag + "="):
+      value = arg[len(flag) + 1:]
+  assert value is not None, f"{flag} not in {argv}"
+  return value
+
+
+def _command_id(command: str) -> str:
+  """A short test id: the program, and its --save_model_dir's name if any."""
+  argv = shlex.split(command)
+  name = program_of(argv).split(".")[-1].replace(" ", "_")
+  if "--save_model_dir" in argv:
+    name += "-" + os.path.basename(_flag_value(argv, "--save_model_dir"))
+  return name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", _later_commands(), ids=_command_id)
+def test_readme_command_runs_at_small_scale(readme_workdir, command):
+  """Each later README command runs in the prepared working directory and
+  writes what the README says it writes."""
+  argv = _argv_at_small_scale(command, readme_workdir)
+  program = program_of(shlex.split(command))
+  result = _run(argv, cwd=readme_workdir)
+  work = readme_workdir
+  if program == "make demo":
+    last_line = result.stdout.strip().splitlines()[-1]
+    assert last_line.startswith("Results: "), last_line
+    results = last_line[len("Results: "):]
+    assert os.path.isfile(os.path.join(results, "val_metrics.png"))
+    assert os.path.isfile(os.path.join(results, "summary.csv"))
+  elif program in ("benchmark.central_main", "benchmark.federated_main"):
+    save_dir = os.path.join(work, _flag_value(argv, "--save_model_dir"))
+    assert os.path.isfile(os.path.join(save_dir, "final_metrics.json"))
+  elif program == "benchmark.explore":
+    output_dir = os.path.join(work, _flag_value(argv, "--output_dir"))
+    assert os.path.isfile(os.path.join(output_dir, "report.txt")), (
+        os.listdir(output_dir))
+  else:
+    assert program == "benchmark.synthetic_dataset", program
+    dataset_dir = os.path.join(work, _flag_value(argv, "--dataset_dir"))
+    assert os.path.isfile(os.path.join(dataset_dir,
+                                       "labels_and_metadata.json"))
+
+
+def test_readme_runs_the_benchmarks_it_documents():
+  """The README's commands include the demo and both trainers, with and
+  without DP (so the tests above run each of them)."""
+  later = [(program_of(shlex.split(c)), c) for c in _later_commands()]
+  assert ("make demo", "make demo") in later
+  save_dirs = {os.path.basename(_flag_value(shlex.split(c),
+                                            "--save_model_dir"))
+               for p, c in later if p.endswith("_main")}
+  assert {"central", "central_pretrained", "fedavg", "fedavg_dp"} <= save_dirs
