@@ -14,7 +14,6 @@ directory is refused unless `--overwrite`), writes the flag values to
 resumes a killed run; see `benchmark.central` for every output file.
 """
 
-import json
 
 from absl import app
 from absl import flags
@@ -86,8 +85,7 @@ def main(argv: list[str]) -> None:
   config, bad = cli.claim_run(config, label_spec, central.TRAINER_NAME,
                               _CONFIG_FLAGS, _RESULT_FLAGS)
   final = central.train_central(config)
-  final = cli.finish_run(config.save_model_dir, final, bad)
-  print(json.dumps(final, indent=2, sort_keys=True))
+  cli.finish_run(config.save_model_dir, final, bad)
 
 
 def run() -> None:

@@ -10,6 +10,7 @@ original benchmark's (docs/original_benchmark.md, "Command lines").
 """
 
 import dataclasses
+import json
 import os
 from typing import Callable, Sequence, TypeVar
 
@@ -177,8 +178,10 @@ def claim_run(config: Config, label_spec: data.LabelSpec, trainer: str,
 
 def finish_run(save_model_dir: str, final: dict,
                bad: list[data.FileCheck]) -> dict:
-  """The final metrics, with the skipped bad records added to them and to
-  final_metrics.json when there were any (`data.record_skipped_records`)."""
+  """Adds the skipped bad records, when there were any, to the final metrics
+  and to final_metrics.json (`data.record_skipped_records`), prints the
+  final metrics as JSON on stdout (the command's output) and returns them."""
   if bad:
-    return data.record_skipped_records(save_model_dir, final, bad)
+    final = data.record_skipped_records(save_model_dir, final, bad)
+  print(json.dumps(final, indent=2, sort_keys=True))
   return final

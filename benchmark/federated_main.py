@@ -22,7 +22,6 @@ Rerunning the same command resumes after the latest checkpoint. SIGTERM and
 Ctrl-C stop the run cleanly (whatever the backend started is stopped too).
 """
 
-import json
 
 from absl import app
 from absl import flags
@@ -280,8 +279,7 @@ def main(argv: list[str]) -> None:
       raise
     raise data.training_data_error(config.tfrecords_dir, label_spec,
                                    e) from None
-  final = cli.finish_run(config.save_model_dir, final, bad)
-  print(json.dumps(final, indent=2, sort_keys=True))
+  cli.finish_run(config.save_model_dir, final, bad)
 
 
 def run() -> None:
