@@ -19,9 +19,11 @@ INSTALL_LOCK := $(if $(GPU),$(GPU_LOCK),$(LOCK))
 UPGRADE ?=
 # The suite runs in parallel processes (pytest-xdist), one per core, at most
 # 4: most of its time is single-threaded (TensorFlow tracing, TFF's compiler,
-# process start-up), and each process can take a few GB. PYTEST_ARGS="-n 0"
-# runs it in this process alone.
-PYTEST_ARGS ?= --numprocesses=auto --maxprocesses=4
+# process start-up), and each process can take a few GB. worksteal: an idle
+# process takes queued tests from a busy one (the slow tests, queued first,
+# do not end up waiting behind each other). PYTEST_ARGS="-n 0" runs the
+# suite in one process.
+PYTEST_ARGS ?= --numprocesses=auto --maxprocesses=4 --dist=worksteal
 # Extra flags for `python -m benchmark.demo` (e.g. DEMO_FLAGS="--scale tiny").
 DEMO_FLAGS ?=
 

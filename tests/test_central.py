@@ -381,21 +381,17 @@ def test_cli_unknown_binary_label_is_one_line_error(prepared_sample_dir,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["missing_dir", "empty_dir", "batch_size",
-                                  "learning_rate", "image_height"])
+@pytest.mark.parametrize("case", ["missing_dir", "batch_size"])
 def test_cli_bad_input_is_one_line_error(prepared_sample_dir, tmp_path, case):
+  """The command line turns a bad input into one line and exit status 1,
+  writing nothing: a bad directory (found by `central.load_inputs`) and a
+  bad value (found by `CentralConfig`). Which values and directories are
+  refused, and their messages, are the fast tests above."""
   tfrecords_dir, extra, flag = prepared_sample_dir, [], None
   if case == "missing_dir":
     tfrecords_dir, flag = tmp_path / "missing", "--tfrecords_dir"
-  elif case == "empty_dir":
-    tfrecords_dir, flag = tmp_path / "empty", "--tfrecords_dir"
-    tfrecords_dir.mkdir()
-  elif case == "batch_size":
-    extra, flag = ["--train_batch_size", "0"], "--train_batch_size"
-  elif case == "learning_rate":
-    extra, flag = ["--learning_rate", "-0.1"], "--learning_rate"
   else:
-    extra, flag = ["--image_height", "300"], "--image_height"
+    extra, flag = ["--train_batch_size", "0"], "--train_batch_size"
   save_dir = tmp_path / "run"
   returncode, _, stderr = _run_cli(_cli(tfrecords_dir, save_dir, *extra),
                                    str(tmp_path / "cli"))

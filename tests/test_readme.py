@@ -7,6 +7,7 @@ becomes this interpreter, and small-scale flags are appended (absl takes the
 last value of a repeated flag). A README command that this test does not know
 how to run fails the test, so the README cannot show an untested command."""
 
+import csv
 import os
 import re
 import shlex
@@ -213,6 +214,16 @@ def test_readme_command_runs_at_small_scale(readme_workdir, command):
   elif program in ("benchmark.central_main", "benchmark.federated_main"):
     save_dir = os.path.join(work, _flag_value(argv, "--save_model_dir"))
     assert os.path.isfile(os.path.join(save_dir, "final_metrics.json"))
+    if "--epsilon" in argv:
+      # The README's DP command at small scale has fixed clipping
+      # (--target_unclipped_quantile=0): the clip stays --l2_norm_clip's
+      # default, 0.1, and noise is added in every round.
+      with open(os.path.join(save_dir, "metrics.csv"), newline="",
+                encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[1:]
+      assert [float(r["dp_clip"]) for r in rows] == pytest.approx(
+          [0.1] * len(rows))
+      assert all(float(r["dp_noise_stddev"]) > 0 for r in rows)
   elif program == "benchmark.explore":
     output_dir = os.path.join(work, _flag_value(argv, "--output_dir"))
     assert os.path.isfile(os.path.join(output_dir, "report.txt")), (
