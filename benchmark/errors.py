@@ -3,6 +3,7 @@ into a one-line message and a non-zero exit code instead of a traceback."""
 
 import functools
 import logging
+import os
 import signal
 import sys
 from typing import Callable, NoReturn
@@ -52,14 +53,21 @@ class OutputWriteError(RuntimeError):
   """
 
 
+class Terminated(SystemExit):
+  """Raised in the main thread by SIGTERM (`install_sigterm_handler`); its
+  `code` is the exit status, 128 + SIGTERM = 143."""
+
+
 def _exit_on_sigterm(signum, frame) -> NoReturn:
   del frame
-  raise SystemExit(128 + signum)
+  raise Terminated(128 + signum)
 
 
 def install_sigterm_handler() -> None:
-  """Makes SIGTERM raise `SystemExit(143)` so `finally` blocks and context
-  managers (for instance the TFF worker shutdown) run before the process exits.
+  """Makes SIGTERM raise `Terminated(143)` (a `SystemExit`) so `finally`
+  blocks and context managers (for instance the TFF worker shutdown) run
+  before the process exits; `exit_on_input_error` then ends the process at
+  once with status 143.
 
   Only effective when called from the main thread (a Python restriction).
   """
@@ -117,16 +125,27 @@ def exit_on_input_error(main: Callable) -> Callable:
     install_sigterm_handler()
     shorten_library_logs()
     try:
-      return main(argv)
-    except (FlairInputError, OutputWriteError, BackendDiedError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
-    except KeyboardInterrupt:
-      print("interrupted", file=sys.stderr)
-      sys.exit(130)
-    finally:
-      if "tensorflow_federated" in sys.modules:
-        from benchmark import tff_runtime  # pylint: disable=g-import-not-at-top
-        tff_runtime.release_default_context()
+      try:
+        return main(argv)
+      except (FlairInputError, OutputWriteError, BackendDiedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+      except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+      finally:
+        if "tensorflow_federated" in sys.modules:
+          from benchmark import tff_runtime  # pylint: disable=g-import-not-at-top
+          tff_runtime.release_default_context()
+    except Terminated as e:
+      # Every `finally` and context manager has run: what the run started
+      # (TFF worker, Ray) is stopped and its files are complete. The
+      # interpreter's own teardown is skipped: after a SIGTERM in the middle
+      # of a TFF call, TFF's and gRPC's threads are still blocked, and
+      # teardown then hung for minutes or crashed (SIGSEGV) in a loaded run.
+      logging.shutdown()
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(e.code)
 
   return wrapped
