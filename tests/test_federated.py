@@ -11,11 +11,13 @@ import csv
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
+from absl import logging as absl_logging
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -485,18 +487,29 @@ def test_killed_run_resumes_without_gaps_or_repeats(prepared_sample_dir,
   while _still_running(started) and time.monotonic() < deadline:
     time.sleep(0.5)
   assert not _still_running(started)
-  rows = _read_csv(os.path.join(str(tmp_path), constants.METRICS_CSV_FILE))
-  killed_at = max(int(r["round"]) for r in rows)
+  killed_rows = _read_csv(os.path.join(str(tmp_path),
+                                       constants.METRICS_CSV_FILE))
+  killed_at = max(int(r["round"]) for r in killed_rows)
   assert 2 <= killed_at < 6
 
   # The rerun resumes (in this process: what only a subprocess shows, the
   # kill, is above; the command line's rerun is the same call).
   caplog.set_level(logging.INFO)
-  final = federated.run_federated(_config(prepared_sample_dir, tmp_path,
-                                          **flags))
-  assert "Resuming after round" in caplog.text
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.INFO)
+  try:
+    final = federated.run_federated(_config(prepared_sample_dir, tmp_path,
+                                            **flags))
+  finally:
+    absl_logging.set_verbosity(verbosity)
+  resumed = re.search(r"Resuming after round (\d+)", caplog.text)
+  assert resumed, caplog.text[-3000:]
+  resumed = int(resumed.group(1))
+  assert resumed in (2, 4) and resumed <= killed_at
   rows = _read_csv(os.path.join(str(tmp_path), constants.METRICS_CSV_FILE))
   assert [int(r["round"]) for r in rows] == list(range(7))
+  # Rounds up to the checkpoint are kept as the killed run wrote them.
+  assert rows[:resumed + 1] == killed_rows[:resumed + 1]
   assert all(r["train_loss"] for r in rows[1:])
   assert final["rounds_completed"] == 6
   assert json.load(open(os.path.join(
