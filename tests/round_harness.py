@@ -115,6 +115,10 @@ _compile_process = mapreduce.compile_process
 
 
 def run_one_round(name, composed, weights, cohort, state=None, **kwargs):
+  # Children this process had before (e.g. multiprocessing's resource
+  # tracker, started by an earlier test in the same process) are not the
+  # backend's.
+  before = process_guard.descendants(os.getpid())
   with unittest.mock.patch.object(mapreduce, "compile_process",
                                   _compile_once), \
       backends.open_backend(name, composed, len(cohort), **kwargs) as backend:
@@ -123,7 +127,9 @@ def run_one_round(name, composed, weights, cohort, state=None, **kwargs):
     metrics = backend.run_round(cohort)
     new_state = backend.get_state()
     model_weights = backend.get_model_weights()
-    processes = process_guard.descendants(os.getpid())
+    processes = {pid: start for pid, start in
+                 process_guard.descendants(os.getpid()).items()
+                 if before.get(pid) != start}
     if name == backends.BACKEND_INPROCESS:
       # No listening socket while the in-process backend runs.
       assert not listening_inodes() & own_socket_inodes()
