@@ -15,7 +15,6 @@ resumes a killed run; see `benchmark.central` for every output file.
 """
 
 
-from absl import app
 from absl import flags
 
 from benchmark import central
@@ -88,10 +87,8 @@ def main(argv: list[str]) -> None:
   cli.finish_run(config.save_model_dir, final, bad)
 
 
-def run() -> None:
-  """Console-script entry point (`flair-central`)."""
-  _define_flags()
-  app.run(main)
+# Console-script entry point (`flair-central`).
+run = cli.entry_point(_define_flags, main)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import json
 import os
 from typing import Callable, Sequence, TypeVar
 
+from absl import app
 from absl import flags
 from absl import logging
 
@@ -185,3 +186,15 @@ def finish_run(save_model_dir: str, final: dict,
     final = data.record_skipped_records(save_model_dir, final, bad)
   print(json.dumps(final, indent=2, sort_keys=True))
   return final
+
+
+def entry_point(define_flags: Callable[[], None],
+                main: Callable[[list[str]], None]) -> Callable[[], None]:
+  """A trainer's console-script entry point (`run`): defines the command's
+  flags when called, not at import, then runs `main` under absl."""
+
+  def run() -> None:
+    define_flags()
+    app.run(main)
+
+  return run

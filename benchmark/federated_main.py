@@ -23,7 +23,6 @@ Ctrl-C stop the run cleanly (whatever the backend started is stopped too).
 """
 
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -282,10 +281,8 @@ def main(argv: list[str]) -> None:
   cli.finish_run(config.save_model_dir, final, bad)
 
 
-def run() -> None:
-  """Console-script entry point (`flair-federated`)."""
-  _define_flags()
-  app.run(main)
+# Console-script entry point (`flair-federated`).
+run = cli.entry_point(_define_flags, main)
 
 
 if __name__ == "__main__":
