@@ -14,7 +14,6 @@ directory is refused unless `--overwrite`), writes the flag values to
 resumes a killed run; see `benchmark.central` for every output file.
 """
 
-
 from absl import flags
 
 from benchmark import central

@@ -22,7 +22,6 @@ Rerunning the same command resumes after the latest checkpoint. SIGTERM and
 Ctrl-C stop the run cleanly (whatever the backend started is stopped too).
 """
 
-
 from absl import flags
 from absl import logging
 

@@ -103,15 +103,13 @@ def cohort_of(client_ids):
 # in-process and Ray backends run the same compiled graphs, so a test that
 # runs both compiles once (10-20 s saved).
 _last_compiled = [None, None]
+_compile_process = mapreduce.compile_process  # The unpatched compiler.
 
 
 def _compile_once(process):
   if _last_compiled[0] is not process:
     _last_compiled[:] = [process, _compile_process(process)]
   return _last_compiled[1]
-
-
-_compile_process = mapreduce.compile_process
 
 
 def run_one_round(name, composed, weights, cohort, state=None, **kwargs):

@@ -65,14 +65,13 @@ def test_dp_round_adds_noise_of_the_stated_stddev(prepared_sample_dir):
   TFF's own runtime of the same aggregator (`tff_worker`), and equal the
   in-process round when the noise is 0
   (test_one_round_is_the_same_on_every_backend)."""
-  name = backends.BACKEND_INPROCESS
   z, clip, cohort_size = 1.0, 0.1, 3
   aggregator = dp.build_aggregator(z, cohort_size, clip, 0.0)
   composed, weights, client_ids = round_harness.build(
       prepared_sample_dir, aggregator, weighted=False,
       clients_per_round=cohort_size, client_learning_rate=1e-12)
-  result = round_harness.run_one_round(name, composed, weights,
-                                       client_ids[:cohort_size])
+  result = round_harness.run_one_round(backends.BACKEND_INPROCESS, composed,
+                                       weights, client_ids[:cohort_size])
   num_weights = sum(w.size for w in weights.trainable)
   norm = float(result["metrics"]["aggregator"]["server_update_norm"])
   stddev = dp.sum_noise_multiplier(z, cohort_size, adaptive=False) * clip

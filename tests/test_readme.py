@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from benchmark import constants
+from benchmark import explore
 from download_server import FileServer
 from test_download_dataset import build_tree
 
@@ -170,9 +172,9 @@ def test_readme_download_and_prepare_commands(readme_workdir):
   assert [program_of(shlex.split(c)) for c in _setup_commands()] == list(
       SETUP_PROGRAMS)
   assert os.path.isfile(os.path.join(readme_workdir, "flair_data",
-                                     "labels_and_metadata.json"))
+                                     constants.METADATA_FILE))
   assert os.path.isfile(os.path.join(readme_workdir, "flair_tfrecords",
-                                     "label_index.json"))
+                                     constants.LABEL_INDEX_FILE))
 
 
 def _flag_value(argv: list[str], flag: str) -> str:
@@ -204,7 +206,6 @@ def test_readme_command_runs_at_small_scale(readme_workdir, command):
   argv = _argv_at_small_scale(command, readme_workdir)
   program = program_of(shlex.split(command))
   result = _run(argv, cwd=readme_workdir)
-  work = readme_workdir
   if program == "make demo":
     last_line = result.stdout.strip().splitlines()[-1]
     assert last_line.startswith("Results: "), last_line
@@ -212,27 +213,26 @@ def test_readme_command_runs_at_small_scale(readme_workdir, command):
     assert os.path.isfile(os.path.join(results, "val_metrics.png"))
     assert os.path.isfile(os.path.join(results, "summary.csv"))
   elif program in ("benchmark.central_main", "benchmark.federated_main"):
-    save_dir = os.path.join(work, _flag_value(argv, "--save_model_dir"))
-    assert os.path.isfile(os.path.join(save_dir, "final_metrics.json"))
+    save_dir = os.path.join(readme_workdir, _flag_value(argv, "--save_model_dir"))
+    assert os.path.isfile(os.path.join(save_dir, constants.FINAL_METRICS_FILE))
     if "--epsilon" in argv:
       # The README's DP command at small scale has fixed clipping
       # (--target_unclipped_quantile=0): the clip stays --l2_norm_clip's
       # default, 0.1, and noise is added in every round.
-      with open(os.path.join(save_dir, "metrics.csv"), newline="",
+      with open(os.path.join(save_dir, constants.METRICS_CSV_FILE), newline="",
                 encoding="utf-8") as f:
         rows = list(csv.DictReader(f))[1:]
       assert [float(r["dp_clip"]) for r in rows] == pytest.approx(
           [0.1] * len(rows))
       assert all(float(r["dp_noise_stddev"]) > 0 for r in rows)
   elif program == "benchmark.explore":
-    output_dir = os.path.join(work, _flag_value(argv, "--output_dir"))
-    assert os.path.isfile(os.path.join(output_dir, "report.txt")), (
+    output_dir = os.path.join(readme_workdir, _flag_value(argv, "--output_dir"))
+    assert os.path.isfile(os.path.join(output_dir, explore.REPORT_TEXT_FILE)), (
         os.listdir(output_dir))
   else:
     assert program == "benchmark.synthetic_dataset", program
-    dataset_dir = os.path.join(work, _flag_value(argv, "--dataset_dir"))
-    assert os.path.isfile(os.path.join(dataset_dir,
-                                       "labels_and_metadata.json"))
+    dataset_dir = os.path.join(readme_workdir, _flag_value(argv, "--dataset_dir"))
+    assert os.path.isfile(os.path.join(dataset_dir, constants.METADATA_FILE))
 
 
 def test_readme_runs_the_benchmarks_it_documents():
