@@ -2,7 +2,10 @@
 
 End-to-end runs use tiny settings (32x32 crops, batch 4, at most 8 images per
 client, 1 local epoch, 3 rounds of 3 clients) so that ResNet-18 trains in
-seconds per round on a CPU; building the TFF computations dominates.
+seconds per round on a CPU; building the TFF computations dominates. Tests of
+the loop (resume, kill, errors, backends' outputs) use the shallow test
+ResNet of tests/small_model.py, which builds about 3x faster; the learning,
+restore, full-disk and in-process DP tests keep ResNet-18.
 """
 
 import asyncio
@@ -32,6 +35,7 @@ from benchmark import metrics as metrics_lib
 from benchmark import process_guard
 from benchmark import tff_runtime
 from benchmark.errors import FlairInputError
+import small_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(total_rounds=3, clients_per_round=3, rounds_per_eval=3,
@@ -61,9 +65,13 @@ def _tiny_flags(tfrecords_dir, save_dir, **overrides):
   return [f"--{k}={v}" for k, v in values.items()]
 
 
-def _main_command(tfrecords_dir, save_dir, **overrides):
-  return [sys.executable, "-m", "benchmark.federated_main"] + _tiny_flags(
-      tfrecords_dir, save_dir, **overrides)
+def _main_command(tfrecords_dir, save_dir, resnet18=False, **overrides):
+  """`python -m benchmark.federated_main` with the TINY flags; the model is
+  the shallow test ResNet (tests/small_model.py) unless `resnet18`."""
+  flags = _tiny_flags(tfrecords_dir, save_dir, **overrides)
+  if resnet18:
+    return [sys.executable, "-m", "benchmark.federated_main"] + flags
+  return small_model.command("benchmark.federated_main", flags)
 
 
 def _subprocess_env():
@@ -154,6 +162,7 @@ def test_round_columns_pick_train_and_aggregator_measurements():
   assert next_clip == pytest.approx(0.3)
 
 
+@pytest.mark.usefixtures("small_resnet")
 def test_worker_stops_after_an_error_inside_the_run(prepared_sample_dir,
                                                     tmp_path, monkeypatch):
   seen = []
@@ -198,6 +207,7 @@ def test_bad_binary_label_is_an_input_error_from_main(prepared_sample_dir,
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("small_resnet")
 def test_fedavg_on_the_real_sample_resumes_under_another_backend(
     prepared_sample_dir, tmp_path):
   """FedAvg without DP writes every output; two rounds in-process, then the
@@ -231,11 +241,15 @@ def _num_outputs(tfrecords_dir, **kwargs):
     (backends.BACKEND_TFF_WORKER, "structure"),
     (backends.BACKEND_RAY, None)])
 def test_fedavg_with_adaptive_dp_on_the_real_sample(
-    prepared_sample_dir, tmp_path, backend, binary_label):
+    prepared_sample_dir, tmp_path, request, backend, binary_label):
   """FedAvg with DP and adaptive clipping on each backend; the TFF worker's
   run also trains on a binary label (--binary_label: one output, its
   metrics). Fixed clipping (--target_unclipped_quantile 0) is the README's
-  DP command, checked in tests/test_readme.py."""
+  DP command, checked in tests/test_readme.py. ResNet-18 in-process, the
+  shallow test ResNet on the other backends (the DP aggregator does not
+  depend on the model)."""
+  if backend != backends.BACKEND_INPROCESS:
+    request.getfixturevalue("small_resnet")
   # 3 of the 13 training users per round; the noise is calibrated for the
   # whole population (simulated cohort 13, q = 1) and scaled by 3/13, which
   # keeps the adaptive clip's count noise feasible (see benchmark.dp).
@@ -347,10 +361,15 @@ def test_fedavg_raises_val_macro_averaged_precision(prepared_learning_dir,
   needs a few hundred sequential client steps, label priors (loss, micro AP)
   only a few.
 
-  Asserted with about half the measured margins: macro AP of the last two
-  evaluations above the initial one by >= 0.035, and rising from the first
-  half of training to the second; the loss falls. A run whose updates were
-  lost or not applied to the evaluated model stays at the initial values.
+  Client shuffles are unseeded, so runs differ: another run gave 0.209,
+  0.240, 0.285, 0.232, 0.240, 0.244 (one evaluation well above its
+  neighbours), so the curve is not monotone and is not asserted to be.
+
+  Asserted with about half the smallest measured margin: the mean macro AP
+  of the last three evaluations above the initial one by >= 0.025 (five
+  runs: +0.048 to +0.104); the loss falls. A run whose updates were lost or not
+  applied to the evaluated model stays at the initial values, and a model
+  that learned only the label priors stays at 0.17-0.19.
   """
   rounds, every = 24, 4
   final = federated.run_federated(_config(
@@ -367,9 +386,7 @@ def test_fedavg_raises_val_macro_averaged_precision(prepared_learning_dir,
   assert [e[0] for e in evaluated] == list(range(0, rounds + 1, every))
   _, initial_loss, initial_macro_ap = evaluated[0]
   macro = [ap for _, _, ap in evaluated[1:]]
-  assert min(macro[-2:]) > initial_macro_ap + 0.035, evaluated
-  half = len(macro) // 2
-  assert np.mean(macro[half:]) > np.mean(macro[:half]), evaluated
+  assert np.mean(macro[-3:]) > initial_macro_ap + 0.025, evaluated
   assert all(loss < initial_loss - 0.2 for _, loss, _ in evaluated[1:]), (
       evaluated)
   assert final["best_round"] > 0
@@ -457,6 +474,7 @@ def _still_running(processes: dict[int, str]) -> set[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("small_resnet")  # In the rerun as in the command.
 @pytest.mark.parametrize("backend", backends.BACKENDS)
 def test_killed_run_resumes_without_gaps_or_repeats(prepared_sample_dir,
                                                      tmp_path, caplog,
@@ -528,7 +546,8 @@ def test_full_disk_is_one_line_and_leaves_nothing_partial(
   root = small_filesystem(64 * 1024, fill_to_kib=30 * 1024)
   save_dir = os.path.join(root, "run")
   result = subprocess.run(
-      _main_command(prepared_sample_dir, save_dir, total_rounds=1),
+      _main_command(prepared_sample_dir, save_dir, resnet18=True,
+                    total_rounds=1),
       capture_output=True, text=True, env=_subprocess_env(), timeout=900,
       cwd=REPO_ROOT)
   assert result.returncode == 1, result.stderr[-3000:]

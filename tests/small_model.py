@@ -1,0 +1,47 @@
+"""A shallow ResNet for the tests of the training loops, in-process or as a
+command.
+
+Tests of resume, checkpoints, outputs and errors check the loops, not the
+network, yet most of a ResNet-18 run on a CPU goes to tracing and compiling
+its 18 layers (about 40 s before the first FedAvg round). These tests swap in
+`benchmark.model.resnet18` with fewer, narrower stages: the same builder,
+layers (convolutions, GroupNorm or frozen BatchNorm, a downsampling block,
+the classifier) and input/output contract, about 3x faster. ResNet-18 itself
+stays in the model, learning, restore, backend-equivalence, DP-on-the-sample
+and README tests.
+
+In a test process: the `small_resnet` fixture (tests/conftest.py). For a
+command in a subprocess: `command("benchmark.federated_main", flags)` runs
+the module as `python -m` would, with the small layout set first.
+"""
+
+import os
+import runpy
+import sys
+
+# Two stages of one basic block each; the second downsamples (stride 2, 1x1
+# projection), as three of ResNet-18's four stages do. 32 filters is the
+# smallest width GroupNorm's 32 groups allow.
+SMALL_LAYOUT = {"INITIAL_FILTERS": 32, "STAGE_FILTERS": (32, 64),
+                "BLOCKS_PER_STAGE": (1, 1)}
+
+
+def use(setattr_fn) -> None:
+  """Sets the small layout on `benchmark.model` through `setattr_fn(module,
+  name, value)` (pytest's `monkeypatch.setattr`, or plain `setattr`)."""
+  from benchmark import model  # pylint: disable=g-import-not-at-top
+  for name, value in SMALL_LAYOUT.items():
+    assert hasattr(model, name), name  # The layout's names must stay real.
+    setattr_fn(model, name, value)
+
+
+def command(module: str, args: list[str]) -> list[str]:
+  """The argv that runs `python -m module args...` with the small layout."""
+  return [sys.executable, os.path.abspath(__file__), module, *args]
+
+
+if __name__ == "__main__":
+  _module = sys.argv[1]
+  sys.argv = [_module, *sys.argv[2:]]
+  use(setattr)
+  runpy.run_module(_module, run_name="__main__", alter_sys=True)
