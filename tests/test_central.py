@@ -3,7 +3,10 @@
 
 Runs use tiny crops (32x32), batches of 8 and one or two epochs on the real
 FLAIR sample (35 images) or the generated FLAIR-like data, so that ResNet-18
-stays affordable on a CPU. The command line is only run in subprocesses: its
+stays affordable on a CPU. Tests of the loop and the command line (resume,
+errors, label kinds, outputs) use the shallow test ResNet of
+tests/small_model.py; the learning, restore, full-disk and write-every-output
+tests keep ResNet-18. The command line is only run in subprocesses: its
 absl flags would clash with other `*_main` modules in one test process.
 """
 
@@ -28,6 +31,7 @@ from benchmark import errors
 from benchmark import metrics
 from benchmark import model as model_lib
 from benchmark.errors import FlairInputError
+import small_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CROP = 32
@@ -111,7 +115,10 @@ def _check_outputs(save_dir, num_outputs, num_epochs, final):
     f["classifier"].visititems(
         lambda name, obj: kernels.append(obj.shape)
         if name.endswith("kernel:0") else None)
-  assert kernels == [(512, num_outputs)]
+  # The last stage's width: ResNet-18's, or the shallow test ResNet's.
+  widths = (512, small_model.SMALL_LAYOUT["STAGE_FILTERS"][-1])
+  assert len(kernels) == 1 and kernels[0] in [(w, num_outputs)
+                                              for w in widths], kernels
 
   # TensorBoard event files for training and validation.
   events = [os.path.join(d, n) for d, _, files in
@@ -256,6 +263,7 @@ def test_train_central_on_sample_writes_every_output(prepared_sample_dir,
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("small_resnet")
 @pytest.mark.parametrize("label_kind", ["binary", "fine_grained"])
 def test_train_central_binary_and_fine_grained(prepared_sample_dir, tmp_path,
                                                label_kind):
@@ -338,12 +346,16 @@ def test_restore_model_path_rejects_an_unreadable_file(prepared_sample_dir,
 # --- Command line ------------------------------------------------------------
 
 
-def _cli(tfrecords_dir, save_dir, *extra):
-  return [sys.executable, "-m", "benchmark.central_main",
-          "--tfrecords_dir", str(tfrecords_dir),
-          "--save_model_dir", str(save_dir), "--train_batch_size", "8",
-          "--eval_batch_size", "8", "--image_height", str(CROP),
-          "--image_width", str(CROP), "--learning_rate", "1e-3", *extra]
+def _cli(tfrecords_dir, save_dir, *extra, resnet18=False):
+  """`python -m benchmark.central_main` at tiny settings; the model is the
+  shallow test ResNet (tests/small_model.py) unless `resnet18`."""
+  flags = ["--tfrecords_dir", str(tfrecords_dir),
+           "--save_model_dir", str(save_dir), "--train_batch_size", "8",
+           "--eval_batch_size", "8", "--image_height", str(CROP),
+           "--image_width", str(CROP), "--learning_rate", "1e-3", *extra]
+  if resnet18:
+    return [sys.executable, "-m", "benchmark.central_main", *flags]
+  return small_model.command("benchmark.central_main", flags)
 
 
 def _run_cli(args, log_prefix):
@@ -552,7 +564,8 @@ def test_cli_full_disk_is_one_line_and_the_rerun_completes(
   command completes."""
   root = small_filesystem(400 * 1024, fill_to_kib=60 * 1024)
   save_dir = os.path.join(root, "run")
-  args = _cli(prepared_sample_dir, save_dir, "--num_epochs", "2")
+  args = _cli(prepared_sample_dir, save_dir, "--num_epochs", "2",
+              resnet18=True)
   returncode, _, stderr = _run_cli(args, str(tmp_path / "full"))
   line = _assert_one_line_error(
       returncode, stderr,
@@ -633,6 +646,7 @@ def test_tensorboard_on_a_full_disk_is_one_line_and_tidied(small_filesystem):
 # --- Bad data -------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("small_resnet")
 def test_image_tensorflow_cannot_decode_ends_training_naming_the_file(
     damaged_sample, prepared_sample_dir, tmp_path):
   """A JPEG that passes the pre-check (right first bytes) but that

@@ -3,7 +3,6 @@
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from benchmark import constants
 from benchmark import data
 from benchmark import iid
+import small_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,14 +81,16 @@ def _env():
 
 
 def _main(tfrecords_dir, save_dir, *extra):
+  """federated_main, one tiny round, with the shallow test ResNet
+  (tests/small_model.py)."""
   return subprocess.run(
-      [sys.executable, "-m", "benchmark.federated_main",
+      small_model.command("benchmark.federated_main", [
        f"--tfrecords_dir={tfrecords_dir}", f"--save_model_dir={save_dir}",
        "--total_rounds=1", "--clients_per_round=2", "--rounds_per_eval=1",
        "--image_height=24", "--image_width=24", "--client_batch_size=4",
        "--max_elements_per_client=4", "--client_epochs_per_round=1",
        "--eval_batch_size=16", "--client_datasets_random_seed=1",
-       *extra], capture_output=True, text=True, env=_env(), timeout=400,
+       *extra]), capture_output=True, text=True, env=_env(), timeout=400,
       cwd=REPO_ROOT)
 
 

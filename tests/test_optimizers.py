@@ -86,6 +86,7 @@ def _fedavg_aggregator():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("small_resnet")
 def test_fedprox_with_zero_strength_equals_fedavg(prepared_sample_dir,
                                                   monkeypatch):
   """Same state and cohort, server SGD and client SGD with momentum (so
@@ -110,6 +111,7 @@ def test_fedprox_with_zero_strength_equals_fedavg(prepared_sample_dir,
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("small_resnet")
 @pytest.mark.parametrize("name", ["sgdm", "adagrad", "yogi"])
 def test_one_round_with_each_server_optimizer_changes_the_model(
     prepared_sample_dir, name):
