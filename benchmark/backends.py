@@ -14,12 +14,13 @@ backend only executes a round of the learning process TFF built:
   process (`benchmark.tff_runtime`), the reference. It is built without
   CUDA (CPU only) and holds a round's client updates until the round's
   aggregation, so its memory grows with the cohort.
-* `ray`: the same compiled graphs in Ray actors (one per GPU, or
-  `num_workers` CPU actors), on an embedded local Ray or on a cluster
+* `ray`: the same compiled graphs in Ray actors (one per GPU, else one per
+  node, or `num_workers` actors), on an embedded local Ray or on a cluster
   (`ray_address`). Each actor receives the round's broadcast once through
   Ray's object store, trains the clients it is handed (the next client goes
   to the first actor that is free) and returns its partial sum; this process
-  merges the partial sums and updates the server state.
+  merges the partial sums and updates the server state. Without GPUs and
+  without `num_workers`, one actor per node uses all of the node's cores.
 
 All three run exactly the computations TFF built (`tff.learning` FedAvg and
 `tff.aggregators` DP); from the same state and cohort they give the same new
@@ -259,6 +260,43 @@ class InProcessBackend(_CompiledBackend):
     super().close()
 
 
+def ray_actor_plan(resources: dict, nodes: list[dict],
+                   num_workers: Optional[int]
+                   ) -> tuple[int, dict, int]:
+  """How many Ray actors train clients, and each one's resources.
+
+  Args:
+    resources: `ray.cluster_resources()` ({"CPU": n, "GPU": n, ...}).
+    nodes: `ray.nodes()` (dicts with "Alive" and "Resources").
+    num_workers: `--num_workers`, or None for the default.
+
+  Returns:
+    `(count, options, threads)`: the number of actors, their
+    `.options(...)` (Ray resources and scheduling), and TensorFlow's
+    intra-op threads in each (0: TensorFlow's default). With GPUs: one
+    actor per GPU (or `num_workers`), each taking a GPU and a CPU. Without:
+    `num_workers` actors sharing the cluster's CPUs; by default one actor
+    per alive node, using as many cores as the smallest node has, spread
+    over the nodes. One per node because each actor holds its own copy of
+    the client graph and of TensorFlow's runtime (1.3 GB RSS at 32x32
+    crops), as many as there are cores otherwise
+    (scripts/bench_fedavg_memory.py; README, "FedAvg backends").
+  """
+  num_gpus = int(resources.get("GPU", 0))
+  if num_gpus:
+    return num_workers or num_gpus, dict(num_gpus=1, num_cpus=1), 0
+  if num_workers:
+    cpus = max(1, int(resources.get("CPU", 1)))
+    per_actor = max(1, cpus // num_workers)
+    return num_workers, dict(num_cpus=per_actor), per_actor
+  node_cpus = [int(node["Resources"]["CPU"]) for node in nodes
+               if node.get("Alive")
+               and node.get("Resources", {}).get("CPU", 0) >= 1]
+  threads = min(node_cpus) if node_cpus else 1
+  return (max(1, len(node_cpus)),
+          dict(num_cpus=threads, scheduling_strategy="SPREAD"), threads)
+
+
 class RayBackend(_CompiledBackend):
   """Clients trained in Ray actors (`graph_runner.ClientTrainer` as an
   actor class); see the module docstring."""
@@ -267,18 +305,8 @@ class RayBackend(_CompiledBackend):
                num_workers: Optional[int]):
     super().__init__(compiled)
     ray = self._ray = ray_module
-    resources = ray.cluster_resources()
-    num_gpus = int(resources.get("GPU", 0))
-    if num_gpus:
-      count = num_workers or num_gpus
-      options = dict(num_gpus=1, num_cpus=1)
-      threads = 0
-    else:
-      cpus = int(resources.get("CPU", 1))
-      count = num_workers or cpus
-      per_actor = max(1, cpus // count)
-      options = dict(num_cpus=min(per_actor, cpus))
-      threads = per_actor
+    count, options, threads = ray_actor_plan(
+        ray.cluster_resources(), ray.nodes(), num_workers)
     actor_class = ray.remote(graph_runner.ClientTrainer)
     pieces = ray.put(compiled.client_pieces)
     self._actors = [
@@ -386,7 +414,8 @@ def open_backend(name: str,
     worker_log_path: `tff_worker`: where the worker's output goes.
     num_workers: clients trained at once: `inprocess` on the CPU (default
       1, using all cores) or on GPUs (default one per GPU); `ray`: actors
-      (default one per GPU of the cluster, else one per CPU).
+      (default one per GPU of the cluster, else one per node, using the
+      node's cores; `num_workers` CPU actors share the cluster's cores).
     ray_address: `ray`: the address of a running cluster (`ray start
       --head` prints it); None starts an embedded local Ray.
 

@@ -171,7 +171,8 @@ def _define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "num_workers", None,
       "Clients trained at once: with 'inprocess', parallel client trainers "
       "(default one per GPU, or 1 using all CPU cores); with 'ray', actors "
-      "(default one per GPU of the cluster, else one per CPU).",
+      "(default one per GPU of the cluster, else one per node using the "
+      "node's cores).",
       flag_values=flag_values)
   flags.DEFINE_enum(
       "algorithm", federated.ALGORITHM_FEDAVG, list(federated.ALGORITHMS),

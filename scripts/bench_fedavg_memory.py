@@ -2,7 +2,8 @@
 
     python scripts/bench_fedavg_memory.py [--tfrecords_dir T] \
         [--num_users 51414] [--cohorts 10,50,200] \
-        [--backends inprocess,ray,tff_worker] [--max_rss_gb 12]
+        [--backends inprocess,ray,tff_worker] [--max_rss_gb 12] \
+        [--num_workers N]
 
 Each (backend, cohort) runs in a child process that builds the trainer's
 FedAvg process (ResNet-18 GroupNorm, 17 coarse labels, 32x32 crops, 1 client
@@ -13,8 +14,9 @@ processes and actors included) every 0.2 s and prints the peak of its summed
 RSS and of its summed PSS (RSS counts pages shared between the processes,
 such as TensorFlow's libraries, once per process; PSS splits them, so it is
 what the tree takes from the machine), each beside the ratio to the
-smallest cohort's peak, and the PSS of each kind of process at the PSS
-peak. A tree that passes
+smallest cohort's peak, the PSS of each kind of process at the PSS peak
+and the RSS of each at the RSS peak. `--num_workers` is the backends'
+(`ray`: actors). A tree that passes
 `--max_rss_gb` is stopped and reported as over it (TFF's worker keeps every
 client's update until the round's aggregation, so its memory grows with the
 cohort).
@@ -57,6 +59,8 @@ _BACKENDS = flags.DEFINE_list(
     "backends", "inprocess,ray,tff_worker", "Backends to measure.")
 _MAX_RSS_GB = flags.DEFINE_float(
     "max_rss_gb", 12.0, "Stop a run whose process tree passes this RSS.")
+_NUM_WORKERS = flags.DEFINE_integer(
+    "num_workers", None, "The backends' --num_workers (default theirs).")
 _CHILD = flags.DEFINE_string(
     "child", None, "Internal: run one measurement, 'backend:cohort'.")
 
@@ -99,7 +103,7 @@ def _tree_memory(pid: int) -> tuple[int, int, list[tuple[str, int]]]:
     rss, pss = _process_memory(member)
     rss_total += rss
     pss_total += pss
-    members.append((_process_name(member), pss))
+    members.append((_process_name(member), pss, rss))
   return rss_total, pss_total, members
 
 
@@ -130,7 +134,8 @@ def _child(tfrecords_dir: str, spec: str) -> None:
   ids = list(train.client_ids)
   rng = np.random.default_rng(0)
   times = []
-  with backends.open_backend(name, composed, cohort) as backend:
+  with backends.open_backend(name, composed, cohort,
+                             num_workers=_NUM_WORKERS.value) as backend:
     backend.set_state(backend.initialize(weights))
     for _ in range(2):
       chosen = [ids[i] for i in rng.choice(len(ids), cohort, replace=False)]
@@ -143,10 +148,13 @@ def _child(tfrecords_dir: str, spec: str) -> None:
 def _measure(tfrecords_dir: str, name: str, cohort: int) -> dict:
   command = [sys.executable, os.path.abspath(__file__),
              f"--tfrecords_dir={tfrecords_dir}", f"--child={name}:{cohort}"]
+  if _NUM_WORKERS.value:
+    command.append(f"--num_workers={_NUM_WORKERS.value}")
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   limit = _MAX_RSS_GB.value * 2**30
   peak_rss = peak_pss = 0
   at_peak = []
+  at_rss_peak = []
   over = False
   with tempfile.TemporaryFile("w+") as out:
     process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
@@ -154,7 +162,8 @@ def _measure(tfrecords_dir: str, name: str, cohort: int) -> dict:
     try:
       while process.poll() is None:
         rss, pss, members = _tree_memory(process.pid)
-        peak_rss = max(peak_rss, rss)
+        if rss > peak_rss:
+          peak_rss, at_rss_peak = rss, members
         if pss > peak_pss:
           peak_pss, at_peak = pss, members
         if rss > limit:
@@ -171,7 +180,8 @@ def _measure(tfrecords_dir: str, name: str, cohort: int) -> dict:
     out.seek(0)
     lines = out.read().splitlines()
   result = {"peak_rss_gb": peak_rss / 2**30, "peak_pss_gb": peak_pss / 2**30,
-            "over_limit": over, "at_peak": at_peak}
+            "over_limit": over, "at_peak": at_peak,
+            "at_rss_peak": at_rss_peak}
   found = [l for l in lines if l.startswith("RESULT ")]
   if found:
     result.update(json.loads(found[-1][len("RESULT "):]))
@@ -180,14 +190,20 @@ def _measure(tfrecords_dir: str, name: str, cohort: int) -> dict:
   return result
 
 
-def _breakdown(members: list[tuple[str, int]]) -> str:
-  """'name PSS-GB' per process name (summed), largest first."""
+def _breakdown(members: list[tuple[str, int, int]], column: int = 1) -> str:
+  """'name GB' per process name (summed; PSS, or RSS with `column` 2),
+  largest first, with the count of processes of that name if several."""
   by_name = {}
-  for name, pss in members:
-    by_name[name] = by_name.get(name, 0) + pss
-  return ", ".join(f"{name} {pss / 2**30:.2f}" for name, pss in
-                   sorted(by_name.items(), key=lambda item: -item[1])
-                   if pss >= 2**24)
+  counts = {}
+  for member in members:
+    name = member[0]
+    by_name[name] = by_name.get(name, 0) + member[column]
+    counts[name] = counts.get(name, 0) + 1
+  return ", ".join(
+      f"{name}{f' x{counts[name]}' if counts[name] > 1 else ''} "
+      f"{size / 2**30:.2f}"
+      for name, size in sorted(by_name.items(), key=lambda item: -item[1])
+      if size >= 2**24)
 
 
 def _run(tfrecords_dir: str) -> None:
@@ -209,6 +225,8 @@ def _run(tfrecords_dir: str) -> None:
             f"{_breakdown(result['at_peak'])}"
             + (f"  {result['error']}" if "error" in result else ""),
             flush=True)
+      print(f"{'':12s} {'':6s} RSS GB by process at the RSS peak: "
+            f"{_breakdown(result['at_rss_peak'], 2)}", flush=True)
 
 
 def main(argv):

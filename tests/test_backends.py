@@ -136,3 +136,23 @@ def test_open_backend_rejects_bad_choices():
     federated.FederatedConfig(tfrecords_dir="x", ray_address="1.2.3.4:6379")
   with pytest.raises(FlairInputError, match="--backend"):
     federated.FederatedConfig(tfrecords_dir="x", backend="gpu")
+
+
+def test_ray_actors_are_one_per_gpu_else_one_per_node_using_its_cores():
+  nodes = [{"Alive": True, "Resources": {"CPU": 8.0}},
+           {"Alive": True, "Resources": {"CPU": 4.0}},
+           {"Alive": False, "Resources": {"CPU": 16.0}},  # Gone.
+           {"Alive": True, "Resources": {"memory": 1e9}}]  # No CPU.
+  # No GPU: one actor per alive node with CPUs, as many threads as the
+  # smallest has, spread over the nodes.
+  assert backends.ray_actor_plan({"CPU": 12.0}, nodes, None) == (
+      2, {"num_cpus": 4, "scheduling_strategy": "SPREAD"}, 4)
+  # --num_workers N: N actors share the cluster's cores.
+  assert backends.ray_actor_plan({"CPU": 12.0}, nodes, 3) == (
+      3, {"num_cpus": 4}, 4)
+  assert backends.ray_actor_plan({"CPU": 2.0}, nodes, 5) == (
+      5, {"num_cpus": 1}, 1)
+  # GPUs: one actor per GPU (or N), each with a GPU and TF's own threads.
+  assert backends.ray_actor_plan({"CPU": 12.0, "GPU": 3.0}, nodes, None) == (
+      3, {"num_gpus": 1, "num_cpus": 1}, 0)
+  assert backends.ray_actor_plan({"CPU": 12.0, "GPU": 3.0}, nodes, 6)[0] == 6
