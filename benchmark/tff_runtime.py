@@ -64,6 +64,8 @@ _PR_SET_PDEATHSIG = 1
 _READY_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 10.0
 _WATCHDOG_PERIOD_S = 0.5
+# The signal the watchdog interrupts the main thread with (see `_Watchdog`).
+_WATCHDOG_SIGNAL = signal.SIGUSR2
 # After a call to the worker fails: how long to wait for the worker to have
 # exited before taking the failure for something other than its death (a
 # worker killed mid-call is gone within milliseconds; this covers a loaded
@@ -176,9 +178,14 @@ class _Watchdog:
 
   A blocked TFF call on a dead worker never returns (TFF's context retries
   the lost connection forever, while the main thread waits on a lock). The
-  watchdog sends SIGINT to the main thread, which wakes it as Ctrl-C would
-  (KeyboardInterrupt); `local_runtime()` turns that into
-  `TffWorkerDiedError`.
+  watchdog sends `_WATCHDOG_SIGNAL` to the main thread, whose handler (set
+  here for the life of the watchdog) raises `TffWorkerDiedError` there.
+  Not SIGINT: a command started in the background by a non-interactive
+  shell (`cmd &` in a script, nohup) inherits SIGINT ignored, and then the
+  interruption would be lost and the run would hang. Created off the main
+  thread (where no handler can be set), it sends SIGINT, which wakes the
+  main thread as Ctrl-C would (KeyboardInterrupt); `local_runtime()` turns
+  that into `TffWorkerDiedError` too.
   """
 
   def __init__(self, process: subprocess.Popen, log_path: Optional[str]):
@@ -186,21 +193,35 @@ class _Watchdog:
     self._log_path = log_path
     self._stopped = threading.Event()
     self.fired = False
+    self._previous_handler = None
+    self._signal = signal.SIGINT
+    if threading.current_thread() is threading.main_thread():
+      self._signal = _WATCHDOG_SIGNAL
+      self._previous_handler = signal.signal(_WATCHDOG_SIGNAL,
+                                             self._on_signal)
     self._thread = threading.Thread(target=self._watch, daemon=True,
                                     name="tff-worker-watchdog")
     self._thread.start()
+
+  def _on_signal(self, signum, frame) -> None:
+    del signum, frame
+    if self.fired:  # Not a stray signal from elsewhere.
+      raise self.error()
 
   def _watch(self) -> None:
     while not self._stopped.wait(_WATCHDOG_PERIOD_S):
       if self._process.poll() is not None:
         if not self._stopped.is_set():
           self.fired = True
-          signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+          signal.pthread_kill(threading.main_thread().ident, self._signal)
         return
 
   def stop(self) -> None:
     self._stopped.set()
     self._thread.join()
+    if self._previous_handler is not None:
+      signal.signal(_WATCHDOG_SIGNAL, self._previous_handler)
+      self._previous_handler = None
 
   def error(self) -> TffWorkerDiedError:
     returncode = self._process.poll()

@@ -225,8 +225,12 @@ def pytest_collection_modifyitems(session, config, items):
   when the worker dies) failed when they ran last, after the Ray and
   in-process backend tests had run in the same pytest process: the main
   thread was not interrupted. Each passes alone and the suite's other
-  watchdog test (a subprocess) passed; the cause in the shared process is not
-  found yet. Running them first keeps them meaningful.
+  watchdog test (a subprocess) passed. A later run started with `&` from a
+  script failed them even when they ran first: such a shell starts the
+  command with SIGINT ignored, and the watchdog's SIGINT was lost. The
+  watchdog now interrupts with its own signal
+  (test_the_watchdog_works_with_sigint_ignored); whether that was also the
+  cause of the first failures is not known, so they still run first.
 
   Slow tests next: `make test` runs the suite in parallel processes
   (pytest-xdist), which take tests in this order; long tests started early

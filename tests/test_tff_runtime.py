@@ -103,6 +103,23 @@ def test_a_worker_killed_while_idle_becomes_a_clear_error():
 
 
 @pytest.mark.timeout(120)
+def test_the_watchdog_works_with_sigint_ignored():
+  """As in a command started with `&` by a script (the shell sets SIGINT
+  ignored): the worker's death still interrupts the main thread."""
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    with pytest.raises(TffWorkerDiedError, match="SIGKILL"):
+      with tff_runtime.local_runtime() as runtime:
+        _kill_worker(runtime)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # The watchdog interrupts this.
+          time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.timeout(120)
 def test_a_tff_call_on_a_dead_worker_fails_instead_of_hanging():
   # TFF's own context retries a lost connection forever; the watchdog must
   # turn the blocked call into an error.
