@@ -94,9 +94,9 @@ def _process_name(pid: int) -> str:
     return "?"
 
 
-def _tree_memory(pid: int) -> tuple[int, int, list[tuple[str, int]]]:
+def _tree_memory(pid: int) -> tuple[int, int, list[tuple[str, int, int]]]:
   """Sums of RSS and PSS over `pid` and its descendants, and each
-  process's (name, PSS)."""
+  process's (name, PSS, RSS), in bytes."""
   rss_total = pss_total = 0
   members = []
   for member in [pid] + list(process_guard.descendants(pid)):

@@ -228,9 +228,10 @@ def pytest_collection_modifyitems(session, config, items):
   watchdog test (a subprocess) passed. A later run started with `&` from a
   script failed them even when they ran first: such a shell starts the
   command with SIGINT ignored, and the watchdog's SIGINT was lost. The
-  watchdog now interrupts with its own signal
-  (test_the_watchdog_works_with_sigint_ignored); whether that was also the
-  cause of the first failures is not known, so they still run first.
+  watchdog now interrupts with its own signal (checked with SIGINT ignored
+  by test_a_worker_killed_while_idle_becomes_a_clear_error[ignored]);
+  whether that was also the cause of the first failures is not known, so
+  they still run first.
 
   Slow tests next: `make test` runs the suite in parallel processes
   (pytest-xdist), which take tests in this order; long tests started early

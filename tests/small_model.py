@@ -37,8 +37,15 @@ def use(setattr_fn) -> None:
     setattr_fn(model, name, value)
 
 
-def command(module: str, args: list[str]) -> list[str]:
-  """The argv that runs `python -m module args...` with the small layout."""
+# The width of the last stage, which feeds the classifier.
+WIDTH = SMALL_LAYOUT["STAGE_FILTERS"][-1]
+
+
+def command(module: str, args: list[str], shallow: bool = True) -> list[str]:
+  """The argv that runs `python -m module args...`, with the small layout
+  unless `shallow` is False (then the module's own ResNet-18)."""
+  if not shallow:
+    return [sys.executable, "-m", module, *args]
   return [sys.executable, os.path.abspath(__file__), module, *args]
 
 

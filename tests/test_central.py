@@ -76,8 +76,10 @@ def _evaluate_untrained(config, num_outputs, partition=constants.VAL):
   return model.evaluate(dataset, return_dict=True, verbose=0)
 
 
-def _check_outputs(save_dir, num_outputs, num_epochs, final):
-  """Asserts every output file of a finished run and returns the CSV rows."""
+def _check_outputs(save_dir, num_outputs, num_epochs, final, width=None):
+  """Asserts every output file of a finished run and returns the CSV rows.
+  `width`: the classifier's input width; default that of the model this
+  process builds (ResNet-18's 512, or the `small_resnet` fixture's)."""
   names = metrics.metric_names(num_outputs)
   save_dir = str(save_dir)
 
@@ -115,10 +117,9 @@ def _check_outputs(save_dir, num_outputs, num_epochs, final):
     f["classifier"].visititems(
         lambda name, obj: kernels.append(obj.shape)
         if name.endswith("kernel:0") else None)
-  # The last stage's width: ResNet-18's, or the shallow test ResNet's.
-  widths = (512, small_model.SMALL_LAYOUT["STAGE_FILTERS"][-1])
-  assert len(kernels) == 1 and kernels[0] in [(w, num_outputs)
-                                              for w in widths], kernels
+  if width is None:
+    width = model_lib.STAGE_FILTERS[-1]
+  assert kernels == [(width, num_outputs)]
 
   # TensorBoard event files for training and validation.
   events = [os.path.join(d, n) for d, _, files in
@@ -353,9 +354,8 @@ def _cli(tfrecords_dir, save_dir, *extra, resnet18=False):
            "--save_model_dir", str(save_dir), "--train_batch_size", "8",
            "--eval_batch_size", "8", "--image_height", str(CROP),
            "--image_width", str(CROP), "--learning_rate", "1e-3", *extra]
-  if resnet18:
-    return [sys.executable, "-m", "benchmark.central_main", *flags]
-  return small_model.command("benchmark.central_main", flags)
+  return small_model.command("benchmark.central_main", flags,
+                             shallow=not resnet18)
 
 
 def _run_cli(args, log_prefix):
@@ -467,7 +467,8 @@ def test_cli_resumes_after_kill(prepared_sample_dir, tmp_path):
   num_outputs = len(_label_index(prepared_sample_dir)[constants.LABELS_KEY])
   with open(save_dir / constants.FINAL_METRICS_FILE, encoding="utf-8") as f:
     final = json.load(f)
-  after = _check_outputs(save_dir, num_outputs, num_epochs, final)
+  after = _check_outputs(save_dir, num_outputs, num_epochs, final,
+                         width=small_model.WIDTH)
   # Epochs finished before the kill (all but possibly the last one, which
   # may have been killed before its backup) keep their rows unchanged.
   assert after[:len(before) - 1] == before[:len(before) - 1]
@@ -548,7 +549,8 @@ def test_cli_refuses_another_run_in_its_directory_until_overwrite(
   assert not (save_dir / f"resnet18_central_{num_labels}labels.h5").exists()
   with open(save_dir / constants.FINAL_METRICS_FILE, encoding="utf-8") as f:
     final = json.load(f)
-  _check_outputs(save_dir, 1, 1, final)  # 11 columns, one row per epoch.
+  # 11 columns, one row per epoch.
+  _check_outputs(save_dir, 1, 1, final, width=small_model.WIDTH)
   with open(save_dir / constants.RUN_IDENTITY_FILE, encoding="utf-8") as f:
     identity = json.load(f)
   assert identity["settings"]["binary_label"] == "structure"

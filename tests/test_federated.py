@@ -4,7 +4,8 @@ End-to-end runs use tiny settings (32x32 crops, batch 4, at most 8 images per
 client, 1 local epoch, 3 rounds of 3 clients) so that ResNet-18 trains in
 seconds per round on a CPU; building the TFF computations dominates. Tests of
 the loop (resume, kill, errors, backends' outputs) use the shallow test
-ResNet of tests/small_model.py, which builds about 3x faster; the learning,
+ResNet of tests/small_model.py (a 3-round run: 14 s in-process against 46 s
+with ResNet-18); the learning,
 restore, full-disk and in-process DP tests keep ResNet-18.
 """
 
@@ -17,7 +18,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 from absl import logging as absl_logging
@@ -68,10 +68,9 @@ def _tiny_flags(tfrecords_dir, save_dir, **overrides):
 def _main_command(tfrecords_dir, save_dir, resnet18=False, **overrides):
   """`python -m benchmark.federated_main` with the TINY flags; the model is
   the shallow test ResNet (tests/small_model.py) unless `resnet18`."""
-  flags = _tiny_flags(tfrecords_dir, save_dir, **overrides)
-  if resnet18:
-    return [sys.executable, "-m", "benchmark.federated_main"] + flags
-  return small_model.command("benchmark.federated_main", flags)
+  return small_model.command(
+      "benchmark.federated_main",
+      _tiny_flags(tfrecords_dir, save_dir, **overrides), shallow=not resnet18)
 
 
 def _subprocess_env():
