@@ -73,17 +73,25 @@ def config_from_flags(
                                central.TRAINER_NAME, flag_values)
 
 
+def run_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
+  """The command after its flags are parsed: validates them, checks the
+  data, claims the save directory, trains, prints the final metrics (JSON)
+  and returns them. Raises FlairInputError (bad flag or data; nothing
+  written) or OutputWriteError, which `main` turns into one line."""
+  config = config_from_flags(flag_values)
+  # Rejects bad data flags before writing files.
+  label_spec, _ = central.load_inputs(config)
+  config, bad = cli.claim_run(config, label_spec, central.TRAINER_NAME,
+                              _CONFIG_FLAGS, _RESULT_FLAGS, flag_values)
+  final = central.train_central(config)
+  return cli.finish_run(config.save_model_dir, final, bad)
+
+
 @errors.exit_on_input_error
 def main(argv: list[str]) -> None:
   """Trains as the parsed flags say and prints the final metrics (JSON)."""
   cli.reject_positional_args(argv)
-  config = config_from_flags()
-  # Rejects bad data flags before writing files.
-  label_spec, _ = central.load_inputs(config)
-  config, bad = cli.claim_run(config, label_spec, central.TRAINER_NAME,
-                              _CONFIG_FLAGS, _RESULT_FLAGS)
-  final = central.train_central(config)
-  cli.finish_run(config.save_model_dir, final, bad)
+  run_from_flags()
 
 
 # Console-script entry point (`flair-central`).

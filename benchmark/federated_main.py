@@ -248,12 +248,14 @@ def config_from_flags(
                                _TRAINER, flag_values)
 
 
-@errors.exit_on_input_error
-def main(argv: list[str]) -> None:
-  """Trains as the parsed flags say and prints the final metrics (JSON)."""
-  cli.reject_positional_args(argv)
-  config = config_from_flags()
-  if flags.FLAGS["clients_per_thread"].present:
+def run_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
+  """The command after its flags are parsed: validates them, checks the
+  data, claims the save directory, trains, prints the final metrics (JSON)
+  and returns them. Raises FlairInputError (bad flag or data, nothing
+  written; or a record that fails in training, naming its file),
+  OutputWriteError or BackendDiedError, which `main` turns into one line."""
+  config = config_from_flags(flag_values)
+  if flag_values["clients_per_thread"].present:
     logging.warning(
         "--clients_per_thread %d has no effect: it is accepted for the "
         "original command line only (each --backend schedules a round's "
@@ -267,7 +269,7 @@ def main(argv: list[str]) -> None:
                   + (_DP_RESULT_FLAGS if config.epsilon > 0 else ())
                   + (_IID_RESULT_FLAGS if config.iid else ()))
   config, bad = cli.claim_run(config, label_spec, _TRAINER, _CONFIG_FLAGS,
-                              result_flags)
+                              result_flags, flag_values)
   try:
     final = federated.run_federated(config)
   except Exception as e:  # pylint: disable=broad-except
@@ -278,7 +280,14 @@ def main(argv: list[str]) -> None:
       raise
     raise data.training_data_error(config.tfrecords_dir, label_spec,
                                    e) from None
-  cli.finish_run(config.save_model_dir, final, bad)
+  return cli.finish_run(config.save_model_dir, final, bad)
+
+
+@errors.exit_on_input_error
+def main(argv: list[str]) -> None:
+  """Trains as the parsed flags say and prints the final metrics (JSON)."""
+  cli.reject_positional_args(argv)
+  run_from_flags()
 
 
 # Console-script entry point (`flair-federated`).

@@ -11,6 +11,7 @@ from benchmark import central
 from benchmark import cli
 from benchmark import errors
 from benchmark import federated
+import flag_harness
 
 _COMMANDS = ("benchmark.central_main", "benchmark.federated_main",
              "benchmark.demo", "benchmark.explore",
@@ -19,14 +20,6 @@ _COMMANDS = ("benchmark.central_main", "benchmark.federated_main",
 _SHARED = ("tfrecords_dir", "eval_batch_size", "restore_model_path",
            "save_model_dir", "skip_bad_records", "overwrite", "image_height",
            "image_width", "use_fine_grained_labels", "binary_label")
-
-
-def _parsed(module_name, *args):
-  """The command's flags, defined in a fresh FlagValues and parsed."""
-  flag_values = flags.FlagValues()
-  importlib.import_module(module_name)._define_flags(flag_values)
-  flag_values(["prog", *args])
-  return flag_values
 
 
 def test_all_commands_import_in_one_process_and_define_no_flag_at_import():
@@ -68,12 +61,12 @@ def test_the_trainers_share_one_definition_of_their_common_flags():
                                          "benchmark.federated_main"])
 def test_tfrecords_dir_is_required(module_name):
   with pytest.raises(flags.IllegalFlagValueError, match="tfrecords_dir"):
-    _parsed(module_name)
+    flag_harness.parse(module_name)
 
 
 def test_central_flags_become_a_central_config(tmp_path):
   from benchmark import central_main  # pylint: disable=import-outside-toplevel
-  flag_values = _parsed(
+  flag_values = flag_harness.parse(
       "benchmark.central_main", "--tfrecords_dir=/data/t",
       f"--save_model_dir={tmp_path}", "--image_height=32", "--num_epochs=3",
       "--learning_rate=0.5", "--binary_label=food", "--skip_bad_records")
@@ -88,7 +81,7 @@ def test_central_flags_become_a_central_config(tmp_path):
 
 def test_federated_flags_become_a_federated_config(tmp_path):
   from benchmark import federated_main  # pylint: disable=import-outside-toplevel
-  flag_values = _parsed(
+  flag_values = flag_harness.parse(
       "benchmark.federated_main", "--tfrecords_dir=/data/t",
       f"--save_model_dir={tmp_path}", "--clients_per_round=7",
       "--epsilon=2", "--server_optimizer=sgdm", "--image_width=48")
@@ -105,7 +98,7 @@ def test_unset_save_model_dir_becomes_a_new_run_dir(tmp_path, monkeypatch):
   from benchmark import central_main  # pylint: disable=import-outside-toplevel
   monkeypatch.chdir(tmp_path)
   config = central_main.config_from_flags(
-      _parsed("benchmark.central_main", "--tfrecords_dir=/data/t"))
+      flag_harness.parse("benchmark.central_main", "--tfrecords_dir=/data/t"))
   parent, name = os.path.split(config.save_model_dir)
   assert os.path.basename(parent) == "runs"
   assert name.startswith("central-")
@@ -113,7 +106,7 @@ def test_unset_save_model_dir_becomes_a_new_run_dir(tmp_path, monkeypatch):
 
 def test_a_bad_value_is_refused_naming_the_flag(tmp_path):
   from benchmark import federated_main  # pylint: disable=import-outside-toplevel
-  flag_values = _parsed("benchmark.federated_main", "--tfrecords_dir=/t",
+  flag_values = flag_harness.parse("benchmark.federated_main", "--tfrecords_dir=/t",
                         f"--save_model_dir={tmp_path}", "--eval_batch_size=0")
   with pytest.raises(errors.FlairInputError, match="--eval_batch_size"):
     federated_main.config_from_flags(flag_values)
