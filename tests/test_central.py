@@ -6,12 +6,15 @@ FLAIR sample (35 images) or the generated FLAIR-like data, so that ResNet-18
 stays affordable on a CPU. Tests of the loop and the command line (resume,
 errors, label kinds, outputs) use the shallow test ResNet of
 tests/small_model.py; the learning, restore, full-disk and write-every-output
-tests keep ResNet-18. The command line is only run in subprocesses: its
-absl flags would clash with other `*_main` modules in one test process.
+tests keep ResNet-18. The command's work after flag parsing runs in this
+process (`tests/flag_harness.py`, flags in a FlagValues of their own);
+subprocesses only where the process itself is what is checked: exit status
+and the one `error:` line, kill -9 and a full disk's missing crash.
 """
 
 import csv
 import json
+import logging
 import math
 import os
 import signal
@@ -31,6 +34,7 @@ from benchmark import errors
 from benchmark import metrics
 from benchmark import model as model_lib
 from benchmark.errors import FlairInputError
+import flag_harness
 import small_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -347,15 +351,26 @@ def test_restore_model_path_rejects_an_unreadable_file(prepared_sample_dir,
 # --- Command line ------------------------------------------------------------
 
 
+def _cli_flags(tfrecords_dir, save_dir, *extra):
+  """central_main's flags at tiny settings, then `extra`."""
+  return ["--tfrecords_dir", str(tfrecords_dir),
+          "--save_model_dir", str(save_dir), "--train_batch_size", "8",
+          "--eval_batch_size", "8", "--image_height", str(CROP),
+          "--image_width", str(CROP), "--learning_rate", "1e-3", *extra]
+
+
 def _cli(tfrecords_dir, save_dir, *extra, resnet18=False):
   """`python -m benchmark.central_main` at tiny settings; the model is the
   shallow test ResNet (tests/small_model.py) unless `resnet18`."""
-  flags = ["--tfrecords_dir", str(tfrecords_dir),
-           "--save_model_dir", str(save_dir), "--train_batch_size", "8",
-           "--eval_batch_size", "8", "--image_height", str(CROP),
-           "--image_width", str(CROP), "--learning_rate", "1e-3", *extra]
-  return small_model.command("benchmark.central_main", flags,
+  return small_model.command("benchmark.central_main",
+                             _cli_flags(tfrecords_dir, save_dir, *extra),
                              shallow=not resnet18)
+
+
+def _run_in_process(flag_list):
+  """central_main's work on `flag_list` in this process (the model is
+  whatever `benchmark.model` builds here); returns the final metrics."""
+  return flag_harness.run_from_flags("benchmark.central_main", *flag_list)
 
 
 def _run_cli(args, log_prefix):
@@ -380,43 +395,43 @@ def _assert_one_line_error(returncode, stderr, flag):
   return error_lines[0]
 
 
-def test_cli_unknown_binary_label_is_one_line_error(prepared_sample_dir,
-                                                    tmp_path):
+def test_unknown_binary_label_is_refused_listing_the_labels(
+    prepared_sample_dir, tmp_path):
+  """central_main (in this process) refuses an unknown --binary_label with
+  one line listing the valid labels, before writing anything. That the
+  command turns such an error into one line and exit status 1 is
+  test_cli_full_disk_is_one_line_and_the_rerun_completes's."""
   save_dir = tmp_path / "run"
-  returncode, _, stderr = _run_cli(
-      _cli(prepared_sample_dir, save_dir, "--binary_label", "no_such"),
-      str(tmp_path / "cli"))
-  line = _assert_one_line_error(returncode, stderr, "--binary_label")
+  with pytest.raises(FlairInputError, match="--binary_label") as info:
+    _run_in_process(_cli_flags(prepared_sample_dir, save_dir,
+                               "--binary_label", "no_such"))
+  line = str(info.value)
+  assert "\n" not in line
   for name in _label_index(prepared_sample_dir)[constants.LABELS_KEY]:
     assert name in line
   assert not save_dir.exists()  # nothing written for bad input
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing_dir", "batch_size"])
-def test_cli_bad_input_is_one_line_error(prepared_sample_dir, tmp_path, case):
-  """The command line turns a bad input into one line and exit status 1,
-  writing nothing: a bad directory (found by `central.load_inputs`) and a
-  bad value (found by `CentralConfig`). Which values and directories are
-  refused, and their messages, are the fast tests above."""
+def test_bad_input_is_refused_naming_the_flag_before_writing(
+    prepared_sample_dir, tmp_path, case):
+  """central_main refuses a bad directory (found by `central.load_inputs`)
+  and a bad value (found by `CentralConfig`) with a one-line
+  FlairInputError naming the flag, before writing anything. That the
+  command turns it into one line and exit status 1 is the full-disk test's;
+  which values and directories are refused, and their messages, are the
+  fast tests further up. (A missing --tfrecords_dir is absl's own error:
+  tests/test_cli.py.)"""
   tfrecords_dir, extra, flag = prepared_sample_dir, [], None
   if case == "missing_dir":
     tfrecords_dir, flag = tmp_path / "missing", "--tfrecords_dir"
   else:
     extra, flag = ["--train_batch_size", "0"], "--train_batch_size"
   save_dir = tmp_path / "run"
-  returncode, _, stderr = _run_cli(_cli(tfrecords_dir, save_dir, *extra),
-                                   str(tmp_path / "cli"))
-  _assert_one_line_error(returncode, stderr, flag)
+  with pytest.raises(FlairInputError, match=flag) as info:
+    _run_in_process(_cli_flags(tfrecords_dir, save_dir, *extra))
+  assert "\n" not in str(info.value)
   assert not save_dir.exists()
-
-
-@pytest.mark.slow
-def test_cli_requires_tfrecords_dir(tmp_path):
-  returncode, _, stderr = _run_cli(
-      [sys.executable, "-m", "benchmark.central_main"], str(tmp_path / "cli"))
-  assert returncode != 0
-  assert "--tfrecords_dir" in stderr and "Traceback" not in stderr
 
 
 def _csv_rows(path):
@@ -429,10 +444,17 @@ def _csv_rows(path):
 
 
 @pytest.mark.slow
-def test_cli_resumes_after_kill(prepared_sample_dir, tmp_path):
+@pytest.mark.usefixtures("small_resnet")
+def test_cli_resumes_after_kill(prepared_sample_dir, tmp_path, caplog,
+                                capsys):
+  """The command killed (kill -9) after two epochs; the same command run
+  again (in this process, with the same shallow model) resumes after the
+  last backed-up epoch and completes every output."""
   num_epochs = 5
   save_dir = tmp_path / "run"
   csv_path = str(save_dir / constants.METRICS_CSV_FILE)
+  flag_list = _cli_flags(prepared_sample_dir, save_dir, "--num_epochs",
+                        str(num_epochs))
   args = _cli(prepared_sample_dir, save_dir, "--num_epochs", str(num_epochs))
 
   # First run: SIGKILL as soon as two epochs are in metrics.csv. Epoch 0's
@@ -460,13 +482,18 @@ def test_cli_resumes_after_kill(prepared_sample_dir, tmp_path):
   assert not (save_dir / constants.FINAL_METRICS_FILE).exists()
 
   # Second run, same command: continues after the last backed-up epoch.
-  returncode, stdout, stderr = _run_cli(args, str(tmp_path / "second"))
-  assert returncode == 0, stderr[-3000:]
-  assert "Resuming from the backup" in stderr
-  assert "Epoch 1/" not in stdout  # Keras' per-epoch header (1-based)
+  capsys.readouterr()
+  with caplog.at_level(logging.INFO, logger="absl"):
+    printed = _run_in_process(flag_list)
+  stdout = capsys.readouterr().out
+  assert "Resuming from the backup" in caplog.text
+  assert f"Epoch {num_epochs}/{num_epochs}" in stdout  # Keras' header,
+  assert "Epoch 1/" not in stdout  # 1-based, printed for each epoch trained.
   num_outputs = len(_label_index(prepared_sample_dir)[constants.LABELS_KEY])
   with open(save_dir / constants.FINAL_METRICS_FILE, encoding="utf-8") as f:
     final = json.load(f)
+  assert printed == final
+  assert json.loads(stdout[stdout.rindex("\n{"):]) == final
   after = _check_outputs(save_dir, num_outputs, num_epochs, final,
                          width=small_model.WIDTH)
   # Epochs finished before the kill (all but possibly the last one, which
@@ -499,56 +526,55 @@ def _dir_files(directory):
   return found
 
 
-@pytest.mark.slow
-def test_cli_refuses_another_run_in_its_directory_until_overwrite(
-    prepared_sample_dir, tmp_path):
-  """The first run has no --save_model_dir: it writes to its own new
-  ./runs/central-<UTC time>, named in the log, and nothing else in the
-  working directory. A binary-label rerun and a federated run into that
+@pytest.mark.usefixtures("small_resnet")
+def test_a_run_directory_refuses_another_run_until_overwrite(
+    prepared_sample_dir, tmp_path, monkeypatch, caplog):
+  """central_main (in this process) without --save_model_dir writes to its
+  own new ./runs/central-<UTC time>, named in the log, and nothing else in
+  the working directory. A binary-label rerun and a federated run into that
   directory are refused with one line, nothing changed; `--overwrite`
   removes the old run's files and starts afresh."""
-  args = _cli(prepared_sample_dir, "unused", "--num_epochs", "1")
-  i = args.index("--save_model_dir")
-  del args[i:i + 2]
+  flag_list = _cli_flags(prepared_sample_dir, "unused", "--num_epochs", "1")
+  i = flag_list.index("--save_model_dir")
+  del flag_list[i:i + 2]
   cwd = tmp_path / "cwd"
   cwd.mkdir()
-  process = subprocess.run(
-      args, cwd=cwd, capture_output=True, text=True, timeout=_CLI_TIMEOUT_S,
-      check=False, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
-  assert process.returncode == 0, process.stderr[-3000:]
+  monkeypatch.chdir(cwd)
+  with caplog.at_level(logging.INFO, logger="absl"):
+    _run_in_process(flag_list)
   runs = os.listdir(cwd / constants.DEFAULT_RUNS_DIR)
   assert len(runs) == 1 and runs[0].startswith("central-"), runs
   assert sorted(os.listdir(cwd)) == [constants.DEFAULT_RUNS_DIR]
-  assert f"--save_model_dir runs/{runs[0]}" in process.stderr
+  assert f"--save_model_dir runs/{runs[0]}" in caplog.text
   save_dir = cwd / constants.DEFAULT_RUNS_DIR / runs[0]
 
   num_labels = len(_label_index(prepared_sample_dir)[constants.LABELS_KEY])
   before = _dir_files(save_dir)
   assert f"resnet18_central_{num_labels}labels.h5" in before
 
-  binary = _cli(prepared_sample_dir, save_dir, "--num_epochs", "1",
-                "--binary_label", "structure")
-  returncode, _, stderr = _run_cli(binary, str(tmp_path / "binary"))
-  line = _assert_one_line_error(returncode, stderr, "--binary_label")
+  binary = _cli_flags(prepared_sample_dir, save_dir, "--num_epochs", "1",
+                      "--binary_label", "structure")
+  with pytest.raises(FlairInputError, match="--binary_label") as info:
+    _run_in_process(binary)
+  line = str(info.value)
+  assert "\n" not in line
   assert "None there, 'structure' now" in line
   assert "another --save_model_dir" in line and "--overwrite" in line
   assert _dir_files(save_dir) == before
 
-  federated_cli = [
-      sys.executable, "-m", "benchmark.federated_main", "--tfrecords_dir",
-      str(prepared_sample_dir), "--save_model_dir", str(save_dir),
-      "--total_rounds", "1"]
-  returncode, _, stderr = _run_cli(federated_cli, str(tmp_path / "fed"))
-  line = _assert_one_line_error(returncode, stderr, "--save_model_dir")
-  assert "holds a central run, this is a federated run" in line
+  with pytest.raises(FlairInputError, match="--save_model_dir") as info:
+    flag_harness.run_from_flags(
+        "benchmark.federated_main", "--tfrecords_dir",
+        str(prepared_sample_dir), "--save_model_dir", str(save_dir),
+        "--total_rounds", "1")
+  assert "\n" not in str(info.value)
+  assert "holds a central run, this is a federated run" in str(info.value)
   assert _dir_files(save_dir) == before
 
-  returncode, _, stderr = _run_cli(binary + ["--overwrite"],
-                                   str(tmp_path / "overwrite"))
-  assert returncode == 0, stderr[-3000:]
+  final = _run_in_process(binary + ["--overwrite"])
   assert not (save_dir / f"resnet18_central_{num_labels}labels.h5").exists()
   with open(save_dir / constants.FINAL_METRICS_FILE, encoding="utf-8") as f:
-    final = json.load(f)
+    assert json.load(f) == final
   # 11 columns, one row per epoch.
   _check_outputs(save_dir, 1, 1, final, width=small_model.WIDTH)
   with open(save_dir / constants.RUN_IDENTITY_FILE, encoding="utf-8") as f:
@@ -562,8 +588,8 @@ def test_cli_full_disk_is_one_line_and_the_rerun_completes(
     prepared_sample_dir, tmp_path, small_filesystem):
   """The best weights (45 MB) fit, the epoch's backup (weights and Adam
   moments, about 135 MB) does not: exit 1, one line naming the backup, no
-  traceback or crash, nothing partial; after space is freed the same
-  command completes."""
+  traceback or crash (the command runs as a subprocess), nothing partial;
+  after space is freed the same command completes."""
   root = small_filesystem(400 * 1024, fill_to_kib=60 * 1024)
   save_dir = os.path.join(root, "run")
   args = _cli(prepared_sample_dir, save_dir, "--num_epochs", "2",
@@ -579,13 +605,15 @@ def test_cli_full_disk_is_one_line_and_the_rerun_completes(
   with open(os.path.join(save_dir, constants.METRICS_CSV_FILE), "rb") as f:
     assert f.read().endswith(b"\n")
 
+  # The rerun, in this process (ResNet-18 too): it completes.
   os.remove(os.path.join(root, "filler"))
-  returncode, _, stderr = _run_cli(args, str(tmp_path / "rerun"))
-  assert returncode == 0, stderr[-3000:]
+  printed = _run_in_process(_cli_flags(prepared_sample_dir, save_dir,
+                                       "--num_epochs", "2"))
   num_labels = len(_label_index(prepared_sample_dir)[constants.LABELS_KEY])
   with open(os.path.join(save_dir, constants.FINAL_METRICS_FILE),
             encoding="utf-8") as f:
     final = json.load(f)
+  assert final == printed
   _check_outputs(save_dir, num_labels, 2, final)
 
 
@@ -679,45 +707,55 @@ def test_image_tensorflow_cannot_decode_ends_training_naming_the_file(
 def test_cli_unwritable_save_dir_is_one_line(prepared_sample_dir, tmp_path,
                                              make_unwritable, kind):
   """A --save_model_dir that cannot be created (its parent is on a
-  read-only file system, or not writable): exit 1, one line naming the
-  flag, the directory and the reason; nothing written."""
+  read-only file system, or not writable): one line naming the flag, the
+  directory and the reason; nothing written. Run in this process, or as the
+  command (exit 1) where the condition needs a command prefix (root, whose
+  file permissions only bind without its capabilities)."""
   from conftest import UNWRITABLE_REASONS  # pylint: disable=g-import-not-at-top
   parent, prefix = make_unwritable(kind)
   save_dir = os.path.join(parent, "run")
-  returncode, _, stderr = _run_cli(
-      prefix + _cli(prepared_sample_dir, save_dir, "--num_epochs", "1"),
-      str(tmp_path / "ro"))
-  line = _assert_one_line_error(returncode, stderr, "--save_model_dir")
+  if prefix:
+    returncode, _, stderr = _run_cli(
+        prefix + _cli(prepared_sample_dir, save_dir, "--num_epochs", "1"),
+        str(tmp_path / "ro"))
+    line = _assert_one_line_error(returncode, stderr, "--save_model_dir")
+  else:
+    with pytest.raises(FlairInputError, match="--save_model_dir") as info:
+      _run_in_process(_cli_flags(prepared_sample_dir, save_dir,
+                                 "--num_epochs", "1"))
+    line = str(info.value)
+    assert "\n" not in line
   assert save_dir in line and UNWRITABLE_REASONS[kind] in line
   assert os.listdir(parent) == []
 
 
-@pytest.mark.slow
-def test_cli_bad_tfrecords_are_listed_at_once_or_skipped(
-    damaged_sample, prepared_sample_dir, tmp_path):
-  """A truncated copy of a user file and a record with a label outside the
-  label index: refused before anything is written, one line per file; with
+@pytest.mark.usefixtures("small_resnet")
+def test_bad_tfrecords_are_listed_at_once_or_skipped(
+    damaged_sample, prepared_sample_dir, tmp_path, caplog):
+  """central_main (in this process) on a truncated copy of a user file and a
+  record with a label outside the label index: refused before anything is
+  written, one line per file after the one naming --skip_bad_records; with
   --skip_bad_records the run trains without them and counts them."""
   import shutil  # pylint: disable=g-import-not-at-top
   copy, cut, bad_label, bad_jpeg = damaged_sample
   shutil.copyfile(os.path.join(prepared_sample_dir, constants.TRAIN,
                                os.path.basename(bad_jpeg)), bad_jpeg)
   save_dir = tmp_path / "run"
-  args = _cli(copy, save_dir, "--num_epochs", "1")
-  returncode, _, stderr = _run_cli(args, str(tmp_path / "refused"))
-  line = _assert_one_line_error(returncode, stderr, "--skip_bad_records")
-  assert "2 of the 15 user files" in line
-  following = stderr.splitlines()[stderr.splitlines().index(line) + 1:]
-  assert sorted(l.strip().split(": ", 1)[0] for l in following[:2]) == (
+  flag_list = _cli_flags(copy, save_dir, "--num_epochs", "1")
+  with pytest.raises(FlairInputError) as info:
+    _run_in_process(flag_list)
+  line, *following = str(info.value).splitlines()
+  assert "--skip_bad_records" in line and "2 of the 15 user files" in line
+  assert sorted(l.strip().split(": ", 1)[0] for l in following) == (
       sorted([cut, bad_label]))
   assert not save_dir.exists()
 
-  returncode, _, stderr = _run_cli(args + ["--skip_bad_records"],
-                                   str(tmp_path / "skipped"))
-  assert returncode == 0, stderr[-3000:]
-  assert "skipping 2 bad record(s) in 2 user file(s)" in stderr
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    printed = _run_in_process(flag_list + ["--skip_bad_records"])
+  assert "skipping 2 bad record(s) in 2 user file(s)" in caplog.text
   with open(save_dir / constants.FINAL_METRICS_FILE, encoding="utf-8") as f:
     final = json.load(f)
+  assert final == printed
   assert final["skipped_records"] == {"count": 2,
                                       "files": {cut: 1, bad_label: 1}}
 
