@@ -19,7 +19,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import h5py
