@@ -14,9 +14,11 @@ backend-equivalence, in-process DP and README tests.
 
 In a test process: the `small_resnet` fixture (tests/conftest.py). For a
 command in a subprocess: `command("benchmark.federated_main", flags)` runs
-the module as `python -m` would, with the small layout set first.
+the module as `python -m` would, with the small layout set first. For a
+command that starts others (`make demo`): `SITE_DIR` on its PYTHONPATH.
 """
 
+import importlib.abc
 import os
 import runpy
 import sys
@@ -28,13 +30,54 @@ SMALL_LAYOUT = {"INITIAL_FILTERS": 32, "STAGE_FILTERS": (32, 64),
                 "BLOCKS_PER_STAGE": (1, 1)}
 
 
-def use(setattr_fn) -> None:
-  """Sets the small layout on `benchmark.model` through `setattr_fn(module,
-  name, value)` (pytest's `monkeypatch.setattr`, or plain `setattr`)."""
-  from benchmark import model  # pylint: disable=g-import-not-at-top
+def use(setattr_fn, model=None) -> None:
+  """Sets the small layout on `benchmark.model` (or on `model`, that module
+  as it is being imported) through `setattr_fn(module, name, value)`
+  (pytest's `monkeypatch.setattr`, or plain `setattr`)."""
+  if model is None:
+    from benchmark import model  # pylint: disable=g-import-not-at-top
   for name, value in SMALL_LAYOUT.items():
     assert hasattr(model, name), name  # The layout's names must stay real.
     setattr_fn(model, name, value)
+
+
+class _SmallLayoutOnImport(importlib.abc.MetaPathFinder):
+  """Finds `benchmark.model` as the other finders do, and sets the small
+  layout on it right after it executes."""
+
+  def find_spec(self, fullname, path, target=None):
+    if fullname != "benchmark.model":
+      return None
+    for finder in sys.meta_path:
+      if finder is self or not hasattr(finder, "find_spec"):
+        continue
+      spec = finder.find_spec(fullname, path, target)
+      if spec is not None:
+        break
+    else:
+      return None
+    execute = spec.loader.exec_module
+
+    def exec_module(module):
+      execute(module)
+      use(setattr, module)
+
+    spec.loader.exec_module = exec_module
+    return spec
+
+
+def use_on_import() -> None:
+  """Sets the small layout on `benchmark.model` when this process imports it
+  (which it must not have done yet): for commands that start further
+  commands, through tests/shallow_site/sitecustomize.py."""
+  assert "benchmark.model" not in sys.modules
+  sys.meta_path.insert(0, _SmallLayoutOnImport())
+
+
+# A PYTHONPATH entry whose sitecustomize.py calls `use_on_import()`: every
+# Python process started with it builds the small layout.
+SITE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                        "shallow_site")
 
 
 # The width of the last stage, which feeds the classifier.

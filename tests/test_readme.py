@@ -5,7 +5,13 @@ of its own in that directory (so parallel test processes can share them out).
 Paths stay as written (relative to the working directory), `.venv/bin/python`
 becomes this interpreter, and small-scale flags are appended (absl takes the
 last value of a repeated flag). A README command that this test does not know
-how to run fails the test, so the README cannot show an untested command."""
+how to run fails the test, so the README cannot show an untested command.
+
+Every command here, and each command `make demo` starts, builds the shallow
+test ResNet (tests/small_model.py, through its `SITE_DIR` on PYTHONPATH):
+these tests check the commands, their flags and outputs; ResNet-18 itself
+trains in tests/test_central.py, tests/test_federated.py and
+tests/test_backends.py."""
 
 import csv
 import os
@@ -19,6 +25,7 @@ import pytest
 from benchmark import constants
 from benchmark import explore
 from download_server import FileServer
+import small_model
 from test_download_dataset import build_tree
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,15 +91,19 @@ def test_every_readme_command_is_known():
 
 def _write_imagenet_like_weights(path: str) -> None:
   """Stands in for the published resnet18.h5: weights of the BatchNorm
-  ResNet-18 with a 1000-way classifier, saved by layer name."""
+  network with a 1000-way classifier, saved by layer name (in the shallow
+  layout that the commands here build)."""
   from benchmark import model as model_lib
-  net = model_lib.resnet18(num_classes=1000, pretrained=True,
-                           crop_size=(24, 24), seed=3)
+  with pytest.MonkeyPatch.context() as patch:
+    small_model.use(patch.setattr)
+    net = model_lib.resnet18(num_classes=1000, pretrained=True,
+                             crop_size=(24, 24), seed=3)
   net.save_weights(path)
 
 
 def _run(argv: list[str], cwd: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+             PYTHONPATH=os.pathsep.join([small_model.SITE_DIR, REPO_ROOT]))
   result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=900, stdin=subprocess.DEVNULL)
   assert result.returncode == 0, (
