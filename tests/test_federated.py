@@ -7,10 +7,21 @@ the loop (resume, kill, errors, backends' outputs) use the shallow test
 ResNet of tests/small_model.py (a 3-round run: 14 s in-process against 46 s
 with ResNet-18); the learning,
 restore, full-disk and in-process DP tests keep ResNet-18.
+
+federated_main runs in this process (`_run_main`: tests/flag_harness.py, the
+command after its flags are parsed; each start of the command costs about
+10 s of importing TensorFlow and TFF) unless the test checks what only a
+process shows: the exit status 1 and single `error:` line that `main`
+(errors.exit_on_input_error, one handler for input, output and backend
+errors) makes of an error (an OutputWriteError:
+test_cli_unwritable_save_dir_is_one_line; a BackendDiedError:
+test_a_killed_worker_ends_main_with_a_one_line_error), SIGTERM, or kill -9
+(the first run of test_killed_run_resumes_without_gaps_or_repeats).
 """
 
 import asyncio
 import collections
+import contextlib
 import csv
 import json
 import logging
@@ -35,6 +46,7 @@ from benchmark import metrics as metrics_lib
 from benchmark import process_guard
 from benchmark import tff_runtime
 from benchmark.errors import FlairInputError
+import flag_harness
 import small_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,6 +83,32 @@ def _main_command(tfrecords_dir, save_dir, resnet18=False, **overrides):
   return small_model.command(
       "benchmark.federated_main",
       _tiny_flags(tfrecords_dir, save_dir, **overrides), shallow=not resnet18)
+
+
+def _run_main(tfrecords_dir, save_dir, *extra, **overrides):
+  """federated_main in this process with the TINY flags (and `extra`
+  flags); returns the final metrics it prints. Its FlairInputError,
+  OutputWriteError or BackendDiedError propagates (`main` prints any of them
+  as one `error:` line and exits 1, checked as a command by
+  test_cli_unwritable_save_dir_is_one_line and
+  test_a_killed_worker_ends_main_with_a_one_line_error)."""
+  return flag_harness.run_from_flags(
+      "benchmark.federated_main",
+      *_tiny_flags(tfrecords_dir, save_dir, **overrides), *extra)
+
+
+@contextlib.contextmanager
+def _absl_info_logs(caplog):
+  """Records absl's INFO logs in `caplog` inside the block, as the command
+  logs them to stderr (its --verbosity is 0, INFO; in a test process absl's
+  verbosity stays at WARNING unless set)."""
+  caplog.set_level(logging.INFO)
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.INFO)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(verbosity)
 
 
 def _subprocess_env():
@@ -188,18 +226,22 @@ def test_adaptive_clipping_with_too_few_clients_is_an_input_error(
   assert tff_runtime.worker_pids(os.getpid()) == []
 
 
-@pytest.mark.slow
 def test_bad_binary_label_is_an_input_error_from_main(prepared_sample_dir,
-                                                      tmp_path):
-  result = subprocess.run(
-      _main_command(prepared_sample_dir, tmp_path, binary_label="nope"),
-      capture_output=True, text=True, env=_subprocess_env(), timeout=300,
-      cwd=REPO_ROOT)
-  assert result.returncode == 1
-  # One line, no traceback of our error (TFF 0.87 may print an unrelated
-  # "Exception ignored in ... ServiceManager.__del__" at interpreter exit).
-  assert "FlairInputError" not in result.stderr
-  assert "error: --binary_label 'nope'" in result.stderr
+                                                      tmp_path, monkeypatch):
+  """federated_main (in this process) refuses an unknown --binary_label with
+  a one-line FlairInputError naming the flag, before it writes or trains
+  anything."""
+  def no_training(config):
+    raise AssertionError(f"trained despite a bad label: {config}")
+
+  monkeypatch.setattr(federated, "run_federated", no_training)
+  save_dir = tmp_path / "run"
+  with pytest.raises(FlairInputError) as info:
+    _run_main(prepared_sample_dir, save_dir, binary_label="nope")
+  message = str(info.value)
+  assert message.startswith("--binary_label 'nope'"), message
+  assert "\n" not in message, message
+  assert not save_dir.exists()
 
 
 # --- End-to-end runs on the real sample -------------------------------------
@@ -538,38 +580,67 @@ def test_killed_run_resumes_without_gaps_or_repeats(prepared_sample_dir,
 
 @pytest.mark.slow
 def test_full_disk_is_one_line_and_leaves_nothing_partial(
-    prepared_sample_dir, tmp_path, small_filesystem):
-  """The command line on a full disk: the initial model's weights (45 MB)
-  do not fit: exit 1, one line naming the file, no traceback or crash, no
-  partial file (resuming after space is freed is the normal resume)."""
+    prepared_sample_dir, small_filesystem, capfd):
+  """federated_main (in this process) on a full disk: the initial model's
+  weights (ResNet-18's 45 MB; the shallow test model's would fit) do not
+  fit: a one-line OutputWriteError naming the file, no traceback printed
+  (a crash would end this test process), no partial file (resuming after space is freed is the normal resume). The
+  exit status 1 and `error:` line that `main` makes of it are checked by
+  test_cli_unwritable_save_dir_is_one_line."""
   root = small_filesystem(64 * 1024, fill_to_kib=30 * 1024)
   save_dir = os.path.join(root, "run")
-  result = subprocess.run(
-      _main_command(prepared_sample_dir, save_dir, resnet18=True,
-                    total_rounds=1),
-      capture_output=True, text=True, env=_subprocess_env(), timeout=900,
-      cwd=REPO_ROOT)
-  assert result.returncode == 1, result.stderr[-3000:]
-  assert "Traceback" not in result.stderr, result.stderr[-3000:]
-  error_lines = [line for line in result.stderr.splitlines()
-                 if line.startswith("error:")]
+  with pytest.raises(errors.OutputWriteError) as info:
+    _run_main(prepared_sample_dir, save_dir, total_rounds=1)
+  message = str(info.value)
   weights = os.path.join(save_dir, "resnet18_federated_")
-  assert len(error_lines) == 1 and error_lines[0].startswith(
-      f"error: cannot write {weights}"), result.stderr[-3000:]
-  assert "No space left on device" in error_lines[0]
+  assert message.startswith(f"cannot write {weights}"), message
+  assert "No space left on device" in message and "\n" not in message, (
+      message)
+  stderr = capfd.readouterr().err
+  assert "Traceback" not in stderr, stderr[-3000:]
   assert not [n for n in os.listdir(save_dir) if n.endswith((".h5", ".tmp"))]
 
 
-@pytest.mark.parametrize("kind", ["read_only", "permission"])
-def test_cli_unwritable_save_dir_is_one_line(prepared_sample_dir,
-                                             make_unwritable, kind):
-  """An existing --save_model_dir that cannot be written to (read-only file
-  system, or no permission): exit 1 before training, one line naming the
-  first file and the reason, no traceback, nothing written. (The same run
-  checks that the ignored --clients_per_thread, when given, is warned
-  about: a start of federated_main costs 20 s.)"""
+def test_unwritable_save_dir_is_an_output_error_before_training(
+    prepared_sample_dir, make_unwritable, monkeypatch, caplog):
+  """An existing --save_model_dir on a read-only file system, federated_main
+  in this process: a one-line OutputWriteError naming the first file, the
+  reason and the flag, before training; nothing written. The ignored
+  --clients_per_thread, when given, is warned about. (Permissions:
+  test_cli_unwritable_save_dir_is_one_line, as a command.)"""
   from conftest import UNWRITABLE_REASONS  # pylint: disable=g-import-not-at-top
-  save_dir, prefix = make_unwritable(kind)
+  def no_training(config):
+    raise AssertionError(f"trained into an unwritable directory: {config}")
+
+  monkeypatch.setattr(federated, "run_federated", no_training)
+  save_dir, prefix = make_unwritable("read_only")
+  assert prefix == []
+  caplog.set_level(logging.WARNING)
+  with pytest.raises(errors.OutputWriteError) as info:
+    _run_main(prepared_sample_dir, save_dir, total_rounds=1,
+              clients_per_thread=7)
+  assert "--clients_per_thread 7 has no effect" in caplog.text
+  message = str(info.value)
+  run_json = os.path.join(save_dir, constants.RUN_IDENTITY_FILE)
+  assert message.startswith(
+      f"cannot write {run_json}: {UNWRITABLE_REASONS['read_only']}"), message
+  assert "--save_model_dir" in message and "\n" not in message, message
+  assert os.listdir(save_dir) == []
+
+
+def test_cli_unwritable_save_dir_is_one_line(prepared_sample_dir,
+                                             make_unwritable):
+  """The command line with an existing --save_model_dir it has no permission
+  to write to (as root, run without the capabilities that bypass file
+  permissions, which only a process of its own can drop): exit 1 before
+  training, one line naming the first file and the reason, no traceback,
+  nothing written. This is the file's check that federated_main's `main`
+  turns an OutputWriteError into one line and exit status 1 (read-only file
+  system: test_unwritable_save_dir_is_an_output_error_before_training, in
+  this process). The same run checks that the ignored --clients_per_thread,
+  when given, is warned about on stderr."""
+  from conftest import UNWRITABLE_REASONS  # pylint: disable=g-import-not-at-top
+  save_dir, prefix = make_unwritable("permission")
   result = subprocess.run(
       prefix + _main_command(prepared_sample_dir, save_dir, total_rounds=1,
                              clients_per_thread=7),
@@ -583,7 +654,7 @@ def test_cli_unwritable_save_dir_is_one_line(prepared_sample_dir,
   assert len(error_lines) == 1, result.stderr[-3000:]
   run_json = os.path.join(save_dir, constants.RUN_IDENTITY_FILE)
   assert error_lines[0].startswith(
-      f"error: cannot write {run_json}: {UNWRITABLE_REASONS[kind]}"), (
+      f"error: cannot write {run_json}: {UNWRITABLE_REASONS['permission']}"), (
           error_lines[0])
   assert "--save_model_dir" in error_lines[0]
   assert os.listdir(save_dir) == []
