@@ -551,16 +551,10 @@ def test_killed_run_resumes_without_gaps_or_repeats(prepared_sample_dir,
   killed_at = max(int(r["round"]) for r in killed_rows)
   assert 2 <= killed_at < 6
 
-  # The rerun resumes (in this process: what only a subprocess shows, the
-  # kill, is above; the command line's rerun is the same call).
-  caplog.set_level(logging.INFO)
-  verbosity = absl_logging.get_verbosity()
-  absl_logging.set_verbosity(absl_logging.INFO)
-  try:
-    final = federated.run_federated(_config(prepared_sample_dir, tmp_path,
-                                            **flags))
-  finally:
-    absl_logging.set_verbosity(verbosity)
+  # The same command resumes (in this process: what only a subprocess shows,
+  # the kill, is above).
+  with _absl_info_logs(caplog):
+    final = _run_main(prepared_sample_dir, tmp_path, **flags)
   resumed = re.search(r"Resuming after round (\d+)", caplog.text)
   assert resumed, caplog.text[-3000:]
   resumed = int(resumed.group(1))
@@ -820,55 +814,61 @@ def _seed_sampling_user_in_round_2_only(tfrecords_dir, user, cohort_size):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("small_resnet")
 def test_bad_records_skipped_then_train_time_error_then_fixed_run_resumes(
-    damaged_sample, prepared_sample_dir, tmp_path):
-  """federated_main on a damaged copy of the real sample. Without
-  --skip_bad_records it refuses to start, one line per bad file, nothing
-  written. With it, the truncated file's cut record and the record with a
-  label outside the label index are skipped (counted in the log); a JPEG
-  that passes the pre-check but fails to decode in round 2 ends the run
-  with one error line naming the user file (no traceback or gRPC dump),
+    damaged_sample, prepared_sample_dir, tmp_path, caplog, capfd):
+  """federated_main (in this process) on a damaged copy of the real sample.
+  Without --skip_bad_records it refuses to start, one line per bad file,
+  nothing written. With it, the truncated file's cut record and the record
+  with a label outside the label index are skipped (counted in the log); a
+  JPEG that passes the pre-check but fails to decode in round 2 ends the run
+  with an error naming the user file (no traceback or gRPC dump printed),
   after round 1's checkpoint. Once the file is fixed, the same command
   resumes after round 1 and ends like an uninterrupted run: every output,
   each round once, rounds 0-1 kept as written, and the skipped records
-  counted in final_metrics.json."""
+  counted in final_metrics.json and in the final metrics it prints. (As a
+  command, each error is one `error:` line and exit status 1: see
+  `_run_main`.)"""
   import shutil  # pylint: disable=g-import-not-at-top
   copy, cut, bad_label, bad_jpeg = damaged_sample
   user = os.path.basename(bad_jpeg)[:-len(constants.TFRECORD_SUFFIX)]
   seed = _seed_sampling_user_in_round_2_only(copy, user, 3)
   save_dir = str(tmp_path / "run")
-  command = _main_command(
-      copy, save_dir, total_rounds=2, rounds_per_checkpoint=1,
-      rounds_per_eval=2, client_datasets_random_seed=seed)
-  result = subprocess.run(command, capture_output=True, text=True,
-                          env=_subprocess_env(), timeout=900, cwd=REPO_ROOT)
-  assert result.returncode == 1, result.stderr[-3000:]
-  assert "Traceback" not in result.stderr, result.stderr[-3000:]
-  lines = result.stderr.splitlines()
-  start = [i for i, line in enumerate(lines) if line.startswith("error:")]
-  assert len(start) == 1, result.stderr[-3000:]
-  assert "2 of the 15 user files" in lines[start[0]]
-  assert "--skip_bad_records" in lines[start[0]]
-  assert sorted(line.strip().split(": ", 1)[0]
-                for line in lines[start[0] + 1:start[0] + 3]) == sorted(
-                    [cut, bad_label])
-  assert not os.path.exists(save_dir)
+  flags = dict(total_rounds=2, rounds_per_checkpoint=1, rounds_per_eval=2,
+               client_datasets_random_seed=seed)
 
-  command.append("--skip_bad_records")
-  result = subprocess.run(command, capture_output=True, text=True,
-                          env=_subprocess_env(), timeout=900, cwd=REPO_ROOT)
-  assert result.returncode == 1, result.stderr[-3000:]
-  assert "skipping 2 bad record(s) in 2 user file(s)" in result.stderr
-  assert "Traceback" not in result.stderr, result.stderr[-3000:]
-  assert "debug_error_string" not in result.stderr, result.stderr[-3000:]
-  lines = result.stderr.splitlines()
-  start = [i for i, line in enumerate(lines) if line.startswith("error:")]
-  assert len(start) == 1, result.stderr[-3000:]
-  assert lines[start[0]].startswith(
-      "error: data error during training in 1 user file(s)")
-  assert "rerun the same command to resume" in lines[start[0]]
-  assert lines[start[0] + 1].strip().startswith(
-      os.path.realpath(bad_jpeg) + ": ")
+  def printed():
+    """What the runs printed since the last call (stdout, stderr and the
+    log)."""
+    out, err = capfd.readouterr()
+    text = caplog.text
+    caplog.clear()
+    return out, err + text
+
+  printed()
+  with pytest.raises(FlairInputError) as info:
+    _run_main(copy, save_dir, **flags)
+  lines = str(info.value).splitlines()
+  assert "2 of the 15 user files" in lines[0], lines
+  assert "--skip_bad_records" in lines[0], lines
+  assert sorted(line.strip().split(": ", 1)[0] for line in lines[1:]) == (
+      sorted([cut, bad_label])), lines
+  assert not os.path.exists(save_dir)
+  _, err = printed()
+  assert "Traceback" not in err, err[-3000:]
+
+  with _absl_info_logs(caplog), pytest.raises(FlairInputError) as info:
+    _run_main(copy, save_dir, "--skip_bad_records", **flags)
+  _, err = printed()
+  assert "skipping 2 bad record(s) in 2 user file(s)" in err, err[-3000:]
+  assert "Traceback" not in err, err[-3000:]
+  assert "debug_error_string" not in err, err[-3000:]
+  lines = str(info.value).splitlines()
+  assert lines[0].startswith(
+      "data error during training in 1 user file(s)"), lines
+  assert "rerun the same command to resume" in lines[0], lines
+  assert len(lines) == 2, lines
+  assert lines[1].strip().startswith(os.path.realpath(bad_jpeg) + ": "), lines
   assert os.listdir(os.path.join(save_dir, federated.CHECKPOINT_DIR)) == [
       federated.CHECKPOINT_PREFIX + "1"]
   first_rows = _read_csv(os.path.join(save_dir, constants.METRICS_CSV_FILE))
@@ -881,12 +881,12 @@ def test_bad_records_skipped_then_train_time_error_then_fixed_run_resumes(
 
   shutil.copyfile(os.path.join(prepared_sample_dir, constants.TRAIN,
                                os.path.basename(bad_jpeg)), bad_jpeg)
-  result = subprocess.run(command, capture_output=True, text=True,
-                          env=_subprocess_env(), timeout=900, cwd=REPO_ROOT)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "Resuming after round 1" in result.stderr
-  assert "skipping 2 bad record(s) in 2 user file(s)" in result.stderr
-  assert "Trained without 2 bad record(s)" in result.stderr
+  with _absl_info_logs(caplog):
+    returned = _run_main(copy, save_dir, "--skip_bad_records", **flags)
+  out, err = printed()
+  assert "Resuming after round 1" in err, err[-3000:]
+  assert "skipping 2 bad record(s) in 2 user file(s)" in err, err[-3000:]
+  assert "Trained without 2 bad record(s)" in err, err[-3000:]
   with open(os.path.join(copy, constants.LABEL_INDEX_FILE),
             encoding="utf-8") as f:
     num_outputs = len(json.load(f)[constants.LABELS_KEY])
@@ -895,7 +895,8 @@ def test_bad_records_skipped_then_train_time_error_then_fixed_run_resumes(
   assert final["rounds_completed"] == 2
   assert final["skipped_records"] == {"count": 2,
                                       "files": {cut: 1, bad_label: 1}}
-  assert json.loads(result.stdout) == final
+  assert json.loads(out) == final
+  assert returned == final
 
 
 def test_overwrite_knows_every_output_of_both_trainers():
