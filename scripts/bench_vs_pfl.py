@@ -23,9 +23,8 @@ run, never side by side:
   `benchmark.tff_runtime.local_runtime`): client SGD 0.1 with per-weight
   clipping, weighted FedAvg, server Adam, the state kept in the TFF worker.
   Everything a round costs is in the figure.
-* bfloat16 uses `benchmark.model.resnet18(precision="bfloat16")`. While
-  `FederatedConfig` has no `precision` field, the FedAvg model is built
-  through a wrapper of `federated._build_keras_model` that passes it.
+* bfloat16 is the product's `--precision bfloat16` (`CentralConfig` and
+  `FederatedConfig`'s `precision`: Keras mixed precision).
 * pfl-research (when `--pfl_python` and `--pfl_driver` are given, after
   ours): its FedAvg and a plain PyTorch loop on the same users and settings,
   run by the given driver with the given interpreter (pfl 0.6 lives in its
@@ -39,7 +38,6 @@ last line is `RESULT {json}` with every figure.
 """
 
 import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -239,36 +237,19 @@ def _fedavg_seconds(tfrecords_dir: str, label_spec, train_data,
       clients_per_round=_NUM_CLIENTS.value,
       max_elements_per_client=_IMAGES_PER_CLIENT.value,
       image_height=_CROP.value, image_width=_CROP.value, show_progress=False)
-  fields = {f.name for f in dataclasses.fields(federated.FederatedConfig)}
-  patch = None
-  if "precision" in fields:
-    settings["precision"] = precision
-  elif precision != model_lib.FLOAT32:
-
-    def build_at_precision(config, num_outputs):
-      # federated._build_keras_model's arguments, plus the precision.
-      return model_lib.resnet18(
-          input_shape=constants.IMAGE_SHAPE, num_classes=num_outputs,
-          pretrained=config.restore_model_path is not None,
-          crop_size=(config.image_height, config.image_width),
-          seed=config.seed, precision=precision)
-
-    patch = mock.patch.object(federated, "_build_keras_model",
-                              build_at_precision)
-  config = federated.FederatedConfig(**settings)
-  with patch or contextlib.nullcontext():
-    with tff_runtime.local_runtime() as runtime:
-      _, composed = federated.build_learning_process(
-          config, label_spec, train_data,
-          tff.learning.add_debug_measurements(tff.aggregators.MeanFactory()))
-      session = runtime.session(len(clients))
-      state = session.put(composed.initialize(),
-                          composed.next.type_signature.result[0])
-      state, _ = federated.run_round(session, composed, state, clients)
-      with _Timer() as timer:
-        for _ in range(_ROUNDS.value):
-          state, _ = federated.run_round(session, composed, state, clients)
-      return timer
+  config = federated.FederatedConfig(precision=precision, **settings)
+  with tff_runtime.local_runtime() as runtime:
+    _, composed = federated.build_learning_process(
+        config, label_spec, train_data,
+        tff.learning.add_debug_measurements(tff.aggregators.MeanFactory()))
+    session = runtime.session(len(clients))
+    state = session.put(composed.initialize(),
+                        composed.next.type_signature.result[0])
+    state, _ = federated.run_round(session, composed, state, clients)
+    with _Timer() as timer:
+      for _ in range(_ROUNDS.value):
+        state, _ = federated.run_round(session, composed, state, clients)
+    return timer
 
 
 def _run_pfl(dataset_dir: str, tfrecords_dir: str, root: str) -> dict:
