@@ -9,8 +9,11 @@ its 18 layers (about 40 s before the first FedAvg round). These tests give
 classifier) and input/output contract. Measured on 2 cores: a 3-round FedAvg
 run on the real sample took 14 s in-process against 46 s, and 30-38 s as a
 command against 49-58 s (12 s of which is importing TF and TFF). ResNet-18
-itself stays in the model, learning, restore, full-disk, FedAvg
-backend-equivalence, in-process DP and README tests.
+itself stays in the model tests (one FedAvg round of it through TFF's
+worker), the restore and full-disk tests (its layer names and file sizes)
+and the two learning tests: with this shallow network, the FedAvg learning
+test's val macro averaged precision stayed at its initial 0.18 over 24
+rounds (three runs), where ResNet-18 gains 0.05-0.10.
 
 In a test process: the `small_resnet` fixture (tests/conftest.py). For a
 command in a subprocess: `command("benchmark.federated_main", flags)` runs

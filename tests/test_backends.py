@@ -18,14 +18,15 @@ from benchmark.errors import FlairInputError
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("small_resnet")
 @pytest.mark.parametrize("variant", ["fedavg", "dp_noise0"])
 def test_one_round_is_the_same_on_every_backend(prepared_sample_dir,
-                                                monkeypatch, request, variant):
-  """ResNet-18 for FedAvg; the shallow test ResNet (tests/small_model.py)
-  for DP, whose aggregator does not depend on the model."""
+                                                monkeypatch, variant):
+  """The shallow test ResNet (tests/small_model.py): the backends run
+  whatever computation TFF compiled, whatever the network. (ResNet-18's
+  full set of weights through TFF's worker: test_model.py's
+  test_one_federated_round_in_tff.)"""
   round_harness.deterministic_augmentation(monkeypatch)
-  if variant != "fedavg":
-    request.getfixturevalue("small_resnet")
   if variant == "fedavg":
     aggregator = tff.learning.add_debug_measurements(
         tff.aggregators.MeanFactory())

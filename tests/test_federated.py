@@ -6,7 +6,7 @@ seconds per round on a CPU; building the TFF computations dominates. Tests of
 the loop (resume, kill, errors, backends' outputs) use the shallow test
 ResNet of tests/small_model.py (a 3-round run: 14 s in-process against 46 s
 with ResNet-18); the learning,
-restore, full-disk and in-process DP tests keep ResNet-18.
+restore and full-disk tests keep ResNet-18.
 
 federated_main runs in this process (`_run_main`: tests/flag_harness.py, the
 command after its flags are parsed; each start of the command costs about
@@ -277,20 +277,18 @@ def _num_outputs(tfrecords_dir, **kwargs):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("small_resnet")
 @pytest.mark.parametrize("backend,binary_label", [
     (backends.BACKEND_INPROCESS, None),
     (backends.BACKEND_TFF_WORKER, "structure"),
     (backends.BACKEND_RAY, None)])
 def test_fedavg_with_adaptive_dp_on_the_real_sample(
-    prepared_sample_dir, tmp_path, request, backend, binary_label):
+    prepared_sample_dir, tmp_path, backend, binary_label):
   """FedAvg with DP and adaptive clipping on each backend; the TFF worker's
   run also trains on a binary label (--binary_label: one output, its
   metrics). Fixed clipping (--target_unclipped_quantile 0) is the README's
-  DP command, checked in tests/test_readme.py. ResNet-18 in-process, the
-  shallow test ResNet on the other backends (the DP aggregator does not
-  depend on the model)."""
-  if backend != backends.BACKEND_INPROCESS:
-    request.getfixturevalue("small_resnet")
+  DP command, checked in tests/test_readme.py. The shallow test ResNet: the
+  DP aggregator does not depend on the model."""
   # 3 of the 13 training users per round; the noise is calibrated for the
   # whole population (simulated cohort 13, q = 1) and scaled by 3/13, which
   # keeps the adaptive clip's count noise feasible (see benchmark.dp).
