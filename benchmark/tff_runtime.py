@@ -173,14 +173,23 @@ def _exit_description(returncode: int) -> str:
   return f"exit status {returncode}"
 
 
+class _WorkerDied(BaseException):
+  """Raised in the main thread by the watchdog's signal handler, wherever
+  that thread is; `local_runtime()` turns it into `TffWorkerDiedError`. A
+  BaseException, as KeyboardInterrupt is, so that code which catches and
+  re-raises every Exception as its own (TensorFlow's tracing wraps one
+  raised while it traces a function in a StagingError, for instance) lets
+  it through unchanged."""
+
+
 class _Watchdog:
   """Interrupts the main thread when the worker process exits on its own.
 
   A blocked TFF call on a dead worker never returns (TFF's context retries
   the lost connection forever, while the main thread waits on a lock). The
   watchdog sends `_WATCHDOG_SIGNAL` to the main thread, whose handler (set
-  here for the life of the watchdog) raises `TffWorkerDiedError` there.
-  Not SIGINT: a command started in the background by a non-interactive
+  here for the life of the watchdog) raises `_WorkerDied` there. Not
+  SIGINT: a command started in the background by a non-interactive
   shell (`cmd &` in a script, nohup) inherits SIGINT ignored, and then the
   interruption would be lost and the run would hang. Created off the main
   thread (where no handler can be set), it sends SIGINT, which wakes the
@@ -206,7 +215,7 @@ class _Watchdog:
   def _on_signal(self, signum, frame) -> None:
     del signum, frame
     if self.fired:  # Not a stray signal from elsewhere.
-      raise self.error()
+      raise _WorkerDied()
 
   def _watch(self) -> None:
     while not self._stopped.wait(_WATCHDOG_PERIOD_S):
@@ -233,6 +242,32 @@ class _Watchdog:
     return TffWorkerDiedError(
         f"the TFF worker process (pid {self._process.pid}) died during the run "
         f"with {_exit_description(returncode)}{hint}{log}")
+
+
+class _WorkerStub(tff.framework.RemoteExecutorGrpcStub):
+  """TFF's gRPC stub to the worker, except that disposing of values on a
+  worker that has exited does nothing. TFF disposes of a remote value when
+  Python drops it (a finalizer); values dropped while a dead worker's error
+  unwinds the stack would each print the failed call's traceback ("Exception
+  ignored in ... finalize") below the run's one-line error."""
+
+  def __init__(self, channel, process: subprocess.Popen):
+    super().__init__(channel)
+    self._process = process
+
+  def dispose(self, request):
+    try:
+      return super().dispose(request)
+    except Exception:  # pylint: disable=broad-except
+      try:
+        self._process.wait(timeout=1.0)
+      except subprocess.TimeoutExpired:
+        exited = False
+      else:
+        exited = True  # Nothing left to free.
+      if not exited:
+        raise
+      return None
 
 
 class WorkerSession:
@@ -414,7 +449,7 @@ def local_runtime(log_path: Optional[str] = None,
   watchdog = None
   try:
     channel = grpc.insecure_channel(f"localhost:{port}", _GRPC_OPTIONS)
-    stub = tff.framework.RemoteExecutorGrpcStub(channel)
+    stub = _WorkerStub(channel, process)
     deadline = time.monotonic() + _READY_TIMEOUT_S
     while not stub.is_ready:
       if process.poll() is not None:
@@ -449,6 +484,8 @@ def local_runtime(log_path: Optional[str] = None,
         raise
       finally:
         runtime.close()
+  except _WorkerDied:
+    raise watchdog.error() from None
   finally:
     if watchdog is not None:
       watchdog.stop()

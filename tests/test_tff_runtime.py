@@ -114,6 +114,48 @@ def test_a_worker_killed_while_idle_becomes_a_clear_error(sigint):
 
 
 @pytest.mark.timeout(120)
+def test_a_worker_killed_inside_code_that_wraps_exceptions_is_still_named():
+  """The watchdog interrupts the main thread wherever it is; there, code
+  that catches every Exception and raises its own (as TensorFlow does while
+  it traces a function: a StagingError) must not hide the worker's death."""
+
+  def library_call():
+    try:
+      deadline = time.monotonic() + 60
+      while time.monotonic() < deadline:  # The watchdog interrupts this.
+        time.sleep(0.05)
+    except Exception as e:  # pylint: disable=broad-except
+      raise RuntimeError("a library's own error") from e
+
+  with pytest.raises(TffWorkerDiedError, match="SIGKILL.*out of memory"):
+    with tff_runtime.local_runtime() as runtime:
+      _kill_worker(runtime)
+      library_call()
+  assert not _alive(runtime.worker_pid)
+
+
+@pytest.mark.timeout(120)
+def test_a_value_dropped_after_the_worker_died_prints_no_traceback(
+    monkeypatch):
+  """TFF disposes of a worker-side value when Python drops it (a finalizer,
+  whose errors Python prints as "Exception ignored in ..." with a
+  traceback); after the worker died, as when its error unwinds the run,
+  that must stay silent. The watchdog is slowed down so that it does not
+  interrupt this test first."""
+  import gc  # pylint: disable=g-import-not-at-top
+  unraisable = []
+  monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+  monkeypatch.setattr(tff_runtime, "_WATCHDOG_PERIOD_S", 60.0)
+  with tff_runtime.local_runtime() as runtime:
+    session = runtime.session(num_clients=2)
+    value = session.put(np.int32(1), tff.TensorType(np.int32))
+    _kill_worker(runtime)
+    del value
+    gc.collect()
+  assert [u.exc_value for u in unraisable] == []
+
+
+@pytest.mark.timeout(120)
 def test_a_tff_call_on_a_dead_worker_fails_instead_of_hanging():
   # TFF's own context retries a lost connection forever; the watchdog must
   # turn the blocked call into an error.
