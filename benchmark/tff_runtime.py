@@ -41,6 +41,7 @@ import functools
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from typing import Any, Iterator, Optional
@@ -64,6 +65,9 @@ _PR_SET_PDEATHSIG = 1
 _READY_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 10.0
 _WATCHDOG_PERIOD_S = 0.5
+# How often the watchdog interrupts the main thread again until
+# `local_runtime()` has taken the interruption (see `_Watchdog`).
+_WATCHDOG_RESEND_S = 2.0
 # The signal the watchdog interrupts the main thread with (see `_Watchdog`).
 _WATCHDOG_SIGNAL = signal.SIGUSR2
 # After a call to the worker fails: how long to wait for the worker to have
@@ -195,35 +199,57 @@ class _Watchdog:
   thread (where no handler can be set), it sends SIGINT, which wakes the
   main thread as Ctrl-C would (KeyboardInterrupt); `local_runtime()` turns
   that into `TffWorkerDiedError` too.
+
+  The main thread may be running a finalizer or a garbage-collection
+  callback when the signal arrives; Python then swallows the exception
+  (printing "Exception ignored in ..."). So the watchdog interrupts again
+  every `_WATCHDOG_RESEND_S` until `local_runtime()` acknowledges it
+  (`taken()`), and while it runs, `sys.unraisablehook` drops a swallowed
+  `_WorkerDied` silently.
   """
 
   def __init__(self, process: subprocess.Popen, log_path: Optional[str]):
     self._process = process
     self._log_path = log_path
     self._stopped = threading.Event()
+    self._taken = threading.Event()
     self.fired = False
     self._previous_handler = None
+    self._previous_unraisablehook = None
     self._signal = signal.SIGINT
     if threading.current_thread() is threading.main_thread():
       self._signal = _WATCHDOG_SIGNAL
       self._previous_handler = signal.signal(_WATCHDOG_SIGNAL,
                                              self._on_signal)
+      self._previous_unraisablehook = sys.unraisablehook
+      sys.unraisablehook = self._on_unraisable
     self._thread = threading.Thread(target=self._watch, daemon=True,
                                     name="tff-worker-watchdog")
     self._thread.start()
 
   def _on_signal(self, signum, frame) -> None:
     del signum, frame
-    if self.fired:  # Not a stray signal from elsewhere.
+    # Not a stray signal from elsewhere, nor one sent before the last was
+    # taken.
+    if self.fired and not self._taken.is_set():
       raise _WorkerDied()
+
+  def _on_unraisable(self, unraisable) -> None:
+    if not isinstance(unraisable.exc_value, _WorkerDied):
+      self._previous_unraisablehook(unraisable)
 
   def _watch(self) -> None:
     while not self._stopped.wait(_WATCHDOG_PERIOD_S):
       if self._process.poll() is not None:
-        if not self._stopped.is_set():
-          self.fired = True
+        self.fired = True
+        while not (self._stopped.is_set() or self._taken.is_set()):
           signal.pthread_kill(threading.main_thread().ident, self._signal)
+          self._taken.wait(_WATCHDOG_RESEND_S)
         return
+
+  def taken(self) -> None:
+    """Called where the interruption arrived: no more are sent."""
+    self._taken.set()
 
   def stop(self) -> None:
     self._stopped.set()
@@ -231,6 +257,9 @@ class _Watchdog:
     if self._previous_handler is not None:
       signal.signal(_WATCHDOG_SIGNAL, self._previous_handler)
       self._previous_handler = None
+    if self._previous_unraisablehook is not None:
+      sys.unraisablehook = self._previous_unraisablehook
+      self._previous_unraisablehook = None
 
   def error(self) -> TffWorkerDiedError:
     returncode = self._process.poll()
@@ -478,13 +507,16 @@ def local_runtime(log_path: Optional[str] = None,
     with tff.framework.get_context_stack().install(context):
       try:
         yield runtime
-      except (KeyboardInterrupt, TffWorkerDiedError) as e:
+      except (KeyboardInterrupt, TffWorkerDiedError, _WorkerDied) as e:
         if watchdog.fired or process.poll() is not None:
-          raise watchdog.error() from e
+          watchdog.taken()
+          raise watchdog.error() from (
+              None if isinstance(e, _WorkerDied) else e)
         raise
       finally:
         runtime.close()
   except _WorkerDied:
+    watchdog.taken()
     raise watchdog.error() from None
   finally:
     if watchdog is not None:

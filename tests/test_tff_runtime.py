@@ -134,6 +134,40 @@ def test_a_worker_killed_inside_code_that_wraps_exceptions_is_still_named():
   assert not _alive(runtime.worker_pid)
 
 
+class _SlowFinalizer:
+  """An object whose finalizer runs for up to 10 s; `interrupted` records
+  that something was raised in it (which Python then swallows)."""
+  interrupted = False
+
+  def __del__(self):
+    deadline = time.monotonic() + 10
+    try:
+      while time.monotonic() < deadline:
+        time.sleep(0.05)
+    except BaseException:
+      _SlowFinalizer.interrupted = True
+      raise
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_death_first_seen_inside_a_finalizer_still_ends_the_run(
+    capfd):
+  """The watchdog's interruption lands in a finalizer, where Python
+  swallows it: it is sent again until taken, and the swallowed one prints
+  nothing."""
+  _SlowFinalizer.interrupted = False
+  with pytest.raises(TffWorkerDiedError, match="SIGKILL"):
+    with tff_runtime.local_runtime() as runtime:
+      _kill_worker(runtime)
+      finalized = _SlowFinalizer()
+      del finalized  # The first interruption lands in its finalizer.
+      deadline = time.monotonic() + 20
+      while time.monotonic() < deadline:  # The next one interrupts this.
+        time.sleep(0.05)
+  assert _SlowFinalizer.interrupted
+  assert "Exception ignored" not in capfd.readouterr().err
+
+
 @pytest.mark.timeout(120)
 def test_a_value_dropped_after_the_worker_died_prints_no_traceback(
     monkeypatch):
