@@ -18,11 +18,11 @@ run, never side by side:
   with Keras `fit` on the chosen users' preprocessed client datasets
   concatenated (per-client batches of `--batch_size`), `--epochs` passes per
   timed epoch-round.
-* "FedAvg": the product's learning process and round function
-  (`benchmark.federated.build_learning_process`, `run_round`, in
-  `benchmark.tff_runtime.local_runtime`): client SGD 0.1 with per-weight
-  clipping, weighted FedAvg, server Adam, the state kept in the TFF worker.
-  Everything a round costs is in the figure.
+* "FedAvg": the product's learning process on its default backend
+  (`benchmark.federated.build_learning_process`, `backends.open_backend`
+  with `FederatedConfig.backend`, in-process): client SGD 0.1 with
+  per-weight clipping, weighted FedAvg, server Adam. Everything a round
+  costs is in the figure.
 * bfloat16 is the product's `--precision bfloat16` (`CentralConfig` and
   `FederatedConfig`'s `precision`: Keras mixed precision).
 * pfl-research (when `--pfl_python` and `--pfl_driver` are given, after
@@ -57,12 +57,12 @@ sys.path.insert(0, REPO_ROOT)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmark import central
+from benchmark import backends
 from benchmark import constants
 from benchmark import data
 from benchmark import errors
 from benchmark import federated
 from benchmark import model as model_lib
-from benchmark import tff_runtime
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _TFRECORDS_DIR = flags.DEFINE_string(
@@ -238,18 +238,18 @@ def _fedavg_seconds(tfrecords_dir: str, label_spec, train_data,
       max_elements_per_client=_IMAGES_PER_CLIENT.value,
       image_height=_CROP.value, image_width=_CROP.value, show_progress=False)
   config = federated.FederatedConfig(precision=precision, **settings)
-  with tff_runtime.local_runtime() as runtime:
-    _, composed = federated.build_learning_process(
-        config, label_spec, train_data,
-        tff.learning.add_debug_measurements(tff.aggregators.MeanFactory()))
-    session = runtime.session(len(clients))
-    state = session.put(composed.initialize(),
-                        composed.next.type_signature.result[0])
-    state, _ = federated.run_round(session, composed, state, clients)
+  initial_weights = federated.keras_model_weights(
+      federated._build_keras_model(config, label_spec.num_outputs))  # pylint: disable=protected-access
+  _, composed = federated.build_learning_process(
+      config, label_spec, train_data,
+      tff.learning.add_debug_measurements(tff.aggregators.MeanFactory()))
+  with backends.open_backend(config.backend, composed, len(clients)) as backend:
+    backend.set_state(backend.initialize(initial_weights))
+    backend.run_round(clients)  # Warm-up.
     with _Timer() as timer:
       for _ in range(_ROUNDS.value):
-        state, _ = federated.run_round(session, composed, state, clients)
-    return timer
+        backend.run_round(clients)
+  return timer
 
 
 def _run_pfl(dataset_dir: str, tfrecords_dir: str, root: str) -> dict:
