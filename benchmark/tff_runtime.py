@@ -177,6 +177,17 @@ def _exit_description(returncode: int) -> str:
   return f"exit status {returncode}"
 
 
+def _exited(process: subprocess.Popen, grace_s: float) -> bool:
+  """Whether `process` has exited, waiting up to `grace_s` seconds for that.
+  (`Popen.poll()` answers "running" while the watchdog thread is reaping
+  the process, so a blocking wait is what tells after a failed call.)"""
+  try:
+    process.wait(timeout=grace_s)
+  except subprocess.TimeoutExpired:
+    return False
+  return True
+
+
 class _WorkerDied(BaseException):
   """Raised in the main thread by the watchdog's signal handler, wherever
   that thread is; `local_runtime()` turns it into `TffWorkerDiedError`. A
@@ -288,15 +299,9 @@ class _WorkerStub(tff.framework.RemoteExecutorGrpcStub):
     try:
       return super().dispose(request)
     except Exception:  # pylint: disable=broad-except
-      try:
-        self._process.wait(timeout=1.0)
-      except subprocess.TimeoutExpired:
-        exited = False
-      else:
-        exited = True  # Nothing left to free.
-      if not exited:
+      if not _exited(self._process, _FAILED_CALL_GRACE_S):
         raise
-      return None
+      return None  # Nothing left to free.
 
 
 class WorkerSession:
@@ -408,14 +413,9 @@ class LocalRuntime:
 
   def check_alive(self, grace_s: float = 0.0) -> None:
     """Raises `TffWorkerDiedError` if the worker process has exited, waiting
-    up to `grace_s` seconds for that. (`Popen.poll()` answers "running"
-    while the watchdog thread is reaping the process, so a blocking wait is
-    what tells after a failed call.)"""
-    try:
-      self._process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-      return
-    raise self._watchdog.error()
+    up to `grace_s` seconds for that (`_exited`)."""
+    if _exited(self._process, grace_s):
+      raise self._watchdog.error()
 
   def session(self, num_clients: int) -> WorkerSession:
     """A `WorkerSession` for computations over `num_clients` clients."""
