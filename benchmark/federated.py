@@ -661,7 +661,8 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
 
   def eval_dataset(partition: str) -> tf.data.Dataset:
     merged = client_data[partition].create_tf_dataset_from_all_clients()
-    return eval_preprocess(merged).prefetch(tf.data.AUTOTUNE)
+    return data.without_autotune_model(
+        eval_preprocess(merged).prefetch(tf.data.AUTOTUNE))
 
   val_dataset = eval_dataset(constants.VAL)
   val_columns = [VAL_PREFIX + n for n in names]

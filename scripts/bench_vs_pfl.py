@@ -13,11 +13,12 @@ time (timed images / timed seconds), measured one after the other in this
 run, never side by side:
 
 * "central": the product's centralized model and compile step
-  (`benchmark.central._build_model`, inside a `MirroredStrategy` scope as
-  `train_central` builds it: Adam, clipnorm 10, the suite's metrics) trained
-  with Keras `fit` on the chosen users' preprocessed client datasets
-  concatenated (per-client batches of `--batch_size`), `--epochs` passes per
-  timed epoch-round.
+  (`benchmark.central._build_model`, in the scope of
+  `central.distribution_strategy()` as `train_central` builds it: Adam,
+  clipnorm 10, the suite's metrics) trained with Keras `fit` on the chosen
+  users' preprocessed client datasets concatenated (per-client batches of
+  `--batch_size`; without tf.data's autotuning model, as central training
+  reads its data), `--epochs` passes per timed epoch-round.
 * "FedAvg": the product's learning process on its default backend
   (`benchmark.federated.build_learning_process`, `backends.open_backend`
   with `FederatedConfig.backend`, in-process): client SGD 0.1 with
@@ -210,14 +211,15 @@ def _central_seconds(tfrecords_dir: str, train_data, clients: list[str],
   for client_id in clients:
     client_ds = preprocess(train_data.create_tf_dataset_for_client(client_id))
     dataset = client_ds if dataset is None else dataset.concatenate(client_ds)
-  dataset = dataset.repeat(_EPOCHS.value).prefetch(tf.data.AUTOTUNE)
+  dataset = data.without_autotune_model(
+      dataset.repeat(_EPOCHS.value).prefetch(tf.data.AUTOTUNE))
   config = central.CentralConfig(
       tfrecords_dir=tfrecords_dir, save_model_dir=tempfile.gettempdir(),
       image_height=_CROP.value, image_width=_CROP.value, precision=precision)
   patch = (mock.patch.object(model_lib, "GroupNormalization",
                              tf.keras.layers.GroupNormalization)
            if keras_group_norm else contextlib.nullcontext())
-  with patch, tf.distribute.MirroredStrategy().scope():
+  with patch, central.distribution_strategy().scope():
     keras_model = central._build_model(config, num_outputs)  # pylint: disable=protected-access
   keras_model.fit(dataset, epochs=1, verbose=0)  # Warm-up.
   with _Timer() as timer:

@@ -174,6 +174,32 @@ def test_config_defaults_are_the_reference_flags():
               1e-4, 10.0, 512, 512, 100, None, "./", 224, 224, False, None)
 
 
+def test_one_device_trains_without_mirroring():
+  """MirroredStrategy only for two or more GPUs: on this GPU-less machine
+  the model is built in TensorFlow's default strategy."""
+  if len(tf.config.list_logical_devices("GPU")) > 1:
+    pytest.skip("two or more GPUs: MirroredStrategy is the right choice")
+  strategy = central.distribution_strategy()
+  assert not isinstance(strategy, tf.distribute.MirroredStrategy)
+  assert strategy is tf.distribute.get_strategy()
+  assert strategy.num_replicas_in_sync == 1
+
+
+def test_keras_pipelines_have_no_autotune_model(prepared_sample_dir):
+  """The datasets Keras iterates afresh every epoch and every evaluation
+  run without tf.data's autotuning model, whose thread delays the end of
+  each pass (`data.without_autotune_model`)."""
+  config = _config(prepared_sample_dir, "unused")
+  _, client_data = central.load_inputs(config)
+  train = central._train_dataset(client_data[constants.TRAIN], config)  # pylint: disable=protected-access
+  val = central._eval_dataset(client_data[constants.VAL], 8)  # pylint: disable=protected-access
+  assert train.options().autotune.enabled is False
+  assert val.options().autotune.enabled is False
+  x, y = next(iter(val))  # Still batches of images and their labels.
+  assert x.dtype == tf.uint8 and x.shape[1:] == constants.IMAGE_SHAPE
+  assert y.shape[0] == x.shape[0]
+
+
 def test_load_inputs_rejects_missing_and_empty_dirs(tmp_path):
   missing = _config(str(tmp_path / "missing"), tmp_path / "out")
   with pytest.raises(FlairInputError, match="--tfrecords_dir"):

@@ -339,6 +339,17 @@ def test_train_preprocess_take_repeat_batch():
   assert not np.array_equal(epochs[0], np.arange(5))
 
 
+def test_without_autotune_model_keeps_the_elements():
+  pipeline = _range_dataset(50).map(
+      lambda x: x * 2, num_parallel_calls=tf.data.AUTOTUNE).batch(7).prefetch(
+          tf.data.AUTOTUNE)
+  plain = data.without_autotune_model(pipeline)
+  assert pipeline.options().autotune.enabled is not False
+  assert plain.options().autotune.enabled is False
+  np.testing.assert_array_equal(
+      np.concatenate(list(plain.as_numpy_iterator())), np.arange(50) * 2)
+
+
 def test_train_preprocess_seed_and_no_shuffle():
   spec = data.ClientSpec(num_epochs=1, batch_size=50, shuffle_buffer_size=64)
   def run(seed):
