@@ -362,9 +362,10 @@ def without_autotune_model(dataset: tf.data.Dataset) -> tf.data.Dataset:
   apart (doubling, up to 60 s). Measured on a 2-core CPU: Keras `fit` calls
   that trained for 0.75 s returned after 1.27 s (10 ms x (2^7 - 1)), calls
   of about 4.6 s after 5.11 s, and `evaluate` calls of 0.8 s after 1.27 s;
-  with the model off they returned when the pass ended. Without the model, `AUTOTUNE` stages run at TensorFlow's
-  fixed default parallelism, and `prefetch(AUTOTUNE)` keeps its own buffer
-  tuning. The elements are unchanged.
+  with the model off they returned when the pass ended. Without the model,
+  `AUTOTUNE` stages run at TensorFlow's fixed default parallelism, and
+  `prefetch(AUTOTUNE)` keeps its own buffer tuning. The elements are
+  unchanged.
   """
   options = tf.data.Options()
   options.autotune.enabled = False
