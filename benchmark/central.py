@@ -307,24 +307,6 @@ class _ResumableBestWeights(tf.keras.callbacks.Callback):
       io_utils.save_keras_weights_h5(self.model, self._weights_path)
 
 
-def make_optimizer(config: CentralConfig) -> tf.keras.optimizers.Optimizer:
-  """Adam (Kingma & Ba 2015, arXiv 1412.6980; betas 0.9 / 0.999, epsilon
-  1e-7, Keras' defaults) at `config.learning_rate`, each gradient clipped to
-  L2 norm `config.clipnorm` first (Keras' per-variable `clipnorm`).
-
-  Keras' legacy Adam: the same update as `tf.keras.optimizers.Adam` (equal
-  within float32 round-off, tests/test_central.py), computed by one fused
-  kernel per weight (`ResourceApplyAdam`) instead of about ten passes over
-  each weight. Measured on a 2-core CPU (central's input path, ResNet-18,
-  64x64, batch 16, interleaved fits): 142 against 125 images/s median, 12.8
-  against 14.6 CPU ms per image. Its optimizer state is laid out
-  differently, so a backup written by the Keras optimizer (before this
-  change) resumes with fresh Adam moments.
-  """
-  return tf.keras.optimizers.legacy.Adam(learning_rate=config.learning_rate,
-                                         clipnorm=config.clipnorm)
-
-
 def _build_model(config: CentralConfig, num_outputs: int) -> tf.keras.Model:
   """Builds and compiles ResNet-18 (in the current strategy scope); restores
   `config.restore_model_path` by layer name when given."""
@@ -342,7 +324,8 @@ def _build_model(config: CentralConfig, num_outputs: int) -> tf.keras.Model:
                  len(report.skipped),
                  ", ".join(name for name, _ in report.skipped) or "none")
   model.compile(
-      optimizer=make_optimizer(config),
+      optimizer=tf.keras.optimizers.Adam(learning_rate=config.learning_rate,
+                                         clipnorm=config.clipnorm),
       loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
       metrics=metrics.make_metrics(num_outputs))
   return model
