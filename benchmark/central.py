@@ -198,19 +198,16 @@ def _train_dataset(client_data, config: CentralConfig) -> tf.data.Dataset:
       cycle_length=_INTERLEAVE_CYCLE_LENGTH,
       num_parallel_calls=tf.data.AUTOTUNE,
       deterministic=True)
-  return data.without_autotune_model(
+  return data.keras_input(
       images.shuffle(config.shuffle_buffer_size, seed=config.seed,
                      reshuffle_each_iteration=True)
-      .batch(config.train_batch_size)
-      .prefetch(tf.data.AUTOTUNE))
+      .batch(config.train_batch_size))
 
 
 def _eval_dataset(client_data, batch_size: int) -> tf.data.Dataset:
   """All users of an evaluation partition, in order, batched."""
   pooled = client_data.create_tf_dataset_from_all_clients(seed=0)
-  return data.without_autotune_model(
-      data.create_eval_preprocess_fn(batch_size)(pooled)
-      .prefetch(tf.data.AUTOTUNE))
+  return data.keras_input(data.create_eval_preprocess_fn(batch_size)(pooled))
 
 
 def _read_metrics_rows(csv_path: str) -> tuple[Optional[str], list[dict]]:
@@ -385,8 +382,8 @@ def train_central(config: CentralConfig) -> dict:
   """Trains ResNet-18 on the pooled training users, keeping the best weights
   by val loss, and evaluates them on val and test.
 
-  Uses every local GPU (see `distribution_strategy`). Resumes a killed run found in `config.save_model_dir`
-  (Keras `BackupAndRestore`); returns the stored results of a run that
+  Uses every local GPU (see `distribution_strategy`). Resumes a killed run
+  found in `config.save_model_dir` (Keras `BackupAndRestore`); returns the stored results of a run that
   already finished there without training again.
 
   Args:

@@ -661,8 +661,7 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
 
   def eval_dataset(partition: str) -> tf.data.Dataset:
     merged = client_data[partition].create_tf_dataset_from_all_clients()
-    return data.without_autotune_model(
-        eval_preprocess(merged).prefetch(tf.data.AUTOTUNE))
+    return data.keras_input(eval_preprocess(merged))
 
   val_dataset = eval_dataset(constants.VAL)
   val_columns = [VAL_PREFIX + n for n in names]

@@ -211,8 +211,7 @@ def _central_seconds(tfrecords_dir: str, train_data, clients: list[str],
   for client_id in clients:
     client_ds = preprocess(train_data.create_tf_dataset_for_client(client_id))
     dataset = client_ds if dataset is None else dataset.concatenate(client_ds)
-  dataset = data.without_autotune_model(
-      dataset.repeat(_EPOCHS.value).prefetch(tf.data.AUTOTUNE))
+  dataset = data.keras_input(dataset.repeat(_EPOCHS.value))
   config = central.CentralConfig(
       tfrecords_dir=tfrecords_dir, save_model_dir=tempfile.gettempdir(),
       image_height=_CROP.value, image_width=_CROP.value, precision=precision)

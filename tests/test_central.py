@@ -188,7 +188,7 @@ def test_one_device_trains_without_mirroring():
 def test_keras_pipelines_have_no_autotune_model(prepared_sample_dir):
   """The datasets Keras iterates afresh every epoch and every evaluation
   run without tf.data's autotuning model, whose thread delays the end of
-  each pass (`data.without_autotune_model`)."""
+  each pass (`data.keras_input`)."""
   config = _config(prepared_sample_dir, "unused")
   _, client_data = central.load_inputs(config)
   train = central._train_dataset(client_data[constants.TRAIN], config)  # pylint: disable=protected-access

@@ -339,11 +339,10 @@ def test_train_preprocess_take_repeat_batch():
   assert not np.array_equal(epochs[0], np.arange(5))
 
 
-def test_without_autotune_model_keeps_the_elements():
+def test_keras_input_has_no_autotune_model_and_keeps_the_elements():
   pipeline = _range_dataset(50).map(
-      lambda x: x * 2, num_parallel_calls=tf.data.AUTOTUNE).batch(7).prefetch(
-          tf.data.AUTOTUNE)
-  plain = data.without_autotune_model(pipeline)
+      lambda x: x * 2, num_parallel_calls=tf.data.AUTOTUNE).batch(7)
+  plain = data.keras_input(pipeline)
   assert pipeline.options().autotune.enabled is not False
   assert plain.options().autotune.enabled is False
   np.testing.assert_array_equal(
