@@ -1,20 +1,24 @@
 """Keras training-step throughput of ResNet-18 variants, interleaved in one run.
 
-    python scripts/bench_train_step.py [--variants fast,keras_gn,bf16,jit] \
-        [--crop 64] [--batch_size 16] [--steps 8] [--repeats 8] [--threads 0]
+    python scripts/bench_train_step.py \
+        [--variants fast,keras_gn,bf16,jit,keras_adam] [--crop 64] \
+        [--batch_size 16] [--steps 8] [--repeats 8] [--threads 0]
 
 Isolates the training step from the input pipeline: random uint8 256x256
 images and 0/1 labels (17 outputs) held in memory (`Dataset.cache`), the
 model `benchmark.model.resnet18` (GroupNorm) compiled as
-`benchmark.central` compiles it (Adam 1e-4, clipnorm 10, the suite's
-metrics). Variants, any combination of these words joined by "_":
+`benchmark.central` compiles it (`central.make_optimizer`: Adam 1e-4,
+clipnorm 10; the suite's metrics). Variants, any combination of these words
+joined by "_":
 
 * `fast`: the model as the suite builds it (float32);
 * `keras_gn`: with Keras' own `tf.keras.layers.GroupNormalization` instead of
   `benchmark.model.GroupNormalization`;
 * `bf16`: `precision="bfloat16"`;
 * `jit`: `compile(jit_compile=True)` (XLA);
-* `nometrics`: compiled without metrics.
+* `nometrics`: compiled without metrics;
+* `keras_adam`: Keras' `tf.keras.optimizers.Adam` (same settings) instead of
+  central's optimizer (the fused legacy Adam).
 
 Each variant is built and warmed up (one `fit` of `--steps` steps), then the
 variants are timed in turn, `--repeats` times, so that load from other
@@ -38,6 +42,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmark import central
 from benchmark import errors
 from benchmark import metrics
 from benchmark import model as model_lib
@@ -51,21 +56,32 @@ _STEPS = flags.DEFINE_integer("steps", 8, "Training steps per timed fit.")
 _REPEATS = flags.DEFINE_integer("repeats", 8, "Timed fits per variant.")
 _THREADS = flags.DEFINE_integer(
     "threads", 0, "TensorFlow intra- and inter-op threads (0: default).")
-_WORDS = ("fast", "keras_gn", "bf16", "jit", "nometrics")
+_WORDS = ("fast", "keras_gn", "bf16", "jit", "nometrics", "keras_adam")
 _NUM_OUTPUTS = 17
 
 
+def _words(variant: str) -> list[str]:
+  """A variant's words (`keras_gn`, `keras_adam` are one word each)."""
+  for word in ("keras_gn", "keras_adam"):
+    variant = variant.replace(word, word.replace("_", "-"))
+  return [w.replace("-", "_") for w in variant.split("_")]
+
+
 def _build(variant: str) -> tf.keras.Model:
-  words = variant.replace("keras_gn", "kerasgn").split("_")
-  norm = (tf.keras.layers.GroupNormalization if "kerasgn" in words
+  words = _words(variant)
+  norm = (tf.keras.layers.GroupNormalization if "keras_gn" in words
           else model_lib.GroupNormalization)
   with mock.patch.object(model_lib, "GroupNormalization", norm):
     keras_model = model_lib.resnet18(
         num_classes=_NUM_OUTPUTS, crop_size=(_CROP.value, _CROP.value),
         precision=model_lib.BFLOAT16 if "bf16" in words else
         model_lib.FLOAT32)
+  config = central.CentralConfig(tfrecords_dir="unused", learning_rate=1e-4,
+                                 clipnorm=10.0)
   keras_model.compile(
-      optimizer=tf.keras.optimizers.Adam(1e-4, clipnorm=10.0),
+      optimizer=(tf.keras.optimizers.Adam(config.learning_rate,
+                                          clipnorm=config.clipnorm)
+                 if "keras_adam" in words else central.make_optimizer(config)),
       loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
       metrics=(None if "nometrics" in words else
                metrics.make_metrics(_NUM_OUTPUTS)),
@@ -76,8 +92,7 @@ def _build(variant: str) -> tf.keras.Model:
 def main(argv):
   del argv
   for variant in _VARIANTS.value:
-    words = variant.replace("keras_gn", "kerasgn").split("_")
-    if not all(w.replace("kerasgn", "keras_gn") in _WORDS for w in words):
+    if not all(w in _WORDS for w in _words(variant)):
       raise errors.FlairInputError(
           f"--variants: unknown variant {variant!r} (words: {_WORDS})")
   if _THREADS.value:

@@ -174,6 +174,35 @@ def test_config_defaults_are_the_reference_flags():
               1e-4, 10.0, 512, 512, 100, None, "./", 224, 224, False, None)
 
 
+def test_the_fused_adam_updates_as_keras_adam():
+  """central's optimizer (legacy Adam, one fused kernel per weight) gives the
+  weights of `tf.keras.optimizers.Adam` with the same settings, within
+  float32 round-off, over steps where clipnorm clips."""
+  config = central.CentralConfig(tfrecords_dir="T", learning_rate=1e-2,
+                                 clipnorm=0.5)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(32, 6)).astype(np.float32)
+  y = (rng.normal(size=(32, 3)) * 50).astype(np.float32)  # Large gradients.
+
+  def train(optimizer):
+    tf.keras.utils.set_random_seed(0)
+    keras_model = tf.keras.Sequential(
+        [tf.keras.Input((6,)), tf.keras.layers.Dense(8, activation="relu"),
+         tf.keras.layers.Dense(3)])
+    keras_model.compile(optimizer=optimizer, loss="mse")
+    keras_model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
+    return keras_model.get_weights(), keras_model.optimizer
+
+  fused, optimizer = train(central.make_optimizer(config))
+  reference, _ = train(tf.keras.optimizers.Adam(learning_rate=1e-2,
+                                                clipnorm=0.5))
+  initial, _ = train(tf.keras.optimizers.SGD(learning_rate=0.0))
+  assert isinstance(optimizer, tf.keras.optimizers.legacy.Adam)
+  for got, want, start in zip(fused, reference, initial):
+    assert np.abs(want - start).max() > 0.05  # The weights moved.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_one_device_trains_without_mirroring():
   """MirroredStrategy only for two or more GPUs: on this GPU-less machine
   the model is built in TensorFlow's default strategy."""
