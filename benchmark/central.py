@@ -55,6 +55,7 @@ from benchmark import errors
 from benchmark import io_utils
 from benchmark import metrics
 from benchmark import model as model_lib
+from benchmark import optimizers
 from benchmark import restore
 from benchmark import validate
 from benchmark.errors import FlairInputError
@@ -314,12 +315,16 @@ def make_optimizer(config: CentralConfig) -> tf.keras.optimizers.Optimizer:
   kernel per weight (`ResourceApplyAdam`) instead of about ten passes over
   each weight. Measured on a 2-core CPU (central's input path, ResNet-18,
   64x64, batch 16, interleaved fits, two runs): 142 against 125 and 114
-  against 101 images/s median. Its optimizer state is laid out
+  against 101 images/s median. The clipping is
+  `optimizers.clip_each_gradient` (one pass for each norm; 13 against 17 ms
+  per ResNet-18 update, `scripts/bench_clipped_update.py`), not Keras'
+  `clipnorm`. Its optimizer state is laid out
   differently, so a backup written by the Keras optimizer (before this
   change) resumes with fresh Adam moments.
   """
-  return tf.keras.optimizers.legacy.Adam(learning_rate=config.learning_rate,
-                                         clipnorm=config.clipnorm)
+  return tf.keras.optimizers.legacy.Adam(
+      learning_rate=config.learning_rate,
+      gradient_transformers=[optimizers.clip_each_gradient(config.clipnorm)])
 
 
 def _build_model(config: CentralConfig, num_outputs: int) -> tf.keras.Model:

@@ -1,4 +1,5 @@
-"""The server and client optimizers of federated training, by name.
+"""The server and client optimizers of federated training, by name, and the
+per-weight gradient clipping that both trainers' optimizers use.
 
 All are TFF's own (`tff.learning.optimizers`), as compared in Reddi et al.
 2021, "Adaptive Federated Optimization" (ICLR, arXiv 2003.00295): the server
@@ -82,6 +83,33 @@ class ServerOptimizerSpec:
         epsilon=self.epsilon)
 
 
+def clip_factor(gradient: tf.Tensor, clipnorm: float) -> tf.Tensor:
+  """The scalar `tf.clip_by_norm(gradient, clipnorm)` multiplies `gradient`
+  by: `clipnorm / max(||gradient||_2, clipnorm)` (1 when the norm is at most
+  `clipnorm`), in `gradient`'s dtype.
+
+  The norm comes from one pass over the gradient (`tf.nn.l2_loss`, which
+  sums the squares without writing them out); `tf.clip_by_norm` makes about
+  seven passes (squares, their sum, then two scalings of the whole tensor).
+  `clipnorm` must be > 0.
+  """
+  norm = tf.sqrt(2.0 * tf.nn.l2_loss(gradient))
+  clipnorm = tf.cast(clipnorm, gradient.dtype)
+  return clipnorm / tf.maximum(norm, clipnorm)
+
+
+def clip_each_gradient(clipnorm: float):
+  """A Keras (legacy) optimizer `gradient_transformers` entry that clips each
+  gradient as `clipnorm=clipnorm` does (`tf.clip_by_norm` per variable),
+  with the one-pass norm of `clip_factor`: `[(gradient, variable)] ->
+  [(gradient * clip_factor(gradient, clipnorm), variable)]`."""
+
+  def transform(grads_and_vars):
+    return [(g * clip_factor(g, clipnorm), v) for g, v in grads_and_vars]
+
+  return transform
+
+
 class PerWeightClippedSGD(tff.learning.optimizers.Optimizer):
   """SGD (with optional momentum) that first clips each weight's gradient to
   an L2 norm.
@@ -89,7 +117,11 @@ class PerWeightClippedSGD(tff.learning.optimizers.Optimizer):
   The client update of the original benchmark, `tf.keras.optimizers.SGD(lr,
   clipnorm=c)`: Keras' `clipnorm` clips every gradient tensor separately
   (`tf.clip_by_norm`), not the global norm. TFF 0.87 takes only
-  `tff.learning.optimizers.Optimizer`s, so this wraps `build_sgdm`.
+  `tff.learning.optimizers.Optimizer`s, so this wraps `build_sgdm` (its
+  state and hyperparameters). Without momentum the update is
+  `w - (lr * clip_factor(g)) * g`: the clipping folds into the learning rate
+  and never rescales the gradient tensor; equal to `tf.clip_by_norm` then
+  `build_sgdm` within float32 round-off (tests/test_optimizers.py).
   """
 
   def __init__(self, learning_rate: float, clipnorm: float,
@@ -97,14 +129,22 @@ class PerWeightClippedSGD(tff.learning.optimizers.Optimizer):
     self._sgd = tff.learning.optimizers.build_sgdm(
         learning_rate=learning_rate, momentum=momentum or None)
     self._clipnorm = clipnorm
+    self._momentum = bool(momentum)
 
   def initialize(self, specs):
     return self._sgd.initialize(specs)
 
   def next(self, state, weights, gradients):
-    clipped = tf.nest.map_structure(
-        lambda g: tf.clip_by_norm(g, self._clipnorm), gradients)
-    return self._sgd.next(state, weights, clipped)
+    if self._momentum:
+      clipped = tf.nest.map_structure(
+          lambda g: g * clip_factor(g, self._clipnorm), gradients)
+      return self._sgd.next(state, weights, clipped)
+    learning_rate = self._sgd.get_hparams(state)["learning_rate"]
+    updated = tf.nest.map_structure(
+        lambda w, g: w - (tf.cast(learning_rate, g.dtype) *
+                          clip_factor(g, self._clipnorm)) * g,
+        weights, gradients)
+    return state, updated
 
   def get_hparams(self, state):
     return self._sgd.get_hparams(state)

@@ -71,6 +71,36 @@ def test_client_optimizer_clips_each_weight_separately():
   np.testing.assert_allclose(new[1], [1.0 - 0.5 * 0.5], rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", optimizers.CLIENT_OPTIMIZERS)
+def test_client_optimizer_equals_clip_by_norm_then_tff_sgd(name):
+  """The one-pass clipping gives `tf.clip_by_norm` followed by TFF's SGD
+  (with momentum for sgdm) within float32 round-off, over steps whose
+  gradients are clipped (norms up to 2000) and kept (norm 0.25)."""
+  momentum = 0.9 if name == "sgdm" else 0.0
+  ours = optimizers.build_client_optimizer(name, learning_rate=0.1,
+                                           clipnorm=1.5, momentum=momentum)
+  sgd = tff.learning.optimizers.build_sgdm(learning_rate=0.1,
+                                           momentum=momentum or None)
+  rng = np.random.default_rng(0)
+  weights = tuple(tf.constant(rng.normal(size=shape), tf.float32)
+                  for shape in ((3, 3, 8, 16), (16,), (40, 5)))
+  specs = tf.nest.map_structure(tf.TensorSpec.from_tensor, weights)
+  our_state, ref_state = ours.initialize(specs), sgd.initialize(specs)
+  ours_w = ref_w = weights
+  for scale in (1000.0, 1.0, 1e-3):
+    gradients = tuple(tf.constant(scale * rng.normal(size=w.shape),
+                                  tf.float32) for w in weights)
+    our_state, ours_w = ours.next(our_state, ours_w, gradients)
+    ref_state, ref_w = sgd.next(
+        ref_state, ref_w,
+        tuple(tf.clip_by_norm(g, 1.5) for g in gradients))
+    for got, want in zip(ours_w, ref_w):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert ours.get_hparams(our_state)["learning_rate"] == 0.1
+  moved = max(float(np.abs(w - w0).max()) for w, w0 in zip(ours_w, weights))
+  assert moved > 0.1
+
+
 def test_client_sgdm_accumulates_momentum():
   opt = optimizers.build_client_optimizer("sgdm", learning_rate=0.1,
                                           clipnorm=10.0, momentum=0.9)
