@@ -205,12 +205,6 @@ def _train_dataset(client_data, config: CentralConfig) -> tf.data.Dataset:
       .batch(config.train_batch_size))
 
 
-def _eval_dataset(client_data, batch_size: int) -> tf.data.Dataset:
-  """All users of an evaluation partition, in order, batched."""
-  pooled = client_data.create_tf_dataset_from_all_clients(seed=0)
-  return data.keras_input(data.create_eval_preprocess_fn(batch_size)(pooled))
-
-
 def _read_metrics_rows(csv_path: str) -> tuple[Optional[str], list[dict]]:
   """Returns (header line or None, rows as dicts) of a CSVLogger file."""
   if not os.path.isfile(csv_path):
@@ -450,7 +444,8 @@ def train_central(config: CentralConfig) -> dict:
                else "")
   with strategy.scope():
     model = _build_model(config, num_outputs)
-  val_ds = _eval_dataset(client_data[constants.VAL], config.eval_batch_size)
+  val_ds = data.eval_dataset(client_data[constants.VAL],
+                             config.eval_batch_size)
   verbose = _keras_verbosity()
 
   if trained:
@@ -488,7 +483,8 @@ def train_central(config: CentralConfig) -> dict:
     raise RuntimeError(
         f"no best weights at {weights_path}: no epoch had a finite val loss")
   model.load_weights(weights_path)
-  test_ds = _eval_dataset(client_data[constants.TEST], config.eval_batch_size)
+  test_ds = data.eval_dataset(client_data[constants.TEST],
+                              config.eval_batch_size)
   try:
     final = {
         constants.VAL: _evaluate(model, val_ds, names, verbose),

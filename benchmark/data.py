@@ -372,6 +372,21 @@ def keras_input(dataset: tf.data.Dataset) -> tf.data.Dataset:
   return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
+def eval_dataset(client_data: tff.simulation.datasets.ClientData,
+                 batch_size: int) -> tf.data.Dataset:
+  """Every client of an evaluation partition pooled into one dataset, as both
+  trainers evaluate: the clients in a fixed order (seed 0), batches of
+  `batch_size` (`create_eval_preprocess_fn`), finished by `keras_input`.
+  Elements: `(images [b, 256, 256, 3] uint8, labels [b, num_outputs]
+  int32)`.
+
+  Raises:
+    FlairInputError: if `batch_size` is not a positive integer.
+  """
+  pooled = client_data.create_tf_dataset_from_all_clients(seed=0)
+  return keras_input(create_eval_preprocess_fn(batch_size)(pooled))
+
+
 # --- Checking prepared TFRecords before training -----------------------------
 
 # The first bytes of every JPEG file (ITU-T T.81 Annex B).

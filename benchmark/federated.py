@@ -657,11 +657,8 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
     csv_manager = tff.program.CSVFileReleaseManager(csv_path,
                                                     key_fieldname=ROUND_KEY)
   tensorboard_manager = tff.program.TensorBoardReleaseManager(tensorboard_dir)
-  eval_preprocess = data.create_eval_preprocess_fn(config.eval_batch_size)
-
   def eval_dataset(partition: str) -> tf.data.Dataset:
-    merged = client_data[partition].create_tf_dataset_from_all_clients()
-    return data.keras_input(eval_preprocess(merged))
+    return data.eval_dataset(client_data[partition], config.eval_batch_size)
 
   val_dataset = eval_dataset(constants.VAL)
   val_columns = [VAL_PREFIX + n for n in names]

@@ -221,7 +221,7 @@ def test_keras_pipelines_have_no_autotune_model(prepared_sample_dir):
   config = _config(prepared_sample_dir, "unused")
   _, client_data = central.load_inputs(config)
   train = central._train_dataset(client_data[constants.TRAIN], config)  # pylint: disable=protected-access
-  val = central._eval_dataset(client_data[constants.VAL], 8)  # pylint: disable=protected-access
+  val = data.eval_dataset(client_data[constants.VAL], 8)
   assert train.options().autotune.enabled is False
   assert val.options().autotune.enabled is False
   x, y = next(iter(val))  # Still batches of images and their labels.

@@ -349,6 +349,33 @@ def test_keras_input_has_no_autotune_model_and_keeps_the_elements():
       np.concatenate(list(plain.as_numpy_iterator())), np.arange(50) * 2)
 
 
+def _batches(dataset):
+  return [(x.numpy(), y.numpy()) for x, y in dataset]
+
+
+def test_eval_dataset_pools_every_client_without_autotune_model(tiny_dir):
+  """Both trainers' evaluation input: every image of every client once,
+  batched, in the same order on every build, without tf.data's autotuning
+  model (`keras_input`)."""
+  spec = data.load_label_spec(tiny_dir)
+  train = data.load_partition(tiny_dir, "train", spec)
+  evaluation = data.eval_dataset(train, batch_size=2)
+  assert evaluation.options().autotune.enabled is False
+  batches = _batches(evaluation)
+  assert [len(x) for x, _ in batches] == [2, 2, 1]
+  got = sorted(tuple(y) for _, labels in batches for y in labels)
+  want = sorted(tuple(_multi_hot(coarse, len(COARSE)))
+                for records in TINY_USERS["train"].values()
+                for coarse, _ in records)
+  assert got == want
+  again = _batches(data.eval_dataset(train, batch_size=2))
+  for (x, y), (x2, y2) in zip(batches, again):
+    np.testing.assert_array_equal(x, x2)
+    np.testing.assert_array_equal(y, y2)
+  with pytest.raises(FlairInputError, match="batch_size"):
+    data.eval_dataset(train, batch_size=0)
+
+
 def test_train_preprocess_seed_and_no_shuffle():
   spec = data.ClientSpec(num_epochs=1, batch_size=50, shuffle_buffer_size=64)
   def run(seed):
