@@ -307,14 +307,14 @@ def make_optimizer(config: CentralConfig) -> tf.keras.optimizers.Optimizer:
   Keras' legacy Adam: the same update as `tf.keras.optimizers.Adam` (equal
   within float32 round-off, tests/test_central.py), computed by one fused
   kernel per weight (`ResourceApplyAdam`) instead of about ten passes over
-  each weight. Measured on a 2-core CPU (central's input path, ResNet-18,
-  64x64, batch 16, interleaved fits, two runs): 142 against 125 and 114
-  against 101 images/s median. The clipping is
-  `optimizers.clip_each_gradient` (one pass for each norm; 13 against 17 ms
-  per ResNet-18 update, `scripts/bench_clipped_update.py`), not Keras'
-  `clipnorm`. Its optimizer state is laid out
-  differently, so a backup written by the Keras optimizer (before this
-  change) resumes with fresh Adam moments.
+  each weight. The clipping is `optimizers.clip_each_gradient` (one pass
+  for each norm) rather than Keras' `clipnorm`. Measured on a 2-core CPU
+  (ResNet-18, 64x64, batch 16): interleaved fits on central's input path,
+  two runs, 142 against 125 and 114 against 101 images/s median (legacy
+  against Keras' Adam); one update, 10-11 ms against 14-16 ms with
+  `clipnorm` (`scripts/bench_clipped_update.py`). Its optimizer state is
+  laid out differently, so a backup written by the Keras optimizer (before
+  this change) resumes with fresh Adam moments.
   """
   return tf.keras.optimizers.legacy.Adam(
       learning_rate=config.learning_rate,
@@ -399,8 +399,9 @@ def train_central(config: CentralConfig) -> dict:
   by val loss, and evaluates them on val and test.
 
   Uses every local GPU (see `distribution_strategy`). Resumes a killed run
-  found in `config.save_model_dir` (Keras `BackupAndRestore`); returns the stored results of a run that
-  already finished there without training again.
+  found in `config.save_model_dir` (Keras `BackupAndRestore`); returns the
+  stored results of a run that already finished there without training
+  again.
 
   Args:
     config: the run's settings.

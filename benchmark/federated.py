@@ -657,10 +657,8 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
     csv_manager = tff.program.CSVFileReleaseManager(csv_path,
                                                     key_fieldname=ROUND_KEY)
   tensorboard_manager = tff.program.TensorBoardReleaseManager(tensorboard_dir)
-  def eval_dataset(partition: str) -> tf.data.Dataset:
-    return data.eval_dataset(client_data[partition], config.eval_batch_size)
-
-  val_dataset = eval_dataset(constants.VAL)
+  val_dataset = data.eval_dataset(client_data[constants.VAL],
+                                  config.eval_batch_size)
   val_columns = [VAL_PREFIX + n for n in names]
   all_columns = None  # Known after the first training round.
   pending_rows = []
@@ -754,7 +752,9 @@ def _train(config: FederatedConfig, label_spec: data.LabelSpec,
     backend.get_model_weights().assign_weights_to(eval_model)
   final = {
       constants.VAL: _evaluate(eval_model, val_dataset),
-      constants.TEST: _evaluate(eval_model, eval_dataset(constants.TEST)),
+      constants.TEST: _evaluate(
+          eval_model, data.eval_dataset(client_data[constants.TEST],
+                                        config.eval_batch_size)),
       "best_round": best_round,
       "rounds_completed": config.total_rounds,
   }

@@ -14,6 +14,7 @@ without momentum.
 """
 
 import dataclasses
+from typing import Callable
 
 import tensorflow as tf
 import tensorflow_federated as tff
@@ -28,6 +29,9 @@ SERVER_EPSILON = 0.01
 MOMENTUM = 0.9
 BETA_1 = 0.9
 BETA_2 = 0.999
+
+# A Keras optimizer's `[(gradient, variable)]` pairs.
+GradsAndVars = list[tuple[tf.Tensor, tf.Variable]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +102,8 @@ def clip_factor(gradient: tf.Tensor, clipnorm: float) -> tf.Tensor:
   return clipnorm / tf.maximum(norm, clipnorm)
 
 
-def clip_each_gradient(clipnorm: float):
+def clip_each_gradient(
+    clipnorm: float) -> Callable[[GradsAndVars], GradsAndVars]:
   """A Keras (legacy) optimizer `gradient_transformers` entry that clips each
   gradient as `clipnorm=clipnorm` does (`tf.clip_by_norm` per variable),
   with the one-pass norm of `clip_factor`: `[(gradient, variable)] ->
