@@ -1,14 +1,15 @@
 """Keras training-step throughput of ResNet-18 variants, interleaved in one run.
 
     python scripts/bench_train_step.py \
-        [--variants fast,keras_gn,bf16,jit,keras_adam] [--crop 64] \
+        [--variants fast,keras_gn,bf16,jit,keras_adam,zeropad] [--crop 64] \
         [--batch_size 16] [--steps 8] [--repeats 8] [--threads 0]
 
 Isolates the training step from the input pipeline: random uint8 256x256
-images and 0/1 labels (17 outputs) held in memory (`Dataset.cache`), the
-model `benchmark.model.resnet18` (GroupNorm) compiled as
-`benchmark.central` compiles it (`central.make_optimizer`: Adam 1e-4,
-clipnorm 10; the suite's metrics). Variants, any combination of these words
+images and 0/1 labels (17 outputs) held in memory (`Dataset.cache`, fed to
+Keras as central feeds it: `data.keras_input`), the model
+`benchmark.model.resnet18` (GroupNorm) compiled as `benchmark.central`
+compiles it (`central.make_optimizer`: Adam 1e-4, clipnorm 10; the suite's
+metrics). Variants, any combination of these words
 joined by "_":
 
 * `fast`: the model as the suite builds it (float32);
@@ -18,7 +19,10 @@ joined by "_":
 * `jit`: `compile(jit_compile=True)` (XLA);
 * `nometrics`: compiled without metrics;
 * `keras_adam`: Keras' `tf.keras.optimizers.Adam` (same settings) instead of
-  central's optimizer (the fused legacy Adam).
+  central's optimizer (the fused legacy Adam);
+* `zeropad`: a `ZeroPadding2D` layer in front of every 3x3 convolution
+  instead of padding inside the stride-1 ones (see `benchmark.model`,
+  "Padding").
 
 Each variant is built and warmed up (one `fit` of `--steps` steps), then the
 variants are timed in turn, `--repeats` times, so that load from other
@@ -43,6 +47,7 @@ sys.path.insert(0, REPO_ROOT)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmark import central
+from benchmark import data
 from benchmark import errors
 from benchmark import metrics
 from benchmark import model as model_lib
@@ -56,7 +61,8 @@ _STEPS = flags.DEFINE_integer("steps", 8, "Training steps per timed fit.")
 _REPEATS = flags.DEFINE_integer("repeats", 8, "Timed fits per variant.")
 _THREADS = flags.DEFINE_integer(
     "threads", 0, "TensorFlow intra- and inter-op threads (0: default).")
-_WORDS = ("fast", "keras_gn", "bf16", "jit", "nometrics", "keras_adam")
+_WORDS = ("fast", "keras_gn", "bf16", "jit", "nometrics", "keras_adam",
+          "zeropad")
 _NUM_OUTPUTS = 17
 
 
@@ -71,7 +77,9 @@ def _build(variant: str) -> tf.keras.Model:
   words = _words(variant)
   norm = (tf.keras.layers.GroupNormalization if "keras_gn" in words
           else model_lib.GroupNormalization)
-  with mock.patch.object(model_lib, "GroupNormalization", norm):
+  with mock.patch.object(model_lib, "GroupNormalization", norm), \
+      mock.patch.object(model_lib._Builder, "pad_inside_conv",  # pylint: disable=protected-access
+                        "zeropad" not in words):
     keras_model = model_lib.resnet18(
         num_classes=_NUM_OUTPUTS, crop_size=(_CROP.value, _CROP.value),
         precision=model_lib.BFLOAT16 if "bf16" in words else
@@ -102,8 +110,9 @@ def main(argv):
   count = _BATCH_SIZE.value * 4
   images = rng.integers(0, 256, (count, 256, 256, 3)).astype(np.uint8)
   labels = (rng.random((count, _NUM_OUTPUTS)) < 0.2).astype(np.int32)
-  dataset = (tf.data.Dataset.from_tensor_slices((images, labels))
-             .batch(_BATCH_SIZE.value).repeat().take(_STEPS.value).cache())
+  dataset = data.keras_input(
+      tf.data.Dataset.from_tensor_slices((images, labels))
+      .batch(_BATCH_SIZE.value).repeat().take(_STEPS.value).cache())
   models = {}
   for variant in _VARIANTS.value:
     models[variant] = _build(variant)

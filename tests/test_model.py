@@ -46,14 +46,18 @@ def _expected_counts(num_classes, batch_norm):
 
 
 def _reference_layer_names():
-  """Layer names listed in docs/original_benchmark.md ("Model")."""
-  names = ["initial_padding", "initial_conv", "initial_norm", "initial_relu",
+  """Layer names listed in docs/original_benchmark.md ("Model"): every layer
+  of the model, padding layers only in front of the stride-2 convolutions."""
+  names = ["image", "crop", "flip", "rescale", "imagenet_normalization",
+           "initial_padding", "initial_conv", "initial_norm", "initial_relu",
            "pooling_padding", "initial_pooling", "global_pooling",
            "classifier"]
   for s in range(1, 5):
     for b in range(1, 3):
-      for part in ("conv1_padding", "conv1_3x3", "norm1", "relu1",
-                   "conv2_padding", "conv2_3x3", "norm2", "relu2"):
+      if s > 1 and b == 1:
+        names.append(f"layer{s}_block{b}_conv1_padding")
+      for part in ("conv1_3x3", "norm1", "relu1", "conv2_3x3", "norm2",
+                   "add", "relu2"):
         names.append(f"layer{s}_block{b}_{part}")
     if s > 1:
       names += [f"layer{s}_downsample_conv_1x1", f"layer{s}_downsample_norm"]
@@ -76,13 +80,15 @@ def test_parameter_counts_and_layer_names(pretrained):
   trainable, non_trainable = _expected_counts(NUM_CLASSES, pretrained)
   assert _count(m.trainable_weights) == trainable
   assert _count(m.non_trainable_weights) == non_trainable
-  names = {layer.name for layer in m.layers}
-  missing = [n for n in _reference_layer_names() if n not in names]
-  assert not missing
-  # Convolutions have no bias; paddings are explicit layers.
+  assert sorted(layer.name for layer in m.layers) == sorted(
+      _reference_layer_names())
+  # Convolutions have no bias; stride-1 3x3 ones pad inside the op, the
+  # others have a padding layer in front (or, 1x1, need none).
   for layer in m.layers:
     if isinstance(layer, tf.keras.layers.Conv2D):
-      assert not layer.use_bias and layer.padding == "valid", layer.name
+      inside = layer.kernel_size == (3, 3) and layer.strides == (1, 1)
+      assert not layer.use_bias, layer.name
+      assert layer.padding == ("same" if inside else "valid"), layer.name
   norm_type = (tf.keras.layers.BatchNormalization if pretrained else
                tf.keras.layers.GroupNormalization)
   _, norms = _layout()
@@ -380,6 +386,39 @@ def test_group_norm_model_weights_load_into_a_keras_group_norm_model(
   images = rng.integers(0, 256, (2,) + SMALL_INPUT).astype(np.float32)
   _assert_close(fast(images, training=False).numpy(),
                 reference(images, training=False).numpy(), 1e-4)
+
+
+@pytest.mark.parametrize("crop", [(32, 32), (31, 29)])
+def test_padding_inside_convolutions_equals_zero_padding_layers(
+    crop, monkeypatch):
+  # The model as built (stride-1 3x3 convolutions pad inside the op) against
+  # the same weights in the all-ZeroPadding2D layout: equal logits and
+  # weight gradients to 1e-5 relative, on even and odd feature map sizes.
+  fast = model.resnet18(SMALL_INPUT, NUM_CLASSES, crop_size=crop, seed=3,
+                        augmentation_seed=1)
+  monkeypatch.setattr(model._Builder, "pad_inside_conv", False)  # pylint: disable=protected-access
+  reference = model.resnet18(SMALL_INPUT, NUM_CLASSES, crop_size=crop, seed=3,
+                             augmentation_seed=1)
+  paddings = [l for l in reference.layers
+              if isinstance(l, tf.keras.layers.ZeroPadding2D)]
+  assert len(paddings) == 2 + 2 * sum(blocks for _, blocks in STAGES)
+  assert len(reference.layers) - len(fast.layers) == len(paddings) - 5
+  reference.set_weights(fast.get_weights())
+  rng = np.random.default_rng(4)
+  images = tf.constant(
+      rng.integers(0, 256, (3,) + SMALL_INPUT).astype(np.float32))
+  labels = tf.constant((rng.random((3, NUM_CLASSES)) < 0.3).astype(np.float32))
+  results = []
+  for m in (fast, reference):
+    with tf.GradientTape() as tape:
+      logits = m(images, training=False)
+      loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(
+          labels, logits))
+    grads = tape.gradient(loss, m.trainable_variables)
+    results.append([logits.numpy()] + [g.numpy() for g in grads])
+  assert len(results[0]) == len(results[1])
+  for actual, expected in zip(*results):
+    _assert_close(actual, expected, 1e-5)
 
 
 @pytest.mark.parametrize("value", ["float16", "bf16", "", None, 32])
