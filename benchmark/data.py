@@ -198,16 +198,27 @@ def create_parse_fn(label_spec: LabelSpec
 
 
 def create_dataset_fn(
-    label_spec: LabelSpec) -> Callable[[str], tf.data.Dataset]:
+    label_spec: LabelSpec,
+    max_records: Optional[int] = None) -> Callable[[str], tf.data.Dataset]:
   """Returns `path -> tf.data.Dataset` of parsed examples of one user file.
 
   `path` may be a Python string or a scalar `tf.string` tensor (as TFF's
-  `FilePerUserClientData.serializable_dataset_fn` passes it).
+  `FilePerUserClientData.serializable_dataset_fn` passes it). With
+  `max_records`, only the file's first `max_records` records are read and
+  decoded (for a fixed subset of a user's images, as
+  `scripts/bench_vs_pfl.py` trains central on).
+
+  Raises:
+    FlairInputError: if `max_records` is not None or a positive integer.
   """
+  validate.check_int("max_records", max_records, allow_none=True)
   parse = create_parse_fn(label_spec)
 
   def dataset_fn(path) -> tf.data.Dataset:
-    return tf.data.TFRecordDataset(path).map(
+    records = tf.data.TFRecordDataset(path)
+    if max_records is not None:
+      records = records.take(max_records)
+    return records.map(
         parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
   return dataset_fn

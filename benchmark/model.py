@@ -55,6 +55,21 @@ of 8 interleaved fits): with 64x64 crops, float32 166 -> 182 images/s (CPU
 float32 26.2 -> 27.2. TensorFlow's per-side padding inside the op
 (`tf.nn.conv2d` with a list of paddings), which would cover the stride-2
 convolutions too, ran at 42 against 151 images/s with oneDNN.
+
+Small maps: a convolution whose output has at most `PATCH_MAX_POSITIONS`
+positions (the last stage's 2x2 maps at 64x64 crops) is a `PatchConv2D`,
+computed as one matrix product over its patches; the others use
+TensorFlow's convolution op. With 2x2 maps a stage-4 convolution is a
+`[64, 4608] x [4608, 512]` product at batch 16, and on CPU TensorFlow's
+oneDNN convolution ops spent more time reordering its 2.4M-weight kernel
+(to and from oneDNN's blocked layout, in each of the forward, input-gradient
+and weight-gradient ops, every step) and in a slow weight-gradient kernel
+than in the product itself. Measured with `scripts/bench_train_step.py
+--variants convop,fast` (64x64 crops, batch 16, 2-core CPU, median of 8
+interleaved fits): float32 158 -> 173 images/s, CPU 11.4 -> 10.2 ms per
+image. Patch products for the 4x4 maps of stage 3 as well made the step
+slower (149 against 158), so the threshold stays at 2x2; with 224x224
+crops no map is that small and nothing changes. Measured on CPU only.
 """
 
 from typing import Optional, Sequence
@@ -322,12 +337,79 @@ class GroupNormalization(tf.keras.layers.GroupNormalization):
     return tf.cast(outputs, inputs.dtype)
 
 
+# Convolutions whose output map has at most this many positions (height x
+# width) are `PatchConv2D` layers: the last stage's 2x2 maps at 64x64 crops.
+# Measured on a 2-core CPU (see the module docstring, "Small maps"): all
+# convolutions with 2x2 outputs as patch products cut the step's CPU per
+# image by 10%, the 3x3 ones with 4x4 outputs as well made it slower.
+PATCH_MAX_POSITIONS = 4
+
+
+@tf.keras.utils.register_keras_serializable(package="flair")
+class PatchConv2D(tf.keras.layers.Conv2D):
+  """Keras' `Conv2D` computed as one matrix product over its patches.
+
+  The same layer (a subclass: same constructor, kernel `[kh, kw, c_in,
+  c_out]`, same weight names, so `.h5` weights and restore-by-name are
+  unchanged) and the same function: the input's `kh x kw` patches at the
+  layer's strides are laid side by side ("im2col"), giving a `[batch *
+  out_height * out_width, kh * kw * c_in]` matrix whose columns run over
+  kernel row, kernel column, input channel (the kernel's own order), and
+  that matrix times the kernel reshaped to `[kh * kw * c_in, c_out]` is the
+  output. For tiny maps this is cheaper than TensorFlow's convolution ops on
+  CPU, which reorder the whole kernel to and from oneDNN's blocked layout in
+  every forward and backward op, and whose gradient for the weights ran 3x
+  slower than the forward op there (see the module docstring, "Small
+  maps"). Equal to `Conv2D` within float32 round-off
+  (tests/test_model.py: outputs and gradients to 1e-5 relative).
+
+  Handles "valid" padding at any stride and "same" padding at stride 1 with
+  an odd kernel, dilation 1, channels-last, no groups, and an input of
+  static height and width; anything else runs Keras' own op.
+  """
+
+  def _patch_layout(self, inputs) -> Optional[tuple[int, int, int, int]]:
+    """`(pad_h, pad_w, out_h, out_w)`, or None where Keras' op must run."""
+    (kh, kw), (sh, sw) = self.kernel_size, self.strides
+    height, width = inputs.shape[1], inputs.shape[2]
+    if (self.data_format != "channels_last" or self.groups != 1 or
+        self.dilation_rate != (1, 1) or height is None or width is None):
+      return None
+    if self.padding == "valid":
+      pad_h = pad_w = 0
+    elif (self.padding == "same" and self.strides == (1, 1) and kh % 2 and
+          kw % 2):
+      pad_h, pad_w = kh // 2, kw // 2
+    else:
+      return None
+    return (pad_h, pad_w, (height + 2 * pad_h - kh) // sh + 1,
+            (width + 2 * pad_w - kw) // sw + 1)
+
+  def convolution_op(self, inputs, kernel):
+    layout = self._patch_layout(inputs)
+    if layout is None:
+      return super().convolution_op(inputs, kernel)
+    pad_h, pad_w, out_h, out_w = layout
+    (kh, kw), (sh, sw) = self.kernel_size, self.strides
+    if pad_h or pad_w:
+      inputs = tf.pad(inputs, [[0, 0], [pad_h, pad_h], [pad_w, pad_w], [0, 0]])
+    rows, cols = (out_h - 1) * sh + 1, (out_w - 1) * sw + 1
+    patches = tf.concat([inputs[:, i:i + rows:sh, j:j + cols:sw]
+                         for i in range(kh) for j in range(kw)], axis=-1)
+    outputs = tf.matmul(tf.reshape(patches, [-1, patches.shape[-1]]),
+                        tf.reshape(kernel, [-1, self.filters]))
+    return tf.reshape(outputs, [-1, out_h, out_w, self.filters])
+
+
 class _Builder:
   """Creates the named layers of one model, with seeds derived from `seed`."""
 
+  # For tests and benchmarks, the slower formulations of the same model:
   # False pads in front of every 3x3 convolution with a ZeroPadding2D layer
-  # (the slower layout of the original benchmark); for tests and benchmarks.
+  # (the layout of the original benchmark), and False computes every
+  # convolution with TensorFlow's convolution op (no `PatchConv2D`).
   pad_inside_conv = True
+  patch_small_maps = True
 
   def __init__(self, pretrained: bool, seed: int, precision: str = FLOAT32):
     self.pretrained = pretrained
@@ -337,7 +419,13 @@ class _Builder:
 
   def conv(self, x, name: str, filters: int, kernel_size: int, stride: int,
            padding: str = "valid"):
-    return tf.keras.layers.Conv2D(
+    if padding == "same":  # Only used at stride 1.
+      positions = x.shape[1] * x.shape[2]
+    else:
+      positions = (((x.shape[1] - kernel_size) // stride + 1) *
+                   ((x.shape[2] - kernel_size) // stride + 1))
+    small = self.patch_small_maps and positions <= PATCH_MAX_POSITIONS
+    return (PatchConv2D if small else tf.keras.layers.Conv2D)(
         filters, kernel_size, strides=stride, padding=padding, use_bias=False,
         kernel_initializer=tf.keras.initializers.HeNormal(
             seed=_layer_seed(self.seed, name)),

@@ -1,8 +1,8 @@
 """Keras training-step throughput of ResNet-18 variants, interleaved in one run.
 
     python scripts/bench_train_step.py \
-        [--variants fast,keras_gn,bf16,jit,keras_adam,zeropad] [--crop 64] \
-        [--batch_size 16] [--steps 8] [--repeats 8] [--threads 0]
+        [--variants fast,keras_gn,bf16,jit,keras_adam,zeropad,convop] \
+        [--crop 64] [--batch_size 16] [--steps 8] [--repeats 8] [--threads 0]
 
 Isolates the training step from the input pipeline: random uint8 256x256
 images and 0/1 labels (17 outputs) held in memory (`Dataset.cache`, fed to
@@ -22,7 +22,10 @@ joined by "_":
   central's optimizer (the fused legacy Adam);
 * `zeropad`: a `ZeroPadding2D` layer in front of every 3x3 convolution
   instead of padding inside the stride-1 ones (see `benchmark.model`,
-  "Padding").
+  "Padding");
+* `convop`: every convolution through TensorFlow's convolution op, also
+  those that the suite computes as a matrix product over their patches
+  (`benchmark.model.PatchConv2D`, "Small maps").
 
 Each variant is built and warmed up (one `fit` of `--steps` steps), then the
 variants are timed in turn, `--repeats` times, so that load from other
@@ -62,7 +65,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 8, "Timed fits per variant.")
 _THREADS = flags.DEFINE_integer(
     "threads", 0, "TensorFlow intra- and inter-op threads (0: default).")
 _WORDS = ("fast", "keras_gn", "bf16", "jit", "nometrics", "keras_adam",
-          "zeropad")
+          "zeropad", "convop")
 _NUM_OUTPUTS = 17
 
 
@@ -77,9 +80,10 @@ def _build(variant: str) -> tf.keras.Model:
   words = _words(variant)
   norm = (tf.keras.layers.GroupNormalization if "keras_gn" in words
           else model_lib.GroupNormalization)
+  builder = model_lib._Builder  # pylint: disable=protected-access
   with mock.patch.object(model_lib, "GroupNormalization", norm), \
-      mock.patch.object(model_lib._Builder, "pad_inside_conv",  # pylint: disable=protected-access
-                        "zeropad" not in words):
+      mock.patch.object(builder, "pad_inside_conv", "zeropad" not in words), \
+      mock.patch.object(builder, "patch_small_maps", "convop" not in words):
     keras_model = model_lib.resnet18(
         num_classes=_NUM_OUTPUTS, crop_size=(_CROP.value, _CROP.value),
         precision=model_lib.BFLOAT16 if "bf16" in words else

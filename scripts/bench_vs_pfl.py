@@ -15,10 +15,12 @@ run, never side by side:
 * "central": the product's centralized model and compile step
   (`benchmark.central._build_model`, in the scope of
   `central.distribution_strategy()` as `train_central` builds it: Adam,
-  clipnorm 10, the suite's metrics) trained with Keras `fit` on the chosen
-  users' preprocessed client datasets concatenated (per-client batches of
-  `--batch_size`; without tf.data's autotuning model, as central training
-  reads its data), `--epochs` passes per timed epoch-round.
+  clipnorm 10, the suite's metrics) trained with Keras `fit` on central's
+  own input pipeline (`central._train_dataset`: the users interleaved and
+  shuffled together, batches of `--batch_size`) over the chosen users, each
+  read up to its first `--images_per_client` images, so that it decodes only
+  the images it trains on, as central training does; `--epochs` passes per
+  timed epoch-round.
 * "FedAvg": the product's learning process on its default backend
   (`benchmark.federated.build_learning_process`, `backends.open_backend`
   with `FederatedConfig.backend`, in-process): client SGD 0.1 with
@@ -199,27 +201,31 @@ def _pick_clients(train_data, count: int,
   return chosen, sum(min(sizes[c], max_images) for c in chosen)
 
 
-def _central_seconds(tfrecords_dir: str, train_data, clients: list[str],
-                     precision: str, num_outputs: int,
-                     keras_group_norm: bool = False) -> _Timer:
+def _central_seconds(tfrecords_dir: str, label_spec, clients: list[str],
+                     precision: str, keras_group_norm: bool = False) -> _Timer:
   """Wall and CPU seconds of `--rounds` timed epoch-rounds of central Keras
-  `fit`; with `keras_group_norm`, the model uses Keras' GroupNormalization."""
-  preprocess = data.create_train_preprocess_fn(data.ClientSpec(
-      num_epochs=1, batch_size=_BATCH_SIZE.value,
-      max_elements=_IMAGES_PER_CLIENT.value))
-  dataset = None
-  for client_id in clients:
-    client_ds = preprocess(train_data.create_tf_dataset_for_client(client_id))
-    dataset = client_ds if dataset is None else dataset.concatenate(client_ds)
-  dataset = data.keras_input(dataset.repeat(_EPOCHS.value))
+  `fit`; with `keras_group_norm`, the model uses Keras' GroupNormalization.
+
+  The input is central's own training pipeline (`central._train_dataset`:
+  users interleaved, shuffled, batched) over the chosen users, each user
+  file read up to its first `--images_per_client` images, so that every
+  image decoded is trained on, as in central training."""
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+  files = data.partition_files(tfrecords_dir, constants.TRAIN)
+  chosen = tff.simulation.datasets.FilePerUserClientData(
+      {client_id: files[client_id] for client_id in clients},
+      data.create_dataset_fn(label_spec,
+                             max_records=_IMAGES_PER_CLIENT.value))
   config = central.CentralConfig(
       tfrecords_dir=tfrecords_dir, save_model_dir=tempfile.gettempdir(),
-      image_height=_CROP.value, image_width=_CROP.value, precision=precision)
+      image_height=_CROP.value, image_width=_CROP.value,
+      train_batch_size=_BATCH_SIZE.value, precision=precision)
+  dataset = central._train_dataset(chosen, config).repeat(_EPOCHS.value)  # pylint: disable=protected-access
   patch = (mock.patch.object(model_lib, "GroupNormalization",
                              tf.keras.layers.GroupNormalization)
            if keras_group_norm else contextlib.nullcontext())
   with patch, central.distribution_strategy().scope():
-    keras_model = central._build_model(config, num_outputs)  # pylint: disable=protected-access
+    keras_model = central._build_model(config, label_spec.num_outputs)  # pylint: disable=protected-access
   keras_model.fit(dataset, epochs=1, verbose=0)  # Warm-up.
   with _Timer() as timer:
     keras_model.fit(dataset, epochs=_ROUNDS.value, verbose=0)
@@ -310,12 +316,11 @@ def _benchmark(dataset_dir: str, tfrecords_dir: str, root: str) -> None:
         f"{os.cpu_count()} CPU(s)", flush=True)
   results = {"images_per_round": images_per_round}
   for precision in _PRECISIONS.value:
-    runs = [("central", _central_seconds, (tfrecords_dir, train_data, clients,
-                                             precision, label_spec.num_outputs))]
+    runs = [("central", _central_seconds, (tfrecords_dir, label_spec, clients,
+                                             precision))]
     if _KERAS_GROUP_NORM.value and precision == model_lib.FLOAT32:
       runs.append(("central_kerasgn", _central_seconds,
-                   (tfrecords_dir, train_data, clients, precision,
-                    label_spec.num_outputs, True)))
+                   (tfrecords_dir, label_spec, clients, precision, True)))
     if not _SKIP_FEDAVG.value:
       runs.append(("fedavg", _fedavg_seconds, (tfrecords_dir, label_spec,
                                                train_data, clients, precision)))

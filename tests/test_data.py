@@ -249,6 +249,29 @@ def test_serializable_dataset_fn_in_graph(tiny_dir):
   assert int(count(tf.constant("u4@N04"))) == 2
 
 
+@pytest.mark.parametrize("max_records, expected", [(2, 2), (3, 3), (9, 3)])
+def test_dataset_fn_reads_the_first_max_records(tiny_dir, max_records,
+                                                 expected):
+  spec = data.load_label_spec(tiny_dir)
+  path = data.partition_files(tiny_dir, "train")["u1@N01"]
+  full = [(x.numpy(), y.numpy()) for x, y in data.create_dataset_fn(spec)(path)]
+  assert len(full) == 3
+  dataset_fn = data.create_dataset_fn(spec, max_records=max_records)
+  some = [(x.numpy(), y.numpy())
+          for x, y in dataset_fn(tf.constant(path))]
+  assert len(some) == expected
+  for (x, y), (full_x, full_y) in zip(some, full):
+    np.testing.assert_array_equal(x, full_x)
+    np.testing.assert_array_equal(y, full_y)
+
+
+@pytest.mark.parametrize("max_records", [0, -1, 1.5])
+def test_dataset_fn_rejects_a_bad_max_records(tiny_dir, max_records):
+  with pytest.raises(FlairInputError, match="max_records"):
+    data.create_dataset_fn(data.load_label_spec(tiny_dir),
+                           max_records=max_records)
+
+
 def test_decode_real_sample(request):
   """The real FLAIR sample, prepared: shapes, dtypes and multi-hot vectors
   match labels_and_metadata.json through the label index."""

@@ -389,20 +389,30 @@ def test_group_norm_model_weights_load_into_a_keras_group_norm_model(
 
 
 @pytest.mark.parametrize("crop", [(32, 32), (31, 29)])
-def test_padding_inside_convolutions_equals_zero_padding_layers(
-    crop, monkeypatch):
-  # The model as built (stride-1 3x3 convolutions pad inside the op) against
-  # the same weights in the all-ZeroPadding2D layout: equal logits and
-  # weight gradients to 1e-5 relative, on even and odd feature map sizes.
+def test_fast_convolutions_equal_the_plain_layout(crop, monkeypatch):
+  # The model as built (stride-1 3x3 convolutions pad inside the op; small
+  # maps as patch products) against the same weights in the plain layout (a
+  # ZeroPadding2D layer before every 3x3 convolution, TensorFlow's
+  # convolution op everywhere): equal logits and weight gradients to 1e-5
+  # relative, on even and odd feature map sizes.
   fast = model.resnet18(SMALL_INPUT, NUM_CLASSES, crop_size=crop, seed=3,
                         augmentation_seed=1)
-  monkeypatch.setattr(model._Builder, "pad_inside_conv", False)  # pylint: disable=protected-access
+  builder = model._Builder  # pylint: disable=protected-access
+  monkeypatch.setattr(builder, "pad_inside_conv", False)
+  monkeypatch.setattr(builder, "patch_small_maps", False)
   reference = model.resnet18(SMALL_INPUT, NUM_CLASSES, crop_size=crop, seed=3,
                              augmentation_seed=1)
   paddings = [l for l in reference.layers
               if isinstance(l, tf.keras.layers.ZeroPadding2D)]
   assert len(paddings) == 2 + 2 * sum(blocks for _, blocks in STAGES)
   assert len(reference.layers) - len(fast.layers) == len(paddings) - 5
+  assert not any(isinstance(l, model.PatchConv2D) for l in reference.layers)
+  # Stages 3 and 4 have maps of at most 2x2 positions at these crops.
+  patched = [l.name for l in fast.layers if isinstance(l, model.PatchConv2D)]
+  assert sorted(patched) == sorted(
+      f"layer{s}_{name}" for s in (3, 4)
+      for name in ("block1_conv1_3x3", "block1_conv2_3x3", "block2_conv1_3x3",
+                   "block2_conv2_3x3", "downsample_conv_1x1"))
   reference.set_weights(fast.get_weights())
   rng = np.random.default_rng(4)
   images = tf.constant(
@@ -419,6 +429,64 @@ def test_padding_inside_convolutions_equals_zero_padding_layers(
   assert len(results[0]) == len(results[1])
   for actual, expected in zip(*results):
     _assert_close(actual, expected, 1e-5)
+
+
+@pytest.mark.parametrize("shape, kernel, stride, padding", [
+    ((3, 2, 2, 8), 3, 1, "same"),
+    ((2, 1, 3, 5), 3, 1, "same"),
+    ((2, 6, 6, 4), 3, 2, "valid"),
+    ((2, 5, 4, 4), 3, 2, "valid"),
+    ((2, 4, 4, 6), 1, 2, "valid"),
+    ((2, 3, 3, 3), 3, 1, "valid"),
+])
+def test_patch_convolution_equals_keras_conv2d(shape, kernel, stride,
+                                              padding):
+  rng = np.random.default_rng(7)
+  keras_conv = tf.keras.layers.Conv2D(6, kernel, strides=stride,
+                                      padding=padding, use_bias=False,
+                                      name="some_conv")
+  patch_conv = model.PatchConv2D(6, kernel, strides=stride, padding=padding,
+                                 use_bias=False, name="some_conv")
+  for layer in (keras_conv, patch_conv):
+    layer.build((None,) + shape[1:])
+  assert [(w.name, w.shape) for w in patch_conv.weights] == [
+      (w.name, w.shape) for w in keras_conv.weights]
+  weights = rng.normal(size=keras_conv.kernel.shape).astype(np.float32)
+  x = tf.constant(rng.normal(size=shape).astype(np.float32))
+  results = []
+  for layer in (keras_conv, patch_conv):
+    layer.set_weights([weights])
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = layer(x)
+      upstream = tf.reshape(tf.cos(tf.range(tf.size(y), dtype=tf.float32)),
+                            tf.shape(y))
+      loss = tf.reduce_sum(y * upstream)
+    grads = tape.gradient(loss, [x, layer.kernel])
+    results.append([y.numpy()] + [g.numpy() for g in grads])
+  assert results[0][0].shape == results[1][0].shape
+  for actual, expected in zip(results[1], results[0]):
+    _assert_close(actual, expected, 1e-5)
+
+
+def test_patch_convolution_falls_back_to_keras_op_where_it_cannot_apply():
+  # "same" at stride 2 pads unevenly; an unknown height needs Keras' op.
+  layer = model.PatchConv2D(4, 3, strides=2, padding="same", use_bias=False)
+  layer.build((None, 4, 4, 2))
+  assert layer._patch_layout(tf.zeros([1, 4, 4, 2])) is None  # pylint: disable=protected-access
+  layer = model.PatchConv2D(4, 3, padding="valid", use_bias=False)
+  layer.build((None, None, 4, 2))
+  assert layer._patch_layout(  # pylint: disable=protected-access
+      tf.keras.Input((None, 4, 2))) is None
+  x = tf.random.normal([1, 4, 4, 2])
+  same2 = model.PatchConv2D(4, 3, strides=2, padding="same", use_bias=False)
+  reference = tf.keras.layers.Conv2D(4, 3, strides=2, padding="same",
+                                     use_bias=False)
+  for l in (same2, reference):
+    l.build((None, 4, 4, 2))
+  same2.set_weights(reference.get_weights())
+  np.testing.assert_allclose(same2(x).numpy(), reference(x).numpy(),
+                             rtol=1e-6)
 
 
 @pytest.mark.parametrize("value", ["float16", "bf16", "", None, 32])
