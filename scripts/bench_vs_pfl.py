@@ -3,7 +3,7 @@
     python scripts/bench_vs_pfl.py [--tfrecords_dir T --dataset_dir D] \
         [--precisions float32,bfloat16] [--crop 64] [--batch_size 16] \
         [--num_clients 8] [--images_per_client 64] [--epochs 2] [--rounds 3] \
-        [--pfl_python PYTHON --pfl_driver bench_pfl.py]
+        [--repeats 1] [--pfl_python PYTHON --pfl_driver bench_pfl.py]
 
 Settings of issue 12 by default: ResNet-18 with GroupNorm, 17 coarse labels,
 64x64 crops, batch 16, the 8 training users with the most images (each
@@ -38,8 +38,16 @@ Without `--tfrecords_dir` a synthetic FLAIR-like dataset (`--synthetic_users`
 users, seed 0) is generated and prepared in a temporary directory; pfl needs
 `--dataset_dir` too (the directory the TFRecords were prepared from). The
 last line is `RESULT {json}` with every figure.
+
+With `--repeats N`, that whole sequence (ours, then pfl-research) runs N
+times in turn: every figure is the median of its N measurements (`RESULT`
+also lists them, as `<figure>_runs`), and each ratio against pfl-research
+is printed as the ratio of the medians and as N ratios within a repeat. On
+a shared machine, where one figure can drop by a third while a neighbour
+runs, this shows a disturbed repeat instead of letting it decide.
 """
 
+import collections
 import contextlib
 import json
 import os
@@ -53,6 +61,7 @@ from unittest import mock
 from absl import app
 from absl import flags
 from absl import logging
+import numpy as np
 import tensorflow as tf
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,6 +95,11 @@ _IMAGES_PER_CLIENT = flags.DEFINE_integer(
 _EPOCHS = flags.DEFINE_integer("epochs", 2, "Client epochs per round.")
 _ROUNDS = flags.DEFINE_integer(
     "rounds", 3, "Timed rounds (and timed central epoch-rounds).")
+_REPEATS = flags.DEFINE_integer(
+    "repeats", 1,
+    "Times to run the whole sequence (ours, then pfl-research); every figure "
+    "is the median over the repeats, and each ratio is also printed per "
+    "repeat, so that a disturbed repeat shows instead of deciding.")
 _SYNTHETIC_USERS = flags.DEFINE_integer(
     "synthetic_users", 120, "Users of the generated dataset.")
 _KERAS_GROUP_NORM = flags.DEFINE_boolean(
@@ -160,7 +174,7 @@ class _Timer:
 
 def _check_flags() -> None:
   for flag in (_CROP, _BATCH_SIZE, _NUM_CLIENTS, _IMAGES_PER_CLIENT, _EPOCHS,
-               _ROUNDS, _SYNTHETIC_USERS):
+               _ROUNDS, _REPEATS, _SYNTHETIC_USERS):
     if flag.value <= 0:
       raise errors.FlairInputError(
           f"--{flag.name} must be a positive integer, got {flag.value}")
@@ -259,19 +273,24 @@ def _fedavg_seconds(tfrecords_dir: str, label_spec, train_data,
   return timer
 
 
-def _run_pfl(dataset_dir: str, tfrecords_dir: str, root: str) -> dict:
-  """Runs the pfl-research driver; returns its RESULT dict."""
-  hdf5 = _PFL_HDF5.value
-  if not hdf5:
-    if not dataset_dir:
-      raise errors.FlairInputError(
-          "--dataset_dir is required with --tfrecords_dir to convert the "
-          "data for pfl-research (or give --pfl_hdf5)")
-    converter = _PFL_CONVERTER.value or os.path.join(
-        os.path.dirname(os.path.abspath(_PFL_DRIVER.value)), "to_hdf5.py")
-    hdf5 = os.path.join(root, "flair_pfl.hdf5")
-    subprocess.run([_PFL_PYTHON.value, converter, dataset_dir, tfrecords_dir,
-                    hdf5], check=True, stdout=subprocess.DEVNULL)
+def _pfl_hdf5(dataset_dir: str, tfrecords_dir: str, root: str) -> str:
+  """`--pfl_hdf5`, or the data converted to pfl's FLAIR HDF5 under `root`."""
+  if _PFL_HDF5.value:
+    return _PFL_HDF5.value
+  if not dataset_dir:
+    raise errors.FlairInputError(
+        "--dataset_dir is required with --tfrecords_dir to convert the "
+        "data for pfl-research (or give --pfl_hdf5)")
+  converter = _PFL_CONVERTER.value or os.path.join(
+      os.path.dirname(os.path.abspath(_PFL_DRIVER.value)), "to_hdf5.py")
+  hdf5 = os.path.join(root, "flair_pfl.hdf5")
+  subprocess.run([_PFL_PYTHON.value, converter, dataset_dir, tfrecords_dir,
+                  hdf5], check=True, stdout=subprocess.DEVNULL)
+  return hdf5
+
+
+def _run_pfl(hdf5: str) -> dict:
+  """Runs the pfl-research driver on `hdf5`; returns its RESULT dict."""
   # Runs the driver as __main__; without --pfl_tv_shim its `import tv_shim`
   # gets an empty module.
   prelude = ("import runpy, sys, types\n"
@@ -302,6 +321,20 @@ def _run_pfl(dataset_dir: str, tfrecords_dir: str, root: str) -> dict:
   return json.loads(match.group(1))
 
 
+def _print_ratio(name: str, samples: dict[str, list[float]], numerator: str,
+                 denominator: str) -> None:
+  """Prints `ratio NAME: R` (R: the ratio of the two medians), then with
+  several repeats the ratio within each repeat."""
+  ratio = float(np.median(samples[numerator]) /
+                np.median(samples[denominator]))
+  line = f"ratio {name}: {ratio:.3f}"
+  if len(samples[numerator]) > 1:
+    line += " (per repeat: " + ", ".join(
+        f"{a / b:.3f}" for a, b in zip(samples[numerator],
+                                       samples[denominator])) + ")"
+  print(line)
+
+
 def _benchmark(dataset_dir: str, tfrecords_dir: str, root: str) -> None:
   label_spec = data.load_label_spec(tfrecords_dir)
   train_data = data.load_partition(tfrecords_dir, constants.TRAIN, label_spec)
@@ -314,29 +347,44 @@ def _benchmark(dataset_dir: str, tfrecords_dir: str, root: str) -> None:
         f"= {images_per_round} images per round; crop {_CROP.value}, batch "
         f"{_BATCH_SIZE.value}; 1 warm-up + {_ROUNDS.value} timed; "
         f"{os.cpu_count()} CPU(s)", flush=True)
-  results = {"images_per_round": images_per_round}
-  for precision in _PRECISIONS.value:
-    runs = [("central", _central_seconds, (tfrecords_dir, label_spec, clients,
-                                             precision))]
-    if _KERAS_GROUP_NORM.value and precision == model_lib.FLOAT32:
-      runs.append(("central_kerasgn", _central_seconds,
-                   (tfrecords_dir, label_spec, clients, precision, True)))
-    if not _SKIP_FEDAVG.value:
-      runs.append(("fedavg", _fedavg_seconds, (tfrecords_dir, label_spec,
-                                               train_data, clients, precision)))
-    for name, measure, args in runs:
-      timer = measure(*args)
-      results[f"ours_{name}_{precision}"] = timed_images / timer.wall
-      results[f"ours_{name}_{precision}_cpu_ms_per_image"] = (
-          1000 * timer.cpu / timed_images)
-      print(f"ours  {name:15s} {precision:8s} "
-            f"{results[f'ours_{name}_{precision}']:7.1f} images/s, "
-            f"{results[f'ours_{name}_{precision}_cpu_ms_per_image']:6.2f} "
-            "CPU ms/image", flush=True)
-  if _PFL_PYTHON.value:
-    pfl = _run_pfl(dataset_dir, tfrecords_dir, root)
-    results["pfl_fedavg"] = pfl["fedavg_img_s"]
-    results["pfl_plain_torch"] = pfl.get("plain_img_s")
+  hdf5 = (_pfl_hdf5(dataset_dir, tfrecords_dir, root) if _PFL_PYTHON.value
+          else None)
+  samples = collections.defaultdict(list)
+  for repeat in range(_REPEATS.value):
+    if _REPEATS.value > 1:
+      print(f"repeat {repeat + 1} of {_REPEATS.value}", flush=True)
+    for precision in _PRECISIONS.value:
+      runs = [("central", _central_seconds,
+               (tfrecords_dir, label_spec, clients, precision))]
+      if _KERAS_GROUP_NORM.value and precision == model_lib.FLOAT32:
+        runs.append(("central_kerasgn", _central_seconds,
+                     (tfrecords_dir, label_spec, clients, precision, True)))
+      if not _SKIP_FEDAVG.value:
+        runs.append(("fedavg", _fedavg_seconds,
+                     (tfrecords_dir, label_spec, train_data, clients,
+                      precision)))
+      for name, measure, args in runs:
+        timer = measure(*args)
+        key = f"ours_{name}_{precision}"
+        samples[key].append(timed_images / timer.wall)
+        samples[f"{key}_cpu_ms_per_image"].append(
+            1000 * timer.cpu / timed_images)
+        print(f"ours  {name:15s} {precision:8s} {samples[key][-1]:7.1f} "
+              f"images/s, {samples[f'{key}_cpu_ms_per_image'][-1]:6.2f} "
+              "CPU ms/image", flush=True)
+    if hdf5:
+      pfl = _run_pfl(hdf5)
+      samples["pfl_fedavg"].append(pfl["fedavg_img_s"])
+      if pfl.get("plain_img_s"):
+        samples["pfl_plain_torch"].append(pfl["plain_img_s"])
+  results = {"images_per_round": images_per_round,
+             "repeats": _REPEATS.value}
+  results.update({key: float(np.median(values))
+                  for key, values in samples.items()})
+  if _REPEATS.value > 1:
+    results.update({f"{key}_runs": values for key, values in samples.items()})
+  if "pfl_fedavg" in results:
+    results.setdefault("pfl_plain_torch", None)
 
   print()
   print(f"{'':28s} {'central/plain':>14s} {'FedAvg':>10s}  (images/s)")
@@ -366,11 +414,11 @@ def _benchmark(dataset_dir: str, tfrecords_dir: str, root: str) -> None:
           f"{results['pfl_fedavg']:10.1f}")
     for precision in _PRECISIONS.value:
       if plain:
-        print(f"ratio ours central {precision} / plain PyTorch: "
-              f"{results[f'ours_central_{precision}'] / plain:.3f}")
+        _print_ratio(f"ours central {precision} / plain PyTorch", samples,
+                     f"ours_central_{precision}", "pfl_plain_torch")
       if f"ours_fedavg_{precision}" in results:
-        print(f"ratio ours FedAvg {precision} / pfl FedAvg: "
-              f"{results[f'ours_fedavg_{precision}'] / results['pfl_fedavg']:.3f}")
+        _print_ratio(f"ours FedAvg {precision} / pfl FedAvg", samples,
+                     f"ours_fedavg_{precision}", "pfl_fedavg")
   print("RESULT " + json.dumps(results))
 
 
