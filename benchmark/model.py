@@ -64,12 +64,15 @@ TensorFlow's convolution op. With 2x2 maps a stage-4 convolution is a
 oneDNN convolution ops spent more time reordering its 2.4M-weight kernel
 (to and from oneDNN's blocked layout, in each of the forward, input-gradient
 and weight-gradient ops, every step) and in a slow weight-gradient kernel
-than in the product itself. Measured with `scripts/bench_train_step.py
---variants convop,fast` (64x64 crops, batch 16, 2-core CPU, median of 8
-interleaved fits): float32 158 -> 173 images/s, CPU 11.4 -> 10.2 ms per
-image. Patch products for the 4x4 maps of stage 3 as well made the step
-slower (149 against 158), so the threshold stays at 2x2; with 224x224
-crops no map is that small and nothing changes. Measured on CPU only.
+than in the product itself. Measured (64x64 crops, batch 16, 2-core CPU,
+Keras steps on images in memory, median of 8 interleaved fits): in an
+in-process A/B, float32 158 -> 173 images/s, CPU 11.4 -> 10.2 ms per
+image; with `scripts/bench_train_step.py --variants
+convop,fast,convop_bf16,bf16`, float32 183 -> 187 images/s (CPU 10.0 -> 9.3
+ms) and bfloat16 201 -> 224 (CPU 8.9 -> 7.7 ms). Patch products for stage
+3's stride-1 convolutions on 4x4 maps as well made the step slower (149
+against 158 in the A/B), so the threshold stays at 2x2; with 224x224 crops
+no map is that small and nothing changes. Measured on CPU only.
 """
 
 from typing import Optional, Sequence
