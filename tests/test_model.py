@@ -431,6 +431,28 @@ def test_fast_convolutions_equal_the_plain_layout(crop, monkeypatch):
     _assert_close(actual, expected, 1e-5)
 
 
+def test_checkpoint_of_the_plain_layout_restores_into_the_model(
+    tmp_path, monkeypatch):
+  # A TF checkpoint (what Keras' BackupAndRestore writes) saved by the plain
+  # layout, with its extra padding layers, restores every weight of the model
+  # as built now: a central run interrupted under the old layout resumes.
+  builder = model._Builder  # pylint: disable=protected-access
+  with monkeypatch.context() as patch:
+    patch.setattr(builder, "pad_inside_conv", False)
+    patch.setattr(builder, "patch_small_maps", False)
+    plain = model.resnet18(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
+                           seed=1)
+  fast = model.resnet18(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
+                        seed=2)
+  assert len(plain.layers) > len(fast.layers)
+  path = tf.train.Checkpoint(model=plain).save(str(tmp_path / "plain"))
+  tf.train.Checkpoint(model=fast).restore(
+      path).assert_existing_objects_matched()
+  for restored, saved in zip(fast.weights, plain.weights):
+    assert restored.name == saved.name
+    np.testing.assert_array_equal(restored.numpy(), saved.numpy())
+
+
 @pytest.mark.parametrize("shape, kernel, stride, padding", [
     ((3, 2, 2, 8), 3, 1, "same"),
     ((2, 1, 3, 5), 3, 1, "same"),
