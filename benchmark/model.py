@@ -340,6 +340,15 @@ class GroupNormalization(tf.keras.layers.GroupNormalization):
     return tf.cast(outputs, inputs.dtype)
 
 
+def _conv_output_size(size: int, kernel: int, stride: int,
+                      padding: str) -> int:
+  """Output length of a convolution along one axis, Keras' rule: "same"
+  gives `ceil(size / stride)`, "valid" `(size - kernel) // stride + 1`."""
+  if padding == "same":
+    return -(-size // stride)
+  return (size - kernel) // stride + 1
+
+
 # Convolutions whose output map has at most this many positions (height x
 # width) are `PatchConv2D` layers: the last stage's 2x2 maps at 64x64 crops.
 # Measured on a 2-core CPU (see the module docstring, "Small maps"): all
@@ -385,8 +394,9 @@ class PatchConv2D(tf.keras.layers.Conv2D):
       pad_h, pad_w = kh // 2, kw // 2
     else:
       return None
-    return (pad_h, pad_w, (height + 2 * pad_h - kh) // sh + 1,
-            (width + 2 * pad_w - kw) // sw + 1)
+    return (pad_h, pad_w,
+            _conv_output_size(height, kh, sh, self.padding),
+            _conv_output_size(width, kw, sw, self.padding))
 
   def convolution_op(self, inputs, kernel):
     layout = self._patch_layout(inputs)
@@ -422,11 +432,9 @@ class _Builder:
 
   def conv(self, x, name: str, filters: int, kernel_size: int, stride: int,
            padding: str = "valid"):
-    if padding == "same":  # Only used at stride 1.
-      positions = x.shape[1] * x.shape[2]
-    else:
-      positions = (((x.shape[1] - kernel_size) // stride + 1) *
-                   ((x.shape[2] - kernel_size) // stride + 1))
+    positions = (
+        _conv_output_size(x.shape[1], kernel_size, stride, padding) *
+        _conv_output_size(x.shape[2], kernel_size, stride, padding))
     small = self.patch_small_maps and positions <= PATCH_MAX_POSITIONS
     return (PatchConv2D if small else tf.keras.layers.Conv2D)(
         filters, kernel_size, strides=stride, padding=padding, use_bias=False,

@@ -102,15 +102,22 @@ def clip_factor(gradient: tf.Tensor, clipnorm: float) -> tf.Tensor:
   return clipnorm / tf.maximum(norm, clipnorm)
 
 
+def clip_gradient(gradient: tf.Tensor, clipnorm: float) -> tf.Tensor:
+  """`tf.clip_by_norm(gradient, clipnorm)` with the one-pass norm of
+  `clip_factor`: `gradient * clip_factor(gradient, clipnorm)`, same shape and
+  dtype as `gradient`."""
+  return gradient * clip_factor(gradient, clipnorm)
+
+
 def clip_each_gradient(
     clipnorm: float) -> Callable[[GradsAndVars], GradsAndVars]:
   """A Keras (legacy) optimizer `gradient_transformers` entry that clips each
   gradient as `clipnorm=clipnorm` does (`tf.clip_by_norm` per variable),
-  with the one-pass norm of `clip_factor`: `[(gradient, variable)] ->
-  [(gradient * clip_factor(gradient, clipnorm), variable)]`."""
+  with `clip_gradient`: `[(gradient, variable)] -> [(clip_gradient(gradient,
+  clipnorm), variable)]`."""
 
   def transform(grads_and_vars):
-    return [(g * clip_factor(g, clipnorm), v) for g, v in grads_and_vars]
+    return [(clip_gradient(g, clipnorm), v) for g, v in grads_and_vars]
 
   return transform
 
@@ -142,7 +149,7 @@ class PerWeightClippedSGD(tff.learning.optimizers.Optimizer):
   def next(self, state, weights, gradients):
     if self._momentum:
       clipped = tf.nest.map_structure(
-          lambda g: g * clip_factor(g, self._clipnorm), gradients)
+          lambda g: clip_gradient(g, self._clipnorm), gradients)
       return self._sgd.next(state, weights, clipped)
     learning_rate = self._sgd.get_hparams(state)["learning_rate"]
     updated = tf.nest.map_structure(

@@ -9,8 +9,7 @@ images and 0/1 labels (17 outputs) held in memory (`Dataset.cache`, fed to
 Keras as central feeds it: `data.keras_input`), the model
 `benchmark.model.resnet18` (GroupNorm) compiled as `benchmark.central`
 compiles it (`central.make_optimizer`: Adam 1e-4, clipnorm 10; the suite's
-metrics). Variants, any combination of these words
-joined by "_":
+metrics). Variants, any combination of these words joined by "_":
 
 * `fast`: the model as the suite builds it (float32);
 * `keras_gn`: with Keras' own `tf.keras.layers.GroupNormalization` instead of

@@ -63,6 +63,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 import tensorflow as tf
+import tensorflow_federated as tff
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -224,7 +225,6 @@ def _central_seconds(tfrecords_dir: str, label_spec, clients: list[str],
   users interleaved, shuffled, batched) over the chosen users, each user
   file read up to its first `--images_per_client` images, so that every
   image decoded is trained on, as in central training."""
-  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
   files = data.partition_files(tfrecords_dir, constants.TRAIN)
   chosen = tff.simulation.datasets.FilePerUserClientData(
       {client_id: files[client_id] for client_id in clients},
@@ -250,7 +250,6 @@ def _fedavg_seconds(tfrecords_dir: str, label_spec, train_data,
                     clients: list[str], precision: str) -> _Timer:
   """Wall and CPU seconds (ours and the TFF worker's) of `--rounds` timed
   FedAvg rounds, after one warm-up round."""
-  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
   settings = dict(
       tfrecords_dir=tfrecords_dir, save_model_dir=tempfile.gettempdir(),
       client_epochs_per_round=_EPOCHS.value,
