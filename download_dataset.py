@@ -60,19 +60,20 @@ import os
 import posixpath
 import threading
 import time
-import urllib.parse
 from typing import Callable, Iterable, Optional
+import urllib.parse
 
 from absl import app
 from absl import flags
 from absl import logging
 
-from benchmark import archive as archive_lib
-from benchmark import constants
-from benchmark import errors
-from benchmark import fetch
-from benchmark import formats
-from benchmark import io_utils
+from benchmark.cli import commands
+from benchmark.core import constants
+from benchmark.core import errors
+from benchmark.core import file_io
+from benchmark.data import formats
+from benchmark.prepare import archive as archive_lib
+from benchmark.prepare import fetch
 
 # docs/formats.md, "Download layout".
 DEFAULT_DATA_URL = (
@@ -379,7 +380,7 @@ def download(dataset_dir: str,
     try:
       members = archive_lib.unpack_archive(archive_path, dataset_dir,
                                            archive.image_dir, stop)
-      io_utils.write_json_atomic(
+      file_io.write_json_atomic(
           _marker_path(dataset_dir, archive),
           {"url": fetcher.url(archive.url_path), "members": members})
       if not keep_archives:
@@ -406,7 +407,7 @@ def download(dataset_dir: str,
   found, missing = verify_images(dataset_dir, image_dirs)
   report = os.path.join(dataset_dir, MISSING_IMAGES_REPORT)
   if missing:
-    io_utils.write_text_atomic(report, "".join(m + "\n" for m in missing))
+    file_io.write_text_atomic(report, "".join(m + "\n" for m in missing))
     examples = ", ".join(missing[:3])
     raise MissingImagesError(
         f"{len(missing)} image(s) named in {constants.METADATA_FILE} are "
@@ -523,7 +524,7 @@ def _define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.mark_flag_as_required("dataset_dir", flag_values=flag_values)
 
 
-@errors.exit_on_input_error
+@commands.exit_on_input_error
 def main(argv):
   if len(argv) > 1:
     raise errors.FlairInputError(

@@ -27,12 +27,13 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from benchmark import constants
-from benchmark import errors
-from benchmark import formats
-from benchmark import io_utils
-from benchmark import pfl_hdf5
-from benchmark import sources
+from benchmark.cli import commands
+from benchmark.core import constants
+from benchmark.core import errors
+from benchmark.core import file_io
+from benchmark.data import formats
+from benchmark.prepare import pfl_hdf5
+from benchmark.prepare import sources
 import prepare_tfrecords
 
 
@@ -73,8 +74,8 @@ def export(dataset_dir: str, output_file: str,
   if show_progress:
     import tqdm  # pylint: disable=g-import-not-at-top
     users = tqdm.tqdm(users, desc="writing users", unit="user")
-  with io_utils.atomic_path(output_file, flag="--output_file") as tmp:
-    with io_utils.output_errors(output_file, flag="--output_file",
+  with file_io.atomic_path(output_file, flag="--output_file") as tmp:
+    with file_io.output_errors(output_file, flag="--output_file",
                                 exact=True), h5py.File(tmp, "w") as h5:
       for (partition, user_id), user_records in users:
         jpegs = [source.read_image(source.image_key(r.index, r.image_id))
@@ -103,7 +104,7 @@ def _define_flags() -> None:
   flags.mark_flags_as_required(["dataset_dir", "output_file"])
 
 
-@errors.exit_on_input_error
+@commands.exit_on_input_error
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise errors.FlairInputError(

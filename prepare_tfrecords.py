@@ -31,7 +31,7 @@ Steps:
    left there). Nothing is dropped silently.
 2. Users are written in parallel by a process pool (`--num_workers`, default
    all cores), one whole file per task, each to a temporary name and then
-   renamed (`io_utils.atomic_path`): a final `<user_id>.tfrecords` is always
+   renamed (`file_io.atomic_path`): a final `<user_id>.tfrecords` is always
    complete.
 3. `T/prepare_manifest.jsonl` records what each user file was built from
    (one JSON line per file: the label index digest, the writer options and a
@@ -70,11 +70,12 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from benchmark import constants
-from benchmark import errors
-from benchmark import formats
-from benchmark import io_utils
-from benchmark import sources
+from benchmark.cli import commands
+from benchmark.core import constants
+from benchmark.core import errors
+from benchmark.core import file_io
+from benchmark.data import formats
+from benchmark.prepare import sources
 
 # Report of the skipped records, written in the tfrecords directory by default.
 SKIPPED_IMAGES_REPORT_FILE = "skipped_images.json"
@@ -96,7 +97,7 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _CHECK_CHUNK_SIZE = 256
 # How many problems the one-line error message lists (the log lists all).
 _PROBLEMS_IN_MESSAGE = 5
-# Temporary files of io_utils.atomic_path for a "<name>.tfrecords" target.
+# Temporary files of file_io.atomic_path for a "<name>.tfrecords" target.
 _TEMP_FILE_PATTERN = re.compile(
     r"^\..+" + re.escape(constants.TFRECORD_SUFFIX) + r"\..+\.tmp$")
 
@@ -348,7 +349,7 @@ def _write_user(
   """
   tf = _tensorflow()
   path, relative, examples = task
-  with io_utils.atomic_path(path, flag="--tfrecords_dir") as tmp:
+  with file_io.atomic_path(path, flag="--tfrecords_dir") as tmp:
     with tf.io.TFRecordWriter(tmp) as writer:
       for image_key, labels, fine_labels in examples:
         jpeg = _source.read_image(image_key)
@@ -415,7 +416,7 @@ def _read_manifest(path: str) -> dict[str, dict[str, Any]]:
 
 
 def _write_manifest(path: str, entries: Iterable[dict[str, Any]]) -> None:
-  io_utils.write_text_atomic(
+  file_io.write_text_atomic(
       path, "".join(_manifest_line(e) for e in
                     sorted(entries, key=lambda e: e["file"])),
       flag="--tfrecords_dir")
@@ -531,7 +532,7 @@ def prepare(dataset_dir: Optional[str], tfrecords_dir: str,
     if skip_bad_images:
       written_report = report_path or os.path.join(
           tfrecords_dir, SKIPPED_IMAGES_REPORT_FILE)
-      io_utils.write_json_atomic(written_report, {
+      file_io.write_json_atomic(written_report, {
           "dataset_dir": source.path,
           "num_records": len(raw_records),
           "num_skipped_records": len({p.record_index for p in problems}),
@@ -548,7 +549,7 @@ def prepare(dataset_dir: Optional[str], tfrecords_dir: str,
       # missing file fails.)
       old_report = os.path.join(tfrecords_dir, SKIPPED_IMAGES_REPORT_FILE)
       if os.path.lexists(old_report):
-        with io_utils.output_errors(old_report, flag="--tfrecords_dir",
+        with file_io.output_errors(old_report, flag="--tfrecords_dir",
                                     exact=True):
           os.remove(old_report)
 
@@ -559,7 +560,7 @@ def prepare(dataset_dir: Optional[str], tfrecords_dir: str,
     by_user: dict[str, list[_Record]] = collections.defaultdict(list)
     for record in records:
       by_user[record.user_id].append(record)
-    with io_utils.output_errors(tfrecords_dir, flag="--tfrecords_dir"):
+    with file_io.output_errors(tfrecords_dir, flag="--tfrecords_dir"):
       os.makedirs(tfrecords_dir, exist_ok=True)
       removed = _remove_stale_temp_files(tfrecords_dir)
     if removed:
@@ -601,7 +602,7 @@ def prepare(dataset_dir: Optional[str], tfrecords_dir: str,
     already_complete = len(kept)
     for partition in constants.PARTITIONS:
       if users[partition]:
-        with io_utils.output_errors(tfrecords_dir, flag="--tfrecords_dir"):
+        with file_io.output_errors(tfrecords_dir, flag="--tfrecords_dir"):
           os.makedirs(os.path.join(tfrecords_dir, partition), exist_ok=True)
       else:
         logging.warning("partition %r has no users", partition)
@@ -616,12 +617,12 @@ def prepare(dataset_dir: Optional[str], tfrecords_dir: str,
       # Until this run completes, the directory holds no label index (so no
       # trainer reads a mix of old and new files), and the manifest lists
       # only the files that are kept; each file written is added below.
-      with io_utils.output_errors(tfrecords_dir, flag="--tfrecords_dir"):
+      with file_io.output_errors(tfrecords_dir, flag="--tfrecords_dir"):
         for name in constants.LABEL_INDEX_FILES:
           with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(tfrecords_dir, name))
       _write_manifest(manifest_path, [entries[r] for r in kept])
-      with io_utils.output_errors(tfrecords_dir, flag="--tfrecords_dir"):
+      with file_io.output_errors(tfrecords_dir, flag="--tfrecords_dir"):
         for relative in stale:
           os.remove(os.path.join(tfrecords_dir, relative))
       if stale:
@@ -637,7 +638,7 @@ def prepare(dataset_dir: Optional[str], tfrecords_dir: str,
       else:
         # Small chunks keep the workers balanced (user sizes are heavy-tailed).
         results = pool.imap_unordered(_write_user, tasks, chunksize=1)
-      with io_utils.output_errors(manifest_path, flag="--tfrecords_dir"), \
+      with file_io.output_errors(manifest_path, flag="--tfrecords_dir"), \
           open(manifest_path, "a", encoding="utf-8") as journal:
         for relative in _progress(results, show_progress, total=len(tasks),
                                   desc="writing users", unit="user"):
@@ -656,7 +657,7 @@ def prepare(dataset_dir: Optional[str], tfrecords_dir: str,
           _remove_stale_temp_files(tfrecords_dir)
 
   _write_manifest(manifest_path, entries.values())
-  io_utils.write_json_atomic(label_index_path, label_index,
+  file_io.write_json_atomic(label_index_path, label_index,
                              flag="--tfrecords_dir")
   return PrepareSummary(
       tfrecords_dir=tfrecords_dir, users=users, images=images,
@@ -697,7 +698,7 @@ def _define_flags() -> None:
   flags.mark_flag_as_required("tfrecords_dir")
 
 
-@errors.exit_on_input_error
+@commands.exit_on_input_error
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise errors.FlairInputError(

@@ -16,25 +16,25 @@ resumes a killed run; see `benchmark.central` for every output file.
 
 from absl import flags
 
-from benchmark import central
-from benchmark import cli
-from benchmark import errors
+from benchmark.cli import commands
+from benchmark.cli import trainers
+from benchmark.training import central
 
 # The flags that are fields of `CentralConfig`.
-_CONFIG_FLAGS = cli.TRAINER_CONFIG_FLAGS + (
+_CONFIG_FLAGS = trainers.TRAINER_CONFIG_FLAGS + (
     "learning_rate", "clipnorm", "train_batch_size", "num_epochs", "seed",
     "precision")
 # The flags that change a run's results: a run with other values is a
 # different run (io_utils.claim_save_dir). --num_epochs is not one: more
 # epochs continue the same run.
-_RESULT_FLAGS = cli.TRAINER_RESULT_FLAGS + (
+_RESULT_FLAGS = trainers.TRAINER_RESULT_FLAGS + (
     "learning_rate", "clipnorm", "train_batch_size", "seed", "precision")
 
 
 def _define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Defines this command's flags (called by `run`, not at import, so that
   this module can be imported beside the other commands)."""
-  cli.define_trainer_flags(
+  trainers.define_trainer_flags(
       central.TRAINER_NAME, "to fine-tune from",
       "the best weights, metrics.csv, tensorboard/, final_metrics.json, "
       "flags.json and run.json", flag_values)
@@ -69,7 +69,7 @@ def config_from_flags(
   """The parsed flags as a validated `CentralConfig` (FlairInputError on bad
   values, naming the flag); an unset --save_model_dir becomes a new
   directory under ./runs/."""
-  return cli.config_from_flags(central.CentralConfig, _CONFIG_FLAGS,
+  return trainers.config_from_flags(central.CentralConfig, _CONFIG_FLAGS,
                                central.TRAINER_NAME, flag_values)
 
 
@@ -81,21 +81,21 @@ def run_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
   config = config_from_flags(flag_values)
   # Rejects bad data flags before writing files.
   label_spec, _ = central.load_inputs(config)
-  config, bad = cli.claim_run(config, label_spec, central.TRAINER_NAME,
+  config, bad = trainers.claim_run(config, label_spec, central.TRAINER_NAME,
                               _CONFIG_FLAGS, _RESULT_FLAGS, flag_values)
   final = central.train_central(config)
-  return cli.finish_run(config.save_model_dir, final, bad)
+  return trainers.finish_run(config.save_model_dir, final, bad)
 
 
-@errors.exit_on_input_error
+@commands.exit_on_input_error
 def main(argv: list[str]) -> None:
   """Trains as the parsed flags say and prints the final metrics (JSON)."""
-  cli.reject_positional_args(argv)
+  commands.reject_positional_args(argv)
   run_from_flags()
 
 
 # Console-script entry point (`flair-central`).
-run = cli.entry_point(_define_flags, main)
+run = commands.entry_point(_define_flags, main)
 
 
 if __name__ == "__main__":

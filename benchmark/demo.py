@@ -34,10 +34,11 @@ from typing import Any, Optional
 from absl import app
 from absl import flags
 
-from benchmark import constants
-from benchmark import errors
-from benchmark import io_utils
-from benchmark import validate
+from benchmark.cli import commands
+from benchmark.core import constants
+from benchmark.core import errors
+from benchmark.core import file_io
+from benchmark.core import validate
 
 _DEMO_SCALES = ("tiny", "small")
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,7 +185,7 @@ def plot_val_metrics(runs: list[dict[str, Any]], png_path: str) -> None:
         ax.legend(fontsize=9)
   fig.suptitle("FLAIR demo: validation metrics", fontsize=13)
   fig.tight_layout()
-  with io_utils.atomic_path(png_path) as tmp:
+  with file_io.atomic_path(png_path) as tmp:
     fig.savefig(tmp, format="png", dpi=110)
   plt.close(fig)
 
@@ -329,8 +330,8 @@ def run_demo(results_dir: str, dataset_dir: Optional[str] = None,
 
   rows = summary_rows(runs)
   table = format_table(rows)
-  io_utils.write_json_atomic(os.path.join(out_dir, "summary.json"), rows)
-  with io_utils.atomic_path(os.path.join(out_dir, "summary.csv")) as tmp:
+  file_io.write_json_atomic(os.path.join(out_dir, "summary.json"), rows)
+  with file_io.atomic_path(os.path.join(out_dir, "summary.csv")) as tmp:
     with open(tmp, "w", newline="") as f:
       writer = csv.DictWriter(f, fieldnames=list(rows[0]))
       writer.writeheader()
@@ -344,7 +345,7 @@ def run_demo(results_dir: str, dataset_dir: Optional[str] = None,
   return out_dir
 
 
-@errors.exit_on_input_error
+@commands.exit_on_input_error
 def main(argv):
   if len(argv) > 1:
     raise errors.FlairInputError(

@@ -36,11 +36,12 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from benchmark import constants
-from benchmark import dataset_figures
-from benchmark import dataset_stats
-from benchmark import errors
-from benchmark import io_utils
+from benchmark.analysis import dataset_figures
+from benchmark.analysis import dataset_stats
+from benchmark.cli import commands
+from benchmark.core import constants
+from benchmark.core import errors
+from benchmark.core import file_io
 
 # Figure file names (in the output directory), in the order they are made.
 PARTITIONS_FIGURE = "partitions.png"
@@ -239,9 +240,9 @@ def explore(output_dir: str,
   for name, plot in plots:
     logging.info("Drawing %s", name)
     plot(os.path.join(output_dir, name))
-  io_utils.write_text_atomic(os.path.join(output_dir, REPORT_TEXT_FILE),
+  file_io.write_text_atomic(os.path.join(output_dir, REPORT_TEXT_FILE),
                              format_report(report))
-  io_utils.write_json_atomic(os.path.join(output_dir, REPORT_JSON_FILE),
+  file_io.write_json_atomic(os.path.join(output_dir, REPORT_JSON_FILE),
                              report)
   return report
 
@@ -272,7 +273,7 @@ def _define_flags() -> None:
   flags.mark_flag_as_required("output_dir")
 
 
-@errors.exit_on_input_error
+@commands.exit_on_input_error
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise errors.FlairInputError(

@@ -13,7 +13,7 @@ hyperparameters, `--client_optimizer`, `--client_momentum`),
 `--skip_bad_records` and `--overwrite`. The run itself is
 `benchmark.federated.run_federated`; this module
 reads the flags, rejects bad input with a one-line error (exit status 1),
-checks every user file (`data.check_tfrecords`: all bad files listed at once,
+checks every user file (`triage.check_tfrecords`: all bad files listed at once,
 or skipped with `--skip_bad_records`), claims the save directory
 (`io_utils.claim_save_dir`: `run.json` records the
 run; another run's directory is refused unless `--overwrite`), writes the
@@ -25,18 +25,20 @@ Ctrl-C stop the run cleanly (whatever the backend started is stopped too).
 from absl import flags
 from absl import logging
 
-from benchmark import backends
-from benchmark import cli
-from benchmark import data
-from benchmark import dp
-from benchmark import errors
-from benchmark import federated
-from benchmark import model as model_lib
-from benchmark import optimizers
+from benchmark.cli import commands
+from benchmark.cli import trainers
+from benchmark.core import constants
+from benchmark.core import errors
+from benchmark.data import label_sets
+from benchmark.data import triage
+from benchmark.model import mixed_precision
+from benchmark.training import dp
+from benchmark.training import federated
+from benchmark.training import optimizers
 
 _TRAINER = "federated"
 # The flags that are fields of `FederatedConfig`.
-_CONFIG_FLAGS = cli.TRAINER_CONFIG_FLAGS + (
+_CONFIG_FLAGS = trainers.TRAINER_CONFIG_FLAGS + (
     "client_learning_rate", "client_clipnorm", "server_learning_rate",
     "client_epochs_per_round", "client_batch_size", "clients_per_round",
     "clients_per_thread", "client_datasets_random_seed", "total_rounds",
@@ -50,7 +52,7 @@ _CONFIG_FLAGS = cli.TRAINER_CONFIG_FLAGS + (
 # The flags that change a run's results (io_utils.claim_save_dir); with DP
 # also _DP_RESULT_FLAGS. --total_rounds is one only with DP (the noise is
 # calibrated for it); without DP more rounds continue the same run.
-_RESULT_FLAGS = cli.TRAINER_RESULT_FLAGS + (
+_RESULT_FLAGS = trainers.TRAINER_RESULT_FLAGS + (
     "client_learning_rate", "client_clipnorm", "server_learning_rate",
     "client_epochs_per_round", "client_batch_size", "clients_per_round",
     "client_datasets_random_seed", "rounds_per_eval",
@@ -69,7 +71,7 @@ _IID_RESULT_FLAGS = ("iid", "iid_seed")
 def _define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Defines this command's flags (called by `run`, not at import, so that
   this module can be imported beside the other commands)."""
-  cli.define_trainer_flags(
+  trainers.define_trainer_flags(
       _TRAINER, "to start the global model from",
       "the best weights, metrics.csv, tensorboard/, checkpoints/, "
       "final_metrics.json, flags.json and run.json", flag_values)
@@ -160,7 +162,7 @@ def _define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "seed", 0, "Seed of the initial model weights and of its crop/flip ops.",
       flag_values=flag_values)
   flags.DEFINE_enum(
-      "backend", backends.BACKEND_INPROCESS, list(backends.BACKENDS),
+      "backend", constants.BACKEND_INPROCESS, list(constants.BACKENDS),
       "Where rounds run. 'inprocess': TFF's round compiled to TensorFlow "
       "graphs and run in this process, clients on every visible GPU (else the "
       "CPU); 'tff_worker': TFF 0.87's own worker process (CPU only, memory "
@@ -216,7 +218,7 @@ def _define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "With --client_optimizer sgdm: the momentum.",
       flag_values=flag_values)
   flags.DEFINE_enum(
-      "precision", model_lib.FLOAT32, list(model_lib.PRECISIONS),
+      "precision", mixed_precision.FLOAT32, list(mixed_precision.PRECISIONS),
       "float32, or bfloat16 for Keras mixed precision of the clients' and the "
       "evaluation model (bfloat16 convolutions and activations; float32 "
       "weights, normalisation, logits, loss and metrics).",
@@ -244,7 +246,7 @@ def config_from_flags(
   """The parsed flags as a validated `FederatedConfig` (FlairInputError on bad
   values, naming the flag); an unset --save_model_dir becomes a new
   directory under ./runs/."""
-  return cli.config_from_flags(federated.FederatedConfig, _CONFIG_FLAGS,
+  return trainers.config_from_flags(federated.FederatedConfig, _CONFIG_FLAGS,
                                _TRAINER, flag_values)
 
 
@@ -262,13 +264,13 @@ def run_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
         "clients itself; --num_workers sets how many train at once).",
         config.clients_per_thread)
   # Rejects a bad data directory or label flag before writing any file.
-  label_spec = data.load_label_spec(config.tfrecords_dir,
+  label_spec = label_sets.load_label_spec(config.tfrecords_dir,
                                     config.use_fine_grained_labels,
                                     config.binary_label)
   result_flags = (_RESULT_FLAGS
                   + (_DP_RESULT_FLAGS if config.epsilon > 0 else ())
                   + (_IID_RESULT_FLAGS if config.iid else ()))
-  config, bad = cli.claim_run(config, label_spec, _TRAINER, _CONFIG_FLAGS,
+  config, bad = trainers.claim_run(config, label_spec, _TRAINER, _CONFIG_FLAGS,
                               result_flags, flag_values)
   try:
     final = federated.run_federated(config)
@@ -276,22 +278,22 @@ def run_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
     # A record or image the pre-check could not see (it decodes no image)
     # or a file changed during the run: one line per user file that fails.
     if isinstance(e, (errors.FlairInputError, errors.OutputWriteError,
-                      errors.BackendDiedError)) or not data.is_data_error(e):
+                      errors.BackendDiedError)) or not triage.is_data_error(e):
       raise
-    raise data.training_data_error(config.tfrecords_dir, label_spec,
+    raise triage.training_data_error(config.tfrecords_dir, label_spec,
                                    e) from None
-  return cli.finish_run(config.save_model_dir, final, bad)
+  return trainers.finish_run(config.save_model_dir, final, bad)
 
 
-@errors.exit_on_input_error
+@commands.exit_on_input_error
 def main(argv: list[str]) -> None:
   """Trains as the parsed flags say and prints the final metrics (JSON)."""
-  cli.reject_positional_args(argv)
+  commands.reject_positional_args(argv)
   run_from_flags()
 
 
 # Console-script entry point (`flair-federated`).
-run = cli.entry_point(_define_flags, main)
+run = commands.entry_point(_define_flags, main)
 
 
 if __name__ == "__main__":

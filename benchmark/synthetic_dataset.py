@@ -53,10 +53,11 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
-from benchmark import constants
-from benchmark import errors
-from benchmark import io_utils
-from benchmark import validate
+from benchmark.cli import commands
+from benchmark.core import constants
+from benchmark.core import errors
+from benchmark.core import file_io
+from benchmark.core import validate
 
 # --- Statistics of the full FLAIR dataset -------------------------------------
 # Source: ../shared/flair_sample/statistics.json ("computed on the full
@@ -396,7 +397,7 @@ def generate(dataset_dir: str, num_users: int, seed: int = 0,
             constants.FINE_GRAINED_LABELS_KEY], style, rng, noise_bank)
     path = os.path.join(
         image_dir, record[constants.IMAGE_ID_KEY] + constants.IMAGE_EXTENSION)
-    with io_utils.atomic_path(path) as tmp:
+    with file_io.atomic_path(path) as tmp:
       with open(tmp, "wb") as f:
         f.write(_encode_jpeg(pixels))
     if progress is not None:
@@ -404,13 +405,13 @@ def generate(dataset_dir: str, num_users: int, seed: int = 0,
   if progress is not None:
     progress.close()
 
-  io_utils.write_text_atomic(
+  file_io.write_text_atomic(
       os.path.join(dataset_dir, constants.LABEL_RELATIONSHIP_FILE),
       "".join(f"{fine} -> {coarse}\n" for fine, coarse in label_relationship()))
-  io_utils.write_text_atomic(os.path.join(dataset_dir, "README.txt"),
+  file_io.write_text_atomic(os.path.join(dataset_dir, "README.txt"),
                              README_TEXT)
   # The metadata last: a directory with it is complete.
-  io_utils.write_json_atomic(
+  file_io.write_json_atomic(
       os.path.join(dataset_dir, constants.METADATA_FILE), records)
 
   partition_users = {p: 0 for p in constants.PARTITIONS}
@@ -447,7 +448,7 @@ def _define_flags() -> None:
   flags.mark_flag_as_required("dataset_dir")
 
 
-@errors.exit_on_input_error
+@commands.exit_on_input_error
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise errors.FlairInputError(

@@ -35,9 +35,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmark import central
-from benchmark import model as model_lib
-from benchmark import optimizers
+from benchmark.model import resnet
+from benchmark.training import central
+from benchmark.training import optimizers
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _REPEATS = flags.DEFINE_integer("repeats", 60, "Timed updates per variant.")
@@ -72,7 +73,7 @@ def _keras_update(optimizer, variables, gradients):
 def main(argv):
   del argv
   clipnorm = _CLIPNORM.value
-  keras_model = model_lib.resnet18(num_classes=17, crop_size=(64, 64))
+  keras_model = resnet.resnet18(num_classes=17, crop_size=(64, 64))
   initial = [v.numpy() for v in keras_model.trainable_variables]
   rng = np.random.default_rng(0)
   gradients = [tf.constant(rng.normal(size=w.shape), tf.float32)

@@ -36,14 +36,14 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
-import tensorflow as tf  # pylint: disable=unused-import
+
 # (Imported before absl runs main: a Keras functional model built in a
 # process that first imported TensorFlow inside main failed to build.)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from benchmark import process_guard  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmark.backends import process_guard  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _TFRECORDS_DIR = flags.DEFINE_string(
     "tfrecords_dir", None,
@@ -111,10 +111,12 @@ def _child(tfrecords_dir: str, spec: str) -> None:
   """One measurement, in its own process: two rounds; prints JSON."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
-  from benchmark import backends  # pylint: disable=g-import-not-at-top
-  from benchmark import constants  # pylint: disable=g-import-not-at-top
-  from benchmark import data  # pylint: disable=g-import-not-at-top
-  from benchmark import federated  # pylint: disable=g-import-not-at-top
+
+  from benchmark.backends import factory
+  from benchmark.core import constants  # pylint: disable=g-import-not-at-top
+  from benchmark.data import label_sets
+  from benchmark.data import pipeline
+  from benchmark.training import federated  # pylint: disable=g-import-not-at-top
   name, cohort = spec.split(":")
   cohort = int(cohort)
   config = federated.FederatedConfig(
@@ -122,8 +124,8 @@ def _child(tfrecords_dir: str, spec: str) -> None:
       image_height=32, image_width=32, client_epochs_per_round=1,
       max_elements_per_client=8, client_batch_size=8,
       clients_per_round=cohort, show_progress=False)
-  label_spec = data.load_label_spec(tfrecords_dir)
-  train = data.load_partition(tfrecords_dir, constants.TRAIN, label_spec)
+  label_spec = label_sets.load_label_spec(tfrecords_dir)
+  train = pipeline.load_partition(tfrecords_dir, constants.TRAIN, label_spec)
   # The initial model is built before TFF traces the process (a Keras
   # functional model built after that tracing can fail to build).
   model = federated._build_keras_model(config, label_spec.num_outputs)  # pylint: disable=protected-access
@@ -134,7 +136,7 @@ def _child(tfrecords_dir: str, spec: str) -> None:
   ids = list(train.client_ids)
   rng = np.random.default_rng(0)
   times = []
-  with backends.open_backend(name, composed, cohort,
+  with factory.open_backend(name, composed, cohort,
                              num_workers=_NUM_WORKERS.value) as backend:
     backend.set_state(backend.initialize(weights))
     for _ in range(2):
@@ -238,8 +240,8 @@ def main(argv):
   if _TFRECORDS_DIR.value:
     _run(_TFRECORDS_DIR.value)
     return
-  import prepare_tfrecords  # pylint: disable=g-import-not-at-top
   from benchmark import synthetic_dataset  # pylint: disable=g-import-not-at-top
+  import prepare_tfrecords  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as root:
     dataset_dir = os.path.join(root, "dataset")
     tfrecords_dir = os.path.join(root, "tfrecords")

@@ -72,8 +72,8 @@ _SYNTHETIC_USERS = flags.DEFINE_integer(
 
 
 def _prepare_synthetic(root: str) -> str:
-  import prepare_tfrecords  # pylint: disable=g-import-not-at-top
   from benchmark import synthetic_dataset  # pylint: disable=g-import-not-at-top
+  import prepare_tfrecords  # pylint: disable=g-import-not-at-top
   dataset_dir = os.path.join(root, "dataset")
   tfrecords_dir = os.path.join(root, "tfrecords")
   synthetic_dataset.generate(dataset_dir, num_users=_SYNTHETIC_USERS.value,
@@ -96,11 +96,13 @@ def _pick_clients(train_data, count: int,
 
 def _benchmark(tfrecords_dir: str) -> None:
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
-  from benchmark import constants  # pylint: disable=g-import-not-at-top
-  from benchmark import data  # pylint: disable=g-import-not-at-top
-  from benchmark import federated  # pylint: disable=g-import-not-at-top
-  from benchmark import metrics  # pylint: disable=g-import-not-at-top
-  from benchmark import backends  # pylint: disable=g-import-not-at-top
+
+  from benchmark.backends import factory
+  from benchmark.core import constants  # pylint: disable=g-import-not-at-top
+  from benchmark.data import label_sets
+  from benchmark.data import pipeline
+  from benchmark.model import metrics  # pylint: disable=g-import-not-at-top
+  from benchmark.training import federated  # pylint: disable=g-import-not-at-top
 
   config = federated.FederatedConfig(
       tfrecords_dir=tfrecords_dir, save_model_dir=tempfile.gettempdir(),
@@ -109,8 +111,8 @@ def _benchmark(tfrecords_dir: str) -> None:
       clients_per_round=_NUM_CLIENTS.value,
       max_elements_per_client=_IMAGES_PER_CLIENT.value,
       image_height=_CROP.value, image_width=_CROP.value, show_progress=False)
-  label_spec = data.load_label_spec(tfrecords_dir)
-  train_data = data.load_partition(tfrecords_dir, constants.TRAIN, label_spec)
+  label_spec = label_sets.load_label_spec(tfrecords_dir)
+  train_data = pipeline.load_partition(tfrecords_dir, constants.TRAIN, label_spec)
   clients, images_per_pass = _pick_clients(train_data, _NUM_CLIENTS.value,
                                            _IMAGES_PER_CLIENT.value)
   images_per_round = images_per_pass * _EPOCHS.value
@@ -120,7 +122,7 @@ def _benchmark(tfrecords_dir: str) -> None:
         f"{_BATCH_SIZE.value}")
 
   # --- Keras on the same images (the same per-client batching). ---
-  preprocess = data.create_train_preprocess_fn(data.ClientSpec(
+  preprocess = pipeline.create_train_preprocess_fn(pipeline.ClientSpec(
       num_epochs=1, batch_size=_BATCH_SIZE.value,
       max_elements=_IMAGES_PER_CLIENT.value))
   dataset = None
@@ -160,7 +162,7 @@ def _benchmark(tfrecords_dir: str) -> None:
     seconds.setdefault(name, []).append(time.perf_counter() - start)
 
   for backend_name in _BACKENDS.value:
-    with backends.open_backend(backend_name, composed, len(clients),
+    with factory.open_backend(backend_name, composed, len(clients),
                                num_workers=_NUM_WORKERS.value) as backend:
       backend.set_state(backend.initialize(initial_weights))
       backend.run_round(clients)  # Warm-up.

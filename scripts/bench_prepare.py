@@ -32,9 +32,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmark import constants
 from benchmark import synthetic_dataset
+from benchmark.core import constants
 import prepare_tfrecords
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 5000,
@@ -107,7 +108,6 @@ def main(argv):
         shutil.copyfile(os.path.join(image_dir, name),
                         os.path.join(copy_dir, name))
 
-    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
     rows = [
         ("plain copy (shutil.copyfile)", _timed(copy)),
         ("prepare, 1 worker, in-process (TF imported)", _timed(

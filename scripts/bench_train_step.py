@@ -6,7 +6,7 @@
 
 Isolates the training step from the input pipeline: random uint8 256x256
 images and 0/1 labels (17 outputs) held in memory (`Dataset.cache`, fed to
-Keras as central feeds it: `data.keras_input`), the model
+Keras as central feeds it: `pipeline.keras_input`), the model
 `benchmark.model.resnet18` (GroupNorm) compiled as `benchmark.central`
 compiles it (`central.make_optimizer`: Adam 1e-4, clipnorm 10; the suite's
 metrics). Variants, any combination of these words joined by "_":
@@ -48,11 +48,14 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmark import central
-from benchmark import data
-from benchmark import errors
-from benchmark import metrics
-from benchmark import model as model_lib
+from benchmark.core import errors
+from benchmark.data import pipeline
+from benchmark.model import layers
+from benchmark.model import metrics
+from benchmark.model import mixed_precision
+from benchmark.model import resnet
+from benchmark.training import central
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _VARIANTS = flags.DEFINE_list(
@@ -78,15 +81,15 @@ def _words(variant: str) -> list[str]:
 def _build(variant: str) -> tf.keras.Model:
   words = _words(variant)
   norm = (tf.keras.layers.GroupNormalization if "keras_gn" in words
-          else model_lib.GroupNormalization)
-  builder = model_lib._Builder  # pylint: disable=protected-access
-  with mock.patch.object(model_lib, "GroupNormalization", norm), \
+          else layers.GroupNormalization)
+  builder = resnet._Builder  # pylint: disable=protected-access
+  with mock.patch.object(layers, "GroupNormalization", norm), \
       mock.patch.object(builder, "pad_inside_conv", "zeropad" not in words), \
       mock.patch.object(builder, "patch_small_maps", "convop" not in words):
-    keras_model = model_lib.resnet18(
+    keras_model = resnet.resnet18(
         num_classes=_NUM_OUTPUTS, crop_size=(_CROP.value, _CROP.value),
-        precision=model_lib.BFLOAT16 if "bf16" in words else
-        model_lib.FLOAT32)
+        precision=mixed_precision.BFLOAT16 if "bf16" in words else
+        mixed_precision.FLOAT32)
   config = central.CentralConfig(tfrecords_dir="unused", learning_rate=1e-4,
                                  clipnorm=10.0)
   keras_model.compile(
@@ -113,7 +116,7 @@ def main(argv):
   count = _BATCH_SIZE.value * 4
   images = rng.integers(0, 256, (count, 256, 256, 3)).astype(np.uint8)
   labels = (rng.random((count, _NUM_OUTPUTS)) < 0.2).astype(np.int32)
-  dataset = data.keras_input(
+  dataset = pipeline.keras_input(
       tf.data.Dataset.from_tensor_slices((images, labels))
       .batch(_BATCH_SIZE.value).repeat().take(_STEPS.value).cache())
   models = {}

@@ -22,7 +22,7 @@ run, never side by side:
   the images it trains on, as central training does; `--epochs` passes per
   timed epoch-round.
 * "FedAvg": the product's learning process on its default backend
-  (`benchmark.federated.build_learning_process`, `backends.open_backend`
+  (`benchmark.federated.build_learning_process`, `factory.open_backend`
   with `FederatedConfig.backend`, in-process): client SGD 0.1 with
   per-weight clipping, weighted FedAvg, server Adam. Everything a round
   costs is in the figure.
@@ -69,13 +69,17 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmark import central
-from benchmark import backends
-from benchmark import constants
-from benchmark import data
-from benchmark import errors
-from benchmark import federated
-from benchmark import model as model_lib
+from benchmark.backends import factory
+from benchmark.cli import commands
+from benchmark.core import constants
+from benchmark.core import errors
+from benchmark.data import label_sets
+from benchmark.data import pipeline
+from benchmark.model import layers
+from benchmark.model import mixed_precision
+from benchmark.training import central
+from benchmark.training import federated
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _TFRECORDS_DIR = flags.DEFINE_string(
@@ -182,7 +186,7 @@ def _check_flags() -> None:
   if not _PRECISIONS.value:
     raise errors.FlairInputError("--precisions must name at least one")
   for precision in _PRECISIONS.value:
-    model_lib.check_precision(precision, flag="precisions")
+    mixed_precision.check_precision(precision, flag="precisions")
   if bool(_PFL_PYTHON.value) != bool(_PFL_DRIVER.value):
     raise errors.FlairInputError(
         "--pfl_python and --pfl_driver must be given together")
@@ -193,8 +197,8 @@ def _check_flags() -> None:
 
 
 def _prepare_synthetic(root: str) -> tuple[str, str]:
-  import prepare_tfrecords  # pylint: disable=g-import-not-at-top
   from benchmark import synthetic_dataset  # pylint: disable=g-import-not-at-top
+  import prepare_tfrecords  # pylint: disable=g-import-not-at-top
   dataset_dir = os.path.join(root, "dataset")
   tfrecords_dir = os.path.join(root, "tfrecords")
   synthetic_dataset.generate(dataset_dir, num_users=_SYNTHETIC_USERS.value,
@@ -225,17 +229,17 @@ def _central_seconds(tfrecords_dir: str, label_spec, clients: list[str],
   users interleaved, shuffled, batched) over the chosen users, each user
   file read up to its first `--images_per_client` images, so that every
   image decoded is trained on, as in central training."""
-  files = data.partition_files(tfrecords_dir, constants.TRAIN)
+  files = pipeline.partition_files(tfrecords_dir, constants.TRAIN)
   chosen = tff.simulation.datasets.FilePerUserClientData(
       {client_id: files[client_id] for client_id in clients},
-      data.create_dataset_fn(label_spec,
+      pipeline.create_dataset_fn(label_spec,
                              max_records=_IMAGES_PER_CLIENT.value))
   config = central.CentralConfig(
       tfrecords_dir=tfrecords_dir, save_model_dir=tempfile.gettempdir(),
       image_height=_CROP.value, image_width=_CROP.value,
       train_batch_size=_BATCH_SIZE.value, precision=precision)
   dataset = central._train_dataset(chosen, config).repeat(_EPOCHS.value)  # pylint: disable=protected-access
-  patch = (mock.patch.object(model_lib, "GroupNormalization",
+  patch = (mock.patch.object(layers, "GroupNormalization",
                              tf.keras.layers.GroupNormalization)
            if keras_group_norm else contextlib.nullcontext())
   with patch, central.distribution_strategy().scope():
@@ -263,7 +267,7 @@ def _fedavg_seconds(tfrecords_dir: str, label_spec, train_data,
   _, composed = federated.build_learning_process(
       config, label_spec, train_data,
       tff.learning.add_debug_measurements(tff.aggregators.MeanFactory()))
-  with backends.open_backend(config.backend, composed, len(clients)) as backend:
+  with factory.open_backend(config.backend, composed, len(clients)) as backend:
     backend.set_state(backend.initialize(initial_weights))
     backend.run_round(clients)  # Warm-up.
     with _Timer() as timer:
@@ -336,8 +340,8 @@ def _print_ratio(name: str, samples: dict[str, list[float]], numerator: str,
 
 
 def _benchmark(dataset_dir: str, tfrecords_dir: str, root: str) -> None:
-  label_spec = data.load_label_spec(tfrecords_dir)
-  train_data = data.load_partition(tfrecords_dir, constants.TRAIN, label_spec)
+  label_spec = label_sets.load_label_spec(tfrecords_dir)
+  train_data = pipeline.load_partition(tfrecords_dir, constants.TRAIN, label_spec)
   clients, images_per_pass = _pick_clients(train_data, _NUM_CLIENTS.value,
                                            _IMAGES_PER_CLIENT.value)
   images_per_round = images_per_pass * _EPOCHS.value
@@ -356,7 +360,7 @@ def _benchmark(dataset_dir: str, tfrecords_dir: str, root: str) -> None:
     for precision in _PRECISIONS.value:
       runs = [("central", _central_seconds,
                (tfrecords_dir, label_spec, clients, precision))]
-      if _KERAS_GROUP_NORM.value and precision == model_lib.FLOAT32:
+      if _KERAS_GROUP_NORM.value and precision == mixed_precision.FLOAT32:
         runs.append(("central_kerasgn", _central_seconds,
                      (tfrecords_dir, label_spec, clients, precision, True)))
       if not _SKIP_FEDAVG.value:
@@ -422,7 +426,7 @@ def _benchmark(dataset_dir: str, tfrecords_dir: str, root: str) -> None:
   print("RESULT " + json.dumps(results))
 
 
-@errors.exit_on_input_error
+@commands.exit_on_input_error
 def main(argv):
   if len(argv) > 1:
     raise errors.FlairInputError(

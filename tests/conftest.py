@@ -67,7 +67,7 @@ def no_tff_worker_left_behind():
   yield
   if "tensorflow_federated" not in sys.modules:
     return
-  from benchmark import tff_runtime
+  from benchmark.backends import tff_runtime
   leftover = tff_runtime.stop_worker_children()
   if leftover:
     pytest.fail(f"TFF worker_binary process(es) {leftover} outlived this "
@@ -79,7 +79,7 @@ def pytest_sessionfinish(session, exitstatus):
   del exitstatus
   if "tensorflow_federated" not in sys.modules:
     return  # TFF never loaded in this process: it started no worker.
-  from benchmark import tff_runtime
+  from benchmark.backends import tff_runtime
   leftover = tff_runtime.stop_worker_children()
   if leftover:
     print(f"\nerror: TFF worker_binary processes outlived their tests: "
@@ -189,8 +189,9 @@ def damaged_sample(prepared_sample_dir, tmp_path):
   cut short (a truncated copy), one with a label index outside the label
   index, one with a corrupt JPEG (right first bytes, garbage after)."""
   import shutil  # pylint: disable=g-import-not-at-top
-  from benchmark import constants  # pylint: disable=g-import-not-at-top
-  from benchmark import formats  # pylint: disable=g-import-not-at-top
+
+  from benchmark.core import constants  # pylint: disable=g-import-not-at-top
+  from benchmark.data import formats  # pylint: disable=g-import-not-at-top
   copy = str(tmp_path / "tfrecords")
   shutil.copytree(prepared_sample_dir, copy)
   train = os.path.join(copy, constants.TRAIN)

@@ -10,12 +10,19 @@ leaving the `with` block, and by itself after `max_lifetime_s` at the latest.
 
 import dataclasses
 import http.server
+import io
+import json
 import os
 import re
+import shutil
 import socket
+import tarfile
 import threading
-import urllib.parse
 from typing import Optional
+import urllib.parse
+
+from benchmark.core import constants
+import download_dataset
 
 _RANGE_RE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
@@ -204,3 +211,66 @@ class FileServer:
 
   def __exit__(self, *exc_info) -> None:
     self.stop()
+
+
+# --- A FLAIR server tree -------------------------------------------------------
+
+SMALL = [download_dataset.SMALL_ARCHIVE_URL_PATH.format(index=i)
+         for i in range(download_dataset.NUM_ARCHIVES)]
+RAW = [download_dataset.RAW_ARCHIVE_URL_PATH.format(index=i)
+       for i in range(download_dataset.NUM_ARCHIVES)]
+METADATA_URL, RELATIONSHIP_URL = [p for p, _ in download_dataset.LABEL_FILES]
+
+
+def _write_archive(path, image_dir, files):
+  """A .tar.gz with a directory entry `image_dir/` and `image_dir/<name>`
+  members holding the bytes of `files` ({name: bytes})."""
+  with tarfile.open(path, "w:gz") as tar:
+    entry = tarfile.TarInfo(image_dir)
+    entry.type, entry.mode = tarfile.DIRTYPE, 0o755
+    tar.addfile(entry)
+    for name, data in files.items():
+      info = tarfile.TarInfo(f"{image_dir}/{name}")
+      info.size, info.mode = len(data), 0o644
+      tar.addfile(info, io.BytesIO(data))
+
+
+def build_tree(source_dir, root):
+  """Writes a FLAIR server tree under `root` from a dataset directory.
+
+  Returns:
+    {"images": {image_id: jpeg bytes}, "archive_of": {image_id: archive
+    index}}.
+  """
+  with open(os.path.join(source_dir, constants.METADATA_FILE), "rb") as f:
+    metadata = f.read()
+  records = json.loads(metadata)
+  ids = [str(r[constants.IMAGE_ID_KEY]) for r in records]
+  images = {}
+  for image_id in ids:
+    with open(os.path.join(source_dir, constants.SMALL_IMAGES_DIR,
+                           image_id + constants.IMAGE_EXTENSION), "rb") as f:
+      images[image_id] = f.read()
+  os.makedirs(os.path.join(root, "labels"))
+  with open(os.path.join(root, METADATA_URL), "wb") as f:
+    f.write(metadata)
+  relationship = os.path.join(source_dir, constants.LABEL_RELATIONSHIP_FILE)
+  if os.path.exists(relationship):
+    shutil.copyfile(relationship, os.path.join(root, RELATIONSHIP_URL))
+  else:  # The sample lacks it; a made-up mapping (not FLAIR's real one).
+    pairs = sorted({(fine, r[constants.LABELS_KEY][0]) for r in records
+                    for fine in r[constants.FINE_GRAINED_LABELS_KEY]})
+    with open(os.path.join(root, RELATIONSHIP_URL), "w") as f:
+      f.writelines(f"{fine} -> {coarse}\n" for fine, coarse in pairs)
+  archive_of = {image_id: i % download_dataset.NUM_ARCHIVES
+                for i, image_id in enumerate(ids)}
+  for index in range(download_dataset.NUM_ARCHIVES):
+    files = {i + constants.IMAGE_EXTENSION: images[i] for i in ids
+             if archive_of[i] == index}
+    for url_path, image_dir in ((SMALL[index], constants.SMALL_IMAGES_DIR),
+                                (RAW[index], constants.RAW_IMAGES_DIR)):
+      os.makedirs(os.path.dirname(os.path.join(root, url_path)), exist_ok=True)
+      _write_archive(os.path.join(root, url_path), image_dir, files)
+  return {"images": images, "archive_of": archive_of}
+
+

@@ -19,13 +19,15 @@ import unittest.mock
 
 import numpy as np
 
-from benchmark import backends
-from benchmark import constants
-from benchmark import data
-from benchmark import federated
-from benchmark import mapreduce
-from benchmark import model as model_lib
-from benchmark import process_guard
+from benchmark.backends import factory
+from benchmark.backends import mapreduce
+from benchmark.backends import process_guard
+from benchmark.core import constants
+from benchmark.data import label_sets
+from benchmark.data import pipeline
+from benchmark.model import layers
+from benchmark.model import resnet
+from benchmark.training import federated
 
 ATOL = 1e-5
 COHORT_SIZE = 4
@@ -69,7 +71,7 @@ def alive(processes: dict[int, str]) -> set[int]:
 
 def deterministic_augmentation(monkeypatch):
   """Centre crop and no flip also when training (see module docstring)."""
-  for cls in (model_lib.CropImages, model_lib.RandomHorizontalFlip):
+  for cls in (layers.CropImages, layers.RandomHorizontalFlip):
     original = cls.call
 
     def call(self, images, training=None, _original=original):
@@ -83,11 +85,11 @@ def build(tfrecords_dir, aggregator, weighted, **overrides):
   config = federated.FederatedConfig(
       tfrecords_dir=tfrecords_dir, save_model_dir="unused",
       **dict(CLIENT_SETTINGS, **overrides))
-  label_spec = data.load_label_spec(tfrecords_dir)
-  train = data.load_partition(tfrecords_dir, constants.TRAIN, label_spec)
+  label_spec = label_sets.load_label_spec(tfrecords_dir)
+  train = pipeline.load_partition(tfrecords_dir, constants.TRAIN, label_spec)
   _, composed = federated.build_learning_process(
       config, label_spec, train, aggregator, weighted=weighted)
-  keras_model = model_lib.resnet18(
+  keras_model = resnet.resnet18(
       num_classes=label_spec.num_outputs, crop_size=(32, 32), seed=3)
   weights = federated.keras_model_weights(keras_model)
   return composed, weights, sorted(train.client_ids)
@@ -119,7 +121,7 @@ def run_one_round(name, composed, weights, cohort, state=None, **kwargs):
   before = process_guard.descendants(os.getpid())
   with unittest.mock.patch.object(mapreduce, "compile_process",
                                   _compile_once), \
-      backends.open_backend(name, composed, len(cohort), **kwargs) as backend:
+      factory.open_backend(name, composed, len(cohort), **kwargs) as backend:
     initial = backend.initialize(weights)
     backend.set_state(initial if state is None else state)
     metrics = backend.run_round(cohort)
@@ -128,7 +130,7 @@ def run_one_round(name, composed, weights, cohort, state=None, **kwargs):
     processes = {pid: start for pid, start in
                  process_guard.descendants(os.getpid()).items()
                  if before.get(pid) != start}
-    if name == backends.BACKEND_INPROCESS:
+    if name == constants.BACKEND_INPROCESS:
       # No listening socket while the in-process backend runs.
       assert not listening_inodes() & own_socket_inodes()
   # Whatever the backend started (TFF worker, Ray's processes) is stopped.

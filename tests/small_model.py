@@ -38,7 +38,7 @@ def use(setattr_fn, model=None) -> None:
   as it is being imported) through `setattr_fn(module, name, value)`
   (pytest's `monkeypatch.setattr`, or plain `setattr`)."""
   if model is None:
-    from benchmark import model  # pylint: disable=g-import-not-at-top
+    from benchmark.model import resnet as model  # pylint: disable=g-import-not-at-top
   for name, value in SMALL_LAYOUT.items():
     assert hasattr(model, name), name  # The layout's names must stay real.
     setattr_fn(model, name, value)

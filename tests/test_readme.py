@@ -22,11 +22,11 @@ import sys
 
 import pytest
 
-from benchmark import constants
 from benchmark import explore
+from benchmark.core import constants
+from download_server import build_tree
 from download_server import FileServer
 import small_model
-from test_download_dataset import build_tree
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO_ROOT, "README.md")
@@ -93,10 +93,10 @@ def _write_imagenet_like_weights(path: str) -> None:
   """Stands in for the published resnet18.h5: weights of the BatchNorm
   network with a 1000-way classifier, saved by layer name (in the shallow
   layout that the commands here build)."""
-  from benchmark import model as model_lib
+  from benchmark.model import resnet
   with pytest.MonkeyPatch.context() as patch:
     small_model.use(patch.setattr)
-    net = model_lib.resnet18(num_classes=1000, pretrained=True,
+    net = resnet.resnet18(num_classes=1000, pretrained=True,
                              crop_size=(24, 24), seed=3)
   net.save_weights(path)
 

@@ -1,0 +1,134 @@
+"""What every command shares: its `main` wrapped so that errors are one line
+and SIGTERM or Ctrl-C end it cleanly, positional arguments refused, and
+its console-script entry point."""
+
+import functools
+import logging
+import os
+import signal
+import sys
+from typing import Callable, NoReturn, Sequence
+
+from absl import app
+
+from benchmark.core import errors
+
+
+class Terminated(SystemExit):
+  """Raised in the main thread by SIGTERM (`install_sigterm_handler`); its
+  `code` is the exit status, 128 + SIGTERM = 143."""
+
+
+def _exit_on_sigterm(signum, frame) -> NoReturn:
+  del frame
+  raise Terminated(128 + signum)
+
+
+def install_sigterm_handler() -> None:
+  """Makes SIGTERM raise `Terminated(143)` (a `SystemExit`) so `finally`
+  blocks and context managers (for instance the TFF worker shutdown) run
+  before the process exits; `exit_on_input_error` then ends the process at
+  once with status 143.
+
+  Only effective when called from the main thread (a Python restriction).
+  """
+  signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+# TFF's gRPC stub logs every retryable gRPC error at INFO with the whole
+# exception text (a multi-line `debug_error_string` dump); when the TFF worker
+# dies, that dump came before our one-line error.
+_RETRYABLE_GRPC_LOG = "Received retryable gRPC error"
+
+
+class _OneLineGrpcErrors(logging.Filter):
+  """Shortens TFF's retryable-gRPC-error log records to one line (status
+  code and the first line of the details)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if (isinstance(record.msg, str)
+        and record.msg.startswith(_RETRYABLE_GRPC_LOG) and record.args):
+      error = record.args[0] if isinstance(record.args, tuple) else None
+      summary = str(error)
+      try:
+        summary = f"{error.code()}: {error.details()}"
+      except Exception:  # pylint: disable=broad-except
+        pass
+      lines = summary.strip().splitlines()
+      record.args = (lines[0] if lines else type(error).__name__,)
+    return True
+
+
+_GRPC_FILTER = _OneLineGrpcErrors()
+
+
+def shorten_library_logs() -> None:
+  """Makes library log records that dump whole gRPC errors one line long
+  (absl's logger; idempotent)."""
+  absl_logger = logging.getLogger("absl")
+  if _GRPC_FILTER not in absl_logger.filters:
+    absl_logger.addFilter(_GRPC_FILTER)
+
+
+def exit_on_input_error(main: Callable) -> Callable:
+  """Wraps an absl `main(argv)`: a `FlairInputError`, `OutputWriteError` or
+  `BackendDiedError` becomes one line on stderr ("error: <message>") and exit
+  status 1; Ctrl-C
+  becomes exit status 130.
+
+  Also installs `install_sigterm_handler()` and `shorten_library_logs()`,
+  and on the way out releases
+  TFF's default context when TFF was loaded (`tff_runtime`).
+  """
+
+  @functools.wraps(main)
+  def wrapped(argv):
+    install_sigterm_handler()
+    shorten_library_logs()
+    try:
+      try:
+        return main(argv)
+      except (errors.FlairInputError, errors.OutputWriteError,
+              errors.BackendDiedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+      except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+      finally:
+        if "tensorflow_federated" in sys.modules:
+          from benchmark.backends import tff_runtime  # pylint: disable=g-import-not-at-top
+          tff_runtime.release_default_context()
+    except Terminated as e:
+      # Every `finally` and context manager has run: what the run started
+      # (TFF worker, Ray) is stopped and its files are complete. The
+      # interpreter's own teardown is skipped: after a SIGTERM in the middle
+      # of a TFF call, TFF's and gRPC's threads are still blocked, and
+      # teardown then hung for minutes or crashed (SIGSEGV) in a loaded run.
+      logging.shutdown()
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(e.code)
+
+  return wrapped
+
+
+def reject_positional_args(argv: Sequence[str]) -> None:
+  """Raises `errors.FlairInputError` when `argv` (absl's, program name
+  first) holds anything but the program name: every setting is a --flag."""
+  if len(argv) > 1:
+    raise errors.FlairInputError(
+        f"unexpected positional arguments: {' '.join(argv[1:])} (all "
+        "settings are --flags)")
+
+
+def entry_point(define_flags: Callable[[], None],
+                main: Callable[[list[str]], None]) -> Callable[[], None]:
+  """A trainer's console-script entry point (`run`): defines the command's
+  flags when called, not at import, then runs `main` under absl."""
+
+  def run() -> None:
+    define_flags()
+    app.run(main)
+
+  return run

@@ -1,0 +1,1 @@
+"""What every stage shares: file and flag names, error types, value checks, atomic output files."""

@@ -1,0 +1,161 @@
+"""Tests of the FedAvg backends (benchmark/backends.py, mapreduce.py,
+graph_runner.py, process_guard.py): the same round on every backend, the DP
+noise, no socket and no process left behind (see round_harness.py for how
+rounds are made deterministic and what tolerance they are compared with).
+"""
+
+import numpy as np
+import pytest
+import tensorflow_federated as tff
+
+from benchmark.backends import factory
+from benchmark.backends import graph_runner
+from benchmark.backends import mapreduce
+from benchmark.backends import ray_actors
+from benchmark.core import constants
+from benchmark.core.errors import FlairInputError
+from benchmark.training import dp
+from benchmark.training import federated
+import round_harness
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("small_resnet")
+@pytest.mark.parametrize("variant", ["fedavg", "dp_noise0"])
+def test_one_round_is_the_same_on_every_backend(prepared_sample_dir,
+                                                monkeypatch, variant):
+  """The shallow test ResNet (tests/small_model.py): the backends run
+  whatever computation TFF compiled, whatever the network. (ResNet-18's
+  full set of weights through TFF's worker: test_model.py's
+  test_one_federated_round_in_tff.)"""
+  round_harness.deterministic_augmentation(monkeypatch)
+  if variant == "fedavg":
+    aggregator = tff.learning.add_debug_measurements(
+        tff.aggregators.MeanFactory())
+  else:  # Adaptive clipping with no noise: deterministic.
+    aggregator = dp.build_aggregator(0.0, round_harness.COHORT_SIZE, 0.1, 0.5)
+  composed, weights, client_ids = round_harness.build(
+      prepared_sample_dir, aggregator, weighted=variant == "fedavg")
+  cohort = round_harness.cohort_of(client_ids)
+  results = {}
+  for name in (constants.BACKEND_INPROCESS, constants.BACKEND_TFF_WORKER,
+               constants.BACKEND_RAY):
+    state = None if not results else results["inprocess"]["initial"]
+    results[name] = round_harness.run_one_round(
+        name, composed, weights, cohort, state=state,
+        num_workers=2 if name == constants.BACKEND_RAY else None)
+  want = results[constants.BACKEND_INPROCESS]
+  # The initial state (weights set, optimizer state zero) is the same.
+  round_harness.assert_close(results["tff_worker"]["initial"],
+                             want["initial"], "initial")
+  for name in (constants.BACKEND_TFF_WORKER, constants.BACKEND_RAY):
+    for part in ("state", "metrics", "model_weights"):
+      round_harness.assert_close(results[name][part], want[part],
+                                 f"{name} {part}")
+  # The round did something: weights moved by about a server Adam step
+  # (lr 0.1 x g / (|g| + 0.01); with DP the clip of 0.1 makes g ~1e-5, so
+  # the largest move was 5e-4).
+  moved = max(np.abs(a - b).max() for a, b in zip(
+      mapreduce.to_flat(want["model_weights"]), mapreduce.to_flat(weights)))
+  assert moved > (1e-3 if variant == "fedavg" else 1e-4)
+  train = want["metrics"]["client_work"]["train"]
+  assert int(train["num_examples"]) == 16  # 5 + 5 + 1 + 5 images.
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("small_resnet")
+def test_dp_round_adds_noise_of_the_stated_stddev(prepared_sample_dir):
+  """Fixed clipping at 0.1, noise multiplier 1, 3 clients whose updates are
+  ~0 (client learning rate 1e-12): the averaged update is the noise alone,
+  N(0, (z * clip / cohort)^2) per weight, and its L2 norm over D weights is
+  that stddev times sqrt(D) to within 1/sqrt(2D) (the shallow test ResNet's
+  D = 82k: 0.25%, so the 1% tolerance is 4 standard deviations). Run
+  in-process: the other backends run the same noise-adding graph (Ray) or
+  TFF's own runtime of the same aggregator (`tff_worker`), and equal the
+  in-process round when the noise is 0
+  (test_one_round_is_the_same_on_every_backend)."""
+  z, clip, cohort_size = 1.0, 0.1, 3
+  aggregator = dp.build_aggregator(z, cohort_size, clip, 0.0)
+  composed, weights, client_ids = round_harness.build(
+      prepared_sample_dir, aggregator, weighted=False,
+      clients_per_round=cohort_size, client_learning_rate=1e-12)
+  result = round_harness.run_one_round(constants.BACKEND_INPROCESS, composed,
+                                       weights, client_ids[:cohort_size])
+  num_weights = sum(w.size for w in weights.trainable)
+  norm = float(result["metrics"]["aggregator"]["server_update_norm"])
+  stddev = dp.sum_noise_multiplier(z, cohort_size, adaptive=False) * clip
+  assert norm / np.sqrt(num_weights) == pytest.approx(stddev / cohort_size,
+                                                      rel=0.01)
+
+
+def test_flat_values_round_trip_through_tff_types():
+  weights = tff.learning.models.ModelWeights(
+      trainable=[np.arange(3, dtype=np.float32), np.ones((2, 2), np.float32)],
+      non_trainable=[np.zeros(1, np.float32)])
+  type_spec = tff.types.type_conversions.infer_type(weights)
+  flat = mapreduce.to_flat(weights)
+  assert [f.shape for f in flat] == [(3,), (2, 2), (1,)]
+  back = mapreduce.from_flat(flat, type_spec)
+  assert isinstance(back, tff.learning.models.ModelWeights)
+  np.testing.assert_array_equal(back.trainable[0], [0, 1, 2])
+  with pytest.raises(ValueError):
+    mapreduce.from_flat(flat + [np.zeros(1)], type_spec)
+
+
+def test_graph_runner_runs_a_tff_computation_and_chains_two():
+  @tff.tensorflow.computation(np.float32, np.float32)
+  def add(x, y):
+    return x + y
+
+  @tff.tensorflow.computation(np.float32, np.float32)
+  def scale(x, y):
+    return x * y
+
+  config = graph_runner.session_config(1)
+  single = graph_runner.GraphRunner(
+      [graph_runner.GraphPiece.from_computation("add", add)], None, config)
+  assert single(np.float32(2), np.float32(3)) == [5.0]
+  # Chain: scale(x, add(a, b)); the chain takes add's (a, b) then x.
+  chain = graph_runner.GraphRunner(
+      [graph_runner.GraphPiece.from_computation("add", add),
+       graph_runner.GraphPiece.from_computation("scale", scale)],
+      None, config)
+  assert chain.num_parameters == 3
+  assert chain(np.float32(2), np.float32(3), np.float32(4)) == [20.0]
+  with pytest.raises(ValueError, match="takes 3 values"):
+    chain(np.float32(1))
+  single.close()
+  chain.close()
+
+
+def test_open_backend_rejects_bad_choices():
+  with pytest.raises(FlairInputError, match="--backend"):
+    with factory.open_backend("gpu", None, 1):
+      pass
+  with pytest.raises(FlairInputError, match="--num_workers"):
+    with factory.open_backend("inprocess", None, 1, num_workers=0):
+      pass
+  with pytest.raises(FlairInputError, match="--ray_address"):
+    federated.FederatedConfig(tfrecords_dir="x", ray_address="1.2.3.4:6379")
+  with pytest.raises(FlairInputError, match="--backend"):
+    federated.FederatedConfig(tfrecords_dir="x", backend="gpu")
+
+
+def test_ray_actors_are_one_per_gpu_else_one_per_node_using_its_cores():
+  nodes = [{"Alive": True, "Resources": {"CPU": 8.0}},
+           {"Alive": True, "Resources": {"CPU": 4.0}},
+           {"Alive": False, "Resources": {"CPU": 16.0}},  # Gone.
+           {"Alive": True, "Resources": {"memory": 1e9}}]  # No CPU.
+  # No GPU: one actor per alive node with CPUs, as many threads as the
+  # smallest has, spread over the nodes.
+  assert ray_actors.ray_actor_plan({"CPU": 12.0}, nodes, None) == (
+      2, {"num_cpus": 4, "scheduling_strategy": "SPREAD"}, 4)
+  # --num_workers N: N actors share the cluster's cores.
+  assert ray_actors.ray_actor_plan({"CPU": 12.0}, nodes, 3) == (
+      3, {"num_cpus": 4}, 4)
+  assert ray_actors.ray_actor_plan({"CPU": 2.0}, nodes, 5) == (
+      5, {"num_cpus": 1}, 1)
+  # GPUs: one actor per GPU (or N), each with a GPU and TF's own threads.
+  assert ray_actors.ray_actor_plan({"CPU": 12.0, "GPU": 3.0}, nodes, None) == (
+      3, {"num_gpus": 1, "num_cpus": 1}, 0)
+  assert ray_actors.ray_actor_plan({"CPU": 12.0, "GPU": 3.0}, nodes, 6)[0] == 6
