@@ -90,7 +90,7 @@ def run_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
 @commands.exit_on_input_error
 def main(argv: list[str]) -> None:
   """Trains as the parsed flags say and prints the final metrics (JSON)."""
-  commands.reject_positional_args(argv)
+  del argv  # Refused by the wrapper when it holds more than the program.
   run_from_flags()
 
 

@@ -71,14 +71,15 @@ def shorten_library_logs() -> None:
 
 
 def exit_on_input_error(main: Callable) -> Callable:
-  """Wraps an absl `main(argv)`: a `FlairInputError`, `OutputWriteError` or
-  `BackendDiedError` becomes one line on stderr ("error: <message>") and exit
-  status 1; Ctrl-C
-  becomes exit status 130.
+  """Wraps an absl `main(argv)` for the command line.
 
-  Also installs `install_sigterm_handler()` and `shorten_library_logs()`,
-  and on the way out releases
-  TFF's default context when TFF was loaded (`tff_runtime`).
+  Positional arguments are refused (`reject_positional_args`); a
+  `FlairInputError`, `OutputWriteError` or `BackendDiedError` becomes one
+  line on stderr ("error: <message>") and exit status 1; Ctrl-C becomes exit
+  status 130 and SIGTERM 143 (`install_sigterm_handler`), after every
+  `finally` has run. Also shortens library log records
+  (`shorten_library_logs`) and, on the way out, releases TFF's default
+  context when TFF was loaded (`backends.tff_runtime`).
   """
 
   @functools.wraps(main)
@@ -87,6 +88,7 @@ def exit_on_input_error(main: Callable) -> Callable:
     shorten_library_logs()
     try:
       try:
+        reject_positional_args(argv)
         return main(argv)
       except (errors.FlairInputError, errors.OutputWriteError,
               errors.BackendDiedError) as e:
