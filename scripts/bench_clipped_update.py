@@ -73,7 +73,7 @@ def _keras_update(optimizer, variables, gradients):
 def main(argv):
   del argv
   clipnorm = _CLIPNORM.value
-  keras_model = resnet.resnet18(num_classes=17, crop_size=(64, 64))
+  keras_model = resnet.build_resnet(num_classes=17, crop_size=(64, 64))
   initial = [v.numpy() for v in keras_model.trainable_variables]
   rng = np.random.default_rng(0)
   gradients = [tf.constant(rng.normal(size=w.shape), tf.float32)

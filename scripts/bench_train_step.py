@@ -86,7 +86,7 @@ def _build(variant: str) -> tf.keras.Model:
   with mock.patch.object(layers, "GroupNormalization", norm), \
       mock.patch.object(builder, "pad_inside_conv", "zeropad" not in words), \
       mock.patch.object(builder, "patch_small_maps", "convop" not in words):
-    keras_model = resnet.resnet18(
+    keras_model = resnet.build_resnet(
         num_classes=_NUM_OUTPUTS, crop_size=(_CROP.value, _CROP.value),
         precision=mixed_precision.BFLOAT16 if "bf16" in words else
         mixed_precision.FLOAT32)

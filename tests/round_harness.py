@@ -89,7 +89,7 @@ def build(tfrecords_dir, aggregator, weighted, **overrides):
   train = pipeline.load_partition(tfrecords_dir, constants.TRAIN, label_spec)
   _, composed = federated.build_learning_process(
       config, label_spec, train, aggregator, weighted=weighted)
-  keras_model = resnet.resnet18(
+  keras_model = resnet.build_resnet(
       num_classes=label_spec.num_outputs, crop_size=(32, 32), seed=3)
   weights = federated.keras_model_weights(keras_model)
   return composed, weights, sorted(train.client_ids)

@@ -96,7 +96,7 @@ def _write_imagenet_like_weights(path: str) -> None:
   from benchmark.model import resnet
   with pytest.MonkeyPatch.context() as patch:
     small_model.use(patch.setattr)
-    net = resnet.resnet18(num_classes=1000, pretrained=True,
+    net = resnet.build_resnet(num_classes=1000, pretrained=True,
                              crop_size=(24, 24), seed=3)
   net.save_weights(path)
 

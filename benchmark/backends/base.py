@@ -41,7 +41,7 @@ class RoundBackend(abc.ABC):
     structure, numpy leaves).
 
     Raises:
-      graph_runner.ClientDataError: a client's data could not be read.
+      errors.ClientDataError: a client's data could not be read.
       BackendDiedError: a process running clients died.
     """
 

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from benchmark.core import errors
 from benchmark.core.errors import FlairInputError
 
 # The value fed to a piece's session-token placeholder. TFF's executors feed
@@ -178,20 +179,6 @@ class GraphRunner:
     self._session.close()
 
 
-class ClientDataError(Exception):
-  """TensorFlow failed while training one client (its data could not be
-  read or decoded). `client_id` names the client; `detail` is the first line
-  of TensorFlow's message."""
-
-  def __init__(self, client_id: str, detail: str):
-    super().__init__(client_id, detail)
-    self.client_id = client_id
-    self.detail = detail
-
-  def __str__(self) -> str:
-    return f"client {self.client_id}: {self.detail}"
-
-
 class ClientTrainer:
   """Trains clients on one device and accumulates their updates at once.
 
@@ -221,7 +208,7 @@ class ClientTrainer:
     broadcast and folds its update into the accumulator.
 
     Raises:
-      ClientDataError: TensorFlow failed on this client (unreadable or
+      errors.ClientDataError: TensorFlow failed on this client (unreadable or
         corrupt data); the accumulator is left as it was.
     """
     # Parameters: work's (client input, broadcast), then accumulate's
@@ -230,7 +217,7 @@ class ClientTrainer:
       self._accumulator = self._train(
           np.array(client_id.encode()), *self._broadcast, *self._accumulator)
     except tf.errors.OpError as e:
-      raise ClientDataError(
+      raise errors.ClientDataError(
           client_id, (e.message or str(e)).strip().splitlines()[0]) from None
     self.clients_trained += 1
 

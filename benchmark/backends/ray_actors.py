@@ -11,6 +11,7 @@ from benchmark.backends import graph_runner
 from benchmark.backends import inprocess
 from benchmark.backends import mapreduce
 from benchmark.backends import process_guard
+from benchmark.core import errors
 from benchmark.core.errors import BackendDiedError
 from benchmark.core.errors import FlairInputError
 
@@ -75,8 +76,8 @@ class RayBackend(base._CompiledBackend):
     try:
       return ray.get(refs)
     except ray.exceptions.RayTaskError as e:
-      if isinstance(e.cause, graph_runner.ClientDataError):
-        raise graph_runner.ClientDataError(e.cause.client_id, e.cause.detail) from None
+      if isinstance(e.cause, errors.ClientDataError):
+        raise errors.ClientDataError(e.cause.client_id, e.cause.detail) from None
       raise
     except ray.exceptions.RayActorError as e:
       raise BackendDiedError(

@@ -1,82 +1,57 @@
-"""The command-line layer the two trainers share (`central_main`,
-`federated_main`): their common flags, defined once, and the steps from parsed
-flags to a claimed run directory.
+"""What the two trainers' commands share: their common flags, and the steps
+from parsed flags to a claimed run directory and from a finished run to its
+printed results.
 
-Every command defines its flags in a `_define_flags` function called by its
-`run()`, never at import, so that any set of commands can be imported in one
-process (tests/test_cli.py does). The trainers call `define_trainer_flags`
-there for the flags they have in common; the flag names and defaults are the
-original benchmark's (docs/original_benchmark.md, "Command lines").
+`central_main` and `federated_main` define their flags with
+`define_trainer_flags` (every setting of their config, declared once in
+`training.config`, plus `--skip_bad_records` and `--overwrite`), then
+`config_from_flags`, `start_run` (check the data, claim the run
+directory), the trainer, inside `data_errors_named`, and `finish_run`.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
-from typing import Callable, Sequence, TypeVar
+from typing import Any, Iterator
 
 from absl import flags
 from absl import logging
 
+from benchmark.cli import flags as flags_lib
 from benchmark.core import constants
+from benchmark.core import errors
 from benchmark.data import label_sets
 from benchmark.data import triage
+from benchmark.training import config as config_lib
 from benchmark.training import run_dir
 
-# Both trainers' flags that are fields of their config.
-TRAINER_CONFIG_FLAGS = (
-    "tfrecords_dir", "eval_batch_size", "restore_model_path",
-    "save_model_dir", "image_height", "image_width",
-    "use_fine_grained_labels", "binary_label")
-
-
-# Both trainers' flags that change a run's results (run_dir.claim_save_dir).
-TRAINER_RESULT_FLAGS = (
-    "restore_model_path", "image_height", "image_width",
-    "use_fine_grained_labels", "binary_label")
-
-
-# Flags that steer the command, not the run: recorded in flags.json only.
+# Flags that steer the command, not the run's settings: recorded in
+# flags.json; --skip_bad_records also in the run's identity.
 SKIP_BAD_RECORDS = "skip_bad_records"
-
-
 OVERWRITE = "overwrite"
 
 
-Config = TypeVar("Config")
-
-
-def define_trainer_flags(trainer: str, restore_use: str, outputs: str,
+def define_trainer_flags(config_type: type, trainer: str, restore_use: str,
+                         outputs: str,
                          flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """Defines the flags both trainers have, with one help string each.
+  """Defines a trainer's flags: one per setting of `config_type`
+  (`cli.flags.define_config_flags`), `--skip_bad_records` and
+  `--overwrite`.
 
   Args:
+    config_type: `training.config.CentralConfig` or `FederatedConfig`.
     trainer: the trainer's name, as in the default run directory
       `runs/<trainer>-<UTC time>` ("central" or "federated").
     restore_use: what the trainer does with --restore_model_path's weights,
-      for its help string (e.g. "to fine-tune from").
+      for its help (e.g. "to fine-tune from").
     outputs: the files and folders the trainer writes to --save_model_dir,
-      listed in that flag's help string.
+      for that flag's help.
     flag_values: where to define them (absl's global FLAGS by default).
   """
-  flags.DEFINE_string(
-      "tfrecords_dir", None,
-      "Directory of per-user TFRecords written by prepare_tfrecords.py "
-      "(train/, val/, test/ and label_index.json).", flag_values=flag_values)
-  flags.mark_flag_as_required("tfrecords_dir", flag_values=flag_values)
-  flags.DEFINE_integer(
-      "eval_batch_size", 512, "Batch size in images for val/test evaluation.",
-      flag_values=flag_values)
-  flags.DEFINE_string(
-      "restore_model_path", None,
-      f"Optional Keras weights .h5 (e.g. the ImageNet resnet18.h5) "
-      f"{restore_use}: builds the BatchNorm model and loads layers by name, "
-      "skipping the classifier when its size differs.",
-      flag_values=flag_values)
-  flags.DEFINE_string(
-      "save_model_dir", None,
-      f"Directory for {outputs}; rerun with the same directory to resume. "
-      f"Default: a new directory {constants.DEFAULT_RUNS_DIR}/{trainer}-<UTC "
-      "time>.", flag_values=flag_values)
+  flags_lib.define_config_flags(
+      config_type, flag_values, trainer=trainer, restore_use=restore_use,
+      outputs=outputs, runs_dir=constants.DEFAULT_RUNS_DIR)
   flags.DEFINE_boolean(
       SKIP_BAD_RECORDS, False,
       "Train without the records of --tfrecords_dir that cannot be used "
@@ -88,97 +63,113 @@ def define_trainer_flags(trainer: str, restore_use: str, outputs: str,
       "Delete the outputs of an earlier run in --save_model_dir (other files "
       "are kept) and start afresh, instead of refusing a directory that holds "
       "a different run.", flag_values=flag_values)
-  flags.DEFINE_integer(
-      "image_height", 224, "Height in pixels of the crop fed to the model.",
-      flag_values=flag_values)
-  flags.DEFINE_integer(
-      "image_width", 224, "Width in pixels of the crop fed to the model.",
-      flag_values=flag_values)
-  flags.DEFINE_boolean(
-      "use_fine_grained_labels", False,
-      "Train on the fine-grained labels instead of the 17 coarse labels.",
-      flag_values=flag_values)
-  flags.DEFINE_string(
-      "binary_label", None,
-      "Train a binary classifier (one output) for this single label name.",
-      flag_values=flag_values)
 
 
-def config_from_flags(config_type: Callable[..., Config],
-                      names: Sequence[str], trainer: str,
-                      flag_values: flags.FlagValues = flags.FLAGS) -> Config:
-  """The parsed flags `names` as a config, `config_type(**{name: value})`.
+def config_from_flags(config_type: type, trainer: str,
+                      flag_values: flags.FlagValues = flags.FLAGS):
+  """The parsed flags as a validated config of `config_type`; an unset
+  --save_model_dir becomes a new directory `runs/<trainer>-<UTC time>`
+  (`run_dir.fresh_run_dir`; not created here).
 
-  An unset --save_model_dir becomes a new directory
-  `runs/<trainer>-<UTC time>` (`run_dir.fresh_run_dir`; not created here).
-  The config validates the values (FlairInputError naming the flag).
+  Raises:
+    FlairInputError: a bad value, naming the flag.
   """
-  values = {name: flag_values[name].value for name in names}
-  if values.get("save_model_dir") is None:
-    values["save_model_dir"] = run_dir.fresh_run_dir(trainer)
-  return config_type(**values)
+  save_model_dir = (flag_values["save_model_dir"].value
+                    or run_dir.fresh_run_dir(trainer))
+  return flags_lib.config_from_flags(config_type, flag_values,
+                                     {"save_model_dir": save_model_dir})
 
 
-def claim_run(config: Config, label_spec: label_sets.LabelSpec, trainer: str,
-              config_flags: Sequence[str], result_flags: Sequence[str],
+def _identity(config, label_spec: label_sets.LabelSpec, trainer: str,
+              skip_bad_records: bool) -> dict[str, Any]:
+  settings = config_lib.identity_settings(config)
+  settings[SKIP_BAD_RECORDS] = skip_bad_records
+  return run_dir.run_identity(
+      trainer,
+      run_dir.labels_identity(label_spec.names,
+                              label_spec.use_fine_grained_labels,
+                              label_spec.binary_label),
+      run_dir.model_identity(config.model.pretrained, label_spec.num_outputs,
+                             config.model.model_layout),
+      settings)
+
+
+def start_run(config, trainer: str,
               flag_values: flags.FlagValues = flags.FLAGS
-              ) -> tuple[Config, list[triage.FileCheck]]:
-  """Checks the data, claims the run directory; returns what to train on.
+             ) -> tuple[Any, label_sets.LabelSpec, list[triage.FileCheck]]:
+  """Checks the data and claims the run directory; returns what to train.
 
-  Reads every user file of `config.tfrecords_dir` once (no image decoded),
-  so that all bad files are reported at once before anything is written
-  (`triage.check_tfrecords`; FlairInputError unless --skip_bad_records). Then
-  claims `config.save_model_dir` (`run_dir.claim_save_dir`: run.json holds
-  the run's identity, from `result_flags`; flags.json every flag of
-  `config_flags` plus --skip_bad_records and --overwrite). With bad records
+  Reads the label index (`label_sets.load_label_spec`) and every user file
+  of `--tfrecords_dir` once, no image decoded, so that all bad files are
+  reported at once before anything is written (`triage.check_tfrecords`).
+  Then claims `--save_model_dir` (`run_dir.claim_save_dir`: run.json holds
+  the run's identity, flags.json every flag's value). With bad records
   skipped, the returned config reads a mirror of the data without them.
 
   Args:
     config: the validated config (`config_from_flags`).
-    label_spec: the labels the run trains on (`label_sets.load_label_spec`).
-    trainer: "central" or "federated" (`run_dir.run_identity`).
-    config_flags: the names of the flags that are fields of `config`.
-    result_flags: the names of the fields that change the run's results.
-    flag_values: the parsed flags (absl's global FLAGS by default).
+    trainer: "central" or "federated".
+    flag_values: the parsed flags (for --skip_bad_records, --overwrite).
 
   Returns:
-    (config to train with, the bad records skipped: `triage.check_tfrecords`'s
-    list, empty when none).
+    `(config to train with, its label spec, the bad files skipped: empty
+    when none)`.
+
+  Raises:
+    FlairInputError: a bad data directory, label flag or user file (all
+      listed), or a save directory that holds another run.
+    OutputWriteError: run.json, flags.json or the mirror cannot be written.
   """
+  data = config.data
+  label_spec = label_sets.load_label_spec(
+      data.tfrecords_dir, data.use_fine_grained_labels, data.binary_label)
   skip_bad_records = flag_values[SKIP_BAD_RECORDS].value
   overwrite = flag_values[OVERWRITE].value
-  bad = triage.check_tfrecords(config.tfrecords_dir, label_spec,
-                             skip_bad_records=skip_bad_records)
-  recorded = {name: getattr(config, name) for name in config_flags}
-  recorded[SKIP_BAD_RECORDS] = skip_bad_records
-  recorded[OVERWRITE] = overwrite
-  identity = run_dir.run_identity(
-      trainer,
-      run_dir.labels_identity(label_spec.names,
-                               label_spec.use_fine_grained_labels,
-                               label_spec.binary_label),
-      run_dir.model_identity(config.restore_model_path is not None,
-                              label_spec.num_outputs),
-      {name: getattr(config, name) for name in result_flags})
-  identity["settings"][SKIP_BAD_RECORDS] = skip_bad_records
-  run_dir.claim_save_dir(config.save_model_dir, identity, recorded,
-                          overwrite=overwrite)
+  bad = triage.check_tfrecords(data.tfrecords_dir, label_spec,
+                               skip_bad_records=skip_bad_records)
+  recorded = dict(config_lib.flag_settings(config))
+  recorded.update({SKIP_BAD_RECORDS: skip_bad_records, OVERWRITE: overwrite})
+  save_model_dir = config.output.save_model_dir
+  run_dir.claim_save_dir(
+      save_model_dir, _identity(config, label_spec, trainer,
+                                skip_bad_records),
+      recorded, overwrite=overwrite)
   logging.info("This run writes to %s (rerun with --save_model_dir %s to "
-               "resume it).", config.save_model_dir, config.save_model_dir)
+               "resume it).", save_model_dir, save_model_dir)
   if bad:
+    mirror = triage.mirror_without_bad_records(
+        data.tfrecords_dir, bad, os.path.join(
+            save_model_dir, constants.TFRECORDS_WITHOUT_BAD_RECORDS_DIR))
     config = dataclasses.replace(
-        config, tfrecords_dir=triage.mirror_without_bad_records(
-            config.tfrecords_dir, bad, os.path.join(
-                config.save_model_dir,
-                constants.TFRECORDS_WITHOUT_BAD_RECORDS_DIR)))
-  return config, bad
+        config, data=dataclasses.replace(data, tfrecords_dir=mirror))
+  return config, label_spec, bad
+
+
+@contextlib.contextmanager
+def data_errors_named(tfrecords_dir: str,
+                      label_spec: label_sets.LabelSpec) -> Iterator[None]:
+  """Turns a data error raised while training (a client's data that
+  TensorFlow cannot read, `errors.ClientDataError`; an image that does not
+  decode; a file changed during the run: `triage.is_data_error`) into the
+  one-line-per-file `FlairInputError` of `triage.training_data_error`,
+  which names every user file that fails. Other exceptions propagate."""
+  try:
+    yield
+  except (errors.FlairInputError, errors.OutputWriteError,
+          errors.BackendDiedError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    if not triage.is_data_error(e):
+      raise
+    raise triage.training_data_error(tfrecords_dir, label_spec, e) from None
 
 
 def finish_run(save_model_dir: str, final: dict,
                bad: list[triage.FileCheck]) -> dict:
-  """Adds the skipped bad records, when there were any, to the final metrics
-  and to final_metrics.json (`triage.record_skipped_records`), prints the
-  final metrics as JSON on stdout (the command's output) and returns them."""
+  """Adds the skipped bad records, when there were any, to the final
+  metrics and to final_metrics.json (`triage.record_skipped_records`),
+  prints the final metrics as JSON on stdout (the command's output) and
+  returns them."""
   if bad:
     final = triage.record_skipped_records(save_model_dir, final, bad)
   print(json.dumps(final, indent=2, sort_keys=True))

@@ -68,9 +68,11 @@ RUN_IDENTITY_FILE = "run.json"
 METRICS_CSV_FILE = "metrics.csv"
 FINAL_METRICS_FILE = "final_metrics.json"
 TENSORBOARD_DIR = "tensorboard"
-# Best weights by val loss; format with trainer="central"/"federated" and the
-# number of model outputs (e.g. resnet18_central_17labels.h5).
-BEST_WEIGHTS_FILE_PATTERN = "resnet18_{trainer}_{num_outputs}labels.h5"
+# Best weights by val loss; format with the network (--model_layout,
+# "resnet18" by default), trainer="central"/"federated" and the number of
+# model outputs (e.g. resnet18_central_17labels.h5): see
+# training.run_dir.best_weights_path.
+BEST_WEIGHTS_FILE_PATTERN = "{architecture}_{trainer}_{num_outputs}labels.h5"
 # Central's Keras BackupAndRestore state and federated's checkpoints and TFF
 # worker log (benchmark.central.BACKUP_DIR, benchmark.federated.CHECKPOINT_DIR
 # and WORKER_LOG_FILE hold the same names).

@@ -45,3 +45,17 @@ class OutputWriteError(RuntimeError):
   the cause is fixed resumes. Command-line entry points print it on one line
   and exit with status 1.
   """
+
+
+class ClientDataError(Exception):
+  """TensorFlow failed while training one client (its data could not be
+  read or decoded). `client_id` names the client; `detail` is the first line
+  of TensorFlow's message."""
+
+  def __init__(self, client_id: str, detail: str):
+    super().__init__(client_id, detail)
+    self.client_id = client_id
+    self.detail = detail
+
+  def __str__(self) -> str:
+    return f"client {self.client_id}: {self.detail}"

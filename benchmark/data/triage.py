@@ -11,6 +11,7 @@ from absl import logging
 import tensorflow as tf
 
 from benchmark.core import constants
+from benchmark.core import errors
 from benchmark.core.errors import FlairInputError
 from benchmark.data import formats
 from benchmark.data import label_sets
@@ -301,10 +302,12 @@ def _error_text(error: BaseException) -> str:
 
 def is_data_error(error: BaseException) -> bool:
   """Whether an exception raised while training is a data error: a
+  client's data that could not be read (`errors.ClientDataError`), a
   TensorFlow `InvalidArgumentError`, `DataLossError` or `NotFoundError`, or
   any exception (e.g. the TFF worker's gRPC error) whose text names a JPEG
   decode, record read or parse failure or a label index assertion."""
-  if isinstance(error, (tf.errors.InvalidArgumentError,
+  if isinstance(error, (errors.ClientDataError,
+                        tf.errors.InvalidArgumentError,
                         tf.errors.DataLossError, tf.errors.NotFoundError)):
     return True
   text = _error_text(error)

@@ -144,7 +144,7 @@ class GroupNormalization(tf.keras.layers.GroupNormalization):
 
   The statistics and the normalisation are computed in float32 (a bfloat16
   input is upcast and the result cast back to the input's dtype);
-  `resnet18(precision="bfloat16")` keeps these layers' policy float32, so
+  `resnet.build_resnet(precision="bfloat16")` keeps these layers' policy float32, so
   gamma and beta are read in float32 too. Any other case (a mask, another
   rank or axis) runs Keras' own implementation.
   """
@@ -172,7 +172,7 @@ class GroupNormalization(tf.keras.layers.GroupNormalization):
     return tf.cast(outputs, inputs.dtype)
 
 
-def _conv_output_size(size: int, kernel: int, stride: int,
+def conv_output_size(size: int, kernel: int, stride: int,
                       padding: str) -> int:
   """Output length of a convolution along one axis, Keras' rule: "same"
   gives `ceil(size / stride)`, "valid" `(size - kernel) // stride + 1`."""
@@ -227,8 +227,8 @@ class PatchConv2D(tf.keras.layers.Conv2D):
     else:
       return None
     return (pad_h, pad_w,
-            _conv_output_size(height, kh, sh, self.padding),
-            _conv_output_size(width, kw, sw, self.padding))
+            conv_output_size(height, kh, sh, self.padding),
+            conv_output_size(width, kw, sw, self.padding))
 
   def convolution_op(self, inputs, kernel):
     layout = self._patch_layout(inputs)

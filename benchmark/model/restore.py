@@ -138,7 +138,7 @@ def restore_weights_by_name(model: tf.keras.Model,
   Nothing is changed unless at least one layer matches.
 
   Args:
-    model: a built Keras model, e.g. `benchmark.model.resnet18(...,
+    model: a built Keras model, e.g. `benchmark.model.resnet.build_resnet(...,
       pretrained=True)`.
     h5_path: path of the weights file (see the module docstring for the
       layout).

@@ -13,13 +13,10 @@ Defaults are the reference benchmark's: server Adam with epsilon 0.01
 without momentum.
 """
 
-import dataclasses
 from typing import Callable
 
 import tensorflow as tf
 import tensorflow_federated as tff
-
-from benchmark.core.errors import FlairInputError
 
 SERVER_OPTIMIZERS = ("sgd", "sgdm", "adagrad", "adam", "yogi")
 CLIENT_OPTIMIZERS = ("sgd", "sgdm")
@@ -34,57 +31,35 @@ BETA_2 = 0.999
 GradsAndVars = list[tuple[tf.Tensor, tf.Variable]]
 
 
-@dataclasses.dataclass(frozen=True)
-class ServerOptimizerSpec:
-  """A server optimizer and its hyperparameters.
+def build_server_optimizer(name: str, learning_rate: float, *,
+                           momentum: float = MOMENTUM, beta_1: float = BETA_1,
+                           beta_2: float = BETA_2,
+                           epsilon: float = SERVER_EPSILON
+                          ) -> tff.learning.optimizers.Optimizer:
+  """The server optimizer `name` (one of `SERVER_OPTIMIZERS`), TFF's own
+  (`tff.learning.optimizers.build_*`): `momentum` for "sgdm", `beta_1` and
+  `beta_2` for "adam" and "yogi", `epsilon` for "adagrad", "adam" and
+  "yogi"; Adagrad's and Yogi's initial preconditioner values are TFF's
+  defaults. The values are checked by `training.config.ServerConfig`.
 
-  Attributes:
-    name: one of `SERVER_OPTIMIZERS`.
-    learning_rate: > 0.
-    momentum: `sgdm` only, in [0, 1).
-    beta_1, beta_2: `adam` and `yogi`, in [0, 1).
-    epsilon: `adagrad`, `adam` and `yogi`, > 0.
+  Raises:
+    ValueError: an unknown `name`.
   """
-  name: str = "adam"
-  learning_rate: float = 0.1
-  momentum: float = MOMENTUM
-  beta_1: float = BETA_1
-  beta_2: float = BETA_2
-  epsilon: float = SERVER_EPSILON
-
-  def __post_init__(self):
-    if self.name not in SERVER_OPTIMIZERS:
-      raise FlairInputError(
-          f"--server_optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, "
-          f"got {self.name!r}")
-    for flag, value in (("server_momentum", self.momentum),
-                        ("server_beta_1", self.beta_1),
-                        ("server_beta_2", self.beta_2)):
-      if not 0 <= value < 1:
-        raise FlairInputError(f"--{flag} must be in [0, 1), got {value}")
-    if not self.epsilon > 0:
-      raise FlairInputError(f"--server_epsilon must be > 0, got "
-                            f"{self.epsilon}")
-
-  def build(self) -> tff.learning.optimizers.Optimizer:
-    """The TFF optimizer (`tff.learning.optimizers.build_*`; Adagrad's and
-    Yogi's initial preconditioner values are TFF's defaults)."""
-    lr = self.learning_rate
-    if self.name == "sgd":
-      return tff.learning.optimizers.build_sgdm(learning_rate=lr)
-    if self.name == "sgdm":
-      return tff.learning.optimizers.build_sgdm(learning_rate=lr,
-                                                momentum=self.momentum)
-    if self.name == "adagrad":
-      return tff.learning.optimizers.build_adagrad(learning_rate=lr,
-                                                   epsilon=self.epsilon)
-    if self.name == "adam":
-      return tff.learning.optimizers.build_adam(
-          learning_rate=lr, beta_1=self.beta_1, beta_2=self.beta_2,
-          epsilon=self.epsilon)
-    return tff.learning.optimizers.build_yogi(
-        learning_rate=lr, beta_1=self.beta_1, beta_2=self.beta_2,
-        epsilon=self.epsilon)
+  lr = learning_rate
+  builders = {
+      "sgd": lambda: tff.learning.optimizers.build_sgdm(learning_rate=lr),
+      "sgdm": lambda: tff.learning.optimizers.build_sgdm(
+          learning_rate=lr, momentum=momentum),
+      "adagrad": lambda: tff.learning.optimizers.build_adagrad(
+          learning_rate=lr, epsilon=epsilon),
+      "adam": lambda: tff.learning.optimizers.build_adam(
+          learning_rate=lr, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon),
+      "yogi": lambda: tff.learning.optimizers.build_yogi(
+          learning_rate=lr, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon),
+  }
+  if name not in builders:
+    raise ValueError(f"unknown server optimizer {name!r}")
+  return builders[name]()
 
 
 def clip_factor(gradient: tf.Tensor, clipnorm: float) -> tf.Tensor:
@@ -169,17 +144,13 @@ def build_client_optimizer(name: str, learning_rate: float, clipnorm: float,
                            momentum: float = MOMENTUM
                           ) -> tff.learning.optimizers.Optimizer:
   """The clients' optimizer: `sgd` or `sgdm` (momentum `momentum`), each with
-  per-weight gradient clipping at `clipnorm`.
+  per-weight gradient clipping at `clipnorm` (`PerWeightClippedSGD`). The
+  values are checked by `training.config.ClientConfig`.
 
   Raises:
-    FlairInputError: an unknown name or a momentum outside [0, 1).
+    ValueError: an unknown `name`.
   """
   if name not in CLIENT_OPTIMIZERS:
-    raise FlairInputError(
-        f"--client_optimizer must be one of {', '.join(CLIENT_OPTIMIZERS)}, "
-        f"got {name!r}")
-  if not 0 <= momentum < 1:
-    raise FlairInputError(f"--client_momentum must be in [0, 1), got "
-                          f"{momentum}")
+    raise ValueError(f"unknown client optimizer {name!r}")
   return PerWeightClippedSGD(learning_rate, clipnorm,
                              momentum if name == "sgdm" else 0.0)

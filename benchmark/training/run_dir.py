@@ -38,11 +38,12 @@ def labels_identity(names: Sequence[str], use_fine_grained_labels: bool,
           "names_sha256": digest}
 
 
-def model_identity(pretrained: bool, num_outputs: int) -> dict[str, Any]:
-  """The model part of a run identity: ResNet-18 with GroupNorm, or with
-  frozen BatchNorm when fine-tuned from `--restore_model_path`
-  (`pretrained`), and its number of outputs."""
-  return {"architecture": "resnet18",
+def model_identity(pretrained: bool, num_outputs: int,
+                   architecture: str = "resnet18") -> dict[str, Any]:
+  """The model part of a run identity: the network (`--model_layout`, e.g.
+  "resnet18"), with GroupNorm, or with frozen BatchNorm when fine-tuned from
+  `--restore_model_path` (`pretrained`), and its number of outputs."""
+  return {"architecture": architecture,
           "normalization": "batch" if pretrained else "group",
           "num_outputs": int(num_outputs)}
 
@@ -106,7 +107,8 @@ def run_outputs_in(save_model_dir: str) -> list[str]:
     names = os.listdir(save_model_dir)
   except FileNotFoundError:
     return []
-  weights = constants.BEST_WEIGHTS_FILE_PATTERN.format(trainer="*",
+  weights = constants.BEST_WEIGHTS_FILE_PATTERN.format(architecture="*",
+                                                       trainer="*",
                                                        num_outputs="*")
   found = []
   for name in names:
@@ -233,3 +235,12 @@ def fresh_run_dir(trainer: str, parent: str = constants.DEFAULT_RUNS_DIR,
     n += 1
     candidate = f"{base}-{n}"
   return candidate
+
+
+def best_weights_path(save_model_dir: str, trainer: str, num_outputs: int,
+                      architecture: str) -> str:
+  """Where a run keeps its best weights by val loss (Keras weights HDF5):
+  `<save_model_dir>/<architecture>_<trainer>_<num_outputs>labels.h5`, e.g.
+  `resnet18_federated_17labels.h5`."""
+  return os.path.join(save_model_dir, constants.BEST_WEIGHTS_FILE_PATTERN.format(
+      architecture=architecture, trainer=trainer, num_outputs=num_outputs))

@@ -78,7 +78,7 @@ def test_layout_arithmetic_matches_torchvision():
 
 @pytest.mark.parametrize("pretrained", [False, True])
 def test_parameter_counts_and_layer_names(pretrained):
-  m = resnet.resnet18(num_classes=NUM_CLASSES, pretrained=pretrained)
+  m = resnet.build_resnet(num_classes=NUM_CLASSES, pretrained=pretrained)
   trainable, non_trainable = _expected_counts(NUM_CLASSES, pretrained)
   assert _count(m.trainable_weights) == trainable
   assert _count(m.non_trainable_weights) == non_trainable
@@ -105,7 +105,7 @@ def test_parameter_counts_and_layer_names(pretrained):
 
 @pytest.mark.parametrize("crop, batch", [(224, 1), (64, 2)])
 def test_output_shape(crop, batch):
-  m = resnet.resnet18(num_classes=NUM_CLASSES, crop_size=(crop, crop))
+  m = resnet.build_resnet(num_classes=NUM_CLASSES, crop_size=(crop, crop))
   images = tf.random.uniform((batch,) + constants.IMAGE_SHAPE, 0, 256,
                              dtype=tf.int32)
   for training in (True, False):
@@ -116,9 +116,9 @@ def test_output_shape(crop, batch):
 
 
 def test_same_seed_same_weights_different_seed_different():
-  a = resnet.resnet18(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP, seed=3)
-  b = resnet.resnet18(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP, seed=3)
-  c = resnet.resnet18(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP, seed=4)
+  a = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP, seed=3)
+  b = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP, seed=3)
+  c = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP, seed=4)
   for wa, wb in zip(a.get_weights(), b.get_weights()):
     np.testing.assert_array_equal(wa, wb)
   kernels_a = [l.kernel.numpy() for l in a.layers if hasattr(l, "kernel")]
@@ -143,7 +143,7 @@ def test_same_seed_same_weights_different_seed_different():
 ])
 def test_invalid_arguments(kwargs, argument):
   with pytest.raises(ValueError, match=argument):
-    resnet.resnet18(**kwargs)
+    resnet.build_resnet(**kwargs)
 
 
 def _preprocessing_model(m):
@@ -151,7 +151,7 @@ def _preprocessing_model(m):
 
 
 def test_inference_preprocessing_is_center_crop_and_imagenet_normalisation():
-  m = resnet.resnet18((10, 12, 3), 2, crop_size=(4, 6))
+  m = resnet.build_resnet((10, 12, 3), 2, crop_size=(4, 6))
   images = np.random.default_rng(0).integers(
       0, 256, (3, 10, 12, 3)).astype(np.float32)
   out = _preprocessing_model(m)(images, training=False).numpy()
@@ -194,7 +194,7 @@ def test_traceable_in_tf1_graph_with_python_and_tensor_training_flag():
   # TFF builds its computations in a graph; both training modes must trace
   # there without creating variables beyond the model weights.
   with tf.Graph().as_default() as graph:
-    m = resnet.resnet18(SMALL_INPUT, 3, crop_size=SMALL_CROP)
+    m = resnet.build_resnet(SMALL_INPUT, 3, crop_size=SMALL_CROP)
     images = tf.compat.v1.placeholder(tf.uint8, (None,) + SMALL_INPUT)
     flag = tf.compat.v1.placeholder(tf.bool, ())
     outputs = [m(images, training=True), m(images, training=False),
@@ -215,7 +215,7 @@ def _train_step(m, images, labels):
 
 
 def test_pretrained_batch_norm_moving_statistics_stay_frozen():
-  m = resnet.resnet18(SMALL_INPUT, 3, pretrained=True, crop_size=SMALL_CROP)
+  m = resnet.build_resnet(SMALL_INPUT, 3, pretrained=True, crop_size=SMALL_CROP)
   norms = [l for l in m.layers
            if isinstance(l, tf.keras.layers.BatchNormalization)]
   # Non-trivial moving statistics, so an update would move them.
@@ -250,7 +250,7 @@ def test_one_federated_round_in_tff():
   from benchmark.backends import tff_runtime  # pylint: disable=g-import-not-at-top
 
   def model_fn():
-    keras_model = resnet.resnet18(SMALL_INPUT, 3, pretrained=True,
+    keras_model = resnet.build_resnet(SMALL_INPUT, 3, pretrained=True,
                                  crop_size=SMALL_CROP)
     return tff.learning.models.from_keras_model(
         keras_model,
@@ -365,7 +365,7 @@ def test_group_norm_model_weights_load_into_a_keras_group_norm_model(
   # .h5 weights written by the model with the fast layer load by name into
   # the same model built with Keras' layer (what earlier versions wrote and
   # read), and both compute the same logits.
-  fast = resnet.resnet18(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
+  fast = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
                         seed=5)
   rng = np.random.default_rng(2)
   for layer in fast.layers:
@@ -379,7 +379,7 @@ def test_group_norm_model_weights_load_into_a_keras_group_norm_model(
   fast.save_weights(path)
   monkeypatch.setattr(layers, "GroupNormalization",
                       tf.keras.layers.GroupNormalization)
-  reference = resnet.resnet18(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
+  reference = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
                              seed=6)
   norms = [l for l in reference.layers
            if isinstance(l, tf.keras.layers.GroupNormalization)]
@@ -398,12 +398,12 @@ def test_fast_convolutions_equal_the_plain_layout(crop, monkeypatch):
   # ZeroPadding2D layer before every 3x3 convolution, TensorFlow's
   # convolution op everywhere): equal logits and weight gradients to 1e-5
   # relative, on even and odd feature map sizes.
-  fast = resnet.resnet18(SMALL_INPUT, NUM_CLASSES, crop_size=crop, seed=3,
+  fast = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=crop, seed=3,
                         augmentation_seed=1)
   builder = resnet._Builder  # pylint: disable=protected-access
   monkeypatch.setattr(builder, "pad_inside_conv", False)
   monkeypatch.setattr(builder, "patch_small_maps", False)
-  reference = resnet.resnet18(SMALL_INPUT, NUM_CLASSES, crop_size=crop, seed=3,
+  reference = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=crop, seed=3,
                              augmentation_seed=1)
   paddings = [l for l in reference.layers
               if isinstance(l, tf.keras.layers.ZeroPadding2D)]
@@ -443,9 +443,9 @@ def test_checkpoint_of_the_plain_layout_restores_into_the_model(
   with monkeypatch.context() as patch:
     patch.setattr(builder, "pad_inside_conv", False)
     patch.setattr(builder, "patch_small_maps", False)
-    plain = resnet.resnet18(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
+    plain = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
                            seed=1)
-  fast = resnet.resnet18(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
+  fast = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
                         seed=2)
   assert len(plain.layers) > len(fast.layers)
   path = tf.train.Checkpoint(model=plain).save(str(tmp_path / "plain"))
@@ -520,7 +520,7 @@ def test_invalid_precision_is_a_one_line_flag_error(value):
     mixed_precision.check_precision(value)
   assert "\n" not in str(info.value)
   with pytest.raises(errors.FlairInputError, match="--precision"):
-    resnet.resnet18(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
+    resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
                    precision=value)
 
 
@@ -535,8 +535,8 @@ BF16_LOGIT_TOLERANCE = 0.10
 
 
 def test_bfloat16_model_is_mixed_precision_and_close_to_float32():
-  f32 = resnet.resnet18((72, 72, 3), NUM_CLASSES, crop_size=(64, 64), seed=7)
-  bf16 = resnet.resnet18((72, 72, 3), NUM_CLASSES, crop_size=(64, 64), seed=7,
+  f32 = resnet.build_resnet((72, 72, 3), NUM_CLASSES, crop_size=(64, 64), seed=7)
+  bf16 = resnet.build_resnet((72, 72, 3), NUM_CLASSES, crop_size=(64, 64), seed=7,
                         precision=mixed_precision.BFLOAT16)
   # Same weights, all float32 (so weights files do not depend on precision).
   assert [w.name for w in bf16.weights] == [w.name for w in f32.weights]

@@ -16,7 +16,7 @@ CROP = (32, 32)
 
 
 def _small_resnet(num_classes, pretrained, seed):
-  return resnet.resnet18(INPUT, num_classes, pretrained=pretrained,
+  return resnet.build_resnet(INPUT, num_classes, pretrained=pretrained,
                         crop_size=CROP, seed=seed)
 
 

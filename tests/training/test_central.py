@@ -69,7 +69,7 @@ def _evaluate_untrained(config, num_outputs, partition=constants.VAL):
   any training, on `partition`."""
   label_spec, client_data = central.load_inputs(config)
   assert label_spec.num_outputs == num_outputs
-  model = resnet.resnet18(num_classes=num_outputs,
+  model = resnet.build_resnet(num_classes=num_outputs,
                              crop_size=(config.image_height,
                                         config.image_width),
                              seed=config.seed)
@@ -353,7 +353,7 @@ def test_restore_model_path_fine_tunes_from_the_file(prepared_sample_dir,
   # A BatchNorm ResNet-18 with another classifier size (as ImageNet's 1000),
   # another seed than the run's, and moving statistics that no fresh model
   # has (fresh ones are 0 and 1), saved as Keras weights HDF5.
-  source = resnet.resnet18(num_classes=num_outputs + 3, pretrained=True,
+  source = resnet.build_resnet(num_classes=num_outputs + 3, pretrained=True,
                               crop_size=(CROP, CROP), seed=123)
   rng = np.random.default_rng(0)
   norm = source.get_layer("initial_norm")
@@ -372,7 +372,7 @@ def test_restore_model_path_fine_tunes_from_the_file(prepared_sample_dir,
   final = central.train_central(config)
   _check_outputs(save_dir, num_outputs, 1, final)
 
-  trained = resnet.resnet18(num_classes=num_outputs, pretrained=True,
+  trained = resnet.build_resnet(num_classes=num_outputs, pretrained=True,
                                crop_size=(CROP, CROP), seed=config.seed)
   fresh = trained.get_layer("layer3_block1_conv1_3x3").get_weights()[0]
   trained.load_weights(central.best_weights_path(str(save_dir), num_outputs))
@@ -680,7 +680,7 @@ def test_best_weights_on_a_full_disk_raise_one_line_and_leave_nothing(
   weights_path = os.path.join(root, "best.h5")
   callback = central._ResumableBestWeights(  # pylint: disable=protected-access
       weights_path, os.path.join(root, constants.METRICS_CSV_FILE))
-  callback.set_model(resnet.resnet18(num_classes=2, crop_size=(CROP, CROP)))
+  callback.set_model(resnet.build_resnet(num_classes=2, crop_size=(CROP, CROP)))
   callback.on_epoch_begin(0)
   with pytest.raises(errors.OutputWriteError,
                      match=f"^cannot write {weights_path}: No space left"):

@@ -327,7 +327,7 @@ def test_restore_model_path_initialises_the_federated_model(
   from benchmark.model import resnet
   num_outputs = _num_outputs(prepared_sample_dir)
   crop = (TINY["image_height"], TINY["image_width"])
-  source = resnet.resnet18(pretrained=True, num_classes=num_outputs + 3,
+  source = resnet.build_resnet(pretrained=True, num_classes=num_outputs + 3,
                               crop_size=crop, seed=7)
   rng = np.random.default_rng(0)
   for layer in source.layers:
@@ -344,7 +344,7 @@ def test_restore_model_path_initialises_the_federated_model(
       prepared_sample_dir, save_dir, total_rounds=1, rounds_per_eval=1,
       server_learning_rate=1e-4, restore_model_path=source_path))
 
-  restored = resnet.resnet18(pretrained=True, num_classes=num_outputs,
+  restored = resnet.build_resnet(pretrained=True, num_classes=num_outputs,
                                 crop_size=crop, seed=0)
   fresh = [w.numpy() for w in restored.weights]
   restored.load_weights(os.path.join(

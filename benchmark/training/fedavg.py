@@ -1,0 +1,157 @@
+"""The FedAvg learning process of a configuration, built with TFF's own
+builders (`tff.learning.algorithms`), and its aggregator (plain mean, or
+the DP mean of `training.dp`).
+
+A learning process runs on client datasets; the backends take client ids
+(`backends.factory.open_backend`), so the process is composed with a TFF
+computation that builds each client's dataset from its id inside the round
+(`compose_with_client_ids`). Any `tff.learning` process over
+`(images, labels)` batches composes the same way (docs/extending.md).
+"""
+
+import functools
+from typing import Optional
+
+from absl import logging
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from benchmark.data import label_sets
+from benchmark.data import pipeline
+from benchmark.model import metrics as metrics_lib
+from benchmark.training import config as config_lib
+from benchmark.training import dp
+from benchmark.training import models
+
+
+def _client_dataset_options() -> tf.data.Options:
+  """tf.data options of a client's dataset: no static graph optimizations
+  and no autotuning. A client dataset lives for one round and a few
+  batches, and both costs are paid again for every client (measured in
+  docs/performance.md); the elements are unchanged."""
+  options = tf.data.Options()
+  options.experimental_optimization.apply_default_optimizations = False
+  options.autotune.enabled = False
+  return options
+
+
+def client_dataset_computation(
+    train_data: tff.simulation.datasets.ClientData,
+    client_spec: pipeline.ClientSpec) -> tff.Computation:
+  """A TFF computation `client id (tf.string) -> the client's training
+  dataset`: its examples shuffled, truncated, repeated and batched as
+  `client_spec` says (`pipeline.create_train_preprocess_fn`); elements
+  `(uint8 [b, 256, 256, 3], int32 [b, num_outputs])`."""
+  preprocess = pipeline.create_train_preprocess_fn(client_spec)
+  dataset_fn = train_data.serializable_dataset_fn
+
+  @tff.tensorflow.computation(tf.string)
+  def client_dataset(client_id):
+    return preprocess(dataset_fn(client_id)).with_options(
+        _client_dataset_options())
+
+  return client_dataset
+
+
+def compose_with_client_ids(
+    process: tff.learning.templates.LearningProcess,
+    client_dataset: tff.Computation
+) -> tff.learning.templates.LearningProcess:
+  """`process` (over client datasets) as a process over client ids: each
+  round builds every client's dataset from its id with `client_dataset`
+  (`tff.simulation.compose_dataset_computation_with_learning_process`), so
+  the backends send ids, not data."""
+  return tff.simulation.compose_dataset_computation_with_learning_process(
+      client_dataset, process)
+
+
+def input_spec(client_dataset: tff.Computation) -> tuple[tf.TensorSpec, ...]:
+  """The Keras input spec of `client_dataset`'s batches (any batch size)."""
+  element = client_dataset.type_signature.result.element
+  return tuple(tf.TensorSpec([None] + list(t.shape[1:]), t.dtype)
+               for t in (element[0], element[1]))
+
+
+def _builder(client: config_lib.ClientConfig, weighted: bool):
+  """TFF's FedAvg or FedProx builder, weighted or unweighted."""
+  algorithms = tff.learning.algorithms
+  if client.algorithm == config_lib.ALGORITHM_FEDPROX:
+    prox = (algorithms.build_weighted_fed_prox if weighted
+            else algorithms.build_unweighted_fed_prox)
+    return functools.partial(prox,
+                             proximal_strength=client.proximal_strength)
+  return (algorithms.build_weighted_fed_avg if weighted
+          else algorithms.build_unweighted_fed_avg)
+
+
+def build_learning_process(
+    config: config_lib.FederatedConfig, label_spec: label_sets.LabelSpec,
+    train_data: tff.simulation.datasets.ClientData, aggregator,
+    weighted: bool = True) -> tff.learning.templates.LearningProcess:
+  """FedAvg (or FedProx) for this configuration, over client ids.
+
+  Args:
+    config: the run's configuration (model, client and server parts).
+    label_spec: the labels (gives the number of model outputs).
+    train_data: the training clients.
+    aggregator: the model-update aggregation factory (weighted when
+      `weighted`, else unweighted, e.g. a DP factory).
+    weighted: weight client updates by their number of examples.
+
+  Returns:
+    The process, `next(state, client_ids)`; building it needs no runtime,
+    `backends.factory.open_backend` runs it. Clients train with TFF's
+    dataset-iterator loop (the training step in a while loop of the client
+    graph, instantiated once per round rather than once per client).
+  """
+  num_outputs = label_spec.num_outputs
+  client = config.client
+  client_dataset = client_dataset_computation(train_data, pipeline.ClientSpec(
+      num_epochs=client.client_epochs_per_round,
+      batch_size=client.client_batch_size,
+      max_elements=client.max_elements_per_client))
+  spec = input_spec(client_dataset)
+
+  def model_fn():
+    return tff.learning.models.from_keras_model(
+        models.build_model(config.model, num_outputs), loss=models.loss(),
+        input_spec=spec, metrics=metrics_lib.make_metrics(num_outputs))
+
+  process = _builder(client, weighted)(
+      model_fn, client_optimizer_fn=client.build_optimizer(),
+      server_optimizer_fn=config.server.build_optimizer(),
+      model_aggregator=aggregator,
+      loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR)
+  return compose_with_client_ids(process, client_dataset)
+
+
+def build_aggregator(dp_config: config_lib.DpConfig, num_train_clients: int,
+                     clients_per_round: int, total_rounds: int
+                    ) -> tuple[tff.aggregators.AggregationFactory,
+                               Optional[dp.DpCalibration]]:
+  """The model-update aggregator of a run and its DP calibration.
+
+  Without DP: the example-weighted mean. With DP: the noise multiplier for
+  `dp_config.epsilon` (`dp.calibrate`) and TFF's Gaussian aggregator, fixed
+  or adaptive clipping (`dp.build_aggregator`; an unweighted mean). Both
+  report client update norms (`tff.learning.add_debug_measurements`).
+
+  Returns:
+    `(aggregator, calibration)`; calibration None without DP. The
+    aggregator is weighted exactly when calibration is None.
+
+  Raises:
+    FlairInputError: DP settings that cannot be calibrated or that TFF's
+      adaptive clipping refuses (naming the flags to change).
+  """
+  if not dp_config.enabled:
+    return (tff.learning.add_debug_measurements(
+        tff.aggregators.MeanFactory()), None)
+  calibration = dp.calibrate(
+      dp_config.epsilon, num_train_clients, clients_per_round, total_rounds,
+      dp_config.simulated_clients_per_round, dp_config.dp_calibration)
+  logging.info("DP: %s", calibration.guarantee)
+  return dp.build_aggregator(
+      calibration.noise_multiplier, clients_per_round,
+      dp_config.l2_norm_clip,
+      dp_config.target_unclipped_quantile), calibration
