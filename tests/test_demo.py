@@ -1,5 +1,7 @@
-"""Fast tests of the demo's summary table and plot (the whole `make demo` path
-runs at tiny scale in tests/test_readme.py)."""
+"""Fast tests of `benchmark.demo`'s steps, with the commands it starts
+replaced (the whole `make demo` path runs at tiny scale in
+tests/test_readme.py; the summary's table and plot are tested in
+tests/analysis/test_demo_summary.py)."""
 
 import csv
 import os
@@ -7,89 +9,71 @@ import os
 import pytest
 
 from benchmark import demo
+from benchmark.analysis import demo_summary
+from benchmark.core import constants
+from benchmark.core import errors
 
 
-def _final(macro_ap, loss, privacy=None):
-  metrics = {"macro_averaged_precision": macro_ap,
-             "micro_averaged_precision": macro_ap + 0.1, "macro_f1": 0.25,
-             "loss": loss}
-  final = {"val": dict(metrics), "test": dict(metrics)}
-  if privacy:
-    final["privacy"] = privacy
-  return final
+def _final():
+  metrics = {"macro_averaged_precision": 0.5, "micro_averaged_precision": 0.6,
+             "macro_f1": 0.25, "loss": 0.3}
+  return {"val": dict(metrics), "test": dict(metrics)}
 
 
-def _write_metrics_csv(path, step_key, rows):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=[step_key, "val_loss",
-                                           "val_macro_averaged_precision"])
-    writer.writeheader()
-    writer.writerows(rows)
-
-
-def test_summary_rows_take_test_metrics_and_privacy():
-  privacy = {"epsilon": 8.0, "delta": 2.5e-3, "noise_multiplier": 0.61}
-  runs = [
-      dict(setting="central", final_metrics=_final(0.5, 0.3), wall_time_s=12.0),
-      dict(setting="fedavg_dp", final_metrics=_final(0.4, 0.4, privacy),
-           wall_time_s=30.0),
-  ]
-  rows = demo.summary_rows(runs)
-  assert [r["setting"] for r in rows] == ["central", "fedavg_dp"]
-  assert rows[0]["macro_averaged_precision"] == 0.5
-  assert rows[0]["micro_averaged_precision"] == pytest.approx(0.6)
-  assert rows[1]["loss"] == 0.4
-  assert rows[0]["privacy"] == "none"
-  assert "(8, 2.5e-03)-DP" in rows[1]["privacy"]
-  assert "z=0.610" in rows[1]["privacy"]
-  table = demo.format_table(rows).splitlines()
-  assert table[0].split()[:3] == ["setting", "macro", "AP"]
-  assert table[2].startswith("central") and "0.5000" in table[2]
-  assert "30 s" in table[3]
-
-
-def test_plot_val_metrics_writes_png(tmp_path):
-  central_dir = str(tmp_path / "central")
-  fed_dir = str(tmp_path / "fedavg")
-  _write_metrics_csv(os.path.join(central_dir, "metrics.csv"), "epoch",
-                     [{"epoch": e, "val_loss": 1.0 / (e + 1),
-                       "val_macro_averaged_precision": 0.1 * e}
-                      for e in range(3)])
-  # Federated rows without evaluation leave the val columns empty.
-  _write_metrics_csv(os.path.join(fed_dir, "metrics.csv"), "round",
-                     [{"round": r, "val_loss": "" if r % 2 else 0.5,
-                       "val_macro_averaged_precision": "" if r % 2 else 0.3}
-                      for r in range(1, 5)])
-  png = str(tmp_path / "val.png")
-  runs = [dict(setting="central", save_dir=central_dir),
-          dict(setting="fedavg", save_dir=fed_dir)]
-  demo.plot_val_metrics(runs, png)
-  with open(png, "rb") as f:
-    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  assert os.path.getsize(png) > 20_000
-  assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
-
-
-def test_run_demo_rejects_unknown_scale(tmp_path):
-  with pytest.raises(demo.errors.FlairInputError, match="--scale"):
-    demo.run_demo(str(tmp_path), scale="huge")
-
-
-def test_run_demo_with_iid_runs_fedavg_on_flair_iid_beside_non_iid(
-    tmp_path, monkeypatch):
+@pytest.fixture
+def started(monkeypatch):
+  """The commands the demo starts (argv lists), none of them run; each run's
+  final metrics are `_final()` and no plot is drawn."""
   commands = []
   monkeypatch.setattr(demo, "_run_step",
                       lambda argv: commands.append(argv) or 1.0)
-  monkeypatch.setattr(demo, "_read_final_metrics",
-                      lambda save_dir: _final(0.5, 0.3))
-  monkeypatch.setattr(demo, "plot_val_metrics", lambda runs, path: None)
+  monkeypatch.setattr(demo, "_read_final_metrics", lambda save_dir: _final())
+  monkeypatch.setattr(demo_summary, "plot_val_metrics",
+                      lambda runs, path: None)
+  return commands
+
+
+def test_run_demo_rejects_unknown_scale_and_dataset_dir(tmp_path):
+  with pytest.raises(errors.FlairInputError, match="--scale"):
+    demo.run_demo(str(tmp_path), scale="huge")
+  with pytest.raises(errors.FlairInputError,
+                     match=f"has no {constants.METADATA_FILE}"):
+    demo.run_demo(str(tmp_path), dataset_dir=str(tmp_path))
+  assert os.listdir(tmp_path) == []  # refused before the results folder
+
+
+def test_run_demo_steps_in_order(tmp_path, started, capsys):
+  out = demo.run_demo(str(tmp_path), scale="tiny", seed=3)
+  modules = [argv[2] for argv in started]
+  assert modules == ["benchmark.synthetic_dataset", "prepare_tfrecords",
+                     "benchmark.central_main", "benchmark.federated_main",
+                     "benchmark.federated_main"]
+  assert f"--dataset_dir={os.path.join(out, 'dataset')}" in started[0]
+  assert "--num_users=24" in started[0]  # tiny's users, not --num_users
+  for argv, setting in zip(started[2:], ["central", "fedavg", "fedavg_dp"]):
+    # The run's folder is the first flag, named after the setting.
+    assert argv[3] == f"--save_model_dir={os.path.join(out, setting)}"
+    assert f"--tfrecords_dir={os.path.join(out, 'tfrecords')}" in argv
+    assert "--seed=3" in argv and "--image_height=24" in argv
+  printed = capsys.readouterr().out
+  assert [l for l in printed.splitlines() if l.startswith("=== ")] == [
+      "=== 1/5 generating a FLAIR-like dataset (24 users)",
+      "=== 2/5 preparing per-user TFRecords",
+      "=== 3/5 centralized training (1 epochs, 24x24 crops)",
+      "=== 4/5 FedAvg: 2 rounds of 5 clients",
+      "=== 5/5 FedAvg with central DP (epsilon 8): 2 rounds of 5 clients"]
+  assert printed.splitlines()[-1] == f"Results: {out}"
+  assert os.path.isfile(os.path.join(out, demo_summary.SUMMARY_JSON_FILE))
+
+
+def test_run_demo_with_iid_runs_fedavg_on_flair_iid_beside_non_iid(
+    tmp_path, started):
   out = demo.run_demo(str(tmp_path), scale="tiny", iid=True)
-  federated = [c for c in commands if "benchmark.federated_main" in c]
+  federated = [c for c in started if "benchmark.federated_main" in c]
   assert len(federated) == 3
   assert ["--iid" in c for c in federated] == [False, True, False]
   assert any(a.startswith("--epsilon=") and a != "--epsilon=0.0"
              for a in federated[2])
-  with open(os.path.join(out, "summary.csv"), newline="") as f:
+  with open(os.path.join(out, demo_summary.SUMMARY_CSV_FILE), newline="") as f:
     settings = [row["setting"] for row in csv.DictReader(f)]
   assert settings == ["central", "fedavg", "fedavg_iid", "fedavg_dp"]

@@ -1,4 +1,4 @@
-"""The explore report's seven PNG figures, drawn from its statistics.
+"""The explore report's seven PNG figures: their file names and their drawing.
 
 Each `plot_*` function draws one figure from the dict of
 `dataset_stats.compute_statistics` (or, for the sample grid, the
@@ -6,19 +6,34 @@ Each `plot_*` function draws one figure from the dict of
 pyplot, so no global backend state) and writes it atomically to the given
 path: images and users per partition, images per coarse label, the top
 fine-grained labels, labels per image, images per user (log-log), distinct
-labels per user, and a grid of sample images per user. Which figures are made
-and their file names are `benchmark.explore`'s.
+labels per user, and a grid of sample images per user. `draw_figures` draws
+all seven into one folder under the names in `FIGURES`; this module owns
+those names.
 """
 
 import math
+import os
 import textwrap
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
+from absl import logging
 import numpy as np
 
-from benchmark.analysis.dataset_stats import SampleImage
+from benchmark.analysis import dataset_stats
 from benchmark.core import constants
 from benchmark.core import file_io
+
+# Figure file names (in the output directory), in the order they are made.
+PARTITIONS_FIGURE = "partitions.png"
+COARSE_LABELS_FIGURE = "coarse_labels.png"
+TOP_FINE_LABELS_FIGURE = "top_fine_grained_labels.png"
+LABELS_PER_IMAGE_FIGURE = "labels_per_image.png"
+IMAGES_PER_USER_FIGURE = "images_per_user.png"
+LABELS_PER_USER_FIGURE = "distinct_labels_per_user.png"
+SAMPLE_IMAGES_FIGURE = "sample_images.png"
+FIGURES = (PARTITIONS_FIGURE, COARSE_LABELS_FIGURE, TOP_FINE_LABELS_FIGURE,
+           LABELS_PER_IMAGE_FIGURE, IMAGES_PER_USER_FIGURE,
+           LABELS_PER_USER_FIGURE, SAMPLE_IMAGES_FIGURE)
 
 _DPI = 110
 _PARTITION_COLORS = {constants.TRAIN: "#4C72B0", constants.VAL: "#DD8452",
@@ -249,7 +264,7 @@ def plot_images_per_user(stats: dict[str, Any],
   _save(figure, path)
 
 
-def plot_sample_images(rows: Sequence[Sequence[SampleImage]],
+def plot_sample_images(rows: Sequence[Sequence[dataset_stats.SampleImage]],
                        path: str) -> None:
   """A grid: one row per sample user, its images with their labels.
 
@@ -294,3 +309,38 @@ def plot_sample_images(rows: Sequence[Sequence[SampleImage]],
   figure.suptitle("Sample images of the largest users (bold: coarse labels; "
                   "below: fine-grained labels)", fontsize=12)
   _save(figure, path)
+
+
+def draw_figures(stats: dict[str, Any],
+                 user_counts_by_partition: dict[str, list[int]],
+                 sample_rows: Sequence[Sequence[dataset_stats.SampleImage]],
+                 output_dir: str) -> None:
+  """Draws the seven figures into `output_dir`, in the order of `FIGURES`.
+
+  Args:
+    stats: `dataset_stats.compute_statistics`'s dict.
+    user_counts_by_partition: `dataset_stats.images_per_user_by_partition`'s
+      dict (images of each user, per partition; at least one user).
+    sample_rows: the sample grid's tiles, one list per user
+      (`dataset_stats.sample_images_from_dataset_dir` or
+      `dataset_stats.sample_images_from_tfrecords`).
+    output_dir: the folder the PNGs go to (created when missing); existing
+      files of the same names are replaced.
+
+  Raises:
+    errors.OutputWriteError: a storage failure writing a figure
+      (`file_io.atomic_path`).
+  """
+  draw: dict[str, Callable[[str], None]] = {
+      PARTITIONS_FIGURE: lambda p: plot_partitions(stats, p),
+      COARSE_LABELS_FIGURE: lambda p: plot_coarse_labels(stats, p),
+      TOP_FINE_LABELS_FIGURE: lambda p: plot_top_fine_labels(stats, p),
+      LABELS_PER_IMAGE_FIGURE: lambda p: plot_labels_per_image(stats, p),
+      IMAGES_PER_USER_FIGURE:
+          lambda p: plot_images_per_user(stats, user_counts_by_partition, p),
+      LABELS_PER_USER_FIGURE: lambda p: plot_labels_per_user(stats, p),
+      SAMPLE_IMAGES_FIGURE: lambda p: plot_sample_images(sample_rows, p),
+  }
+  for name in FIGURES:
+    logging.info("Drawing %s", name)
+    draw[name](os.path.join(output_dir, name))

@@ -8,8 +8,8 @@ directory (label features parsed with `tf.data`; `dev/` read as `val`); and
 turns the records into the report's numbers (`compute_statistics`: images and
 users per partition, label frequencies, labels per image, images and distinct
 labels per user) and the choice of sample users. No plotting here: the
-figures are `benchmark.dataset_figures`; the command and the report text are
-`benchmark.explore`.
+figures are `dataset_figures`; the report's assembly and text are
+`dataset_report`.
 """
 
 import collections
@@ -350,7 +350,8 @@ def sample_images_from_tfrecords(
                           coarse_names, constants.LABELS_FEATURE,
                           user_file.path),
             fine_grained_labels=_names(
-                example[constants.FINE_GRAINED_LABELS_FEATURE].numpy().tolist(),
+                example[
+                    constants.FINE_GRAINED_LABELS_FEATURE].numpy().tolist(),
                 fine_names, constants.FINE_GRAINED_LABELS_FEATURE,
                 user_file.path))
         pixels, note = _decode_jpeg_bytes(
@@ -466,7 +467,8 @@ def compute_statistics(records: Sequence[ImageRecord],
       "num_users": len(users),
       "num_coarse_labels_seen": sum(1 for c in coarse_counts.values() if c),
       "num_fine_grained_labels_seen": len(fine_counts),
-      "partition_images": {p: partition_images[p] for p in constants.PARTITIONS},
+      "partition_images": {p: partition_images[p]
+                           for p in constants.PARTITIONS},
       "partition_users": {p: partition_users[p] for p in constants.PARTITIONS},
       "coarse_label_image_counts": _sorted_counts(coarse_counts),
       "fine_grained_label_image_counts": fine_sorted,
