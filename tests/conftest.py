@@ -52,14 +52,6 @@ def prepared_synthetic_dir(synthetic_dataset_dir, tmp_path_factory):
   return out
 
 
-@pytest.fixture
-def small_resnet(monkeypatch):
-  """Builds a shallow ResNet in place of ResNet-18 for this test (see
-  tests/small_model.py): for tests of the loops, not of the network."""
-  import small_model  # pylint: disable=g-import-not-at-top
-  small_model.use(monkeypatch.setattr)
-
-
 @pytest.fixture(autouse=True)
 def no_tff_worker_left_behind():
   """Fails the test that leaves a TFF worker_binary child running (and stops

@@ -7,11 +7,10 @@ becomes this interpreter, and small-scale flags are appended (absl takes the
 last value of a repeated flag). A README command that this test does not know
 how to run fails the test, so the README cannot show an untested command.
 
-Every command here, and each command `make demo` starts, builds the shallow
-test ResNet (tests/small_model.py, through its `SITE_DIR` on PYTHONPATH):
-these tests check the commands, their flags and outputs; ResNet-18 itself
-trains in tests/test_central.py, tests/test_federated.py and
-tests/test_backends.py."""
+Every trainer command here, and each one `make demo --scale tiny` starts,
+builds the tiny network (`--model_layout tiny`): these tests check the
+commands, their flags and outputs; ResNet-18 itself trains in
+tests/training and tests/backends."""
 
 import csv
 import os
@@ -22,15 +21,15 @@ import sys
 
 import pytest
 
-from benchmark import explore
+from benchmark.analysis import dataset_report
 from benchmark.core import constants
 from download_server import build_tree
 from download_server import FileServer
-import small_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO_ROOT, "README.md")
-CROP = ["--image_height=24", "--image_width=24"]
+# Small crops and the tiny network (see the module docstring).
+SMALL_MODEL = ["--image_height=24", "--image_width=24", "--model_layout=tiny"]
 
 # Program -> flags appended to make the README's command small.
 SMALL_SCALE_FLAGS = {
@@ -38,7 +37,7 @@ SMALL_SCALE_FLAGS = {
     "prepare_tfrecords.py": ["--num_workers=1"],
     "benchmark.explore": ["--num_sample_users=2"],
     "benchmark.central_main": ["--num_epochs=1", "--train_batch_size=8",
-                               "--eval_batch_size=16"] + CROP,
+                               "--eval_batch_size=16"] + SMALL_MODEL,
     # Fixed clipping: with 3 clients per round, adaptive clipping cannot
     # reach the noise multiplier of epsilon 2 and the command refuses (its
     # error is tested in test_dp.py; adaptive runs in test_federated.py).
@@ -46,7 +45,7 @@ SMALL_SCALE_FLAGS = {
         "--total_rounds=2", "--rounds_per_eval=1", "--clients_per_round=3",
         "--client_batch_size=4", "--max_elements_per_client=8",
         "--client_epochs_per_round=1", "--eval_batch_size=16",
-        "--target_unclipped_quantile=0"] + CROP,
+        "--target_unclipped_quantile=0"] + SMALL_MODEL,
     "benchmark.synthetic_dataset": ["--num_users=12"],
 }
 # `make test` is the command that runs this test (CI runs it on every
@@ -91,19 +90,16 @@ def test_every_readme_command_is_known():
 
 def _write_imagenet_like_weights(path: str) -> None:
   """Stands in for the published resnet18.h5: weights of the BatchNorm
-  network with a 1000-way classifier, saved by layer name (in the shallow
+  network with a 1000-way classifier, saved by layer name (in the tiny
   layout that the commands here build)."""
-  from benchmark.model import resnet
-  with pytest.MonkeyPatch.context() as patch:
-    small_model.use(patch.setattr)
-    net = resnet.build_resnet(num_classes=1000, pretrained=True,
-                             crop_size=(24, 24), seed=3)
+  from benchmark.model import resnet  # pylint: disable=g-import-not-at-top
+  net = resnet.build_resnet(num_classes=1000, pretrained=True,
+                            crop_size=(24, 24), seed=3, layout=resnet.TINY)
   net.save_weights(path)
 
 
 def _run(argv: list[str], cwd: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-             PYTHONPATH=os.pathsep.join([small_model.SITE_DIR, REPO_ROOT]))
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO_ROOT)
   result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=900, stdin=subprocess.DEVNULL)
   assert result.returncode == 0, (
@@ -238,7 +234,7 @@ def test_readme_command_runs_at_small_scale(readme_workdir, command):
       assert all(float(r["dp_noise_stddev"]) > 0 for r in rows)
   elif program == "benchmark.explore":
     output_dir = os.path.join(readme_workdir, _flag_value(argv, "--output_dir"))
-    assert os.path.isfile(os.path.join(output_dir, explore.REPORT_TEXT_FILE)), (
+    assert os.path.isfile(os.path.join(output_dir, dataset_report.REPORT_TEXT_FILE)), (
         os.listdir(output_dir))
   else:
     assert program == "benchmark.synthetic_dataset", program

@@ -2,7 +2,7 @@
 of the backends that run TFF's round compiled to TensorFlow graphs."""
 
 import abc
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import tensorflow_federated as tff
@@ -16,11 +16,11 @@ class RoundBackend(abc.ABC):
   rounds (in TF memory, the TFF worker, or this process)."""
 
   @abc.abstractmethod
-  def initialize(self, model_weights: tff.learning.models.ModelWeights
-                ) -> Any:
-    """The process's initial state with `model_weights` as the global model
-    (Python containers with numpy leaves, as `process.initialize()` gives);
-    it does not become the current state (see `set_state`)."""
+  def initialize(self, model_weights: Optional[
+      tff.learning.models.ModelWeights] = None) -> Any:
+    """The process's initial state (Python containers with numpy leaves, as
+    `process.initialize()` gives), with `model_weights` as the global model
+    when given; it does not become the current state (see `set_state`)."""
 
   @abc.abstractmethod
   def set_state(self, state: Any) -> None:
@@ -46,7 +46,7 @@ class RoundBackend(abc.ABC):
     """
 
 
-class _CompiledBackend(RoundBackend):
+class CompiledBackend(RoundBackend):
   """A round compiled to TF graphs: the server's pieces run here; the
   clients' (`_train_clients`) wherever the subclass puts them."""
 
@@ -57,9 +57,10 @@ class _CompiledBackend(RoundBackend):
         graph_runner.session_config(0))
     self._state = None
 
-  def initialize(self, model_weights):
-    state = self._server.set_model_weights(self._server.initialize(),
-                                           model_weights)
+  def initialize(self, model_weights=None):
+    state = self._server.initialize()
+    if model_weights is not None:
+      state = self._server.set_model_weights(state, model_weights)
     return mapreduce.from_flat(state, self._compiled.state_type)
 
   def set_state(self, state):

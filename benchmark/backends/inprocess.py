@@ -24,11 +24,11 @@ def _gpus() -> list[str]:
   return [d.name for d in tf.config.list_logical_devices("GPU")]
 
 
-def _cpu_count() -> int:
+def cpu_count() -> int:
   return len(os.sched_getaffinity(0))
 
 
-class InProcessBackend(base._CompiledBackend):
+class InProcessBackend(base.CompiledBackend):
   """Clients trained by TensorFlow in this process, one `ClientTrainer` per
   GPU (or `num_workers` on the CPU), each in its own thread."""
 
@@ -43,7 +43,7 @@ class InProcessBackend(base._CompiledBackend):
     else:
       count = num_workers or 1
       devices = ["/device:CPU:0"] * count
-      threads = max(1, _cpu_count() // count)
+      threads = max(1, cpu_count() // count)
     self.devices = devices
     self._trainers = [
         graph_runner.ClientTrainer(compiled.client_pieces, device,

@@ -92,11 +92,11 @@ def compile_process(process: tff.learning.templates.LearningProcess
     process: a `tff.learning` process whose `next` takes `(state@SERVER,
       client inputs@CLIENTS)` and whose clients' inputs are tensors (for
       this project the process composed with the client-id dataset
-      computation, `federated.build_learning_process`).
+      computation, `training.fedavg.build_learning_process`).
 
   Returns:
-    The `CompiledRound`. Takes 10-30 s of CPU for ResNet-18 FedAvg (TFF's
-    compiler and Grappler).
+    The `CompiledRound` (TFF's compiler and Grappler take tens of seconds of
+    CPU for ResNet-18 FedAvg).
 
   Raises:
     FlairInputError: the process cannot be expressed in MapReduceForm, or

@@ -34,9 +34,8 @@ def ray_actor_plan(resources: dict, nodes: list[dict],
     `num_workers` actors sharing the cluster's CPUs; by default one actor
     per alive node, using as many cores as the smallest node has, spread
     over the nodes. One per node because each actor holds its own copy of
-    the client graph and of TensorFlow's runtime (1.3 GB RSS at 32x32
-    crops), as many as there are cores otherwise
-    (scripts/bench_fedavg_memory.py; README, "FedAvg backends").
+    the client graph and of TensorFlow's runtime, which would be as many
+    copies as there are cores otherwise (docs/performance.md, memory).
   """
   num_gpus = int(resources.get("GPU", 0))
   if num_gpus:
@@ -53,7 +52,7 @@ def ray_actor_plan(resources: dict, nodes: list[dict],
           dict(num_cpus=threads, scheduling_strategy="SPREAD"), threads)
 
 
-class RayBackend(base._CompiledBackend):
+class RayBackend(base.CompiledBackend):
   """Clients trained in Ray actors (`graph_runner.ClientTrainer` as an
   actor class); see the module docstring."""
 
@@ -135,7 +134,7 @@ def _ray_session(ray_address: Optional[str]):
         # "local": a new Ray of our own even where RAY_ADDRESS is set or a
         # `ray start` cluster runs on this machine (--ray_address is the one
         # way to use those).
-        ray.init(address="local", num_cpus=inprocess._cpu_count(),
+        ray.init(address="local", num_cpus=inprocess.cpu_count(),
                  include_dashboard=False,
                  log_to_driver=False, logging_level="warning",
                  _node_ip_address="127.0.0.1")

@@ -434,6 +434,70 @@ class LocalRuntime:
     self._sessions.clear()
 
 
+def _start_worker(log_file, max_concurrent_computation_calls: int
+                 ) -> tuple[subprocess.Popen, int]:
+  """Starts TFF's worker on a free port, its output to `log_file`, killed by
+  the kernel if this process dies; returns `(process, port)`."""
+  port = portpicker.pick_unused_port()
+  process = subprocess.Popen(
+      [worker_binary_path(), f"--port={port}",
+       f"--max_concurrent_computation_calls={max_concurrent_computation_calls}"],
+      stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+      preexec_fn=_die_with_parent)
+  return process, port
+
+
+def _wait_until_ready(stub, process: subprocess.Popen) -> None:
+  """Waits for the worker to serve (RuntimeError if it exits at start-up
+  or is not ready within `_READY_TIMEOUT_S`)."""
+  deadline = time.monotonic() + _READY_TIMEOUT_S
+  while not stub.is_ready:
+    if process.poll() is not None:
+      raise RuntimeError(
+          f"TFF worker exited at start-up with status {process.returncode}")
+    if time.monotonic() > deadline:
+      raise RuntimeError("TFF worker was not ready within "
+                         f"{_READY_TIMEOUT_S:.0f} s")
+    time.sleep(0.05)
+
+
+def _execution_context(stub, default_num_clients: int):
+  """A TFF sync execution context whose executors call the worker."""
+
+  def stack_fn(cardinalities):
+    if cardinalities.get(tff.CLIENTS) is None:
+      cardinalities[tff.CLIENTS] = default_num_clients
+    executor = tff.framework.RemoteExecutor(stub)
+    executor.set_cardinalities(cardinalities)
+    return executor
+
+  return tff.framework.SyncExecutionContext(
+      executor_fn=tff.framework.ResourceManagingExecutorFactory(stack_fn),
+      compiler_fn=tff.backends.native.desugar_and_transform_to_native,
+      transform_args=tff.tensorflow.transform_args,
+      transform_result=tff.tensorflow.transform_result)
+
+
+@contextlib.contextmanager
+def _runtime_in_context(stub, process: subprocess.Popen, watchdog: _Watchdog,
+                        default_num_clients: int) -> Iterator[LocalRuntime]:
+  """Yields a `LocalRuntime` with the worker's context installed; a dead
+  worker's interruption or error becomes `TffWorkerDiedError`."""
+  runtime = LocalRuntime(stub, process, watchdog)
+  context = _execution_context(stub, default_num_clients)
+  with tff.framework.get_context_stack().install(context):
+    try:
+      yield runtime
+    except (KeyboardInterrupt, TffWorkerDiedError, _WorkerDied) as e:
+      if watchdog.fired or process.poll() is not None:
+        watchdog.taken()
+        raise watchdog.error() from (
+            None if isinstance(e, _WorkerDied) else e)
+      raise
+    finally:
+      runtime.close()
+
+
 @contextlib.contextmanager
 def local_runtime(log_path: Optional[str] = None,
                   default_num_clients: int = 0,
@@ -448,10 +512,8 @@ def local_runtime(log_path: Optional[str] = None,
       clients from a computation's arguments.
     max_concurrent_computation_calls: how many calls of one computation (for
       instance clients training) the worker runs at once; None for the
-      number of CPU cores this process may use. Unlimited concurrency (TFF's
-      default) oversubscribes the cores: with 8 clients of a round on 2
-      cores, rounds took 8.0 s on average (spikes to 11.6 s) against 5.9 s
-      with 2 at once (scripts/bench_fedavg_throughput.py configuration).
+      number of CPU cores this process may use (TFF's default, unlimited,
+      oversubscribes the cores: docs/performance.md).
 
   Yields:
     A `LocalRuntime`; inside the block `tff` computations run on the started
@@ -463,59 +525,23 @@ def local_runtime(log_path: Optional[str] = None,
       not ready within 60 seconds.
     TffWorkerDiedError: if the worker dies while the block runs.
   """
-  binary = worker_binary_path()
-  if not os.path.isfile(binary):
-    raise RuntimeError(f"TFF worker binary not found at {binary}")
-  port = portpicker.pick_unused_port()
-  log_file = open(log_path, "ab") if log_path else subprocess.DEVNULL
+  if not os.path.isfile(worker_binary_path()):
+    raise RuntimeError(f"TFF worker binary not found at "
+                       f"{worker_binary_path()}")
   if max_concurrent_computation_calls is None:
     max_concurrent_computation_calls = len(os.sched_getaffinity(0))
-  process = subprocess.Popen(
-      [binary, f"--port={port}",
-       f"--max_concurrent_computation_calls={max_concurrent_computation_calls}"],
-      stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-      preexec_fn=_die_with_parent)
-  channel = None
-  watchdog = None
+  log_file = open(log_path, "ab") if log_path else subprocess.DEVNULL
+  process, port = _start_worker(log_file, max_concurrent_computation_calls)
+  channel = watchdog = None
   try:
     channel = grpc.insecure_channel(f"localhost:{port}", _GRPC_OPTIONS)
     stub = _WorkerStub(channel, process)
-    deadline = time.monotonic() + _READY_TIMEOUT_S
-    while not stub.is_ready:
-      if process.poll() is not None:
-        raise RuntimeError(
-            f"TFF worker exited at start-up with status {process.returncode}")
-      if time.monotonic() > deadline:
-        raise RuntimeError("TFF worker was not ready within "
-                           f"{_READY_TIMEOUT_S:.0f} s")
-      time.sleep(0.05)
+    _wait_until_ready(stub, process)
     logging.info("TFF worker started (pid %d, port %d)", process.pid, port)
     watchdog = _Watchdog(process, log_path)
-
-    def stack_fn(cardinalities):
-      if cardinalities.get(tff.CLIENTS) is None:
-        cardinalities[tff.CLIENTS] = default_num_clients
-      executor = tff.framework.RemoteExecutor(stub)
-      executor.set_cardinalities(cardinalities)
-      return executor
-
-    context = tff.framework.SyncExecutionContext(
-        executor_fn=tff.framework.ResourceManagingExecutorFactory(stack_fn),
-        compiler_fn=tff.backends.native.desugar_and_transform_to_native,
-        transform_args=tff.tensorflow.transform_args,
-        transform_result=tff.tensorflow.transform_result)
-    runtime = LocalRuntime(stub, process, watchdog)
-    with tff.framework.get_context_stack().install(context):
-      try:
-        yield runtime
-      except (KeyboardInterrupt, TffWorkerDiedError, _WorkerDied) as e:
-        if watchdog.fired or process.poll() is not None:
-          watchdog.taken()
-          raise watchdog.error() from (
-              None if isinstance(e, _WorkerDied) else e)
-        raise
-      finally:
-        runtime.close()
+    with _runtime_in_context(stub, process, watchdog,
+                             default_num_clients) as runtime:
+      yield runtime
   except _WorkerDied:
     watchdog.taken()
     raise watchdog.error() from None

@@ -25,9 +25,11 @@ class TffWorkerBackend(base.RoundBackend):
 
     self._model_weights_at_server = model_weights_at_server
 
-  def initialize(self, model_weights):
-    return self._process.set_model_weights(self._process.initialize(),
-                                           model_weights)
+  def initialize(self, model_weights=None):
+    state = self._process.initialize()
+    if model_weights is None:
+      return state
+    return self._process.set_model_weights(state, model_weights)
 
   def set_state(self, state):
     self._state = self._session.put(state, self._state_type)

@@ -126,7 +126,7 @@ def reject_positional_args(argv: Sequence[str]) -> None:
 
 def entry_point(define_flags: Callable[[], None],
                 main: Callable[[list[str]], None]) -> Callable[[], None]:
-  """A trainer's console-script entry point (`run`): defines the command's
+  """A command's console-script entry point (`run`): defines the command's
   flags when called, not at import, then runs `main` under absl."""
 
   def run() -> None:

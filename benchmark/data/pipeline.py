@@ -260,10 +260,8 @@ def keras_input(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
   With the model on (TF 2.14), destroying such an iterator returns only at
   the model thread's next wake-up; its wake-ups come 10, 20, 40, ... ms
-  apart (doubling, up to 60 s). Measured on a 2-core CPU: Keras `fit` calls
-  that trained for 0.75 s returned after 1.27 s (10 ms x (2^7 - 1)), calls
-  of about 4.6 s after 5.11 s, and `evaluate` calls of 0.8 s after 1.27 s;
-  with the model off they returned when the pass ended. Without the model,
+  apart (doubling, up to 60 s), so each epoch or evaluation ended late
+  (docs/performance.md). Without the model,
   `AUTOTUNE` stages run at TensorFlow's fixed default parallelism, and
   `prefetch(AUTOTUNE)` keeps its own buffer tuning.
   """

@@ -140,12 +140,12 @@ class GroupNormalization(tf.keras.layers.GroupNormalization):
   for differentiation (`tf.stop_gradient`): d var / d mean =
   -2 mean(x - mean) = 0 exactly, so gradients are unchanged and autodiff
   emits fewer ops. Equal to Keras' layer within float32 round-off
-  (tests/test_model.py: outputs and gradients to 1e-5 relative).
+  (tests/model/test_resnet.py: outputs and gradients to 1e-5 relative).
 
   The statistics and the normalisation are computed in float32 (a bfloat16
   input is upcast and the result cast back to the input's dtype);
-  `resnet.build_resnet(precision="bfloat16")` keeps these layers' policy float32, so
-  gamma and beta are read in float32 too. Any other case (a mask, another
+  `resnet.build_resnet(precision="bfloat16")` keeps these layers' policy
+  float32, so gamma and beta are read in float32 too. Any other case (a mask, another
   rank or axis) runs Keras' own implementation.
   """
 
@@ -173,7 +173,7 @@ class GroupNormalization(tf.keras.layers.GroupNormalization):
 
 
 def conv_output_size(size: int, kernel: int, stride: int,
-                      padding: str) -> int:
+                     padding: str) -> int:
   """Output length of a convolution along one axis, Keras' rule: "same"
   gives `ceil(size / stride)`, "valid" `(size - kernel) // stride + 1`."""
   if padding == "same":
@@ -183,9 +183,8 @@ def conv_output_size(size: int, kernel: int, stride: int,
 
 # Convolutions whose output map has at most this many positions (height x
 # width) are `PatchConv2D` layers: the last stage's 2x2 maps at 64x64 crops.
-# Measured on a 2-core CPU (see the module docstring, "Small maps"): all
-# convolutions with 2x2 outputs as patch products cut the step's CPU per
-# image by 10%, the 3x3 ones with 4x4 outputs as well made it slower.
+# The threshold is a CPU measurement (docs/performance.md): 2x2 maps as
+# patch products were faster, 4x4 ones slower.
 PATCH_MAX_POSITIONS = 4
 
 
@@ -200,12 +199,11 @@ class PatchConv2D(tf.keras.layers.Conv2D):
   out_height * out_width, kh * kw * c_in]` matrix whose columns run over
   kernel row, kernel column, input channel (the kernel's own order), and
   that matrix times the kernel reshaped to `[kh * kw * c_in, c_out]` is the
-  output. For tiny maps this is cheaper than TensorFlow's convolution ops on
-  CPU, which reorder the whole kernel to and from oneDNN's blocked layout in
-  every forward and backward op, and whose gradient for the weights ran 3x
-  slower than the forward op there (see the module docstring, "Small
-  maps"). Equal to `Conv2D` within float32 round-off
-  (tests/test_model.py: outputs and gradients to 1e-5 relative).
+  output. For tiny maps this is cheaper on CPU than TensorFlow's
+  convolution ops, which reorder the whole kernel to and from oneDNN's
+  blocked layout in every forward and backward op (docs/performance.md).
+  Equal to `Conv2D` within float32 round-off
+  (tests/model/test_resnet.py: outputs and gradients to 1e-5 relative).
 
   Handles "valid" padding at any stride and "same" padding at stride 1 with
   an odd kernel, dilation 1, channels-last, no groups, and an input of

@@ -120,6 +120,67 @@ def run_outputs_in(save_model_dir: str) -> list[str]:
   return sorted(found)
 
 
+_WHAT_TO_DO = ("use another --save_model_dir, or add --overwrite to delete "
+               "that run's files and start afresh")
+
+
+def _remove_outputs(save_model_dir: str, outputs: list[str]) -> None:
+  """Removes an earlier run's outputs (`--overwrite`)."""
+  with file_io.output_errors(save_model_dir):
+    for name in outputs:
+      path = os.path.join(save_model_dir, name)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
+  logging.warning("--overwrite: removed %d output(s) of the earlier run in "
+                  "%s (%s)", len(outputs), save_model_dir, ", ".join(outputs))
+
+
+def _check_same_run(save_model_dir: str, outputs: list[str],
+                    identity: Mapping[str, Any]) -> None:
+  """Raises FlairInputError unless the directory's run.json records
+  `identity` (a directory with outputs but no run.json is refused too)."""
+  run_path = os.path.join(save_model_dir, constants.RUN_IDENTITY_FILE)
+  try:
+    with open(run_path, encoding="utf-8") as f:
+      previous = json.load(f)
+  except FileNotFoundError:
+    raise errors.FlairInputError(
+        f"--save_model_dir {save_model_dir!r} holds outputs of an earlier "
+        f"run whose settings were not recorded ({', '.join(outputs[:4])}"
+        f"{', ...' if len(outputs) > 4 else ''}); {_WHAT_TO_DO}") from None
+  except (OSError, ValueError) as e:
+    raise errors.FlairInputError(
+        f"--save_model_dir {save_model_dir!r}: {run_path} cannot be read "
+        f"({e}); {_WHAT_TO_DO}") from e
+  differences = _differences(previous, identity)
+  if differences:
+    raise errors.FlairInputError(
+        f"--save_model_dir {save_model_dir!r} holds a different run: "
+        f"{'; '.join(differences)}; {_WHAT_TO_DO}")
+
+
+def _write_flags(save_model_dir: str, flag_values: Mapping[str, Any]) -> None:
+  """Writes flags.json, warning about the values that changed since the
+  last run here (e.g. a longer `--num_epochs`)."""
+  path = os.path.join(save_model_dir, constants.FLAGS_FILE)
+  try:
+    with open(path, encoding="utf-8") as f:
+      previous = json.load(f)
+  except (OSError, ValueError):
+    previous = {}
+  changed = sorted(k for k in flag_values
+                   if k in previous and previous[k] != flag_values[k])
+  if changed:
+    logging.warning(
+        "%s was written by a run with other values of %s; the resumed run "
+        "continues with the new values.", path,
+        ", ".join(f"--{k} ({previous[k]!r} -> {flag_values[k]!r})"
+                  for k in changed))
+  file_io.write_json_atomic(path, dict(flag_values))
+
+
 def claim_save_dir(save_model_dir: str, identity: Mapping[str, Any],
                    flag_values: Mapping[str, Any],
                    overwrite: bool = False) -> bool:
@@ -134,8 +195,7 @@ def claim_save_dir(save_model_dir: str, identity: Mapping[str, Any],
     run is refused;
   * otherwise (a new or empty directory) the run starts afresh.
   Then writes `run.json` and `flags.json` (every flag value; a warning lists
-  the flags whose values changed since the last run here, e.g. a longer
-  `--num_epochs`).
+  the flags whose values changed since the last run here).
 
   Args:
     save_model_dir: the run's output directory (created with parents).
@@ -160,58 +220,18 @@ def claim_save_dir(save_model_dir: str, identity: Mapping[str, Any],
     raise errors.FlairInputError(
         f"--save_model_dir {save_model_dir!r} cannot be created: "
         f"{e.strerror}") from e
-  run_path = os.path.join(save_model_dir, constants.RUN_IDENTITY_FILE)
   outputs = run_outputs_in(save_model_dir)
-  what_to_do = ("use another --save_model_dir, or add --overwrite to delete "
-                "that run's files and start afresh")
-  resumed = False
+  resumed = bool(outputs) and not overwrite
   if outputs and overwrite:
-    with file_io.output_errors(save_model_dir):
-      for name in outputs:
-        path = os.path.join(save_model_dir, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-          shutil.rmtree(path)
-        else:
-          os.remove(path)
-    logging.warning("--overwrite: removed %d output(s) of the earlier run in "
-                    "%s (%s)", len(outputs), save_model_dir, ", ".join(outputs))
+    _remove_outputs(save_model_dir, outputs)
   elif outputs:
-    try:
-      with open(run_path, encoding="utf-8") as f:
-        previous = json.load(f)
-    except FileNotFoundError:
-      raise errors.FlairInputError(
-          f"--save_model_dir {save_model_dir!r} holds outputs of an earlier "
-          f"run whose settings were not recorded ({', '.join(outputs[:4])}"
-          f"{', ...' if len(outputs) > 4 else ''}); {what_to_do}") from None
-    except (OSError, ValueError) as e:
-      raise errors.FlairInputError(
-          f"--save_model_dir {save_model_dir!r}: {run_path} cannot be read "
-          f"({e}); {what_to_do}") from e
-    differences = _differences(previous, identity)
-    if differences:
-      raise errors.FlairInputError(
-          f"--save_model_dir {save_model_dir!r} holds a different run: "
-          f"{'; '.join(differences)}; {what_to_do}")
-    resumed = True
+    _check_same_run(save_model_dir, outputs, identity)
     logging.info("%s holds an earlier part of this run; resuming it.",
                  save_model_dir)
-  file_io.write_json_atomic(run_path, dict(identity))
-  path = os.path.join(save_model_dir, constants.FLAGS_FILE)
-  try:
-    with open(path, encoding="utf-8") as f:
-      previous_flags = json.load(f)
-  except (OSError, ValueError):
-    previous_flags = {}
-  changed = sorted(k for k in flag_values
-                   if k in previous_flags and previous_flags[k] != flag_values[k])
-  if changed:
-    logging.warning(
-        "%s was written by a run with other values of %s; the resumed run "
-        "continues with the new values.", path,
-        ", ".join(f"--{k} ({previous_flags[k]!r} -> {flag_values[k]!r})"
-                  for k in changed))
-  file_io.write_json_atomic(path, dict(flag_values))
+  file_io.write_json_atomic(
+      os.path.join(save_model_dir, constants.RUN_IDENTITY_FILE),
+      dict(identity))
+  _write_flags(save_model_dir, flag_values)
   return resumed
 
 
@@ -242,5 +262,6 @@ def best_weights_path(save_model_dir: str, trainer: str, num_outputs: int,
   """Where a run keeps its best weights by val loss (Keras weights HDF5):
   `<save_model_dir>/<architecture>_<trainer>_<num_outputs>labels.h5`, e.g.
   `resnet18_federated_17labels.h5`."""
-  return os.path.join(save_model_dir, constants.BEST_WEIGHTS_FILE_PATTERN.format(
-      architecture=architecture, trainer=trainer, num_outputs=num_outputs))
+  name = constants.BEST_WEIGHTS_FILE_PATTERN.format(
+      architecture=architecture, trainer=trainer, num_outputs=num_outputs)
+  return os.path.join(save_model_dir, name)
