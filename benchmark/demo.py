@@ -55,11 +55,13 @@ class DemoScale:
   max_elements_per_client: int
   client_epochs_per_round: int
   dp_epsilon: float
+  # --model_layout of the trainers; None keeps their default, ResNet-18.
+  model_layout: Optional[str] = None
 
 
 # `small` is the default demo, sized for the README's time budget on a 2-core
 # CPU (its measured time: docs/performance.md); `tiny` only checks the path
-# end to end.
+# end to end, with the tiny network (`--model_layout tiny`).
 SCALES = {
     "small": DemoScale(crop=32, num_users=None, central_epochs=5,
                        central_batch_size=32, rounds=8, rounds_per_eval=2,
@@ -70,7 +72,7 @@ SCALES = {
                       central_batch_size=16, rounds=2, rounds_per_eval=1,
                       clients_per_round=5, client_batch_size=8,
                       max_elements_per_client=8, client_epochs_per_round=1,
-                      dp_epsilon=8.0),
+                      dp_epsilon=8.0, model_layout="tiny"),
 }
 
 
@@ -295,7 +297,8 @@ def run_demo(results_dir: str, dataset_dir: Optional[str] = None,
   tfrecords_dir = _prepare_step(plan, dataset_dir)
 
   common = dict(tfrecords_dir=tfrecords_dir, image_height=sizes.crop,
-                image_width=sizes.crop, eval_batch_size=128, seed=seed)
+                image_width=sizes.crop, eval_batch_size=128, seed=seed,
+                model_layout=sizes.model_layout)
   runs = [_central_step(plan, common)]
   federated_common = dict(
       total_rounds=sizes.rounds, rounds_per_eval=sizes.rounds_per_eval,
