@@ -1,9 +1,9 @@
-"""Throughput of prepare_tfrecords against a plain copy of the same JPEGs.
+"""Throughput of prepare against a plain copy of the same JPEGs.
 
   python scripts/bench_prepare.py [--num_images 5000] [--num_workers N]
 
 Generates a FLAIR-like dataset of at least `--num_images` images in a
-temporary directory (benchmark.synthetic_dataset), then times, in one run:
+temporary directory (benchmark.prepare.synthetic), then times, in one run:
 
 * copy: `shutil.copyfile` of every JPEG into a fresh directory (the floor:
   reading and writing the same bytes, nothing else);
@@ -32,9 +32,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmark import synthetic_dataset
 from benchmark.core import constants
-import prepare_tfrecords
+from benchmark.prepare import pool
+from benchmark.prepare import synthetic
+from benchmark.prepare import tfrecords
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -53,7 +54,7 @@ _WORK_DIR = flags.DEFINE_string(
 def _num_users_for(num_images: int, seed: int) -> int:
   """The fewest users (by doubling, then bisection) giving >= num_images."""
   def count(users):
-    return len(synthetic_dataset.make_metadata(users, seed))
+    return len(synthetic.make_metadata(users, seed))
   high = 3
   while count(high) < num_images:
     high *= 2
@@ -83,13 +84,13 @@ def _cli(dataset_dir: str, tfrecords_dir: str, num_workers: int) -> None:
 
 def main(argv):
   del argv
-  num_workers = _NUM_WORKERS.value or prepare_tfrecords.default_num_workers()
+  num_workers = _NUM_WORKERS.value or pool.default_num_workers()
   work_dir = _WORK_DIR.value or tempfile.mkdtemp(prefix="bench_prepare_")
   try:
     dataset_dir = os.path.join(work_dir, "dataset")
     num_users = _num_users_for(_NUM_IMAGES.value, _SEED.value)
     generation = time.perf_counter()
-    summary = synthetic_dataset.generate(dataset_dir, num_users, _SEED.value)
+    summary = synthetic.generate(dataset_dir, num_users, _SEED.value)
     generation = time.perf_counter() - generation
     num_images = summary["num_images"]
     image_dir = os.path.join(dataset_dir, constants.SMALL_IMAGES_DIR)
@@ -111,7 +112,7 @@ def main(argv):
     rows = [
         ("plain copy (shutil.copyfile)", _timed(copy)),
         ("prepare, 1 worker, in-process (TF imported)", _timed(
-            lambda: prepare_tfrecords.prepare(
+            lambda: tfrecords.prepare(
                 dataset_dir, os.path.join(work_dir, "in_process"),
                 num_workers=1, show_progress=False))),
         ("prepare, 1 worker, command line", _timed(
@@ -121,7 +122,7 @@ def main(argv):
                          num_workers))),
     ]
     copy_rate = num_images / rows[0][1]
-    print(f"cores available: {prepare_tfrecords.default_num_workers()}, "
+    print(f"cores available: {pool.default_num_workers()}, "
           f"load average: {os.getloadavg()[0]:.1f}")
     print(f"{'what':48s} {'seconds':>8s} {'images/s':>9s} {'vs copy':>8s}")
     for what, seconds in rows:

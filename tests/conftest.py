@@ -26,29 +26,28 @@ def flair_sample_dir():
 def prepared_sample_dir(flair_sample_dir, tmp_path_factory):
   """The real sample prepared into per-user TFRecords (session-wide, read-only
   by convention: tests must not modify it)."""
-  import prepare_tfrecords
+  from benchmark.prepare import tfrecords
   out = str(tmp_path_factory.mktemp("sample_tfrecords"))
-  prepare_tfrecords.prepare(flair_sample_dir, out, num_workers=1,
-                            show_progress=False)
+  tfrecords.prepare(flair_sample_dir, out, num_workers=1, show_progress=False)
   return out
 
 
 @pytest.fixture(scope="session")
 def synthetic_dataset_dir(tmp_path_factory):
   """A small generated FLAIR-like dataset directory (60 users, seed 0)."""
-  from benchmark import synthetic_dataset
+  from benchmark.prepare import synthetic
   out = str(tmp_path_factory.mktemp("synthetic_dataset"))
-  synthetic_dataset.generate(out, num_users=60, seed=0)
+  synthetic.generate(out, num_users=60, seed=0)
   return out
 
 
 @pytest.fixture(scope="session")
 def prepared_synthetic_dir(synthetic_dataset_dir, tmp_path_factory):
   """`synthetic_dataset_dir` prepared into per-user TFRecords."""
-  import prepare_tfrecords
+  from benchmark.prepare import tfrecords
   out = str(tmp_path_factory.mktemp("synthetic_tfrecords"))
-  prepare_tfrecords.prepare(synthetic_dataset_dir, out, num_workers=1,
-                            show_progress=False)
+  tfrecords.prepare(synthetic_dataset_dir, out, num_workers=1,
+                    show_progress=False)
   return out
 
 

@@ -22,7 +22,7 @@ from typing import Optional
 import urllib.parse
 
 from benchmark.core import constants
-import download_dataset
+from benchmark.prepare import download
 
 _RANGE_RE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
@@ -213,13 +213,13 @@ class FileServer:
     self.stop()
 
 
-# --- A FLAIR server tree -------------------------------------------------------
+# --- A FLAIR server tree ------------------------------------------------------
 
-SMALL = [download_dataset.SMALL_ARCHIVE_URL_PATH.format(index=i)
-         for i in range(download_dataset.NUM_ARCHIVES)]
-RAW = [download_dataset.RAW_ARCHIVE_URL_PATH.format(index=i)
-       for i in range(download_dataset.NUM_ARCHIVES)]
-METADATA_URL, RELATIONSHIP_URL = [p for p, _ in download_dataset.LABEL_FILES]
+SMALL = [download.SMALL_ARCHIVE_URL_PATH.format(index=i)
+         for i in range(download.NUM_ARCHIVES)]
+RAW = [download.RAW_ARCHIVE_URL_PATH.format(index=i)
+       for i in range(download.NUM_ARCHIVES)]
+METADATA_URL, RELATIONSHIP_URL = [p for p, _ in download.LABEL_FILES]
 
 
 def _write_archive(path, image_dir, files):
@@ -262,9 +262,9 @@ def build_tree(source_dir, root):
                     for fine in r[constants.FINE_GRAINED_LABELS_KEY]})
     with open(os.path.join(root, RELATIONSHIP_URL), "w") as f:
       f.writelines(f"{fine} -> {coarse}\n" for fine, coarse in pairs)
-  archive_of = {image_id: i % download_dataset.NUM_ARCHIVES
+  archive_of = {image_id: i % download.NUM_ARCHIVES
                 for i, image_id in enumerate(ids)}
-  for index in range(download_dataset.NUM_ARCHIVES):
+  for index in range(download.NUM_ARCHIVES):
     files = {i + constants.IMAGE_EXTENSION: images[i] for i in ids
              if archive_of[i] == index}
     for url_path, image_dir in ((SMALL[index], constants.SMALL_IMAGES_DIR),

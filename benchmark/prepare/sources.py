@@ -11,7 +11,7 @@
   Parquet shards are converted once into `datasets`' Arrow cache
   (`HF_DATASETS_CACHE`); nothing is fetched from a hub.
 * `Hdf5Source` (`--pfl_hdf5`): pfl-research's FLAIR HDF5
-  (`benchmark.pfl_hdf5`).
+  (`pfl_hdf5`).
 
 Each gives the metadata records (the objects of `labels_and_metadata.json`,
 checked by prepare) and each image's JPEG bytes by a key. Sources are

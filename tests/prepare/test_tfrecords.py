@@ -1,6 +1,7 @@
-"""Tests of prepare_tfrecords: the real FLAIR sample, generated data, resume
-after a killed run, bad input (library and command line), --skip_bad_images,
-integer image ids."""
+"""Tests of the prepare pipeline (benchmark/prepare/tfrecords.py, with
+input_checks.py and manifest.py) and of prepare_tfrecords.py: the real FLAIR
+sample, generated data, resume after a killed run, bad input (library and
+command line), --skip_bad_images, integer image ids."""
 
 import collections
 import json
@@ -16,7 +17,9 @@ import pytest
 from benchmark.core import constants
 from benchmark.core import errors
 from benchmark.data import formats
-import prepare_tfrecords
+from benchmark.prepare import input_checks
+from benchmark.prepare import manifest
+from benchmark.prepare import tfrecords
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -138,7 +141,7 @@ def _run_cli(*args, timeout=600, prefix=()):
       capture_output=True, text=True, timeout=timeout, check=False)
 
 
-# --- The real sample and generated data ----------------------------------------
+# --- The real sample and generated data ---------------------------------------
 
 
 def test_real_sample(flair_sample_dir, prepared_sample_dir):
@@ -158,8 +161,8 @@ def test_generated_dataset(synthetic_dataset_dir, prepared_synthetic_dir):
 
 def test_summary_counts_users_and_images(small_dataset, tmp_path):
   out = str(tmp_path / "out")
-  summary = prepare_tfrecords.prepare(small_dataset, out, num_workers=1,
-                                      show_progress=False)
+  summary = tfrecords.prepare(small_dataset, out, num_workers=1,
+                              show_progress=False)
   records = _records(small_dataset)
   for partition in constants.PARTITIONS:
     in_partition = [r for r in records
@@ -176,8 +179,8 @@ def test_summary_counts_users_and_images(small_dataset, tmp_path):
 def test_integer_image_ids_dev_partition_and_scattered_user_records(
     small_dataset, tmp_path):
   reference = str(tmp_path / "reference")
-  prepare_tfrecords.prepare(small_dataset, reference, num_workers=1,
-                            show_progress=False)
+  tfrecords.prepare(small_dataset, reference, num_workers=1,
+                    show_progress=False)
   records = _records(small_dataset)
   # Same data, with integer image ids and "dev" for "val".
   for r in records:
@@ -186,8 +189,8 @@ def test_integer_image_ids_dev_partition_and_scattered_user_records(
       r[constants.PARTITION_KEY] = "dev"
   _write_records(small_dataset, records)
   out = str(tmp_path / "int_ids")
-  prepare_tfrecords.prepare(small_dataset, out, num_workers=1,
-                            show_progress=False)
+  tfrecords.prepare(small_dataset, out, num_workers=1,
+                    show_progress=False)
   assert _output_files(out) == _output_files(reference)
   # A user's records need not be adjacent: all end up in the user's file.
   first_user = records[0][constants.USER_ID_KEY]
@@ -196,19 +199,19 @@ def test_integer_image_ids_dev_partition_and_scattered_user_records(
   assert len(mine) >= 2 and others
   _write_records(small_dataset, mine[:1] + others + mine[1:])
   scattered = str(tmp_path / "scattered")
-  prepare_tfrecords.prepare(small_dataset, scattered, num_workers=1,
-                            show_progress=False)
+  tfrecords.prepare(small_dataset, scattered, num_workers=1,
+                    show_progress=False)
   assert _output_files(scattered) == _output_files(reference)
 
 
-# --- Resume ----------------------------------------------------------------------
+# --- Resume -------------------------------------------------------------------
 
 
 def test_resume_skips_complete_users_and_removes_temporary_files(
     small_dataset, tmp_path):
   reference = str(tmp_path / "reference")
-  prepare_tfrecords.prepare(small_dataset, reference, num_workers=1,
-                            show_progress=False)
+  tfrecords.prepare(small_dataset, reference, num_workers=1,
+                    show_progress=False)
   out = str(tmp_path / "out")
   shutil.copytree(reference, out)
   os.remove(os.path.join(out, constants.LABEL_INDEX_FILE))
@@ -223,8 +226,8 @@ def test_resume_skips_complete_users_and_removes_temporary_files(
   # A complete file is not rewritten: mark it to see that it is kept.
   kept = os.path.join(out, user_files[0])
   stat_before = os.stat(kept)
-  summary = prepare_tfrecords.prepare(small_dataset, out, num_workers=1,
-                                      show_progress=False)
+  summary = tfrecords.prepare(small_dataset, out, num_workers=1,
+                              show_progress=False)
   assert summary.users_already_complete == 1
   assert summary.users_written == len(user_files) - 1
   assert os.stat(kept).st_mtime_ns == stat_before.st_mtime_ns
@@ -263,15 +266,15 @@ def test_killed_run_then_rerun_gives_same_files(synthetic_dataset_dir,
     assert partial[path] == reference[path], path
   assert constants.LABEL_INDEX_FILE not in partial
 
-  summary = prepare_tfrecords.prepare(synthetic_dataset_dir, out,
-                                      num_workers=1, show_progress=False)
+  summary = tfrecords.prepare(synthetic_dataset_dir, out,
+                              num_workers=1, show_progress=False)
   # A file renamed just before the kill, whose manifest line was not yet
   # written, is written again (safe); every other one is kept.
   not_journaled = summary.users_rebuilt.get(
-      prepare_tfrecords.REBUILD_NO_ENTRY, 0)
+      manifest.REBUILD_NO_ENTRY, 0)
   assert not_journaled <= 1
   assert summary.users_already_complete == len(written) - not_journaled
-  assert set(summary.users_rebuilt) <= {prepare_tfrecords.REBUILD_NO_ENTRY}
+  assert set(summary.users_rebuilt) <= {manifest.REBUILD_NO_ENTRY}
   assert _output_files(out) == reference  # Also: no temporary file left.
 
 
@@ -294,35 +297,35 @@ def test_skip_then_restore_equals_a_fresh_prepare(flair_sample_dir,
   os.rename(image, hidden)
 
   out = str(tmp_path / "out")
-  first = prepare_tfrecords.prepare(dataset, out, num_workers=1,
-                                    skip_bad_images=True, show_progress=False)
+  first = tfrecords.prepare(dataset, out, num_workers=1,
+                            skip_bad_images=True, show_progress=False)
   with open(first.label_index_path) as f:
     assert rare not in json.load(f)[constants.LABELS_KEY]
   os.rename(hidden, image)
-  second = prepare_tfrecords.prepare(dataset, out, num_workers=1,
-                                     skip_bad_images=True, show_progress=False)
+  second = tfrecords.prepare(dataset, out, num_workers=1,
+                             skip_bad_images=True, show_progress=False)
   fresh = str(tmp_path / "fresh")
-  prepare_tfrecords.prepare(dataset, fresh, num_workers=1,
-                            skip_bad_images=True, show_progress=False)
+  tfrecords.prepare(dataset, fresh, num_workers=1,
+                    skip_bad_images=True, show_progress=False)
   assert _output_files(out) == _output_files(fresh)
   assert second.users_already_complete == 0
   assert second.users_rebuilt == {
-      prepare_tfrecords.REBUILD_LABEL_INDEX: first.users_written}
+      manifest.REBUILD_LABEL_INDEX: first.users_written}
   assert "label index changed" in second.describe()
   assert _check_prepared(dataset, out) == SAMPLE_NUM_IMAGES
   # Without --skip_bad_images, the report of the earlier run is removed.
-  third = prepare_tfrecords.prepare(dataset, out, num_workers=1,
-                                    show_progress=False)
+  third = tfrecords.prepare(dataset, out, num_workers=1,
+                            show_progress=False)
   assert third.users_already_complete == SAMPLE_NUM_USERS
   assert not os.path.exists(os.path.join(
-      out, prepare_tfrecords.SKIPPED_IMAGES_REPORT_FILE))
+      out, tfrecords.SKIPPED_IMAGES_REPORT_FILE))
 
 
 def test_changed_inputs_rebuild_or_remove_only_what_changed(small_dataset,
                                                             tmp_path):
   out = str(tmp_path / "out")
-  prepare_tfrecords.prepare(small_dataset, out, num_workers=1,
-                            show_progress=False)
+  tfrecords.prepare(small_dataset, out, num_workers=1,
+                    show_progress=False)
   records = _records(small_dataset)
   # Another image with the same labels: only its user's file is rebuilt.
   changed, other = records[0], records[-1]
@@ -338,17 +341,17 @@ def test_changed_inputs_rebuild_or_remove_only_what_changed(small_dataset,
   fine_after = {n for r in kept_records
                 for n in r[constants.FINE_GRAINED_LABELS_KEY]}
   _write_records(small_dataset, kept_records)
-  summary = prepare_tfrecords.prepare(small_dataset, out, num_workers=1,
-                                      show_progress=False)
+  summary = tfrecords.prepare(small_dataset, out, num_workers=1,
+                              show_progress=False)
   assert summary.files_removed == 1
   if labels_before == labels_after and fine_before == fine_after:
-    assert summary.users_rebuilt == {prepare_tfrecords.REBUILD_RECORDS: 1}
+    assert summary.users_rebuilt == {manifest.REBUILD_RECORDS: 1}
   else:  # The label index changed too: every file is rebuilt.
     assert summary.users_rebuilt == {
-        prepare_tfrecords.REBUILD_LABEL_INDEX: summary.users_written}
+        manifest.REBUILD_LABEL_INDEX: summary.users_written}
   fresh = str(tmp_path / "fresh")
-  prepare_tfrecords.prepare(small_dataset, fresh, num_workers=1,
-                            show_progress=False)
+  tfrecords.prepare(small_dataset, fresh, num_workers=1,
+                    show_progress=False)
   assert _output_files(out) == _output_files(fresh)
   assert _check_prepared(small_dataset, out) == len(kept_records)
 
@@ -356,22 +359,22 @@ def test_changed_inputs_rebuild_or_remove_only_what_changed(small_dataset,
 def test_files_without_a_manifest_entry_are_rebuilt(small_dataset, tmp_path):
   """An output of an earlier version (no manifest) is not trusted."""
   reference = str(tmp_path / "reference")
-  prepare_tfrecords.prepare(small_dataset, reference, num_workers=1,
-                            show_progress=False)
+  tfrecords.prepare(small_dataset, reference, num_workers=1,
+                    show_progress=False)
   out = str(tmp_path / "out")
   shutil.copytree(reference, out)
-  os.remove(os.path.join(out, prepare_tfrecords.MANIFEST_FILE))
+  os.remove(os.path.join(out, manifest.MANIFEST_FILE))
   one = sorted(_user_files(out))[0]
   with open(os.path.join(out, one), "wb") as f:
     f.write(b"written under another label index")
-  summary = prepare_tfrecords.prepare(small_dataset, out, num_workers=1,
-                                      show_progress=False)
+  summary = tfrecords.prepare(small_dataset, out, num_workers=1,
+                              show_progress=False)
   assert summary.users_rebuilt == {
-      prepare_tfrecords.REBUILD_NO_ENTRY: len(_user_files(reference))}
+      manifest.REBUILD_NO_ENTRY: len(_user_files(reference))}
   assert _output_files(out) == _output_files(reference)
 
 
-# --- Full disk -------------------------------------------------------------------
+# --- Full disk ----------------------------------------------------------------
 
 
 def test_full_disk_is_one_error_naming_the_file_and_rerun_completes(
@@ -379,8 +382,8 @@ def test_full_disk_is_one_error_naming_the_file_and_rerun_completes(
   root = small_filesystem(1024, fill_to_kib=200)
   out = os.path.join(root, "out")
   with pytest.raises(errors.OutputWriteError) as info:
-    prepare_tfrecords.prepare(flair_sample_dir, out, num_workers=1,
-                              show_progress=False)
+    tfrecords.prepare(flair_sample_dir, out, num_workers=1,
+                      show_progress=False)
   message = str(info.value)
   assert message.startswith(f"cannot write {out}/")
   assert "No space left on device" in message and "\n" not in message
@@ -392,8 +395,8 @@ def test_full_disk_is_one_error_naming_the_file_and_rerun_completes(
   for path in _user_files(out):  # Complete files only.
     assert partial[path] == reference[path]
   os.remove(os.path.join(root, "filler"))
-  prepare_tfrecords.prepare(flair_sample_dir, out, num_workers=1,
-                            show_progress=False)
+  tfrecords.prepare(flair_sample_dir, out, num_workers=1,
+                    show_progress=False)
   assert _output_files(out) == reference
 
 
@@ -447,7 +450,7 @@ def test_cli_truncated_real_image_then_fixed_equals_a_clean_prepare(
   assert _output_files(out) == _output_files(prepared_sample_dir)
 
 
-# --- Bad input ------------------------------------------------------------------
+# --- Bad input ----------------------------------------------------------------
 
 
 def _break_missing_image(dataset_dir, records):
@@ -491,9 +494,9 @@ def test_bad_record_or_image_stops_before_writing(small_dataset, tmp_path,
   records = _records(small_dataset)
   index, expected = breaker(small_dataset, records)
   out = str(tmp_path / "out")
-  with pytest.raises(prepare_tfrecords.BadInputError) as info:
-    prepare_tfrecords.prepare(small_dataset, out, num_workers=1,
-                              show_progress=False)
+  with pytest.raises(input_checks.BadInputError) as info:
+    tfrecords.prepare(small_dataset, out, num_workers=1,
+                      show_progress=False)
   assert len(info.value.problems) == 1
   problem = info.value.problems[0]
   assert problem.record_index == index
@@ -513,8 +516,8 @@ def test_malformed_json_names_the_file(small_dataset, tmp_path):
   with open(path, "w") as f:
     f.write(text[:len(text) // 2])
   with pytest.raises(errors.FlairInputError, match="not valid JSON") as info:
-    prepare_tfrecords.prepare(small_dataset, str(tmp_path / "out"),
-                              num_workers=1, show_progress=False)
+    tfrecords.prepare(small_dataset, str(tmp_path / "out"),
+                      num_workers=1, show_progress=False)
   assert path in str(info.value)
 
 
@@ -525,20 +528,20 @@ def test_all_problems_are_reported_and_skip_writes_report(small_dataset,
   for breaker in BREAKERS:
     index, expected = breaker(small_dataset, records)
     broken[index] = expected
-  with pytest.raises(prepare_tfrecords.BadInputError) as info:
-    prepare_tfrecords.prepare(small_dataset, str(tmp_path / "fail"),
-                              num_workers=1, show_progress=False)
+  with pytest.raises(input_checks.BadInputError) as info:
+    tfrecords.prepare(small_dataset, str(tmp_path / "fail"),
+                      num_workers=1, show_progress=False)
   assert {p.record_index: p.message for p in info.value.problems}.keys() == (
       broken.keys())
   for problem in info.value.problems:
     assert broken[problem.record_index] in problem.message
 
   out = str(tmp_path / "skip")
-  summary = prepare_tfrecords.prepare(small_dataset, out, num_workers=1,
-                                      skip_bad_images=True,
-                                      show_progress=False)
+  summary = tfrecords.prepare(small_dataset, out, num_workers=1,
+                              skip_bad_images=True,
+                              show_progress=False)
   assert summary.report_path == os.path.join(
-      out, prepare_tfrecords.SKIPPED_IMAGES_REPORT_FILE)
+      out, tfrecords.SKIPPED_IMAGES_REPORT_FILE)
   with open(summary.report_path) as f:
     report = json.load(f)
   assert sorted(p["record_index"] for p in report["skipped"]) == sorted(broken)
@@ -553,30 +556,30 @@ def test_all_problems_are_reported_and_skip_writes_report(small_dataset,
 def test_pool_checks_images_in_parallel(small_dataset, tmp_path):
   # Two workers; the outputs exist already, so no worker needs TensorFlow.
   out = str(tmp_path / "out")
-  prepare_tfrecords.prepare(small_dataset, out, num_workers=1,
-                            show_progress=False)
+  tfrecords.prepare(small_dataset, out, num_workers=1,
+                    show_progress=False)
   records = _records(small_dataset)
   index, _ = _break_not_jpeg(small_dataset, records)
-  with pytest.raises(prepare_tfrecords.BadInputError) as info:
-    prepare_tfrecords.prepare(small_dataset, out, num_workers=2,
-                              show_progress=False)
+  with pytest.raises(input_checks.BadInputError) as info:
+    tfrecords.prepare(small_dataset, out, num_workers=2,
+                      show_progress=False)
   assert [p.record_index for p in info.value.problems] == [index]
 
 
 @pytest.mark.parametrize("num_workers", [0, -2])
 def test_bad_num_workers(small_dataset, tmp_path, num_workers):
   with pytest.raises(errors.FlairInputError, match="num_workers"):
-    prepare_tfrecords.prepare(small_dataset, str(tmp_path / "out"),
-                              num_workers=num_workers, show_progress=False)
+    tfrecords.prepare(small_dataset, str(tmp_path / "out"),
+                      num_workers=num_workers, show_progress=False)
 
 
 def test_missing_dataset_dir(tmp_path):
   with pytest.raises(errors.FlairInputError, match="dataset_dir"):
-    prepare_tfrecords.prepare(str(tmp_path / "nope"), str(tmp_path / "out"),
-                              num_workers=1, show_progress=False)
+    tfrecords.prepare(str(tmp_path / "nope"), str(tmp_path / "out"),
+                      num_workers=1, show_progress=False)
 
 
-# --- Command line ----------------------------------------------------------------
+# --- Command line -------------------------------------------------------------
 
 
 def test_cli_bad_input_exits_1_and_lists_every_problem(small_dataset,

@@ -1,5 +1,7 @@
-"""Tests of the FLAIR-like generator: layout, statistics against the real
-FLAIR statistics, label-dependent and user-dependent content, determinism."""
+"""Tests of the FLAIR-like generator (benchmark/prepare/synthetic.py) and of
+its command (benchmark/synthetic_dataset.py): layout, statistics against the
+real FLAIR statistics, label-dependent and user-dependent content,
+determinism."""
 
 import collections
 import json
@@ -11,9 +13,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from benchmark import synthetic_dataset
 from benchmark.core import constants
 from benchmark.core import errors
+from benchmark.prepare import synthetic
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -46,7 +48,7 @@ def _load_image(dataset_dir, image_id):
 @pytest.fixture(scope="module")
 def large_metadata():
   """Records of 3,000 users (no images drawn)."""
-  return synthetic_dataset.make_metadata(3000, seed=0)
+  return synthetic.make_metadata(3000, seed=0)
 
 
 def test_constants_match_real_statistics_file():
@@ -54,9 +56,9 @@ def test_constants_match_real_statistics_file():
     pytest.skip(f"{REAL_STATISTICS} not found (../shared absent)")
   with open(REAL_STATISTICS) as f:
     real = json.load(f)
-  assert (synthetic_dataset.REAL_COARSE_LABEL_IMAGE_COUNTS
+  assert (synthetic.REAL_COARSE_LABEL_IMAGE_COUNTS
           == real["coarse_label_image_counts"])
-  assert synthetic_dataset.REAL_NUM_IMAGES == real["num_images"]
+  assert synthetic.REAL_NUM_IMAGES == real["num_images"]
   assert list(real["coarse_label_image_counts"]) == list(
       constants.COARSE_LABELS)
 
@@ -66,7 +68,7 @@ def test_coarse_label_frequencies_follow_real_ones(large_metadata):
   counts = collections.Counter(
       label for r in large_metadata for label in r[constants.LABELS_KEY])
   assert set(counts) <= set(constants.COARSE_LABELS)
-  real = synthetic_dataset.coarse_label_probabilities()
+  real = synthetic.coarse_label_probabilities()
   ours = np.array([counts[name] / n for name in constants.COARSE_LABELS])
   # The ten frequent labels (>= 7% of images) within 15% of their real rate.
   frequent = real > 0.07
@@ -81,7 +83,7 @@ def test_coarse_label_frequencies_follow_real_ones(large_metadata):
 def test_labels_per_image(large_metadata):
   per_image = np.array([len(r[constants.LABELS_KEY]) for r in large_metadata])
   assert per_image.min() >= 1
-  assert abs(per_image.mean() - synthetic_dataset.REAL_MEAN_LABELS_PER_IMAGE
+  assert abs(per_image.mean() - synthetic.REAL_MEAN_LABELS_PER_IMAGE
              ) < 0.2
   fine_per_image = np.array(
       [len(r[constants.FINE_GRAINED_LABELS_KEY]) for r in large_metadata])
@@ -94,14 +96,14 @@ def test_images_per_user_heavy_tailed(large_metadata):
       r[constants.USER_ID_KEY] for r in large_metadata).values()))
   assert len(counts) == 3000
   assert np.percentile(counts, 25) == 1
-  assert np.median(counts) == synthetic_dataset.REAL_MEDIAN_IMAGES_PER_USER
+  assert np.median(counts) == synthetic.REAL_MEDIAN_IMAGES_PER_USER
   assert 3 <= np.percentile(counts, 75) <= 7
   assert counts.mean() > 2 * np.median(counts)  # Long right tail.
   assert counts.max() > 50 * np.median(counts)
 
 
 def test_max_images_per_user_caps_counts():
-  records = synthetic_dataset.make_metadata(300, seed=0, max_images_per_user=4)
+  records = synthetic.make_metadata(300, seed=0, max_images_per_user=4)
   counts = collections.Counter(r[constants.USER_ID_KEY] for r in records)
   assert max(counts.values()) == 4
   assert min(counts.values()) == 1
@@ -120,7 +122,7 @@ def test_users_split_8_1_1_and_disjoint(large_metadata):
 
 @pytest.mark.parametrize("num_users", [3, 4, 7])
 def test_every_partition_has_a_user_for_tiny_datasets(num_users):
-  records = synthetic_dataset.make_metadata(num_users, seed=5)
+  records = synthetic.make_metadata(num_users, seed=5)
   users = {r[constants.USER_ID_KEY]: r[constants.PARTITION_KEY]
            for r in records}
   assert len(users) == num_users
@@ -131,7 +133,7 @@ def test_ids_and_fine_labels(large_metadata):
   image_ids = [r[constants.IMAGE_ID_KEY] for r in large_metadata]
   assert len(set(image_ids)) == len(image_ids)
   assert all(isinstance(i, str) and i.isdigit() for i in image_ids)
-  parent = dict(synthetic_dataset.label_relationship())
+  parent = dict(synthetic.label_relationship())
   for r in large_metadata:
     fine_parents = {parent[f] for f in r[constants.FINE_GRAINED_LABELS_KEY]}
     assert fine_parents == set(r[constants.LABELS_KEY])
@@ -143,12 +145,12 @@ def test_ids_and_fine_labels(large_metadata):
 def test_invalid_arguments_name_the_argument(kwargs):
   name = [k for k in kwargs if k != "num_users"] or ["num_users"]
   with pytest.raises(errors.FlairInputError, match=name[-1]):
-    synthetic_dataset.make_metadata(**kwargs)
+    synthetic.make_metadata(**kwargs)
 
 
 def test_layout_of_generated_directory(synthetic_dataset_dir):
   records = _load_records(synthetic_dataset_dir)
-  assert records == synthetic_dataset.make_metadata(60, seed=0)
+  assert records == synthetic.make_metadata(60, seed=0)
   image_dir = os.path.join(synthetic_dataset_dir, constants.SMALL_IMAGES_DIR)
   assert sorted(os.listdir(image_dir)) == sorted(
       r[constants.IMAGE_ID_KEY] + constants.IMAGE_EXTENSION for r in records)
@@ -170,9 +172,9 @@ def test_layout_of_generated_directory(synthetic_dataset_dir):
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
-  first = synthetic_dataset.generate(str(tmp_path / "a"), 6, seed=1)
-  synthetic_dataset.generate(str(tmp_path / "b"), 6, seed=1)
-  synthetic_dataset.generate(str(tmp_path / "c"), 6, seed=2)
+  first = synthetic.generate(str(tmp_path / "a"), 6, seed=1)
+  synthetic.generate(str(tmp_path / "b"), 6, seed=1)
+  synthetic.generate(str(tmp_path / "c"), 6, seed=2)
   a, b, c = (_read_tree(str(tmp_path / n)) for n in "abc")
   assert a == b
   assert first["num_images"] == len(
@@ -190,7 +192,7 @@ def test_command_line_writes_same_files_as_library(tmp_path):
        "--dataset_dir", str(out), "--num_users", "4", "--seed", "3"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr
-  synthetic_dataset.generate(str(tmp_path / "lib"), 4, seed=3)
+  synthetic.generate(str(tmp_path / "lib"), 4, seed=3)
   assert _read_tree(str(out)) == _read_tree(str(tmp_path / "lib"))
 
 

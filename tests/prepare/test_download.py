@@ -1,5 +1,6 @@
-"""Tests of download_dataset.py, benchmark/fetch.py and benchmark/archive.py
-against a real HTTP server on 127.0.0.1.
+"""Tests of the download pipeline (benchmark/prepare/download.py, with
+fetch.py and archive.py) and of download_dataset.py against a real HTTP
+server on 127.0.0.1.
 
 The server (tests/download_server.py) serves a FLAIR-layout tree built here
 from the real sample in ../shared/flair_sample (or, where that is absent, from
@@ -22,8 +23,8 @@ import pytest
 from benchmark.core import constants
 from benchmark.core import errors
 from benchmark.prepare import archive
+from benchmark.prepare import download
 from benchmark.prepare import fetch
-import download_dataset
 from download_server import build_tree
 from download_server import Fault
 from download_server import FileServer
@@ -61,8 +62,8 @@ def _download(server, dataset_dir, **kwargs):
   options = dict(show_progress=False, max_retries=2, retry_backoff_s=0.01,
                  timeout_s=10, num_workers=4, num_unpack_workers=2)
   options.update(kwargs)
-  return download_dataset.download(str(dataset_dir), data_url=server.url,
-                                   **options)
+  return download.download(str(dataset_dir), data_url=server.url,
+                           **options)
 
 
 def _files_under(root):
@@ -104,7 +105,7 @@ def test_full_download_gives_documented_layout(server, tree, tmp_path):
   # Exactly the layout: no archives left behind, no .part files, no raw.
   assert _files_under(dataset_dir) == expected
   _assert_images_identical(dataset_dir, tree)
-  for url_path, name in download_dataset.LABEL_FILES:
+  for url_path, name in download.LABEL_FILES:
     assert _read(dataset_dir / name) == _read(os.path.join(tree["root"],
                                                            url_path))
   assert summary.num_images_verified == len(tree["images"])
@@ -181,7 +182,7 @@ def test_dropped_connection_then_rerun_resumes(server, tree, tmp_path):
   # Archives finished in the first run: unpacked (marker) or fully on disk.
   finished = [p for p in SMALL if p != target and (
       (dataset_dir / constants.DOWNLOAD_STATE_DIR /
-       (os.path.basename(p) + download_dataset.MARKER_SUFFIX)).exists() or
+       (os.path.basename(p) + download.MARKER_SUFFIX)).exists() or
       (dataset_dir / os.path.basename(p)).exists())]
   assert finished, "the first run should have completed some archives"
 
@@ -330,7 +331,7 @@ def test_cli_unwritable_dataset_dir_is_one_line(server, make_unwritable,
 
 def test_bad_data_url_names_the_flag(tmp_path):
   with pytest.raises(errors.FlairInputError, match="--data_url"):
-    download_dataset.download(str(tmp_path), data_url="ftp://example.org/")
+    download.download(str(tmp_path), data_url="ftp://example.org/")
 
 
 def test_missing_images_are_reported(source_dir, tmp_path):
@@ -343,12 +344,12 @@ def test_missing_images_are_reported(source_dir, tmp_path):
     json.dump(records + [extra], f)
   dataset_dir = tmp_path / "flair"
   with FileServer(str(root), max_lifetime_s=60) as server:
-    with pytest.raises(download_dataset.MissingImagesError,
+    with pytest.raises(download.MissingImagesError,
                        match=r"1 image\(s\) .*small_images/999000999.jpg"
                        ) as info:
       _download(server, dataset_dir)
   assert info.value.missing == ("small_images/999000999.jpg",)
-  report = dataset_dir / download_dataset.MISSING_IMAGES_REPORT
+  report = dataset_dir / download.MISSING_IMAGES_REPORT
   assert report.read_text().splitlines() == ["small_images/999000999.jpg"]
 
 
@@ -362,7 +363,7 @@ def test_verify_images_checks_records_as_prepare_does(tmp_path, content,
                                                       message):
   (tmp_path / constants.METADATA_FILE).write_text(content)
   with pytest.raises(errors.DownloadError) as info:
-    download_dataset.verify_images(str(tmp_path))
+    download.verify_images(str(tmp_path))
   assert message in str(info.value)
   assert constants.METADATA_FILE in str(info.value)
   assert "\n" not in str(info.value)
@@ -437,7 +438,7 @@ def test_malicious_archive_writes_nothing_outside(kind, tree, tmp_path):
   # Nothing of the refused archive installed, and no link anywhere.
   assert not (dataset_dir / "small_images" / f"{image_id}.jpg").exists()
   assert not (dataset_dir / constants.DOWNLOAD_STATE_DIR /
-              (archive_name + download_dataset.MARKER_SUFFIX)).exists()
+              (archive_name + download.MARKER_SUFFIX)).exists()
   assert not any(os.path.islink(os.path.join(tmp_path, p))
                  for p in _walk_all(tmp_path))
 

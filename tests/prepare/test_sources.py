@@ -1,5 +1,5 @@
-"""Tests of prepare's other inputs (benchmark/sources.py): a Hugging Face
-`apple/flair` copy and pfl-research's HDF5 (benchmark/pfl_hdf5.py,
+"""Tests of prepare's other inputs (benchmark/prepare/sources.py): a Hugging
+Face `apple/flair` copy and pfl-research's HDF5 (pfl_hdf5.py, pfl_export.py,
 export_pfl_hdf5.py). Each must give the same bytes as the downloaded layout.
 Nothing is fetched from a hub."""
 
@@ -13,8 +13,9 @@ import pytest
 
 from benchmark.core import constants
 from benchmark.core import errors
+from benchmark.prepare import pfl_export
 from benchmark.prepare import pfl_hdf5
-import prepare_tfrecords
+from benchmark.prepare import tfrecords
 
 # Read when `datasets` is first imported (in the fixture below): nothing is
 # fetched from a hub.
@@ -90,7 +91,7 @@ def test_hugging_face_parquet_and_save_to_disk_give_the_same_tfrecords(
   for partition, dataset in splits.items():
     dataset.to_parquet(str(data_dir / f"{partition}-00000-of-00001.parquet"))
   out = str(tmp_path / "from_parquet")
-  summary = prepare_tfrecords.prepare(
+  summary = tfrecords.prepare(
       None, out, num_workers=1, show_progress=False,
       hf_dataset=str(tmp_path / "apple_flair"))
   assert sum(summary.images.values()) == 35
@@ -99,8 +100,8 @@ def test_hugging_face_parquet_and_save_to_disk_give_the_same_tfrecords(
   saved = str(tmp_path / "saved")
   hf_datasets.DatasetDict(splits).save_to_disk(saved)
   out = str(tmp_path / "from_save_to_disk")
-  prepare_tfrecords.prepare(None, out, num_workers=1, show_progress=False,
-                            hf_dataset=saved)
+  tfrecords.prepare(None, out, num_workers=1, show_progress=False,
+                    hf_dataset=saved)
   _assert_same_output(out, prepared_sample_dir)
 
 
@@ -111,11 +112,11 @@ def test_hugging_face_copy_without_a_card_column_is_one_line_error(
   dataset.remove_columns(["fine_grained_labels"]).to_parquet(path)
   with pytest.raises(errors.FlairInputError,
                      match=r"--hf_dataset .*fine_grained_labels"):
-    prepare_tfrecords.prepare(None, str(tmp_path / "out"), num_workers=1,
-                              show_progress=False, hf_dataset=path)
+    tfrecords.prepare(None, str(tmp_path / "out"), num_workers=1,
+                      show_progress=False, hf_dataset=path)
   with pytest.raises(errors.FlairInputError, match="exactly one input"):
-    prepare_tfrecords.prepare(flair_sample_dir, str(tmp_path / "out"),
-                              num_workers=1, hf_dataset=path)
+    tfrecords.prepare(flair_sample_dir, str(tmp_path / "out"),
+                      num_workers=1, hf_dataset=path)
 
 
 def _env():
@@ -165,17 +166,15 @@ def test_prepare_from_a_pfl_made_hdf5_encodes_its_pixels(
     flair_sample_dir, prepared_sample_dir, tmp_path):
   h5py = pytest.importorskip("h5py")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  import export_pfl_hdf5  # pylint: disable=g-import-not-at-top
   hdf5 = str(tmp_path / "pfl.hdf5")
-  export_pfl_hdf5.export(flair_sample_dir, hdf5, show_progress=False)
+  pfl_export.export(flair_sample_dir, hdf5, show_progress=False)
   with h5py.File(hdf5, "r+") as h5:  # As pfl-research writes it.
     for partition in constants.PARTITIONS:
       for user in h5[partition]:
         del h5[partition][user][pfl_hdf5.ENCODED_JPEGS]
   out = str(tmp_path / "out")
-  prepare_tfrecords.prepare(None, out, num_workers=1, show_progress=False,
-                            pfl_hdf5=hdf5)
+  tfrecords.prepare(None, out, num_workers=1, show_progress=False,
+                    pfl_hdf5=hdf5)
   got, expected = _output_files(out), _output_files(prepared_sample_dir)
   assert sorted(got) == sorted(expected)
   assert got[constants.LABEL_INDEX_FILE] == expected[
@@ -201,16 +200,15 @@ def test_prepare_from_a_pfl_made_hdf5_encodes_its_pixels(
 def test_pfl_hdf5_with_a_label_outside_its_mapping_is_one_line_error(
     flair_sample_dir, tmp_path):
   h5py = pytest.importorskip("h5py")
-  import export_pfl_hdf5  # pylint: disable=g-import-not-at-top
   hdf5 = str(tmp_path / "bad.hdf5")
-  export_pfl_hdf5.export(flair_sample_dir, hdf5, show_progress=False)
+  pfl_export.export(flair_sample_dir, hdf5, show_progress=False)
   with h5py.File(hdf5, "r+") as h5:
     user = sorted(h5["train"])[0]
     h5[f"/train/{user}/labels_col"][0] = 200
   with pytest.raises(errors.FlairInputError,
                      match=rf"--pfl_hdf5 .*/train/{user}/labels_row"):
-    prepare_tfrecords.prepare(None, str(tmp_path / "out"), num_workers=1,
-                              show_progress=False, pfl_hdf5=hdf5)
+    tfrecords.prepare(None, str(tmp_path / "out"), num_workers=1,
+                      show_progress=False, pfl_hdf5=hdf5)
   with pytest.raises(errors.FlairInputError, match="--pfl_hdf5 .*not a file"):
-    prepare_tfrecords.prepare(None, str(tmp_path / "out"), num_workers=1,
-                              pfl_hdf5=str(tmp_path / "missing.hdf5"))
+    tfrecords.prepare(None, str(tmp_path / "out"), num_workers=1,
+                      pfl_hdf5=str(tmp_path / "missing.hdf5"))
