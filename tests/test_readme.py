@@ -251,3 +251,23 @@ def test_readme_runs_the_benchmarks_it_documents():
                                             "--save_model_dir"))
                for p, c in later if p.endswith("_main")}
   assert {"central", "central_pretrained", "fedavg", "fedavg_dp"} <= save_dirs
+
+
+def test_the_layout_section_names_every_module_of_the_package():
+  """The README's "Layout" names each package folder and each module of
+  benchmark/ (as it stands in the tree)."""
+  with open(README, encoding="utf-8") as f:
+    text = f.read()
+  layout = text[text.index("## Layout"):]
+  layout = layout[:layout.index("\n## ", 1)]
+  package = os.path.join(REPO_ROOT, "benchmark")
+  missing = []
+  for folder, _, names in os.walk(package):
+    if "__pycache__" in folder:
+      continue
+    relative = os.path.relpath(folder, package)
+    if relative != "." and f"{os.path.basename(folder)}/" not in layout:
+      missing.append(relative + "/")
+    missing += [os.path.join(relative, n) for n in names
+                if n.endswith(".py") and n not in layout]
+  assert not missing, f"README layout misses {missing}"
