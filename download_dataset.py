@@ -8,8 +8,11 @@ also the 43 raw-image archives) from `--data_url` (docs/formats.md,
 "Download layout"), unpacks them safely into `--dataset_dir` and verifies
 that every image named in labels_and_metadata.json is there (missing ones
 are listed in `<dataset_dir>/missing_images.txt`, exit status 1). Safe to
-rerun: complete files are not requested again and partial ones resume;
-after a successful run a rerun only verifies. Progress bars show bytes
+rerun: complete files are not requested again and partial ones resume, but
+only when the server's file is provably the same (`If-Range`; otherwise it
+is fetched again whole); after a successful run a rerun only verifies. One
+download at a time: a second one into the same `--dataset_dir` is refused
+with one line naming the running process. Progress bars show bytes
 overall, bytes per file in flight and archives unpacked. Ctrl-C or SIGTERM
 stops the run cleanly (exit 130 / 143); errors are one line (exit 1).
 

@@ -11,11 +11,14 @@ from pfl-research's HDF5) and writes `T/<partition>/<user_id>.tfrecords` and
 `T/label_index.json` (docs/formats.md, "Per-user TFRecords"), then prints
 users and images per partition.
 
-Every record and image is checked first: by default any problem stops the
-run before anything is written, listing every problem (exit status 1); with
-`--skip_bad_images` bad records are skipped and listed in a JSON report
-(default `T/skipped_images.json`). A rerun keeps the user files built from
-the same inputs (`T/prepare_manifest.jsonl`), so an interrupted run resumes.
+Every record and image is checked first (fields, coarse labels against
+FLAIR's 17, fine-grained labels against `D/label_relationship.txt` when it
+is there, user ids short enough for a file name, images decoded): by
+default any problem stops the run before anything is written, listing every
+problem (exit status 1); with `--skip_bad_images` bad records are skipped
+and listed in a JSON report (default `T/skipped_images.json`). A rerun keeps
+the user files built from the same inputs (`T/prepare_manifest.jsonl`), so
+an interrupted run resumes.
 A full disk, a read-only output or a permission error is one line naming the
 file. The pipeline: `benchmark.prepare.tfrecords`.
 """

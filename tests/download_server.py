@@ -1,14 +1,21 @@
 """A small local HTTP file server for the downloader tests.
 
 Serves a directory tree on 127.0.0.1 (a free port) from a daemon thread,
-honours single `Range: bytes=START-[END]` requests (206 / 416), records every
-request (path, Range header, status), and injects faults per path: a fixed
-status reply (404, 500...) or a connection dropped after N body bytes, for a
-given number of requests or for all of them. The server stops on `stop()` /
-leaving the `with` block, and by itself after `max_lifetime_s` at the latest.
+honours single `Range: bytes=START-[END]` requests (206 / 416) and `If-Range`
+(a range is served only when the validator sent is the file's current ETag
+or Last-Modified; otherwise the whole file, 200), sends each file's strong
+ETag (from its content) and Last-Modified (its mtime) unless told not to,
+records every request (path, Range and If-Range headers, status), and
+injects faults per path: a fixed status reply (404, 500...), a connection
+dropped after N body bytes, a Content-Length announced short (and only that
+much sent), for a given number of requests or for all of them. The server
+stops on `stop()` / leaving the `with` block, and by itself after
+`max_lifetime_s` at the latest.
 """
 
 import dataclasses
+import email.utils
+import hashlib
 import http.server
 import io
 import json
@@ -37,12 +44,16 @@ class Fault:
       then close the connection.
     stall_after_bytes: send this many bytes of the body, then pause for
       `stall_s` seconds (cut short when the server stops) before the rest.
+    short_by_bytes: announce a Content-Length this many bytes short of the
+      body and send only that many bytes (a complete-looking transfer of a
+      truncated file).
     times: how many requests it applies to; None = every request.
   """
   status: Optional[int] = None
   drop_after_bytes: Optional[int] = None
   stall_after_bytes: Optional[int] = None
   stall_s: float = 0.0
+  short_by_bytes: Optional[int] = None
   times: Optional[int] = None
 
 
@@ -51,13 +62,27 @@ class Request:
   path: str  # URL path without the leading '/', e.g. "labels/x.json".
   range: Optional[str]  # The Range header, if any.
   status: int  # Status sent (or announced, for a dropped connection).
+  if_range: Optional[str] = None  # The If-Range header, if any.
 
 
 class FileServer:
-  """Serves `root` over HTTP on 127.0.0.1; use as a context manager."""
+  """Serves `root` over HTTP on 127.0.0.1; use as a context manager.
 
-  def __init__(self, root: str, max_lifetime_s: float = 120.0):
+  Args:
+    root: the directory served.
+    max_lifetime_s: the server stops by itself after this long.
+    validators: which validators replies carry: "etag", "last_modified".
+    honour_if_range: evaluate If-Range; when False the server serves a
+      range whatever If-Range says (as a server that does not know the
+      header would).
+  """
+
+  def __init__(self, root: str, max_lifetime_s: float = 120.0,
+               validators=("etag", "last_modified"),
+               honour_if_range: bool = True):
     self.root = os.path.abspath(root)
+    self.validators = tuple(validators)
+    self.honour_if_range = honour_if_range
     self.requests: list[Request] = []
     self._faults: dict[str, Fault] = {}
     self._lock = threading.Lock()
@@ -99,9 +124,31 @@ class FileServer:
           del self._faults[path]
       return fault
 
-  def _record(self, path: str, range_header: Optional[str], status: int):
+  def _record(self, path: str, range_header: Optional[str], status: int,
+              if_range: Optional[str] = None):
     with self._lock:
-      self.requests.append(Request(path, range_header, status))
+      self.requests.append(Request(path, range_header, status, if_range))
+
+  def validator_headers(self, local: str, data: bytes) -> dict[str, str]:
+    """The ETag and Last-Modified headers of a file (those enabled)."""
+    headers = {}
+    if "etag" in self.validators:
+      headers["ETag"] = '"' + hashlib.sha256(data).hexdigest()[:24] + '"'
+    if "last_modified" in self.validators:
+      headers["Last-Modified"] = email.utils.formatdate(
+          os.path.getmtime(local), usegmt=True)
+    return headers
+
+  def range_applies(self, if_range: Optional[str],
+                    validators: dict[str, str]) -> bool:
+    """Whether a Range is served under this If-Range (RFC 9110 13.1.5:
+    only when it equals the current strong ETag or Last-Modified)."""
+    if if_range is None or not self.honour_if_range:
+      return True
+    if if_range.startswith(("W/", '"')):
+      return (not if_range.startswith("W/")
+              and if_range == validators.get("ETag"))
+    return if_range == validators.get("Last-Modified")
 
   def start(self) -> "FileServer":
     server = self
@@ -125,6 +172,7 @@ class FileServer:
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
         path = path.lstrip("/")
         range_header = self.headers.get("Range")
+        if_range = self.headers.get("If-Range")
         fault = server._take_fault(path)
         if fault is not None and fault.status is not None:
           self._reply_status(path, range_header, fault.status)
@@ -136,28 +184,34 @@ class FileServer:
           return
         with open(local, "rb") as f:
           data = f.read()
+        validators = server.validator_headers(local, data)
         size = len(data)
         start, end, status = 0, size - 1, 200
-        if range_header:
-          match = _RANGE_RE.match(range_header.strip())
-          if match:
-            start = int(match.group(1))
-            end = min(int(match.group(2)), size - 1) if match.group(2) else (
-                size - 1)
-            if start >= size or start > end:
-              server._record(path, range_header, 416)
-              self.send_response(416)
-              self.send_header("Content-Range", f"bytes */{size}")
-              self.send_header("Content-Length", "0")
-              self.end_headers()
-              return
-            status = 206
+        match = _RANGE_RE.match(range_header.strip()) if range_header else None
+        if match and server.range_applies(if_range, validators):
+          start = int(match.group(1))
+          end = min(int(match.group(2)), size - 1) if match.group(2) else (
+              size - 1)
+          if start >= size or start > end:
+            server._record(path, range_header, 416, if_range)
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{size}")
+            self.send_header("Content-Length", "0")
+            for name, value in validators.items():
+              self.send_header(name, value)
+            self.end_headers()
+            return
+          status = 206
         body = data[start:end + 1]
-        server._record(path, range_header, status)
+        if fault is not None and fault.short_by_bytes is not None:
+          body = body[:max(0, len(body) - fault.short_by_bytes)]
+        server._record(path, range_header, status, if_range)
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Accept-Ranges", "bytes")
+        for name, value in validators.items():
+          self.send_header(name, value)
         if status == 206:
           self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.end_headers()

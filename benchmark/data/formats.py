@@ -4,6 +4,9 @@
   `read_metadata_file`, `parse_metadata_record`, `check_metadata_records`
   (prepare_tfrecords.py, explore's reader in dataset_stats.py and
   download_dataset.py all check with these).
+* `label_relationship.txt`, which coarse label each fine-grained label
+  belongs to: `read_label_relationship` (download_dataset.py checks the file
+  with it, prepare_tfrecords.py checks the records' labels against it).
 * A prepared directory (`require_tfrecords_dir`) and its label index file,
   `constants.LABEL_INDEX_FILES` (`label_index.json`, or the original
   scripts' `label_to_index.json`): `find_label_index_file`,
@@ -35,6 +38,9 @@ from typing import Any, BinaryIO, Iterable, Optional, Sequence
 
 from benchmark.core import constants
 from benchmark.core import errors
+
+# label_relationship.txt: one `<fine-grained label> -> <coarse label>` a line.
+_RELATIONSHIP_ARROW = "->"
 
 # Bytes around each record's data in a TFRecord file: length (8) and its CRC
 # (4) before, the data's CRC (4) after.
@@ -245,6 +251,68 @@ def check_metadata_records(raw_records: Sequence[Any]
     image_record[record.image_id] = record.index
     records.append(record)
   return records, problems
+
+
+def _relationship_line_problem(line: str) -> Optional[str]:
+  """What keeps one non-blank line of label_relationship.txt from being a
+  `fine -> coarse` pair with a FLAIR coarse label, or None."""
+  fine, arrow, coarse = (part.strip() for part in line.partition(
+      _RELATIONSHIP_ARROW))
+  if not arrow or not fine or not coarse or _RELATIONSHIP_ARROW in coarse:
+    return (f"expected '<fine-grained label> {_RELATIONSHIP_ARROW} <coarse "
+            f"label>', got {line!r}")
+  if coarse not in constants.COARSE_LABELS:
+    return (f"{coarse!r} is not one of FLAIR's {len(constants.COARSE_LABELS)}"
+            f" coarse labels (in {line!r})")
+  return None
+
+
+def read_label_relationship(path: str) -> dict[str, frozenset[str]]:
+  """Reads FLAIR's label_relationship.txt: the coarse label(s) of each
+  fine-grained label.
+
+  The file is UTF-8 text, one `<fine-grained label> -> <coarse label>` pair
+  a line (blank lines and whitespace around names ignored); each coarse
+  label is one of `constants.COARSE_LABELS`, and a fine-grained label may
+  have several lines. A file cut short in its last line fails these rules
+  (a cut name is not a coarse label), and is refused.
+
+  Args:
+    path: the file.
+
+  Returns:
+    `{fine-grained label: frozenset of its coarse labels}`, non-empty.
+
+  Raises:
+    FlairInputError: the file is missing or unreadable, not UTF-8, holds no
+      pair, or a line breaks the rules (one line naming the file, the line
+      number and what is wrong; "truncated or malformed").
+  """
+  try:
+    with open(path, "rb") as f:
+      text = f.read().decode("utf-8")
+  except FileNotFoundError:
+    raise errors.FlairInputError(f"{path}: file not found") from None
+  except OSError as e:
+    raise errors.FlairInputError(
+        f"{path}: cannot be read ({e.strerror or e})") from None
+  except UnicodeDecodeError as e:
+    raise errors.FlairInputError(f"{path}: not UTF-8 text ({e})") from None
+  relationship: dict[str, set[str]] = {}
+  for number, line in enumerate(text.splitlines(), start=1):
+    if not line.strip():
+      continue
+    problem = _relationship_line_problem(line)
+    if problem is not None:
+      raise errors.FlairInputError(
+          f"{path} is truncated or malformed: line {number}: {problem}")
+    fine, _, coarse = (p.strip() for p in line.partition(_RELATIONSHIP_ARROW))
+    relationship.setdefault(fine, set()).add(coarse)
+  if not relationship:
+    raise errors.FlairInputError(
+        f"{path} holds no '<fine-grained label> {_RELATIONSHIP_ARROW} <coarse "
+        "label>' line (an empty or truncated copy?)")
+  return {fine: frozenset(coarse) for fine, coarse in relationship.items()}
 
 
 def encode_example(jpeg: bytes, labels: Sequence[int],

@@ -19,9 +19,21 @@ for NN in 00..42. The contract of `download`:
   listing the files it installed, so a rerun after success sends no request at
   all and only verifies; a marker whose files have gone missing makes the rerun
   fetch that archive again.
+  A partial file is continued only when it is provably part of the file on
+  the server now (`fetch`: `If-Range` with the validator kept beside it in
+  `<name>.part.validator`); otherwise it is fetched again from its start.
+- One download at a time: the run holds an exclusive lock on the dataset
+  directory (`locks.DirectoryLock`, file `<dataset_dir>/.lock`); a second
+  download into it is refused at once with one line naming the running
+  process. The operating system releases the lock however the run ends.
+- Label files: `label_relationship.txt` must parse completely
+  (`formats.read_label_relationship`); one cut short or malformed (a server
+  may announce, and send, too few bytes) is deleted and the run ends with a
+  one-line error, so that a rerun fetches it again.
 - Retries: connection errors, truncated transfers, HTTP 5xx, 408 and 429 are
   retried with exponential backoff; HTTP 404 and a full disk end the run with
-  a one-line error (the partial file is kept for the next run).
+  a one-line error naming `--dataset_dir` (the partial file is kept for the
+  next run).
 - Parallel downloads and parallel unpacking, each on a bounded thread pool;
   an archive is unpacked as soon as it has arrived.
 - Safe unpacking (`archive.unpack_archive`): a refused member stops the run
@@ -42,13 +54,14 @@ that runs them and the verification.
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno
 import json
 import os
 import posixpath
 import threading
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 import urllib.parse
 
 from absl import logging
@@ -56,6 +69,7 @@ from absl import logging
 from benchmark.core import constants
 from benchmark.core import errors
 from benchmark.core import file_io
+from benchmark.core import locks
 from benchmark.data import formats
 from benchmark.prepare import archive as archive_lib
 from benchmark.prepare import fetch
@@ -77,6 +91,8 @@ MARKER_SUFFIX = ".done"
 MISSING_IMAGES_REPORT = "missing_images.txt"
 
 MAX_WORKERS = 32
+# The flag that names the dataset directory, in messages.
+_FLAG = "--dataset_dir"
 
 
 class MissingImagesError(errors.DownloadError):
@@ -158,14 +174,15 @@ def _local_error(e: OSError, path: str) -> errors.DownloadError:
   `path` (a download or an archive being unpacked)."""
   if e.errno == errno.ENOSPC:
     return errors.DownloadError(
-        f"disk full while writing {path}: free some space and rerun (finished "
-        "files and partial downloads are kept and resume)")
+        f"disk full while writing {path}: free some space (or choose another "
+        f"{_FLAG}) and rerun (finished files and partial downloads are kept "
+        "and resume)")
   detail = e.strerror or str(e)
   if e.filename and e.filename != path:
     detail += f": {e.filename}"
   if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
     return errors.DownloadError(
-        f"file error on {path}: {detail}; make --dataset_dir writable (or "
+        f"file error on {path}: {detail}; make {_FLAG} writable (or "
         "choose another) and rerun")
   return errors.DownloadError(f"file error on {path}: {detail}")
 
@@ -235,7 +252,8 @@ def _verify_or_report(dataset_dir: str, download_raw: bool) -> int:
   found, missing = verify_images(dataset_dir, image_dirs)
   report = os.path.join(dataset_dir, MISSING_IMAGES_REPORT)
   if missing:
-    file_io.write_text_atomic(report, "".join(m + "\n" for m in missing))
+    file_io.write_text_atomic(report, "".join(m + "\n" for m in missing),
+                              flag=_FLAG)
     examples = ", ".join(missing[:3])
     raise MissingImagesError(
         f"{len(missing)} image(s) named in {constants.METADATA_FILE} are "
@@ -385,7 +403,8 @@ class _Transfers:
                                            archive.image_dir, self._stop)
       file_io.write_json_atomic(
           _marker_path(self._dataset_dir, archive),
-          {"url": self._fetcher.url(archive.url_path), "members": members})
+          {"url": self._fetcher.url(archive.url_path), "members": members},
+          flag=_FLAG)
       if not self._keep_archives:
         os.remove(archive_path)
     except OSError as e:
@@ -430,16 +449,21 @@ def download(dataset_dir: str,
 
   Raises:
     errors.FlairInputError: an argument is out of range (names the flag).
+    locks.DirectoryLockedError: another process is downloading into
+      `dataset_dir` (names it); nothing was fetched or changed.
     errors.DownloadError: HTTP 404 or another non-retryable status, retries
-      exhausted, disk full or another local write error, or an unreadable
-      archive (message names the URL or file).
+      exhausted, disk full or another local write error, an unreadable
+      archive, or a truncated or malformed label_relationship.txt (message
+      names the URL or file).
+    errors.OutputWriteError: a completion marker or the missing-images
+      report cannot be written (names the file and --dataset_dir).
     archive_lib.UnsafeArchiveError: an archive member was refused (names
       archive and member).
     MissingImagesError: images named in labels_and_metadata.json are missing
       after unpacking; they are listed in `<dataset_dir>/missing_images.txt`.
   """
   if not dataset_dir:
-    raise errors.FlairInputError("--dataset_dir must name a directory")
+    raise errors.FlairInputError(f"{_FLAG} must name a directory")
   base_url = _validate_base_url(data_url)
   if num_unpack_workers is None:
     num_unpack_workers = min(4, os.cpu_count() or 1)
@@ -447,30 +471,71 @@ def download(dataset_dir: str,
                   retry_backoff_s, timeout_s)
   dataset_dir = _make_dataset_dir(dataset_dir)
 
-  stop = threading.Event()
-  todo, skipped = _split_done(dataset_dir, archives(download_raw))
-  num_files = len(todo) + len(LABEL_FILES)
-  progress = fetch.Progress(show_progress, num_workers, num_files, len(todo))
-  fetcher = fetch.Fetcher(base_url, max_retries, retry_backoff_s, timeout_s,
-                          stop, progress)
-  transfers = _Transfers(dataset_dir, fetcher, progress, keep_archives, stop,
-                         skipped)
-  try:
-    # Labels first: small, and a wrong --data_url fails here at once.
-    for url_path, file_name in LABEL_FILES:
-      transfers.fetch_file(url_path, os.path.join(dataset_dir, file_name))
-    _run_pipeline(todo, dataset_dir, transfers.fetch_file, transfers.unpack,
-                  num_workers, num_unpack_workers, stop)
-  finally:
-    progress.close()
-
-  found = _verify_or_report(dataset_dir, download_raw)
+  with _locked(dataset_dir):
+    stop = threading.Event()
+    todo, skipped = _split_done(dataset_dir, archives(download_raw))
+    num_files = len(todo) + len(LABEL_FILES)
+    progress = fetch.Progress(show_progress, num_workers, num_files,
+                              len(todo))
+    fetcher = fetch.Fetcher(base_url, max_retries, retry_backoff_s,
+                            timeout_s, stop, progress)
+    transfers = _Transfers(dataset_dir, fetcher, progress, keep_archives,
+                           stop, skipped)
+    try:
+      _fetch_label_files(transfers, dataset_dir)
+      _run_pipeline(todo, dataset_dir, transfers.fetch_file,
+                    transfers.unpack, num_workers, num_unpack_workers, stop)
+    finally:
+      progress.close()
+    found = _verify_or_report(dataset_dir, download_raw)
   return DownloadSummary(
       dataset_dir=dataset_dir, fetched=tuple(transfers.fetched),
       resumed=tuple(transfers.resumed), skipped=tuple(transfers.skipped),
       unpacked=tuple(transfers.unpacked),
       bytes_downloaded=transfers.bytes_downloaded, num_images_verified=found)
 
+
+@contextlib.contextmanager
+def _locked(dataset_dir: str) -> Iterator[None]:
+  """Holds the dataset directory's lock (`locks.DirectoryLock`) for the
+  block.
+
+  Raises:
+    locks.DirectoryLockedError: another process holds it (one line naming
+      --dataset_dir and that process).
+    errors.DownloadError: the lock file cannot be written (`_local_error`).
+  """
+  lock = locks.DirectoryLock(dataset_dir, _FLAG)
+  try:
+    lock.acquire()
+  except OSError as e:
+    raise _local_error(e, lock.path) from None
+  try:
+    yield
+  finally:
+    lock.release()
+
+
+def _fetch_label_files(transfers: _Transfers, dataset_dir: str) -> None:
+  """Fetches the label files (first: they are small, and a wrong --data_url
+  fails here at once), then checks that label_relationship.txt is complete.
+
+  Raises:
+    errors.DownloadError: as `_Transfers.fetch_file`, or
+      label_relationship.txt is truncated or malformed
+      (`formats.read_label_relationship`); it is deleted, so that a rerun
+      fetches it again.
+  """
+  for url_path, file_name in LABEL_FILES:
+    transfers.fetch_file(url_path, os.path.join(dataset_dir, file_name))
+  path = os.path.join(dataset_dir, constants.LABEL_RELATIONSHIP_FILE)
+  try:
+    formats.read_label_relationship(path)
+  except errors.FlairInputError as e:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)
+    raise errors.DownloadError(
+        f"{e}; it was deleted: rerun to fetch it again") from None
 
 def _run_pipeline(todo: list[Archive], dataset_dir: str,
                   fetch_file: Callable[[str, str], None],

@@ -1,18 +1,26 @@
-"""Checks every metadata record and image of a source before anything is
-written.
+"""Checks every metadata record and image of a source, and the output
+location, before anything is written.
 
 A record is checked by `formats.check_metadata_records` (malformed fields, an
-unknown partition, a user in two partitions, a repeated image id); its image
-must exist and be a 256x256 JPEG that Pillow decodes completely (every pixel
-is decoded, so a truncated or corrupt JPEG is found here and not at training
-time). All problems are collected, in record order; `BadInputError` carries
-them all.
+unknown partition, a user in two partitions, a repeated image id), then here:
+its coarse labels must be FLAIR's (`constants.COARSE_LABELS`), its
+fine-grained labels those of the source's `label_relationship.txt` when it
+has one, and its user id must fit in a file name (`MAX_USER_ID_BYTES`). Its
+image must exist and be a 256x256 JPEG that Pillow decodes completely (every
+pixel is decoded, so a truncated or corrupt JPEG is found here and not at
+training time). All problems are collected, in record order; `BadInputError`
+carries them all.
+
+`check_output_dir` and `check_output_file` refuse an output flag that names
+something of the wrong kind (a file for a directory, a directory for a file)
+with one line naming the flag.
 """
 
 import collections
 import dataclasses
 import hashlib
 import io
+import os
 import sys
 from typing import Any, Iterable, Optional, Sequence, TextIO
 
@@ -31,6 +39,17 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _CHECK_CHUNK_SIZE = 256
 # How many problems the one-line error message lists (the log lists all).
 PROBLEMS_IN_MESSAGE = 5
+# The longest file name most file systems allow (NAME_MAX of ext4, XFS,
+# btrfs, tmpfs, APFS), in bytes.
+NAME_MAX_BYTES = 255
+# What `file_io.atomic_path` adds to a file's name for its temporary file:
+# "." before it, then "." + 8 random characters (`tempfile.mkstemp`) + ".tmp"
+# after it.
+_TEMPORARY_NAME_EXTRA_BYTES = len(".") + len(".") + 8 + len(".tmp")
+# The longest user id (UTF-8 bytes) whose files can be written: prepare
+# writes `<user_id>.tfrecords` under its temporary name first.
+MAX_USER_ID_BYTES = (NAME_MAX_BYTES - len(constants.TFRECORD_SUFFIX)
+                     - _TEMPORARY_NAME_EXTRA_BYTES)
 
 
 class BadInputError(errors.FlairInputError):
@@ -160,6 +179,54 @@ def _image_results(keys: Sequence[Any], pool, show_progress: bool
   return image_results
 
 
+def _label_problems(record: formats.MetadataRecord,
+                    relationship: Optional[tuple[str, dict]]) -> list[str]:
+  """What is wrong with a record's labels: coarse labels not among FLAIR's,
+  fine-grained ones not in `relationship` (`(path, {fine: coarse labels})`,
+  when the source has one)."""
+  problems = []
+  unknown = sorted(set(record.labels) - set(constants.COARSE_LABELS))
+  if unknown:
+    problems.append(
+        f"{constants.LABELS_KEY} {unknown} not among FLAIR's "
+        f"{len(constants.COARSE_LABELS)} coarse labels "
+        f"({', '.join(constants.COARSE_LABELS)})")
+  if relationship is not None:
+    path, fine_to_coarse = relationship
+    unknown = sorted(set(record.fine_grained_labels) - set(fine_to_coarse))
+    if unknown:
+      problems.append(f"{constants.FINE_GRAINED_LABELS_KEY} {unknown} not in "
+                      f"{path}")
+  return problems
+
+
+def _user_id_problem(user_id: str) -> Optional[str]:
+  """Why `user_id` cannot name the user's files, or None."""
+  size = len(user_id.encode("utf-8", "surrogatepass"))
+  if size <= MAX_USER_ID_BYTES:
+    return None
+  return (f"{constants.USER_ID_KEY} is {size} bytes long (UTF-8), more than "
+          f"the {MAX_USER_ID_BYTES} that fit in a file name (prepare writes "
+          f"<user_id>{constants.TFRECORD_SUFFIX}, first under a temporary "
+          f"name {_TEMPORARY_NAME_EXTRA_BYTES} bytes longer; a file name holds "
+          f"at most {NAME_MAX_BYTES} bytes)")
+
+
+def _record_problems(records: Sequence[formats.MetadataRecord],
+                     relationship: Optional[tuple[str, dict]]
+                     ) -> list[Problem]:
+  """The problems of each record's labels and user id, in record order."""
+  problems = []
+  for record in records:
+    messages = _label_problems(record, relationship)
+    user_problem = _user_id_problem(record.user_id)
+    if user_problem is not None:
+      messages.append(user_problem)
+    problems += [Problem(m, record.index, record.image_id, record.user_id)
+                 for m in messages]
+  return problems
+
+
 def check_records(source, raw_records: list[Any], pool, show_progress: bool
                   ) -> tuple[list[CheckedRecord], list[Problem]]:
   """Checks every record of `raw_records` and its image.
@@ -175,11 +242,18 @@ def check_records(source, raw_records: list[Any], pool, show_progress: bool
   Returns:
     `(records, problems)`: the good records in input order, and every
     problem found, in record order (a record may have several).
+
+  Raises:
+    FlairInputError: the source's label_relationship.txt is truncated or
+      malformed (`source.label_relationship`).
   """
-  candidates, record_problems = formats.check_metadata_records(raw_records)
+  relationship = source.label_relationship()
+  parsed, record_problems = formats.check_metadata_records(raw_records)
+  record_problems += _record_problems(parsed, relationship)
   problems_by_record: dict[int, list[Problem]] = collections.defaultdict(list)
   for p in record_problems:
     problems_by_record[p.record_index].append(p)
+  candidates = [r for r in parsed if r.index not in problems_by_record]
 
   keys = [source.image_key(r.index, r.image_id) for r in candidates]
   image_results = _image_results(keys, pool, show_progress)
@@ -220,3 +294,50 @@ def check_input(source, show_progress: bool = False
     return check_records(source, raw_records, None, show_progress)
   finally:
     pool_lib.stop(None)
+
+
+def _blocking_file(path: str) -> Optional[str]:
+  """The existing file (not a directory) at `path` or above it that keeps
+  `path` from being created, or None."""
+  path = os.path.abspath(path)
+  while not os.path.lexists(path):
+    parent = os.path.dirname(path)
+    if parent == path:
+      return None
+    path = parent
+  return None if os.path.isdir(path) else path
+
+
+def check_output_dir(path: Optional[str], flag: str) -> None:
+  """Checks that `path` names a directory or a place to create one.
+
+  Raises:
+    FlairInputError: `path` is empty, or it or a directory above it is an
+      existing file (one line naming `flag`); nothing is created.
+  """
+  if not path:
+    raise errors.FlairInputError(f"{flag} must name a directory")
+  blocking = _blocking_file(path)
+  if blocking is not None:
+    where = ("it" if blocking == os.path.abspath(path) else blocking)
+    raise errors.FlairInputError(
+        f"{flag} {path!r} must be a directory (created if missing), but "
+        f"{where} is an existing file")
+
+
+def check_output_file(path: Optional[str], flag: str) -> None:
+  """Checks that `path` names a file that can be created or replaced.
+
+  Raises:
+    FlairInputError: `path` is empty, an existing directory, or a directory
+      above it is an existing file (one line naming `flag`).
+  """
+  if not path:
+    raise errors.FlairInputError(f"{flag} must name a file")
+  if os.path.isdir(path):
+    raise errors.FlairInputError(
+        f"{flag} {path!r} is an existing directory; name the file to write")
+  blocking = _blocking_file(os.path.dirname(os.path.abspath(path)))
+  if blocking is not None:
+    raise errors.FlairInputError(
+        f"{flag} {path!r}: {blocking} is an existing file, not a directory")

@@ -60,11 +60,13 @@ def export(dataset_dir: str, output_file: str,
     Images written per partition.
 
   Raises:
-    FlairInputError: a missing or malformed dataset directory.
+    FlairInputError: `output_file` an existing directory (or below a
+      file), a missing or malformed dataset directory.
     input_checks.BadInputError: bad records or images (all listed).
     OutputWriteError: the output cannot be written (names the file).
   """
   import h5py  # pylint: disable=g-import-not-at-top
+  input_checks.check_output_file(output_file, _FLAG)
   source = sources.DownloadedSource(dataset_dir)
   records, problems = input_checks.check_input(source, show_progress)
   if problems:

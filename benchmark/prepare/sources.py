@@ -14,13 +14,19 @@
   (`pfl_hdf5`).
 
 Each gives the metadata records (the objects of `labels_and_metadata.json`,
-checked by prepare) and each image's JPEG bytes by a key. Sources are
+checked by prepare), each image's JPEG bytes by a key, and the fine-grained
+labels' coarse labels where it holds them (`label_relationship`: the
+downloaded layout's `label_relationship.txt`, when present). Sources are
 pickled to prepare's worker processes; each opens its files lazily.
 """
 
 import glob
 import os
 from typing import Any, Optional
+
+# What `label_relationship()` gives: (the file read, {fine-grained label:
+# its coarse labels}), or None.
+Relationship = Optional[tuple[str, dict[str, frozenset[str]]]]
 
 from benchmark.core import constants
 from benchmark.core.errors import FlairInputError
@@ -53,6 +59,20 @@ class DownloadedSource:
           f"--dataset_dir {self.path!r} is not a directory (expected a FLAIR "
           f"dataset directory with {constants.METADATA_FILE})")
     return formats.read_metadata_file(self.metadata_path)
+
+  def label_relationship(self) -> Relationship:
+    """`label_relationship.txt` of the directory, read and checked
+    (`formats.read_label_relationship`), or None when the directory has
+    none.
+
+    Raises:
+      FlairInputError: the file is there but truncated or malformed (names
+        the file and the line).
+    """
+    path = os.path.join(self.path, constants.LABEL_RELATIONSHIP_FILE)
+    if not os.path.lexists(path):
+      return None
+    return path, formats.read_label_relationship(path)
 
   def image_key(self, record_index: int, image_id: str) -> str:
     del record_index
@@ -135,6 +155,10 @@ class HuggingFaceSource:
     self._dataset = images
     return dataset.select_columns(list(_HF_METADATA_COLUMNS)).to_list()
 
+  def label_relationship(self) -> Relationship:
+    """None: the dataset card's columns hold no label relationship."""
+    return None
+
   def image_key(self, record_index: int, image_id: str) -> int:
     del image_id
     return record_index
@@ -199,6 +223,10 @@ class Hdf5Source:
     if not records:
       raise FlairInputError(f"--pfl_hdf5 {self.path} holds no images")
     return records
+
+  def label_relationship(self) -> Relationship:
+    """None: pfl-research's HDF5 holds no label relationship."""
+    return None
 
   def image_key(self, record_index: int, image_id: str) -> tuple:
     del image_id

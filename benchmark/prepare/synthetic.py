@@ -94,6 +94,8 @@ _IMAGES_PER_USER_LOG_STD = 1.5
 # p_k * exp(s * z_uk - s^2 / 2), z ~ N(0, 1) (mean-1 log-normal factor).
 _USER_LABEL_PREFERENCE_STD = 0.5
 _MAX_LABEL_PROBABILITY = 0.97
+# The flag of benchmark/synthetic_dataset.py naming the output, in messages.
+_FLAG = "--dataset_dir"
 # Fine labels per present coarse label: 1 + Binomial(2, 0.33), mean ~1.66,
 # giving ~4.6 fine labels per image like statistics.json per_image_fine_labels.
 _EXTRA_FINE_TRIALS, _EXTRA_FINE_PROBABILITY = 2, 0.33
@@ -392,7 +394,7 @@ def _write_images(image_dir: str, records: list[dict[str, Any]], seed: int,
             constants.FINE_GRAINED_LABELS_KEY], style, rng, noise_bank)
     path = os.path.join(
         image_dir, record[constants.IMAGE_ID_KEY] + constants.IMAGE_EXTENSION)
-    with file_io.atomic_path(path) as tmp:
+    with file_io.atomic_path(path, flag=_FLAG) as tmp:
       with open(tmp, "wb") as f:
         f.write(_encode_jpeg(pixels))
     if progress is not None:
@@ -460,10 +462,11 @@ def generate(dataset_dir: str, num_users: int, seed: int = 0,
   _write_images(image_dir, records, seed, show_progress)
   file_io.write_text_atomic(
       os.path.join(dataset_dir, constants.LABEL_RELATIONSHIP_FILE),
-      "".join(f"{fine} -> {coarse}\n" for fine, coarse in label_relationship()))
+      "".join(f"{fine} -> {coarse}\n" for fine, coarse in label_relationship()),
+      flag=_FLAG)
   file_io.write_text_atomic(os.path.join(dataset_dir, "README.txt"),
-                             README_TEXT)
+                            README_TEXT, flag=_FLAG)
   # The metadata last: a directory with it is complete.
   file_io.write_json_atomic(
-      os.path.join(dataset_dir, constants.METADATA_FILE), records)
+      os.path.join(dataset_dir, constants.METADATA_FILE), records, flag=_FLAG)
   return _summary(dataset_dir, seed, num_users, records)

@@ -14,12 +14,14 @@ pfl-research's HDF5) and writes, in the format of docs/formats.md
   metadata (of the records that are written).
 
 Steps:
-1. Every record and image is checked before anything is written
-   (`input_checks`). By default any problem stops the run with the full list
-   (`input_checks.BadInputError`). With `skip_bad_images` the records with
-   problems are skipped and listed, with the reason, in a JSON report
-   (default `T/skipped_images.json`; a run without it removes a report left
-   there). Nothing is dropped silently.
+1. The output location, every record (its fields, its labels against
+   FLAIR's 17 coarse labels and the source's `label_relationship.txt`, its
+   user id's length) and every image are checked before anything is
+   written (`input_checks`). By default any problem stops the run with the
+   full list (`input_checks.BadInputError`). With `skip_bad_images` the
+   records with problems are skipped and listed, with the reason, in a JSON
+   report (default `T/skipped_images.json`; a run without it removes a
+   report left there). Nothing is dropped silently.
 2. Users are written in parallel by a process pool (`pool`), one whole file
    per task, each to a temporary name and then renamed
    (`file_io.atomic_path`): a final `<user_id>.tfrecords` is always complete.
@@ -453,15 +455,20 @@ def prepare(dataset_dir: Optional[str], tfrecords_dir: str,
     A `PrepareSummary`.
 
   Raises:
-    FlairInputError: a bad argument, not exactly one input, a missing
-      dataset directory or metadata file, malformed JSON, an input not in
-      its expected layout, or no usable record.
+    FlairInputError: a bad argument (`tfrecords_dir` an existing file,
+      `report_path` an existing directory...), not exactly one input, a
+      missing dataset directory or metadata file, malformed JSON, a
+      truncated or malformed label_relationship.txt, an input not in its
+      expected layout, or no usable record.
     input_checks.BadInputError (a FlairInputError): bad records or images
       without `skip_bad_images`; its `problems` lists all of them.
     errors.OutputWriteError: a storage failure writing the output (names
       the file).
   """
   num_workers = _check_num_workers(num_workers)
+  input_checks.check_output_dir(tfrecords_dir, _FLAG)
+  if report_path is not None:
+    input_checks.check_output_file(report_path, "--report_path")
   source = sources.open_source(dataset_dir, hf_dataset, pfl_hdf5)
   raw_records = source.load_records()
   pool = None

@@ -195,7 +195,12 @@ def test_dropped_connection_then_rerun_resumes(server, tree, tmp_path):
   first, second = server.requests_for(target)
   assert first.range is None
   assert second.range == f"bytes={cut}-" and second.status == 206
+  # Continued only under the first reply's validator (If-Range).
+  local = os.path.join(tree["root"], target)
+  assert second.if_range == server.validator_headers(
+      local, _read(local))["ETag"]
   assert target in summary.resumed and target in summary.fetched
+  assert not os.path.exists(str(part) + fetch.VALIDATOR_SUFFIX)
   assert not part.exists()
   _assert_images_identical(dataset_dir, tree)
   assert server.count(METADATA_URL) == 1
@@ -212,12 +217,27 @@ def test_dropped_connection_is_retried_with_range_in_the_same_run(
   _assert_images_identical(tmp_path / "flair", tree)
 
 
+def _keep_partial(server, root, dataset_dir, url_path, num_bytes):
+  """Writes the first `num_bytes` of a served file as its partial download
+  with the validator the downloader keeps beside it (docs/formats.md,
+  "Download layout"), as a killed run leaves them; returns the partial
+  file's path."""
+  local = os.path.join(root, url_path)
+  data = _read(local)
+  os.makedirs(dataset_dir, exist_ok=True)
+  part = dataset_dir / (os.path.basename(url_path) + fetch.PART_SUFFIX)
+  part.write_bytes(data[:num_bytes])
+  validators = server.validator_headers(local, data)
+  with open(str(part) + fetch.VALIDATOR_SUFFIX, "w") as f:
+    json.dump({"url": server.url + url_path, "etag": validators["ETag"],
+               "last_modified": None, "length": len(data)}, f)
+  return part
+
+
 def test_complete_part_file_is_finished_without_a_body(server, tree, tmp_path):
   dataset_dir = tmp_path / "flair"
   target, size = _archive_with_images(tree)
-  os.makedirs(dataset_dir)
-  shutil.copyfile(os.path.join(tree["root"], target),
-                  dataset_dir / (os.path.basename(target) + ".part"))
+  _keep_partial(server, tree["root"], dataset_dir, target, size)
   _download(server, dataset_dir)
   (request,) = server.requests_for(target)
   assert request.range == f"bytes={size}-" and request.status == 416
@@ -229,6 +249,134 @@ def test_server_errors_are_retried_then_succeed(server, tree, tmp_path):
   _download(server, tmp_path / "flair", max_retries=2)
   assert server.count(SMALL[1]) == 3
   _assert_images_identical(tmp_path / "flair", tree)
+
+
+# --- Resuming only the same file (If-Range) -----------------------------------
+
+
+def _served_copy(tree, tmp_path):
+  """A copy of the server tree (to change files in) whose metadata file was
+  last modified an hour ago; returns (root, metadata path, its bytes)."""
+  root = tmp_path / "root"
+  shutil.copytree(tree["root"], root)
+  metadata = root / METADATA_URL
+  hour_ago = time.time() - 3600
+  os.utime(metadata, (hour_ago, hour_ago))
+  return root, metadata, _read(metadata)
+
+
+def _interrupt_metadata(server, dataset_dir, cut):
+  """A run whose metadata transfer is cut after `cut` bytes (no retry);
+  returns the partial file."""
+  server.set_fault(METADATA_URL, Fault(drop_after_bytes=cut, times=1))
+  with pytest.raises(errors.DownloadError, match=f"closed after {cut} of"):
+    _download(server, dataset_dir, max_retries=0)
+  part = dataset_dir / (constants.METADATA_FILE + fetch.PART_SUFFIX)
+  assert os.path.getsize(part) == cut
+  return part
+
+
+def _change_at_start_and_end(path, old):
+  """Rewrites a served JSON file, still valid, with other bytes at its start
+  and end and a newer (but past) modification time; returns its bytes."""
+  new = b" " * 7 + old.rstrip() + b"\n\n"
+  path.write_bytes(new)
+  half_an_hour_ago = time.time() - 1800
+  os.utime(path, (half_an_hour_ago, half_an_hour_ago))
+  return new
+
+
+@pytest.mark.parametrize("validators", [("etag", "last_modified"),
+                                        ("last_modified",)])
+def test_file_changed_on_the_server_is_fetched_whole_not_spliced(
+    tree, tmp_path, validators):
+  root, metadata, old = _served_copy(tree, tmp_path)
+  cut = len(old) // 2
+  dataset_dir = tmp_path / "flair"
+  with FileServer(str(root), max_lifetime_s=60,
+                  validators=validators) as server:
+    part = _interrupt_metadata(server, dataset_dir, cut)
+    assert os.path.exists(str(part) + fetch.VALIDATOR_SUFFIX)
+    new = _change_at_start_and_end(metadata, old)
+    summary = _download(server, dataset_dir)
+    requests = server.requests_for(METADATA_URL)
+  assert [r.range for r in requests] == [None, f"bytes={cut}-"]
+  assert requests[1].if_range is not None
+  assert requests[1].status == 200  # The server sent the whole new file...
+  assert _read(dataset_dir / constants.METADATA_FILE) == new  # ...kept whole.
+  assert METADATA_URL not in summary.resumed
+  assert not part.exists()
+  assert not os.path.exists(str(part) + fetch.VALIDATOR_SUFFIX)
+
+
+def test_a_range_of_another_version_is_not_spliced(tree, tmp_path):
+  """A server that ignores If-Range sends a range of its new file: the
+  reply's ETag is not the one kept, so the partial file is dropped and the
+  file fetched whole."""
+  root, metadata, old = _served_copy(tree, tmp_path)
+  cut = len(old) // 2
+  dataset_dir = tmp_path / "flair"
+  with FileServer(str(root), max_lifetime_s=60,
+                  honour_if_range=False) as server:
+    _interrupt_metadata(server, dataset_dir, cut)
+    new = _change_at_start_and_end(metadata, old)
+    _download(server, dataset_dir)
+    requests = server.requests_for(METADATA_URL)
+  assert [(r.range, r.status) for r in requests] == [
+      (None, 200), (f"bytes={cut}-", 206), (None, 200)]
+  assert _read(dataset_dir / constants.METADATA_FILE) == new
+
+
+def test_partial_file_without_a_validator_is_fetched_from_the_start(
+    tree, tmp_path):
+  root, _, old = _served_copy(tree, tmp_path)
+  cut = len(old) // 2
+  dataset_dir = tmp_path / "flair"
+  with FileServer(str(root), max_lifetime_s=60, validators=()) as server:
+    part = _interrupt_metadata(server, dataset_dir, cut)
+    assert not os.path.exists(str(part) + fetch.VALIDATOR_SUFFIX)
+    summary = _download(server, dataset_dir)
+    requests = server.requests_for(METADATA_URL)
+  assert [r.range for r in requests] == [None, None]
+  assert _read(dataset_dir / constants.METADATA_FILE) == old
+  assert METADATA_URL not in summary.resumed
+
+
+# --- Label files --------------------------------------------------------------
+
+
+def test_label_relationship_cut_short_is_refused_then_fetched_again(
+    server, tree, tmp_path):
+  """The server announces (and sends) 5 bytes too few: the file looks
+  complete but ends inside a line."""
+  server.set_fault(RELATIONSHIP_URL, Fault(short_by_bytes=5, times=1))
+  dataset_dir = tmp_path / "flair"
+  path = dataset_dir / constants.LABEL_RELATIONSHIP_FILE
+  with pytest.raises(errors.DownloadError) as info:
+    _download(server, dataset_dir)
+  message = str(info.value)
+  assert message.startswith(f"{path} is truncated or malformed: line ")
+  assert message.endswith("it was deleted: rerun to fetch it again")
+  assert "\n" not in message
+  assert not path.exists()
+  assert all(server.count(p) == 0 for p in SMALL)  # Before any archive.
+
+  _download(server, dataset_dir)
+  assert _read(path) == _read(os.path.join(tree["root"], RELATIONSHIP_URL))
+
+
+def test_truncated_label_relationship_left_by_an_earlier_run_is_refused(
+    server, tree, tmp_path):
+  dataset_dir = tmp_path / "flair"
+  os.makedirs(dataset_dir)
+  path = dataset_dir / constants.LABEL_RELATIONSHIP_FILE
+  served = _read(os.path.join(tree["root"], RELATIONSHIP_URL))
+  path.write_bytes(served[:-5])
+  with pytest.raises(errors.DownloadError, match="truncated or malformed"):
+    _download(server, dataset_dir)
+  assert server.count(RELATIONSHIP_URL) == 0 and not path.exists()
+  _download(server, dataset_dir)
+  assert _read(path) == served
 
 
 # --- Errors -------------------------------------------------------------------
@@ -290,7 +438,37 @@ def test_disk_full_is_a_one_line_error(server, tmp_path):
                      match=rf"disk full while writing {part}") as info:
     _download(server, dataset_dir)
   assert "\n" not in str(info.value)
+  assert "--dataset_dir" in str(info.value)
   assert not (dataset_dir / constants.METADATA_FILE).exists()
+
+
+def test_disk_full_writing_an_archive_marker_names_dataset_dir(
+    tree, tmp_path, small_filesystem):
+  """Archives with no image: the first file unpacking writes is a completion
+  marker in .download_state/, here on a full file system."""
+  root = tmp_path / "root"
+  os.makedirs(root / "labels")
+  for url_path in (METADATA_URL, RELATIONSHIP_URL):
+    shutil.copyfile(os.path.join(tree["root"], url_path), root / url_path)
+  for url_path in SMALL:
+    os.makedirs(os.path.dirname(root / url_path), exist_ok=True)
+    with tarfile.open(root / url_path, "w:gz") as tar:
+      entry = tarfile.TarInfo(constants.SMALL_IMAGES_DIR)
+      entry.type = tarfile.DIRTYPE
+      tar.addfile(entry)
+  full = small_filesystem(64, fill_to_kib=0)
+  dataset_dir = tmp_path / "flair"
+  os.makedirs(dataset_dir)
+  os.symlink(full, dataset_dir / constants.DOWNLOAD_STATE_DIR)
+  with FileServer(str(root), max_lifetime_s=60) as server:
+    with pytest.raises(errors.OutputWriteError) as info:
+      _download(server, dataset_dir, num_workers=1, num_unpack_workers=1)
+  message = str(info.value)
+  assert message.startswith(
+      f"cannot write {dataset_dir / constants.DOWNLOAD_STATE_DIR}/")
+  assert download.MARKER_SUFFIX + ": No space left on device" in message
+  assert "or use another --dataset_dir" in message
+  assert "--save_model_dir" not in message and "\n" not in message
 
 
 def test_read_only_dataset_dir_is_a_one_line_error(server, tmp_path,
@@ -455,24 +633,43 @@ def _walk_all(root):
 # --- Interruption -------------------------------------------------------------
 
 
-def test_cli_terminated_mid_download_leaves_no_partial_file_under_final_name(
-    server, tree, tmp_path):
-  dataset_dir = tmp_path / "flair"
+def _cli_download_until_stalled(server, tree, dataset_dir, stall_s):
+  """Starts download_dataset.py (one worker) and returns once the last
+  archive holding images has half arrived and stalls (for `stall_s`).
+
+  Returns:
+    (the process, its argv, the archive's URL path, half its size, its
+    partial file).
+  """
   target, size = _archive_with_images(tree)
   half = size // 2
-  server.set_fault(target, Fault(stall_after_bytes=half, stall_s=3.0))
+  server.set_fault(target, Fault(stall_after_bytes=half, stall_s=stall_s,
+                                 times=1))
   part = dataset_dir / (os.path.basename(target) + fetch.PART_SUFFIX)
-  process = subprocess.Popen(
-      [sys.executable, os.path.join(REPO_ROOT, "download_dataset.py"),
-       f"--dataset_dir={dataset_dir}", f"--data_url={server.url}",
-       "--noprogress", "--num_workers=1"],
-      cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  command = [sys.executable, os.path.join(REPO_ROOT, "download_dataset.py"),
+             f"--dataset_dir={dataset_dir}", f"--data_url={server.url}",
+             "--noprogress", "--num_workers=1"]
+  process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
   try:
     deadline = time.monotonic() + 30
     while not (part.exists() and part.stat().st_size == half):
       assert process.poll() is None, process.communicate()
       assert time.monotonic() < deadline, "the transfer never reached the stall"
       time.sleep(0.02)
+  except BaseException:
+    process.kill()
+    process.communicate()
+    raise
+  return process, command, target, half, part
+
+
+def test_cli_terminated_mid_download_leaves_no_partial_file_under_final_name(
+    server, tree, tmp_path):
+  dataset_dir = tmp_path / "flair"
+  process, _, target, half, part = _cli_download_until_stalled(
+      server, tree, dataset_dir, stall_s=3.0)
+  try:
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=30)
   finally:
@@ -490,5 +687,43 @@ def test_cli_terminated_mid_download_leaves_no_partial_file_under_final_name(
 
   summary = _download(server, dataset_dir)
   assert server.requests_for(target)[-1].range == f"bytes={half}-"
+  assert target in summary.resumed
+  _assert_images_identical(dataset_dir, tree)
+
+
+# --- One download at a time ---------------------------------------------------
+
+
+def test_second_download_into_the_same_dir_is_refused_naming_the_first(
+    server, tree, tmp_path):
+  """Two download_dataset.py processes into one --dataset_dir: the second is
+  refused at once, one line naming the first; killing the first (kill -9)
+  leaves no stale lock, and a rerun resumes."""
+  dataset_dir = tmp_path / "flair"
+  first, command, target, half, part = _cli_download_until_stalled(
+      server, tree, dataset_dir, stall_s=30.0)
+  try:
+    num_requests = len(server.requests)
+    second = subprocess.run(command, cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert first.poll() is None  # Still running, untouched.
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=30)
+  finally:
+    if first.poll() is None:
+      first.kill()
+      first.communicate()
+  assert second.returncode == 1, second.stderr
+  assert "Traceback" not in second.stderr
+  error_lines = [line for line in second.stderr.splitlines()
+                 if line.startswith("error:")]
+  assert len(error_lines) == 1, second.stderr
+  assert error_lines[0].startswith(
+      f"error: --dataset_dir {dataset_dir} is in use by process {first.pid} ("
+  ), error_lines[0]
+  assert len(server.requests) == num_requests  # The second fetched nothing.
+  assert part.stat().st_size == half
+
+  summary = _download(server, dataset_dir)
   assert target in summary.resumed
   _assert_images_identical(dataset_dir, tree)

@@ -212,3 +212,33 @@ def test_pfl_hdf5_with_a_label_outside_its_mapping_is_one_line_error(
   with pytest.raises(errors.FlairInputError, match="--pfl_hdf5 .*not a file"):
     tfrecords.prepare(None, str(tmp_path / "out"), num_workers=1,
                       pfl_hdf5=str(tmp_path / "missing.hdf5"))
+
+
+def test_export_output_file_naming_a_directory_is_refused(
+    synthetic_dataset_dir, tmp_path):
+  pytest.importorskip("h5py")
+  out_dir = tmp_path / "exports"
+  os.makedirs(out_dir / "inside")
+  with pytest.raises(errors.FlairInputError,
+                     match=f"^--output_file '{out_dir}' is an existing "
+                     "directory; name the file to write$"):
+    pfl_export.export(synthetic_dataset_dir, str(out_dir),
+                      show_progress=False)
+  assert os.listdir(tmp_path) == ["exports"]  # No temporary file left.
+  assert os.listdir(out_dir) == ["inside"]
+
+
+def test_cli_export_output_file_naming_a_directory_is_one_line(
+    synthetic_dataset_dir, tmp_path):
+  pytest.importorskip("h5py")
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO_ROOT, "export_pfl_hdf5.py"),
+       f"--dataset_dir={synthetic_dataset_dir}",
+       f"--output_file={tmp_path}"],
+      capture_output=True, text=True, env=_env(), timeout=300, check=False)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  error_lines = [line for line in result.stderr.splitlines()
+                 if line.startswith("error:")]
+  assert error_lines == [f"error: --output_file '{tmp_path}' is an existing "
+                         "directory; name the file to write"], result.stderr

@@ -185,6 +185,16 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
   assert not images_a & images_c
 
 
+def test_full_disk_names_the_dataset_dir_flag(small_filesystem):
+  full = small_filesystem(64, fill_to_kib=0)
+  with pytest.raises(errors.OutputWriteError) as info:
+    synthetic.generate(os.path.join(full, "synthetic"), 6, seed=1)
+  message = str(info.value)
+  assert "No space left on device" in message
+  assert "or use another --dataset_dir" in message
+  assert "--save_model_dir" not in message
+
+
 def test_command_line_writes_same_files_as_library(tmp_path):
   out = tmp_path / "cli"
   result = subprocess.run(

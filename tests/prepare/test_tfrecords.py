@@ -128,10 +128,14 @@ def _small_selection(records):
 
 @pytest.fixture
 def small_dataset(synthetic_dataset_dir, tmp_path):
-  """A writable dataset of ~12 generated records, all partitions present."""
+  """A writable dataset of ~12 generated records, all partitions present,
+  with the generator's label_relationship.txt."""
   target = str(tmp_path / "dataset")
   _copy_dataset(synthetic_dataset_dir, target,
                 _small_selection(_records(synthetic_dataset_dir)))
+  shutil.copyfile(
+      os.path.join(synthetic_dataset_dir, constants.LABEL_RELATIONSHIP_FILE),
+      os.path.join(target, constants.LABEL_RELATIONSHIP_FILE))
   return target
 
 
@@ -484,8 +488,22 @@ def _break_unknown_partition(dataset_dir, records):
   return 6, "unknown partition"
 
 
+def _break_unknown_coarse_label(dataset_dir, records):
+  records[7][constants.LABELS_KEY].append("not_a_real_label")
+  _write_records(dataset_dir, records)
+  return 7, "['not_a_real_label'] not among FLAIR's 17 coarse labels"
+
+
+def _break_unknown_fine_label(dataset_dir, records):
+  records[8][constants.FINE_GRAINED_LABELS_KEY].append("unicorn")
+  _write_records(dataset_dir, records)
+  return 8, ("['unicorn'] not in " + os.path.join(
+      dataset_dir, constants.LABEL_RELATIONSHIP_FILE))
+
+
 BREAKERS = [_break_missing_image, _break_not_jpeg, _break_unreadable_jpeg,
-            _break_missing_field, _break_unknown_partition]
+            _break_missing_field, _break_unknown_partition,
+            _break_unknown_coarse_label, _break_unknown_fine_label]
 
 
 @pytest.mark.parametrize("breaker", BREAKERS, ids=lambda b: b.__name__)
@@ -579,6 +597,76 @@ def test_missing_dataset_dir(tmp_path):
                       num_workers=1, show_progress=False)
 
 
+def test_user_id_too_long_for_a_file_name_stops_before_writing(
+    small_dataset, tmp_path):
+  records = _records(small_dataset)
+  first_user = records[0][constants.USER_ID_KEY]
+  for r in records:
+    if r[constants.USER_ID_KEY] == first_user:
+      r[constants.USER_ID_KEY] = "u" * 245
+  _write_records(small_dataset, records)
+  out = str(tmp_path / "out")
+  with pytest.raises(input_checks.BadInputError) as info:
+    tfrecords.prepare(small_dataset, out, num_workers=1, show_progress=False)
+  assert "user_id is 245 bytes long (UTF-8), more than the 231 that fit in " \
+      "a file name" in str(info.value)
+  assert not os.path.exists(out)  # Nothing written, not even the directory.
+  summary = tfrecords.prepare(small_dataset, out, num_workers=1,
+                              skip_bad_images=True, show_progress=False)
+  assert len(summary.skipped) == sum(
+      r[constants.USER_ID_KEY] == "u" * 245 for r in records)
+
+
+def test_the_longest_user_id_allowed_is_written(small_dataset, tmp_path):
+  """`MAX_USER_ID_BYTES` (in UTF-8 bytes) is not too many: the file and its
+  temporary name can be created."""
+  records = _records(small_dataset)
+  longest = "é" * (input_checks.MAX_USER_ID_BYTES // 2) + "a" * (
+      input_checks.MAX_USER_ID_BYTES % 2)
+  first_user = records[0][constants.USER_ID_KEY]
+  for r in records:
+    if r[constants.USER_ID_KEY] == first_user:
+      r[constants.USER_ID_KEY] = longest
+  _write_records(small_dataset, records)
+  out = str(tmp_path / "out")
+  tfrecords.prepare(small_dataset, out, num_workers=1, show_progress=False)
+  assert _check_prepared(small_dataset, out) == len(records)
+  partition = records[0][constants.PARTITION_KEY]
+  assert os.path.isfile(os.path.join(out, partition,
+                                     longest + constants.TFRECORD_SUFFIX))
+
+
+def test_truncated_label_relationship_stops_before_writing(small_dataset,
+                                                           tmp_path):
+  path = os.path.join(small_dataset, constants.LABEL_RELATIONSHIP_FILE)
+  with open(path, "rb") as f:
+    text = f.read()
+  with open(path, "wb") as f:
+    f.write(text[:-5])  # Ends inside a coarse label's name.
+  out = str(tmp_path / "out")
+  with pytest.raises(errors.FlairInputError,
+                     match=f"^{path} is truncated or malformed: line "):
+    tfrecords.prepare(small_dataset, out, num_workers=1, show_progress=False)
+  assert not os.path.exists(out)
+
+
+def test_tfrecords_dir_naming_a_file_is_refused(small_dataset, tmp_path):
+  existing = tmp_path / "a_file"
+  existing.write_text("keep")
+  for out in (existing, existing / "below"):
+    with pytest.raises(errors.FlairInputError,
+                       match=f"^--tfrecords_dir '{out}' must be a directory"):
+      tfrecords.prepare(small_dataset, str(out), num_workers=1,
+                        skip_bad_images=True, show_progress=False)
+  assert existing.read_text() == "keep"
+  with pytest.raises(errors.FlairInputError,
+                     match="^--report_path .* is an existing directory"):
+    tfrecords.prepare(small_dataset, str(tmp_path / "out"), num_workers=1,
+                      skip_bad_images=True, report_path=str(tmp_path),
+                      show_progress=False)
+  assert not (tmp_path / "out").exists()
+
+
 # --- Command line -------------------------------------------------------------
 
 
@@ -606,6 +694,22 @@ def test_cli_malformed_json_exits_1(small_dataset, tmp_path):
   assert result.returncode == 1
   assert path in result.stderr and "not valid JSON" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_cli_tfrecords_dir_naming_a_file_is_one_line(small_dataset,
+                                                     tmp_path):
+  existing = tmp_path / "a_file"
+  existing.write_text("keep")
+  result = _run_cli("--dataset_dir", small_dataset, "--tfrecords_dir",
+                    str(existing), "--num_workers", "1")
+  assert result.returncode == 1, result.stderr
+  assert "Traceback" not in result.stderr, result.stderr
+  error_lines = [line for line in result.stderr.splitlines()
+                 if line.startswith("error:")]
+  assert error_lines == [
+      f"error: --tfrecords_dir '{existing}' must be a directory (created if "
+      "missing), but it is an existing file"], result.stderr
+  assert existing.read_text() == "keep"
 
 
 @pytest.mark.parametrize("kind", ["read_only", "permission"])
