@@ -35,8 +35,10 @@ class RoundBackend(abc.ABC):
     """The current global model's weights."""
 
   @abc.abstractmethod
-  def run_round(self, cohort: Sequence[str]) -> Any:
-    """Runs one round on the clients `cohort` (client ids), updates the
+  def run_round(self, cohort: Sequence[Sequence[Any]]) -> Any:
+    """Runs one round on the clients `cohort` (each client's input to the
+    process: its id first, then its seed; `training.cohorts.ClientInput`),
+    updates the
     current state and returns the round's metrics (the process's metrics
     structure, numpy leaves).
 
@@ -81,7 +83,8 @@ class CompiledBackend(RoundBackend):
 
   @abc.abstractmethod
   def _train_clients(self, broadcast: list[np.ndarray],
-                     cohort: list[str]) -> list[list[np.ndarray]]:
+                     cohort: list[Sequence[Any]]
+                    ) -> list[list[np.ndarray]]:
     """Trains `cohort` from `broadcast`; returns partial accumulators (at
     least one) whose merge is the round's accumulator."""
 

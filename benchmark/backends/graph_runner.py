@@ -16,7 +16,7 @@ clients (Ray actors, see `benchmark.backends`) start quickly.
 
 import dataclasses
 import threading
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -203,19 +203,25 @@ class ClientTrainer:
     self._accumulator = self._zero()
     self.clients_trained = 0
 
-  def train(self, client_id: str) -> None:
-    """Trains one client (`work`, its input the client id) from the round's
-    broadcast and folds its update into the accumulator.
+  def train(self, client_input: Sequence[Any]) -> None:
+    """Trains one client (`work`) from the round's broadcast and folds its
+    update into the accumulator.
+
+    Args:
+      client_input: the client's input to `work`, flattened: its id (str)
+        first, then the rest (e.g. its seed, int64 `[2]`).
 
     Raises:
       errors.ClientDataError: TensorFlow failed on this client (unreadable or
         corrupt data); the accumulator is left as it was.
     """
+    client_id, *rest = client_input
     # Parameters: work's (client input, broadcast), then accumulate's
     # accumulator (its update comes from work inside the graph).
     try:
       self._accumulator = self._train(
-          np.array(client_id.encode()), *self._broadcast, *self._accumulator)
+          np.array(client_id.encode()), *(np.asarray(v) for v in rest),
+          *self._broadcast, *self._accumulator)
     except tf.errors.OpError as e:
       raise errors.ClientDataError(
           client_id, (e.message or str(e)).strip().splitlines()[0]) from None

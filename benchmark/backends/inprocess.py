@@ -55,28 +55,28 @@ class InProcessBackend(base.CompiledBackend):
     for trainer in self._trainers:
       trainer.begin(broadcast)
     if len(self._trainers) == 1:
-      for client_id in cohort:
-        self._trainers[0].train(client_id)
+      for client_input in cohort:
+        self._trainers[0].train(client_input)
     else:
       self._train_in_threads(cohort)
     return [t.end() for t in self._trainers if t.clients_trained] or [
         self._trainers[0].end()]
 
-  def _train_in_threads(self, cohort: list[str]) -> None:
+  def _train_in_threads(self, cohort: list) -> None:
     pending = queue.SimpleQueue()
-    for client_id in cohort:
-      pending.put(client_id)
+    for client_input in cohort:
+      pending.put(client_input)
     failures = []
     stop = threading.Event()
 
     def work(trainer: graph_runner.ClientTrainer) -> None:
       while not stop.is_set():
         try:
-          client_id = pending.get_nowait()
+          client_input = pending.get_nowait()
         except queue.Empty:
           return
         try:
-          trainer.train(client_id)
+          trainer.train(client_input)
         except BaseException as e:  # Re-raised in the calling thread.
           failures.append(e)
           stop.set()

@@ -43,7 +43,10 @@ class TffWorkerBackend(base.RoundBackend):
                                comp.type_signature.result)
 
   def run_round(self, cohort):
-    output = self._session.call(self._process.next, self._state, list(cohort))
+    # Client ids as UTF-8 bytes: TFF's serialization of Python strings
+    # refuses non-ASCII ones.
+    inputs = [(client_id.encode(), *rest) for client_id, *rest in cohort]
+    output = self._session.call(self._process.next, self._state, inputs)
     metrics = self._session.fetch(self._session.select(output, 1),
                                   self._process.next.type_signature.result[1])
     self._state = self._session.select(output, 0)

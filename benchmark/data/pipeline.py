@@ -26,7 +26,7 @@ batch).
 """
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import tensorflow as tf
 import tensorflow_federated as tff
@@ -34,6 +34,7 @@ import tensorflow_federated as tff
 from benchmark.core import constants
 from benchmark.core import validate
 from benchmark.core.errors import FlairInputError
+from benchmark.data import augmentation
 from benchmark.data import formats
 from benchmark.data import label_sets
 
@@ -203,39 +204,66 @@ class ClientSpec:
                        self.shuffle_buffer_size)
 
 
-def create_train_preprocess_fn(spec: ClientSpec,
-                               seed: Optional[int] = None) -> PreprocessFn:
-  """Returns the training preprocessing for one client's dataset.
+def create_train_preprocess_fn(
+    spec: ClientSpec, crop_size: Optional[Sequence[int]] = None
+) -> Callable[[tf.data.Dataset, tf.Tensor], tf.data.Dataset]:
+  """Returns the training preprocessing of one client's dataset.
 
-  The client's examples are shuffled once (buffer `spec.shuffle_buffer_size`),
-  the first `spec.max_elements` are kept, that same sequence is repeated
-  `spec.num_epochs` times, and the result is batched by `spec.batch_size`
-  (the last batch may be smaller). The shuffle is drawn afresh each time the
-  dataset is built (each round, in TFF), from `seed` when it is given (then
-  every build gives the same order) or at random when it is None.
+  `preprocess(dataset, seed)`: the client's examples are shuffled once
+  (buffer `spec.shuffle_buffer_size`, order drawn from `seed`), the first
+  `spec.max_elements` are kept, that sequence is repeated `spec.num_epochs`
+  times, each example of it is augmented (`augmentation.augment`, its seed
+  from `seed` and its position, so every epoch of an example draws anew)
+  when `crop_size` is given, and the result is batched by `spec.batch_size`
+  (the last batch may be smaller). The same `seed` gives the same batches.
 
-  The function uses only `tf.data` ops, so it can be traced inside a TFF
-  computation.
+  Only `tf.data` and stateless random ops are used, so the function can be
+  traced inside a TFF computation.
 
   Args:
     spec: the validated client spec.
-    seed: optional shuffle seed.
+    crop_size: `(height, width)` of the model's input crop; None: no
+      augmentation.
 
   Returns:
-    `dataset -> dataset` of batches `(images [b, ...], labels [b, ...])`.
+    `(dataset, seed int64 [2]) -> dataset` of batches `(images [b, 256,
+    256, 3] uint8, labels [b, num_outputs] int32)`.
   """
   if not isinstance(spec, ClientSpec):
     raise TypeError(f"spec must be a ClientSpec, got {type(spec).__name__}")
 
-  def preprocess(dataset: tf.data.Dataset) -> tf.data.Dataset:
+  def preprocess(dataset: tf.data.Dataset,
+                 seed: tf.Tensor) -> tf.data.Dataset:
+    shuffle_seed, augment_seed = tf.unstack(
+        tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2))
     if spec.shuffle_buffer_size > 1:
-      dataset = dataset.shuffle(spec.shuffle_buffer_size, seed=seed,
+      dataset = dataset.shuffle(spec.shuffle_buffer_size,
+                                seed=augmentation.scalar_seed(shuffle_seed),
                                 reshuffle_each_iteration=False)
     if spec.max_elements is not None:
       dataset = dataset.take(spec.max_elements)
-    return dataset.repeat(spec.num_epochs).batch(spec.batch_size)
+    dataset = dataset.repeat(spec.num_epochs)
+    if crop_size is not None:
+      dataset = augmented(dataset, augment_seed, crop_size)
+    return dataset.batch(spec.batch_size)
 
   return preprocess
+
+
+def augmented(dataset: tf.data.Dataset, seed: tf.Tensor,
+              crop_size: Sequence[int]) -> tf.data.Dataset:
+  """`dataset`'s `(image, label)` examples with each image augmented
+  (`augmentation.augment`), example `i` from seed
+  `augmentation.example_seeds(seed, i)`; order and labels unchanged."""
+
+  def augment_one(index, example):
+    image, label = example
+    return augmentation.augment(
+        image, augmentation.example_seeds(seed, index), crop_size), label
+
+  return dataset.enumerate().map(augment_one,
+                                 num_parallel_calls=tf.data.AUTOTUNE,
+                                 deterministic=True)
 
 
 def create_eval_preprocess_fn(batch_size: int) -> PreprocessFn:

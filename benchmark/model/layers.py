@@ -1,67 +1,34 @@
-"""The model's own Keras layers: random crop and flip that TFF can trace,
-a cheaper GroupNorm, and convolutions of tiny maps as patch products."""
+"""The model's own Keras layers: the centre crop, a cheaper GroupNorm, and
+convolutions of tiny maps as patch products."""
 
 from typing import Optional
 
 import tensorflow as tf
 
 
-def _is_training(training) -> "bool | tf.Tensor":
-  """Normalises Keras' `training` argument: None means inference."""
-  if training is None:
-    return False
-  if tf.is_tensor(training):
-    return tf.cast(training, tf.bool)
-  return bool(training)
-
-
-def _cond(predicate, true_fn, false_fn):
-  """`true_fn()` / `false_fn()` for a Python bool, `tf.cond` for a tensor."""
-  if isinstance(predicate, bool):
-    return true_fn() if predicate else false_fn()
-  return tf.cond(predicate, true_fn, false_fn)
-
-
 @tf.keras.utils.register_keras_serializable(package="flair")
 class CropImages(tf.keras.layers.Layer):
-  """Crops a batch of images to `(height, width)`: random when training,
-  central at inference.
+  """Crops the centre `(height, width)` of every image, in training and at
+  inference (torchvision's `CenterCrop`: offsets `((in_height - height) //
+  2, (in_width - width) // 2)`).
 
   Input: `[batch, in_height, in_width, channels]`, any real dtype; output:
   `[batch, height, width, channels]`, float32 (the layer's compute dtype).
-  When training, each image gets its own offset, drawn uniformly from all
-  `(in_height - height + 1) * (in_width - width + 1)` positions (the
-  torchvision `RandomCrop` distribution). At inference the offset is
-  `((in_height - height) // 2, (in_width - width) // 2)`, as torchvision's
-  `CenterCrop`. The layer creates no variables.
+  Training's random crop and flip are drawn by the input pipeline from
+  stateless seeds (`data.augmentation`), which places the random window
+  where this crop takes it. The layer creates no variables.
   """
 
-  def __init__(self, height: int, width: int, seed: Optional[int] = None,
-               **kwargs):
+  def __init__(self, height: int, width: int, **kwargs):
     super().__init__(**kwargs)
     self.height = int(height)
     self.width = int(width)
-    self.seed = seed
 
-  def call(self, images, training=None):
+  def call(self, images):
     images = tf.cast(images, self.compute_dtype)
-    shape = tf.shape(images)
-    spare = tf.stack([shape[1] - self.height, shape[2] - self.width])
-
-    def random_offsets():
-      uniform = tf.random.uniform([shape[0], 2], seed=self.seed)
-      offsets = tf.cast(
-          tf.floor(uniform * tf.cast(spare + 1, tf.float32)), tf.int32)
-      return tf.minimum(offsets, spare)  # Guards uniform == 1 - ulp rounding.
-
-    def center_offsets():
-      return tf.tile((spare // 2)[tf.newaxis, :], [shape[0], 1])
-
-    offsets = _cond(_is_training(training), random_offsets, center_offsets)
-    rows = offsets[:, 0:1] + tf.range(self.height)[tf.newaxis, :]
-    cols = offsets[:, 1:2] + tf.range(self.width)[tf.newaxis, :]
-    cropped = tf.gather(images, rows, axis=1, batch_dims=1)
-    return tf.gather(cropped, cols, axis=2, batch_dims=1)
+    top = (images.shape[1] - self.height) // 2
+    left = (images.shape[2] - self.width) // 2
+    return images[:, top:top + self.height, left:left + self.width, :]
 
   def compute_output_shape(self, input_shape):
     shape = tf.TensorShape(input_shape).as_list()
@@ -69,35 +36,7 @@ class CropImages(tf.keras.layers.Layer):
 
   def get_config(self):
     config = super().get_config()
-    config.update(height=self.height, width=self.width, seed=self.seed)
-    return config
-
-
-@tf.keras.utils.register_keras_serializable(package="flair")
-class RandomHorizontalFlip(tf.keras.layers.Layer):
-  """Mirrors each image left-right with probability 1/2 when training.
-
-  Input and output: `[batch, height, width, channels]`; identity at
-  inference. The layer creates no variables.
-  """
-
-  def __init__(self, seed: Optional[int] = None, **kwargs):
-    super().__init__(**kwargs)
-    self.seed = seed
-
-  def call(self, images, training=None):
-    images = tf.cast(images, self.compute_dtype)
-
-    def flip():
-      flip_mask = tf.random.uniform(
-          [tf.shape(images)[0], 1, 1, 1], seed=self.seed) < 0.5
-      return tf.where(flip_mask, tf.reverse(images, axis=[2]), images)
-
-    return _cond(_is_training(training), flip, lambda: images)
-
-  def get_config(self):
-    config = super().get_config()
-    config.update(seed=self.seed)
+    config.update(height=self.height, width=self.width)
     return config
 
 

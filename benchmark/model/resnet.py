@@ -16,10 +16,11 @@ has padding layers that this one folds into its stride-1 convolutions,
 which hold no weights.
 
 Preprocessing is part of the model, in front of `initial_padding`
-(`model.layers`): a crop to `crop_size` (random when training, central at
-inference), a random horizontal flip when training, rescaling by 1/255 and
+(`model.layers`): the centre crop to `crop_size`, rescaling by 1/255 and
 normalisation with the ImageNet channel mean and std
-(`constants.IMAGENET_MEAN` / `IMAGENET_STD`).
+(`constants.IMAGENET_MEAN` / `IMAGENET_STD`). Training's random crop and
+flip are the input pipeline's (`data.augmentation`), drawn from stateless
+seeds, so the model itself has no randomness.
 
 Padding: every 3x3 convolution sees one pixel of zeros on each side, as in
 torchvision. A stride-1 3x3 convolution pads inside the op
@@ -34,16 +35,11 @@ plain layout (`ZeroPadding2D` everywhere, TensorFlow's convolution op)
 within float32 round-off (tests/model/test_resnet.py).
 
 Randomness: `seed` fixes the initial weights (each layer's initializer gets
-a seed derived from it and the layer's name). The crop and flip draw from
-TensorFlow's stateful random ops, unseeded by default: inside TFF every
-client's training loop is a fresh instantiation of the graph, so an
-op-level seed (`augmentation_seed`) would restart its stream there and
-give every client of every round the same offsets and flips. Leave
-`augmentation_seed` unset for federated training.
+a seed derived from it and the layer's name).
 """
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Sequence
 import zlib
 
 import numpy as np
@@ -173,8 +169,8 @@ class _Builder:
     return tf.keras.layers.ReLU(dtype=self.compute, name=f"{scope}_relu2")(out)
 
 
-def _check_arguments(input_shape, num_classes, crop_size, seed,
-                     augmentation_seed, precision, layout) -> None:
+def _check_arguments(input_shape, num_classes, crop_size, seed, precision,
+                     layout) -> None:
   """The argument checks of `build_resnet` (its Raises)."""
   validate.check_ints("input_shape", input_shape, 3, error=ValueError)
   if input_shape[2] != len(constants.IMAGENET_MEAN):
@@ -188,28 +184,17 @@ def _check_arguments(input_shape, num_classes, crop_size, seed,
   validate.check_int("num_classes", num_classes, error=ValueError)
   if not validate.is_int(seed):
     raise ValueError(f"seed must be an integer, got {seed!r}")
-  if augmentation_seed is not None and not validate.is_int(augmentation_seed):
-    raise ValueError(f"augmentation_seed must be None or an integer, got "
-                     f"{augmentation_seed!r}")
   mixed_precision.check_precision(precision)
   if layout not in LAYOUTS:
     raise errors.FlairInputError(
         f"--model_layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
 
 
-def _preprocess(images, crop_size: Sequence[int],
-                augmentation_seed: Optional[int], precision: str):
-  """Crop, flip, rescale and ImageNet normalisation (module docstring)."""
+def _preprocess(images, crop_size: Sequence[int], precision: str):
+  """Centre crop, rescaling and ImageNet normalisation (module docstring)."""
   dtype = mixed_precision.layer_dtype(precision, "preprocessing")
-  if augmentation_seed is None:
-    crop_seed = flip_seed = None
-  else:
-    crop_seed = _layer_seed(int(augmentation_seed), "crop")
-    flip_seed = _layer_seed(int(augmentation_seed), "flip")
-  x = layers.CropImages(int(crop_size[0]), int(crop_size[1]), seed=crop_seed,
-                        dtype=dtype, name="crop")(images)
-  x = layers.RandomHorizontalFlip(seed=flip_seed, dtype=dtype,
-                                  name="flip")(x)
+  x = layers.CropImages(int(crop_size[0]), int(crop_size[1]), dtype=dtype,
+                        name="crop")(images)
   x = tf.keras.layers.Rescaling(1.0 / 255.0, dtype=dtype, name="rescale")(x)
   return tf.keras.layers.Normalization(
       axis=-1, mean=list(constants.IMAGENET_MEAN),
@@ -246,7 +231,6 @@ def build_resnet(input_shape: Sequence[int] = constants.IMAGE_SHAPE,
                  pretrained: bool = False,
                  crop_size: Sequence[int] = (224, 224),
                  seed: int = 0,
-                 augmentation_seed: Optional[int] = None,
                  precision: str = mixed_precision.FLOAT32,
                  layout: str = DEFAULT_LAYOUT) -> tf.keras.Model:
   """Builds the ResNet with FLAIR preprocessing inside; returns logits.
@@ -266,8 +250,6 @@ def build_resnet(input_shape: Sequence[int] = constants.IMAGE_SHAPE,
     seed: seeds every initializer (He-normal for the convolutions, Glorot-
       uniform for the classifier; each layer its own seed derived from this
       one): the same seed gives the same initial weights.
-    augmentation_seed: None (default) leaves the random crop and flip
-      unseeded; an integer seeds them (see the module docstring).
     precision: "float32" or "bfloat16" (`mixed_precision.layer_dtype` says
       which layers compute in bfloat16; weights stay float32).
     layout: a key of `LAYOUTS` (`--model_layout`).
@@ -282,15 +264,15 @@ def build_resnet(input_shape: Sequence[int] = constants.IMAGE_SHAPE,
       `precision` or `layout`, or a `crop_size` larger than the images.
     ValueError: `input_shape` is not 3 positive integers with 3 channels,
       `crop_size` not 2 positive integers, `num_classes` not an integer
-      >= 1, `seed` or `augmentation_seed` not an integer.
+      >= 1, `seed` not an integer.
   """
-  _check_arguments(input_shape, num_classes, crop_size, seed,
-                   augmentation_seed, precision, layout)
+  _check_arguments(input_shape, num_classes, crop_size, seed, precision,
+                   layout)
   builder = _Builder(pretrained=bool(pretrained), seed=int(seed),
                      precision=precision)
   images = tf.keras.Input(shape=tuple(int(v) for v in input_shape),
                           dtype=tf.float32, name="image")
-  x = _preprocess(images, crop_size, augmentation_seed, precision)
+  x = _preprocess(images, crop_size, precision)
   x = _body(builder, x, LAYOUTS[layout])
   x = tf.keras.layers.GlobalAveragePooling2D(
       dtype=mixed_precision.layer_dtype(precision, "pooling_output"),

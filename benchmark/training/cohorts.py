@@ -1,7 +1,12 @@
-"""Which clients train in each round: a uniform sample of the training
-users without replacement, a function of the round number and a seed
-(TFF's `tff.simulation.build_uniform_sampling_fn`), so a resumed run
-samples the same cohorts."""
+"""Which clients train in each round, and the seed each trains with.
+
+The cohort is a uniform sample of the training users without replacement, a
+function of the round number and the sampling seed (TFF's
+`tff.simulation.build_uniform_sampling_fn`); each client's seed (its
+shuffle and augmentation, `training.seeds.client_seed`) a function of the
+run's `--seed`, the round and the client. So a rerun, a resumed run and
+every backend train the same clients on the same batches.
+"""
 
 from typing import Any, Mapping, Optional, Sequence
 
@@ -9,39 +14,52 @@ import numpy as np
 import tensorflow_federated as tff
 
 from benchmark.training import loop
+from benchmark.training import seeds
 
 SAMPLING_SEED_KEY = "sampling_seed"
+
+# One client's input to a round: its id and its seed (int64 [2]), as the
+# client dataset computation takes them (`fedavg.client_dataset_computation`).
+ClientInput = tuple[str, np.ndarray]
 
 
 class ClientSampler(loop.Resumable):
   """The `training_selection_fn` of `loop.run_rounds`: round number ->
-  `clients_per_round` distinct client ids.
+  `clients_per_round` `ClientInput`s of distinct clients.
 
   Args:
     client_ids: the training users.
     clients_per_round: the cohort size, at most `len(client_ids)`.
-    seed: the sampling seed (>= 0); None draws one at random, which the
-      run's checkpoints keep (`loop.Resumable`, key `sampling_seed`).
+    seed: the run's `--seed`, from which each client's seed is derived.
+    sampling_seed: the sampling seed (`--client_datasets_random_seed`);
+      None derives it from `seed` (`seeds.cohort_seed`). Kept in the
+      checkpoints (`loop.Resumable`, key `sampling_seed`), so a run resumes
+      the sequence it started.
   """
 
   def __init__(self, client_ids: Sequence[str], clients_per_round: int,
-               seed: Optional[int] = None):
-    self._client_ids = list(client_ids)
+               seed: int = 0, sampling_seed: Optional[int] = None):
+    self._client_ids = sorted(client_ids)
+    self._index = {c: i for i, c in enumerate(self._client_ids)}
     self._clients_per_round = clients_per_round
-    if seed is None:
-      seed = int(np.random.SeedSequence().generate_state(1)[0] >> 1)
-    self._set_seed(seed)
+    self._seed = int(seed)
+    if sampling_seed is None:
+      sampling_seed = seeds.cohort_seed(seed)
+    self._set_sampling_seed(sampling_seed)
 
-  def _set_seed(self, seed: int) -> None:
-    self.seed = int(seed)
+  def _set_sampling_seed(self, sampling_seed: int) -> None:
+    self.sampling_seed = int(sampling_seed)
     self._sample = tff.simulation.build_uniform_sampling_fn(
-        self._client_ids, replace=False, random_seed=self.seed)
+        self._client_ids, replace=False, random_seed=self.sampling_seed)
 
   def resume_state(self) -> dict[str, Any]:
-    return {SAMPLING_SEED_KEY: self.seed}
+    return {SAMPLING_SEED_KEY: self.sampling_seed}
 
   def restore(self, values: Mapping[str, Any]) -> None:
-    self._set_seed(values[SAMPLING_SEED_KEY])
+    self._set_sampling_seed(values[SAMPLING_SEED_KEY])
 
-  def __call__(self, round_num: int) -> list[str]:
-    return list(self._sample(round_num, self._clients_per_round))
+  def __call__(self, round_num: int) -> list[ClientInput]:
+    return [(client_id, seeds.client_seed(self._seed, round_num,
+                                           self._index[client_id]))
+            for client_id in self._sample(round_num,
+                                          self._clients_per_round)]

@@ -148,8 +148,9 @@ class ModelConfig:
       "normalisation, logits, loss and metrics).",
       choices=mixed_precision.PRECISIONS)
   seed: int = setting(
-      0, "Seed of the initial model weights and of the run's randomness.",
-      minimum=0)
+      0, "Seed of all of the run's randomness: initial weights, client "
+      "sampling (unless --client_datasets_random_seed), each client's or "
+      "epoch's data order, crops and flips.", minimum=0)
 
   def __post_init__(self):
     _check_declared(self)
@@ -364,8 +365,7 @@ class CohortConfig:
       "(capped at the number of training users).", minimum=1)
   client_datasets_random_seed: Optional[int] = setting(
       None, "Seed of the per-round client sampling (the cohort of round r "
-      "depends only on the seed and r). Unset: a random seed, kept in the "
-      "checkpoint so that a resumed run continues the same sequence.",
+      "depends only on the seed and r). Unset: derived from --seed.",
       minimum=0)
   iid: bool = setting(
       False, "Train on FLAIR-IID: the training images dealt out uniformly at "

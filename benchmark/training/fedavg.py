@@ -3,19 +3,20 @@ builders (`tff.learning.algorithms`), and its aggregator (plain mean, or
 the DP mean of `training.dp`).
 
 A learning process runs on client datasets; the backends take client ids
-(`backends.factory.open_backend`), so the process is composed with a TFF
-computation that builds each client's dataset from its id inside the round
-(`compose_with_client_ids`). Any `tff.learning` process over
+with a seed (`backends.factory.open_backend`, `cohorts.ClientSampler`), so
+the process is composed with a TFF computation that builds each client's
+dataset from its id and seed inside the round (`compose_with_client_ids`). Any `tff.learning` process over
 `(images, labels)` batches composes the same way (docs/extending.md).
 """
 
 import functools
-from typing import Optional
+from typing import Optional, Sequence
 
 from absl import logging
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from benchmark.data import augmentation
 from benchmark.data import label_sets
 from benchmark.data import pipeline
 from benchmark.model import metrics as metrics_lib
@@ -37,17 +38,22 @@ def _client_dataset_options() -> tf.data.Options:
 
 def client_dataset_computation(
     train_data: tff.simulation.datasets.ClientData,
-    client_spec: pipeline.ClientSpec) -> tff.Computation:
-  """A TFF computation `client id (tf.string) -> the client's training
-  dataset`: its examples shuffled, truncated, repeated and batched as
-  `client_spec` says (`pipeline.create_train_preprocess_fn`); elements
-  `(uint8 [b, 256, 256, 3], int32 [b, num_outputs])`."""
-  preprocess = pipeline.create_train_preprocess_fn(client_spec)
+    client_spec: pipeline.ClientSpec,
+    crop_size: Optional[Sequence[int]] = None) -> tff.Computation:
+  """A TFF computation `(client_id tf.string, seed int64 [2]) -> the
+  client's training dataset`: its examples shuffled, truncated, repeated,
+  augmented (when `crop_size` is given) and batched as `client_spec` says,
+  drawn from `seed` (`pipeline.create_train_preprocess_fn`); elements
+  `(uint8 [b, 256, 256, 3], int32 [b, num_outputs])`. The client inputs
+  a backend sends are such `(client id, seed)` pairs
+  (`cohorts.ClientSampler`)."""
+  preprocess = pipeline.create_train_preprocess_fn(client_spec, crop_size)
   dataset_fn = train_data.serializable_dataset_fn
 
-  @tff.tensorflow.computation(tf.string)
-  def client_dataset(client_id):
-    return preprocess(dataset_fn(client_id)).with_options(
+  @tff.tensorflow.computation(
+      tf.string, tf.TensorSpec(augmentation.SEED_SHAPE, tf.int64))
+  def client_dataset(client_id, seed):
+    return preprocess(dataset_fn(client_id), seed).with_options(
         _client_dataset_options())
 
   return client_dataset
@@ -106,10 +112,12 @@ def build_learning_process(
   """
   num_outputs = label_spec.num_outputs
   client = config.client
-  client_dataset = client_dataset_computation(train_data, pipeline.ClientSpec(
-      num_epochs=client.client_epochs_per_round,
-      batch_size=client.client_batch_size,
-      max_elements=client.max_elements_per_client))
+  client_dataset = client_dataset_computation(
+      train_data, pipeline.ClientSpec(
+          num_epochs=client.client_epochs_per_round,
+          batch_size=client.client_batch_size,
+          max_elements=client.max_elements_per_client),
+      crop_size=config.model.crop_size)
   spec = input_spec(client_dataset)
 
   def model_fn():

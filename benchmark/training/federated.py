@@ -155,7 +155,7 @@ def _train(config: config_lib.FederatedConfig,
       show=config.run.show_progress) as progress:
     loop.run_rounds(
         backend, initial_state,
-        cohorts.ClientSampler(train_ids, cohort_size,
+        cohorts.ClientSampler(train_ids, cohort_size, config.model.seed,
                               config.cohort.client_datasets_random_seed),
         config.run.total_rounds,
         checkpoints.CheckpointManager(save_model_dir),

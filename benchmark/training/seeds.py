@@ -1,0 +1,51 @@
+"""The seeds of a run, all derived from `--seed`: which clients train in a
+round, each client's shuffle and augmentation in each round, each epoch's
+order and augmentation in central training.
+
+Each seed is a function of `--seed` and of what it is for (a purpose tag,
+the round or epoch, the client's index among the training users), through
+NumPy's `SeedSequence` (`numpy.random.SeedSequence`, NumPy pinned in the
+lock): so a draw does not depend on which process, thread or backend makes
+it, nor on what ran before it, and a resumed run draws what the
+uninterrupted one did.
+"""
+
+import numpy as np
+
+# Purpose tags: each kind of seed its own stream.
+_COHORTS = 1
+_CLIENT = 2
+_EPOCH = 3
+
+
+def _derive(*entropy: int, words: int) -> np.ndarray:
+  state = np.random.SeedSequence([int(e) for e in entropy]).generate_state(
+      words, dtype=np.uint32)
+  return (state & 0x7FFFFFFF).astype(np.int64)
+
+
+def cohort_seed(seed: int) -> int:
+  """The client-sampling seed of a run whose `--seed` is `seed` (when
+  `--client_datasets_random_seed` is not given): an int in [0, 2**31)."""
+  return int(_derive(seed, _COHORTS, words=1)[0])
+
+
+def client_seed(seed: int, round_num: int, client_index: int) -> np.ndarray:
+  """The seed of one client's dataset in one round: its shuffle and its
+  examples' augmentation (`data.pipeline.create_train_preprocess_fn`).
+
+  Args:
+    seed: the run's `--seed`.
+    round_num: the round (1-based).
+    client_index: the client's position among the training users, sorted.
+
+  Returns:
+    int64 `[2]`, a stateless seed.
+  """
+  return _derive(seed, _CLIENT, round_num, client_index, words=2)
+
+
+def epoch_seed(seed: int, epoch: int) -> np.ndarray:
+  """The seed of one epoch of central training: its order of users and
+  images, and its examples' augmentation. int64 `[2]`."""
+  return _derive(seed, _EPOCH, epoch, words=2)
