@@ -38,10 +38,17 @@ class KerasEvaluation:
     self._keras_model = keras_model
     self._dataset = dataset
     self._prefix = prefix
+    self._last_weights = None
+
+  def last_weights(self) -> tff.learning.models.ModelWeights:
+    """The weights of the last evaluation (e.g. to save them when they are
+    the best so far)."""
+    return self._last_weights
 
   def __call__(self, weights: tff.learning.models.ModelWeights
               ) -> dict[str, Any]:
     """`{prefix + metric name: value}` of `weights` on the partition."""
+    self._last_weights = weights
     weights.assign_weights_to(self._keras_model)
     return {self._prefix + name: value for name, value in
             evaluate(self._keras_model, self._dataset).items()}

@@ -145,10 +145,12 @@ def _train(config: config_lib.FederatedConfig,
   initial_state = backend.initialize(models.model_weights(eval_model))
   val_dataset = pipeline.eval_dataset(client_data[constants.VAL],
                                       config.data.eval_batch_size)
+  evaluation_fn = evaluation.KerasEvaluation(eval_model, val_dataset,
+                                             outputs.VAL_PREFIX)
   best = outputs.BestWeightsManager(
       run_dir.best_weights_path(save_model_dir, TRAINER_NAME, num_outputs,
                                 config.model.model_layout),
-      eval_model, backend.get_model_weights)
+      eval_model, evaluation_fn.last_weights)
   val_columns = [outputs.VAL_PREFIX + n for n in names]
   with outputs.ProgressManager(
       config.run.total_rounds, outputs.VAL_PREFIX + names[1],
@@ -166,8 +168,7 @@ def _train(config: config_lib.FederatedConfig,
             outputs.TensorBoardManager(
                 os.path.join(save_model_dir, constants.TENSORBOARD_DIR)),
             best, outputs.LoggingManager(), progress],
-        evaluation_fn=evaluation.KerasEvaluation(
-            eval_model, val_dataset, outputs.VAL_PREFIX),
+        evaluation_fn=evaluation_fn,
         rounds_per_evaluation=config.run.rounds_per_eval,
         rounds_per_saving_program_state=config.run.rounds_per_checkpoint,
         round_metrics_fn=_round_columns(config, names, cohort_size,

@@ -169,8 +169,10 @@ class BestWeightsManager(tff.program.ReleaseManager, loop.Resumable):
   Args:
     path: the weights file.
     keras_model: a model of the run's architecture, to save from.
-    weights_fn: returns the current global model's weights
-      (`tff.learning.models.ModelWeights`), e.g. the backend's.
+    weights_fn: returns the weights the released metrics were measured on
+      (`tff.learning.models.ModelWeights`), e.g.
+      `evaluation.KerasEvaluation.last_weights`; called only when they are
+      saved, and synchronous work only (it runs inside the release).
   """
 
   def __init__(self, path: str, keras_model: tf.keras.Model,
