@@ -16,27 +16,31 @@ Outputs in `save_model_dir` (file names from `core.constants`):
 * `tensorboard/`: Keras `TensorBoard` logs;
 * `<layout>_central_{N}labels.h5`: the weights with the lowest val loss so
   far (Keras weights HDF5, N = number of model outputs), written atomically;
-* `backup/`: Keras `BackupAndRestore` state while training runs (removed by
-  Keras when training ends);
+* `backup/`: the checkpoint of the last epochs (model, optimizer, epochs
+  done; `central_outputs.EpochCheckpoint`), what a rerun resumes from;
 * `final_metrics.json`: `{"val": {name: value}, "test": {name: value}}`, the
   best weights evaluated on val and test, names from `metrics.metric_names`.
 
-Resuming: rerunning the same configuration after the process was killed
-continues from the last epoch whose backup was saved. Callbacks run in the
-order best-weights, CSV, TensorBoard, backup, so a backed-up epoch always has
-its CSV row and its best-weights decision on disk; an epoch that wrote its row
-but was killed before its backup is trained again, and its old row is dropped
-first so that `metrics.csv` never repeats an epoch
-(`central_outputs.ResumableBestWeights`). A run that already finished is
-not trained again. A full disk, read-only directory or permission error
-while saving raises `errors.OutputWriteError` naming the output, and
-nothing cut short is left (`central_outputs.tidy_after_write_error`).
+Resuming: rerunning the same configuration continues after the last epoch
+whose checkpoint was saved, also with a larger `--num_epochs` (a longer run
+continues the same one). Each epoch is one Keras `fit` over that epoch's
+dataset, whose order of users and images and whose crops and flips come
+from `--seed` and the epoch (`training.seeds.epoch_seed`), so a resumed run
+trains on the same batches as an uninterrupted one. Callbacks run in the
+order best-weights, CSV, TensorBoard, and the checkpoint is saved after
+them, so a checkpointed epoch always has its CSV row and its best-weights
+decision on disk; an epoch that wrote its row but was killed before its
+checkpoint is trained again, and its old row is dropped first so that
+`metrics.csv` never repeats an epoch (`central_outputs.ResumableBestWeights`).
+A run that already finished is not trained again. A full disk, read-only
+directory or permission error while saving raises `errors.OutputWriteError`
+naming the output, and nothing cut short is left
+(`central_outputs.tidy_after_write_error`).
 """
 
 import contextlib
 import json
 import os
-import shutil
 import sys
 from typing import Any
 
@@ -46,6 +50,7 @@ import tensorflow as tf
 from benchmark.core import constants
 from benchmark.core import errors
 from benchmark.core import file_io
+from benchmark.data import augmentation
 from benchmark.data import label_sets
 from benchmark.data import pipeline
 from benchmark.model import metrics
@@ -55,6 +60,7 @@ from benchmark.training import evaluation
 from benchmark.training import models
 from benchmark.training import optimizers
 from benchmark.training import run_dir
+from benchmark.training import seeds
 
 TRAINER_NAME = "central"
 # User files read at once when pooling the training users (interleaved, so
@@ -62,24 +68,29 @@ TRAINER_NAME = "central"
 _INTERLEAVE_CYCLE_LENGTH = 16
 
 
-def train_dataset(train_data, config: config_lib.CentralConfig
-                 ) -> tf.data.Dataset:
-  """Pools every training user: users in a fresh random order each epoch
-  (from `config.model.seed`), `_INTERLEAVE_CYCLE_LENGTH` user files read at
-  once, then a shuffle buffer and batches of `train_batch_size`. Elements:
-  `(uint8 [b, 256, 256, 3], int32 [b, num_outputs])`."""
-  seed, training = config.model.seed, config.training
-  client_ids = tf.data.Dataset.from_tensor_slices(list(train_data.client_ids))
-  client_ids = client_ids.shuffle(len(train_data.client_ids), seed=seed,
-                                  reshuffle_each_iteration=True)
-  images = client_ids.interleave(
+def train_dataset(train_data, config: config_lib.CentralConfig,
+                  epoch: int) -> tf.data.Dataset:
+  """One epoch of the pooled training users, drawn from the epoch's seed
+  (`seeds.epoch_seed(--seed, epoch)`): the users in a random order,
+  `_INTERLEAVE_CYCLE_LENGTH` user files read at once, a shuffle buffer, each
+  image randomly cropped and flipped (`pipeline.augmented`), batches of
+  `train_batch_size`. The same seed and epoch give the same batches.
+  Elements: `(uint8 [b, 256, 256, 3], int32 [b, num_outputs])`."""
+  training = config.training
+  seed = seeds.epoch_seed(config.model.seed, epoch)
+  order_seed, shuffle_seed, augment_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 3))
+  client_ids = tf.random.experimental.stateless_shuffle(
+      tf.constant(sorted(train_data.client_ids)), seed=order_seed)
+  images = tf.data.Dataset.from_tensor_slices(client_ids).interleave(
       train_data.serializable_dataset_fn,
       cycle_length=_INTERLEAVE_CYCLE_LENGTH,
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return pipeline.keras_input(
-      images.shuffle(training.shuffle_buffer_size, seed=seed,
-                     reshuffle_each_iteration=True)
-      .batch(training.train_batch_size))
+  images = images.shuffle(training.shuffle_buffer_size,
+                          seed=augmentation.scalar_seed(shuffle_seed),
+                          reshuffle_each_iteration=False)
+  images = pipeline.augmented(images, augment_seed, config.model.crop_size)
+  return pipeline.keras_input(images.batch(training.train_batch_size))
 
 
 def make_optimizer(training: config_lib.CentralTrainingConfig
@@ -134,43 +145,37 @@ class _Paths:
     self.save_dir = save_dir
     self.csv = os.path.join(save_dir, constants.METRICS_CSV_FILE)
     self.final = os.path.join(save_dir, constants.FINAL_METRICS_FILE)
-    self.backup = os.path.join(save_dir, constants.CENTRAL_BACKUP_DIR)
+    self.checkpoints = os.path.join(save_dir, constants.CENTRAL_BACKUP_DIR)
     self.tensorboard = os.path.join(save_dir, constants.TENSORBOARD_DIR)
     self.weights = run_dir.best_weights_path(
         save_dir, TRAINER_NAME, num_outputs, config.model.model_layout)
 
-  def trained(self, num_epochs: int) -> bool:
-    """Whether every epoch is in metrics.csv, no backup is pending and the
-    best weights exist."""
-    return (set(range(num_epochs)) <=
-            central_outputs.completed_epochs(self.csv)
-            and not central_outputs.has_backup(self.backup)
-            and os.path.isfile(self.weights))
-
 
 def _fit(model: tf.keras.Model, train_data, val_dataset: tf.data.Dataset,
-         config: config_lib.CentralConfig, paths: _Paths) -> None:
-  """`model.fit` with the run's callbacks; storage failures leave complete
-  outputs only and raise `OutputWriteError`."""
+         config: config_lib.CentralConfig, paths: _Paths,
+         checkpoint: central_outputs.EpochCheckpoint,
+         epochs_done: int) -> None:
+  """Trains epochs `epochs_done` .. `num_epochs - 1`, one Keras `fit` each,
+  with the run's callbacks and a checkpoint after each; storage failures
+  leave complete outputs only and raise `OutputWriteError`."""
   with contextlib.suppress(FileNotFoundError):
     os.remove(paths.final)  # Stale: from a run with fewer epochs.
   callbacks = [
       central_outputs.ResumableBestWeights(paths.weights, paths.csv),
       tf.keras.callbacks.CSVLogger(paths.csv, append=True),
       tf.keras.callbacks.TensorBoard(log_dir=paths.tensorboard),
-      tf.keras.callbacks.BackupAndRestore(paths.backup),
   ]
   try:
     with file_io.output_errors(paths.save_dir):
-      model.fit(train_dataset(train_data, config),
-                epochs=config.training.num_epochs,
-                validation_data=val_dataset, callbacks=callbacks,
-                verbose=_keras_verbosity())
+      for epoch in range(epochs_done, config.training.num_epochs):
+        model.fit(train_dataset(train_data, config, epoch),
+                  initial_epoch=epoch, epochs=epoch + 1,
+                  validation_data=val_dataset, callbacks=callbacks,
+                  verbose=_keras_verbosity())
+        checkpoint.save(epoch + 1)
   except errors.OutputWriteError:
     central_outputs.tidy_after_write_error(paths.save_dir)
     raise
-  if not central_outputs.has_backup(paths.backup):
-    shutil.rmtree(paths.backup, ignore_errors=True)  # Keras leaves it empty.
 
 
 def train_central(config: config_lib.CentralConfig,
@@ -178,8 +183,8 @@ def train_central(config: config_lib.CentralConfig,
   """Trains the model on the pooled training users, keeping the best weights
   by val loss, and evaluates them on val and test.
 
-  Uses every local GPU (see `distribution_strategy`). Resumes a killed run
-  found in `save_model_dir` (Keras `BackupAndRestore`); returns the stored
+  Uses every local GPU (see `distribution_strategy`). Resumes a run found in
+  `save_model_dir` after its last checkpointed epoch; returns the stored
   results of a run that already finished there without training again.
 
   Args:
@@ -201,15 +206,16 @@ def train_central(config: config_lib.CentralConfig,
   num_outputs = label_spec.num_outputs
   paths = _Paths(config, num_outputs)
   os.makedirs(paths.save_dir, exist_ok=True)
-  trained = paths.trained(config.training.num_epochs)
-  if trained and os.path.isfile(paths.final):
+  num_epochs = config.training.num_epochs
+  finished = (central_outputs.EpochCheckpoint.epochs_done_in(
+      paths.checkpoints) >= num_epochs and os.path.isfile(paths.weights))
+  if finished and os.path.isfile(paths.final):
     logging.info("%s already holds a finished run (%s); not training again.",
                  paths.save_dir, paths.final)
     with open(paths.final, encoding="utf-8") as f:
       return json.load(f)
   client_data = pipeline.load_client_data(config.data.tfrecords_dir,
                                           label_spec)
-  tf.keras.utils.set_random_seed(config.model.seed)
   strategy = distribution_strategy()
   logging.info("Training on %d replica(s) with %d output(s) (%s labels%s).",
                strategy.num_replicas_in_sync, num_outputs, label_spec.kind,
@@ -217,13 +223,16 @@ def train_central(config: config_lib.CentralConfig,
                if label_spec.binary_label else "")
   with strategy.scope():
     model = build_model(config, num_outputs)
+    checkpoint = central_outputs.EpochCheckpoint(paths.checkpoints, model)
+    epochs_done = checkpoint.restore()
   val_dataset = pipeline.eval_dataset(client_data[constants.VAL],
                                       config.data.eval_batch_size)
-  if trained:
+  if epochs_done >= num_epochs:
     logging.info("All %d epochs are done; evaluating the best weights.",
-                 config.training.num_epochs)
+                 num_epochs)
   else:
-    _fit(model, client_data[constants.TRAIN], val_dataset, config, paths)
+    _fit(model, client_data[constants.TRAIN], val_dataset, config, paths,
+         checkpoint, epochs_done)
   return _final_metrics(model, val_dataset, client_data, config, paths)
 
 

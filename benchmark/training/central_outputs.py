@@ -1,6 +1,6 @@
-"""Central training's own outputs: best weights kept across a resume, and
-`metrics.csv`/TensorBoard/backup files left complete after a storage
-failure (Keras callbacks and clean-up)."""
+"""Central training's own outputs: the per-epoch checkpoint it resumes from,
+best weights kept across a resume, and `metrics.csv`/TensorBoard/checkpoint
+files left complete after a storage failure (Keras callbacks and clean-up)."""
 
 import csv
 import math
@@ -35,10 +35,49 @@ def _row_epoch(row: dict) -> Optional[int]:
     return None
 
 
-def has_backup(backup_dir: str) -> bool:
-  """Whether `BackupAndRestore` left any file under `backup_dir` (it removes
-  its files when `fit` ends normally)."""
-  return any(files for _, _, files in os.walk(backup_dir))
+class EpochCheckpoint:
+  """The model's weights, the optimizer's state and the number of epochs
+  done, saved after every epoch in `<save_model_dir>/backup/` (TensorFlow
+  checkpoints, `tf.train.CheckpointManager`, the latest two kept). A save
+  cut short is never listed in the manager's index, so a restore reads the
+  previous complete one.
+
+  Args:
+    directory: the checkpoint folder.
+    model: the compiled Keras model (its optimizer is saved with it).
+  """
+
+  def __init__(self, directory: str, model: tf.keras.Model):
+    self._epochs_done = tf.Variable(0, dtype=tf.int64, trainable=False)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer,
+                                     epochs_done=self._epochs_done)
+    self._manager = tf.train.CheckpointManager(checkpoint, directory,
+                                               max_to_keep=2)
+
+  @staticmethod
+  def epochs_done_in(directory: str) -> int:
+    """The epochs done of the latest checkpoint in `directory` (0 without
+    one), read without building a model."""
+    latest = tf.train.latest_checkpoint(directory)
+    if latest is None:
+      return 0
+    return int(tf.train.load_variable(
+        latest, "epochs_done/.ATTRIBUTES/VARIABLE_VALUE"))
+
+  def restore(self) -> int:
+    """Restores the latest checkpoint, if any; returns the epochs it had
+    done (0 without one)."""
+    if self._manager.latest_checkpoint is None:
+      return 0
+    self._manager.checkpoint.restore(
+        self._manager.latest_checkpoint).assert_existing_objects_matched()
+    logging.info("Resuming from %s.", self._manager.latest_checkpoint)
+    return int(self._epochs_done.numpy())
+
+  def save(self, epochs_done: int) -> None:
+    """Saves the state after `epochs_done` epochs."""
+    self._epochs_done.assign(epochs_done)
+    self._manager.save(checkpoint_number=epochs_done)
 
 
 def completed_epochs(csv_path: str) -> set[int]:
@@ -51,9 +90,10 @@ class ResumableBestWeights(tf.keras.callbacks.Callback):
   when a run resumes.
 
   At the first epoch `r` this process trains (0 for a fresh run, later after
-  `BackupAndRestore` restored a backup), rows of `metrics.csv` with epoch >= r
-  are dropped (an epoch killed after its row was written but before its backup
-  is trained again), and the best val loss so far is taken from the rows
+  `EpochCheckpoint` restored a checkpoint), rows of `metrics.csv` with epoch
+  >= r are dropped (an epoch killed after its row was written but before
+  its checkpoint is trained again), and the best val loss so far is taken
+  from the rows
   kept, so that a worse epoch after a resume cannot replace the best weights
   (Keras' `ModelCheckpoint` would forget it). The file is truncated in place,
   keeping its header: `CSVLogger` holds it open in append mode.
@@ -91,7 +131,7 @@ class ResumableBestWeights(tf.keras.callbacks.Callback):
     losses = [v for v in losses if math.isfinite(v)]
     self.best = min(losses, default=math.inf)
     if epoch > 0:
-      logging.info("Resuming from the backup: epoch %d of %d (Keras counts "
+      logging.info("Resuming at epoch %d of %d (Keras counts "
                    "from 1); best val_loss so far %.6g.", epoch + 1,
                    (getattr(self, "params", None) or {}).get("epochs", -1),
                    self.best)
@@ -115,17 +155,18 @@ def tidy_after_write_error(save_dir: str) -> None:
 
   CSVLogger appends in place: a row cut by a full disk is removed so that
   metrics.csv holds complete rows only (the epoch is trained again on
-  resume, its backup was not written). The TensorBoard callback appends to
-  its events files: a record cut short is removed, so TensorBoard reads
-  them without error. A backup cut short stays in TF's temporary
-  "<ckpt>_temp" directory, never listed in the backup's index: removed to
-  free the space.
+  resume, its checkpoint was not written). The TensorBoard callback appends
+  to its events files: a record cut short is removed, so TensorBoard reads
+  them without error. A checkpoint cut short stays in TF's temporary
+  "<ckpt>_temp" directory, never listed in the checkpoint index: removed
+  to free the space.
   """
   file_io.drop_partial_last_line(
       os.path.join(save_dir, constants.METRICS_CSV_FILE))
   file_io.drop_partial_event_records(
       os.path.join(save_dir, constants.TENSORBOARD_DIR))
-  for root, dirs, _ in os.walk(os.path.join(save_dir, constants.CENTRAL_BACKUP_DIR)):
+  backup_dir = os.path.join(save_dir, constants.CENTRAL_BACKUP_DIR)
+  for root, dirs, _ in os.walk(backup_dir):
     for name in dirs:
       if name.endswith("_temp"):
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
