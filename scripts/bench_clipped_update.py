@@ -3,9 +3,10 @@
     python scripts/bench_clipped_update.py [--repeats 60] [--clipnorm 10]
 
 The update each trainer applies after every training step, on the 62
-trainable weights (11.2M float32 values) of `benchmark.model.resnet18` (64x64
-crops, 17 outputs) with fixed random gradients, each variant a `tf.function`
-that reads the weights and writes them back:
+trainable weights (11.2M float32 values) of ResNet-18
+(`benchmark.model.resnet.build_resnet`, 64x64 crops, 17 outputs) with fixed
+random gradients, each variant a `tf.function` that reads the weights and
+writes them back:
 
 * FedAvg client (SGD 0.1, each gradient clipped to `--clipnorm`):
   `client_clip_by_norm` (`tf.clip_by_norm` per gradient, then TFF's
@@ -37,6 +38,7 @@ sys.path.insert(0, REPO_ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmark.model import resnet
 from benchmark.training import central
+from benchmark.training import config as config_lib
 from benchmark.training import optimizers
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -86,8 +88,8 @@ def main(argv):
           state, weights,
           [tf.clip_by_norm(g, self._clipnorm) for g in gradients])
 
-  config = central.CentralConfig(tfrecords_dir="unused", learning_rate=1e-4,
-                                 clipnorm=clipnorm)
+  training = config_lib.CentralTrainingConfig(learning_rate=1e-4,
+                                             clipnorm=clipnorm)
   variants = {
       "client_clip_by_norm": (_tff_update, ClipByNormSGD(0.1, clipnorm)),
       "client_ours": (_tff_update, optimizers.build_client_optimizer(
@@ -97,7 +99,7 @@ def main(argv):
       "central_legacy_clipnorm": (_keras_update,
                                   tf.keras.optimizers.legacy.Adam(
                                       1e-4, clipnorm=clipnorm)),
-      "central_ours": (_keras_update, central.make_optimizer(config)),
+      "central_ours": (_keras_update, central.make_optimizer(training)),
   }
   updates = {}
   for name, (build, optimizer) in variants.items():

@@ -37,8 +37,10 @@ from absl import app
 from absl import flags
 from absl import logging
 
-# (Imported before absl runs main: a Keras functional model built in a
-# process that first imported TensorFlow inside main failed to build.)
+# TensorFlow is imported before absl runs main: a Keras functional model
+# built in a process that first imported TensorFlow inside main failed to
+# build ("'SymbolicTensor' object has no attribute 'node'").
+import tensorflow as tf  # pylint: disable=unused-import
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -112,31 +114,35 @@ def _child(tfrecords_dir: str, spec: str) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
+  # pylint: disable=g-import-not-at-top
   from benchmark.backends import factory
-  from benchmark.core import constants  # pylint: disable=g-import-not-at-top
+  from benchmark.core import constants
   from benchmark.data import label_sets
   from benchmark.data import pipeline
-  from benchmark.training import federated  # pylint: disable=g-import-not-at-top
+  from benchmark.training import config as config_lib
+  from benchmark.training import fedavg
+  from benchmark.training import models
+  # pylint: enable=g-import-not-at-top
   name, cohort = spec.split(":")
   cohort = int(cohort)
-  config = federated.FederatedConfig(
+  config = config_lib.build(config_lib.FederatedConfig, dict(
       tfrecords_dir=tfrecords_dir, save_model_dir=tempfile.gettempdir(),
       image_height=32, image_width=32, client_epochs_per_round=1,
       max_elements_per_client=8, client_batch_size=8,
-      clients_per_round=cohort, show_progress=False)
+      clients_per_round=cohort, show_progress=False))
   label_spec = label_sets.load_label_spec(tfrecords_dir)
   train = pipeline.load_partition(tfrecords_dir, constants.TRAIN, label_spec)
   # The initial model is built before TFF traces the process (a Keras
   # functional model built after that tracing can fail to build).
-  model = federated._build_keras_model(config, label_spec.num_outputs)  # pylint: disable=protected-access
-  weights = federated.keras_model_weights(model)
-  _, composed = federated.build_learning_process(
+  model = models.build_model(config.model, label_spec.num_outputs)
+  weights = models.model_weights(model)
+  process = fedavg.build_learning_process(
       config, label_spec, train,
       tff.learning.add_debug_measurements(tff.aggregators.MeanFactory()))
   ids = list(train.client_ids)
   rng = np.random.default_rng(0)
   times = []
-  with factory.open_backend(name, composed, cohort,
+  with factory.open_backend(name, process, cohort,
                              num_workers=_NUM_WORKERS.value) as backend:
     backend.set_state(backend.initialize(weights))
     for _ in range(2):
@@ -240,16 +246,16 @@ def main(argv):
   if _TFRECORDS_DIR.value:
     _run(_TFRECORDS_DIR.value)
     return
-  from benchmark import synthetic_dataset  # pylint: disable=g-import-not-at-top
-  import prepare_tfrecords  # pylint: disable=g-import-not-at-top
+  from benchmark.prepare import synthetic  # pylint: disable=g-import-not-at-top
+  from benchmark.prepare import tfrecords  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as root:
     dataset_dir = os.path.join(root, "dataset")
     tfrecords_dir = os.path.join(root, "tfrecords")
     start = time.monotonic()
-    synthetic_dataset.generate(
+    synthetic.generate(
         dataset_dir, num_users=_NUM_USERS.value, seed=0,
         max_images_per_user=_MAX_IMAGES_PER_USER.value)
-    prepare_tfrecords.prepare(dataset_dir, tfrecords_dir, show_progress=False)
+    tfrecords.prepare(dataset_dir, tfrecords_dir, show_progress=False)
     print(f"generated and prepared {_NUM_USERS.value} users in "
           f"{time.monotonic() - start:.0f} s", flush=True)
     _run(tfrecords_dir)

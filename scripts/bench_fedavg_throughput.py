@@ -5,17 +5,18 @@
         [--images_per_client 64] [--epochs 1] [--rounds 3] \
         [--backends inprocess,tff_worker,ray] [--num_workers N]
 
-Both sides train the same ResNet-18 (benchmark.model, GroupNorm), at the same
-crop, batch size and learning rate (SGD with per-weight clipping), on the
-same images: the `--num_clients` training users with the most images (each
-truncated to `--images_per_client`), `--epochs` passes each.
+Both sides train the same ResNet-18 (benchmark.model.resnet, GroupNorm), at
+the same crop, batch size and learning rate (SGD with per-weight clipping),
+on the same images: the `--num_clients` training users with the most images
+(each truncated to `--images_per_client`), `--epochs` passes each.
 
 * FedAvg, on each of `--backends` in turn: the trainer's own process and
-  backends (`benchmark.federated.build_learning_process`,
-  `benchmark.backends.open_backend`: client datasets built from client ids
-  inside the round, weighted FedAvg, server Adam, the state kept in the
-  backend between rounds), `--rounds` rounds timed after one untimed warm-up
-  round (graph compilation, session and actor start, first data read).
+  backends (`benchmark.training.fedavg.build_learning_process`,
+  `benchmark.backends.factory.open_backend`: client datasets built from
+  client ids inside the round, weighted FedAvg, server Adam, the state kept
+  in the backend between rounds), `--rounds` rounds timed after one untimed
+  warm-up round (graph compilation, session and actor start, first data
+  read).
   Everything a round costs is included: broadcasting the model to the
   clients, building and decoding the client datasets, local training with
   the suite's training metrics, aggregation, the server update and fetching
@@ -62,7 +63,8 @@ _ROUNDS = flags.DEFINE_integer(
     "rounds", 3, "Timed FedAvg rounds (and timed Keras epochs).")
 _BACKENDS = flags.DEFINE_list(
     "backends", "inprocess,tff_worker,ray",
-    "FedAvg backends to time, in this order (benchmark.backends.BACKENDS).")
+    "FedAvg backends to time, in this order "
+    "(benchmark.core.constants.BACKENDS).")
 _NUM_WORKERS = flags.DEFINE_integer(
     "num_workers", None, "--num_workers of the backends (default: theirs).")
 _KERAS = flags.DEFINE_boolean(
@@ -72,13 +74,12 @@ _SYNTHETIC_USERS = flags.DEFINE_integer(
 
 
 def _prepare_synthetic(root: str) -> str:
-  from benchmark import synthetic_dataset  # pylint: disable=g-import-not-at-top
-  import prepare_tfrecords  # pylint: disable=g-import-not-at-top
+  from benchmark.prepare import synthetic  # pylint: disable=g-import-not-at-top
+  from benchmark.prepare import tfrecords  # pylint: disable=g-import-not-at-top
   dataset_dir = os.path.join(root, "dataset")
   tfrecords_dir = os.path.join(root, "tfrecords")
-  synthetic_dataset.generate(dataset_dir, num_users=_SYNTHETIC_USERS.value,
-                             seed=0)
-  prepare_tfrecords.prepare(dataset_dir, tfrecords_dir, show_progress=False)
+  synthetic.generate(dataset_dir, num_users=_SYNTHETIC_USERS.value, seed=0)
+  tfrecords.prepare(dataset_dir, tfrecords_dir, show_progress=False)
   return tfrecords_dir
 
 
@@ -95,24 +96,29 @@ def _pick_clients(train_data, count: int,
 
 
 def _benchmark(tfrecords_dir: str) -> None:
-  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import tensorflow_federated as tff
 
   from benchmark.backends import factory
-  from benchmark.core import constants  # pylint: disable=g-import-not-at-top
+  from benchmark.core import constants
   from benchmark.data import label_sets
   from benchmark.data import pipeline
-  from benchmark.model import metrics  # pylint: disable=g-import-not-at-top
-  from benchmark.training import federated  # pylint: disable=g-import-not-at-top
+  from benchmark.model import metrics
+  from benchmark.training import config as config_lib
+  from benchmark.training import fedavg
+  from benchmark.training import models
+  # pylint: enable=g-import-not-at-top
 
-  config = federated.FederatedConfig(
+  config = config_lib.build(config_lib.FederatedConfig, dict(
       tfrecords_dir=tfrecords_dir, save_model_dir=tempfile.gettempdir(),
       client_epochs_per_round=_EPOCHS.value,
       client_batch_size=_BATCH_SIZE.value,
       clients_per_round=_NUM_CLIENTS.value,
       max_elements_per_client=_IMAGES_PER_CLIENT.value,
-      image_height=_CROP.value, image_width=_CROP.value, show_progress=False)
+      image_height=_CROP.value, image_width=_CROP.value, show_progress=False))
   label_spec = label_sets.load_label_spec(tfrecords_dir)
-  train_data = pipeline.load_partition(tfrecords_dir, constants.TRAIN, label_spec)
+  train_data = pipeline.load_partition(tfrecords_dir, constants.TRAIN,
+                                       label_spec)
   clients, images_per_pass = _pick_clients(train_data, _NUM_CLIENTS.value,
                                            _IMAGES_PER_CLIENT.value)
   images_per_round = images_per_pass * _EPOCHS.value
@@ -132,10 +138,11 @@ def _benchmark(tfrecords_dir: str) -> None:
   dataset = dataset.repeat(_EPOCHS.value).prefetch(tf.data.AUTOTUNE)
 
   def compiled_keras_model(with_metrics: bool) -> tf.keras.Model:
-    model = federated._build_keras_model(config, label_spec.num_outputs)  # pylint: disable=protected-access
+    model = models.build_model(config.model, label_spec.num_outputs)
     model.compile(
-        optimizer=tf.keras.optimizers.SGD(config.client_learning_rate,
-                                          clipnorm=config.client_clipnorm),
+        optimizer=tf.keras.optimizers.SGD(
+            config.client.client_learning_rate,
+            clipnorm=config.client.client_clipnorm),
         loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
         metrics=(metrics.make_metrics(label_spec.num_outputs)
                  if with_metrics else None))
@@ -149,9 +156,9 @@ def _benchmark(tfrecords_dir: str) -> None:
         "Keras fit, loss only": compiled_keras_model(False)}
 
   # --- FedAvg on each backend, its rounds interleaved with Keras epochs. ---
-  initial_model = federated._build_keras_model(config, label_spec.num_outputs)  # pylint: disable=protected-access
-  initial_weights = federated.keras_model_weights(initial_model)
-  _, composed = federated.build_learning_process(
+  initial_model = models.build_model(config.model, label_spec.num_outputs)
+  initial_weights = models.model_weights(initial_model)
+  process = fedavg.build_learning_process(
       config, label_spec, train_data,
       tff.learning.add_debug_measurements(tff.aggregators.MeanFactory()))
   seconds = {}  # Row name -> seconds of each timed repetition.
@@ -162,7 +169,7 @@ def _benchmark(tfrecords_dir: str) -> None:
     seconds.setdefault(name, []).append(time.perf_counter() - start)
 
   for backend_name in _BACKENDS.value:
-    with factory.open_backend(backend_name, composed, len(clients),
+    with factory.open_backend(backend_name, process, len(clients),
                                num_workers=_NUM_WORKERS.value) as backend:
       backend.set_state(backend.initialize(initial_weights))
       backend.run_round(clients)  # Warm-up.
@@ -170,7 +177,7 @@ def _benchmark(tfrecords_dir: str) -> None:
       # then switched the base classes of the model's (shared) classes to
       # its v1 ones; building one model eagerly switches them back, so the
       # Keras models above fit as v2 models again.
-      federated._build_keras_model(config, label_spec.num_outputs)  # pylint: disable=protected-access
+      models.build_model(config.model, label_spec.num_outputs)
       for _ in range(_ROUNDS.value):
         timed(f"FedAvg round, {backend_name}",
               lambda: backend.run_round(clients))  # pylint: disable=cell-var-from-loop
@@ -183,11 +190,11 @@ def _benchmark(tfrecords_dir: str) -> None:
           f"{' '.join(f'{t:.2f}' for t in times)} s)")
   # Each FedAvg round against the Keras epochs timed right after it.
   for backend_name in _BACKENDS.value:
-    fedavg = seconds[f"FedAvg round, {backend_name}"]
+    rounds = seconds[f"FedAvg round, {backend_name}"]
     for keras_name in keras_runs:
       keras = seconds[keras_name]
       offset = _BACKENDS.value.index(backend_name) * _ROUNDS.value
-      ratios = [keras[offset + i] / fedavg[i] for i in range(len(fedavg))]
+      ratios = [keras[offset + i] / rounds[i] for i in range(len(rounds))]
       print(f"ratio FedAvg round, {backend_name} / {keras_name:24s} "
             f"{statistics.median(ratios):8.3f} (median; "
             f"{' '.join(f'{r:.2f}' for r in ratios)})")

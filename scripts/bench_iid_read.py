@@ -1,4 +1,4 @@
-"""Times how FLAIR-IID clients read their records (benchmark.iid).
+"""Times how FLAIR-IID clients read their records (benchmark.data.iid).
 
 An IID client reads each dealt record k of a user file as
 `TFRecordDataset(file).skip(k).take(1)`, which reads the file up to k; a

@@ -6,25 +6,26 @@
 
 Isolates the training step from the input pipeline: random uint8 256x256
 images and 0/1 labels (17 outputs) held in memory (`Dataset.cache`, fed to
-Keras as central feeds it: `pipeline.keras_input`), the model
-`benchmark.model.resnet18` (GroupNorm) compiled as `benchmark.central`
-compiles it (`central.make_optimizer`: Adam 1e-4, clipnorm 10; the suite's
-metrics). Variants, any combination of these words joined by "_":
+Keras as central feeds it: `pipeline.keras_input`), the model ResNet-18
+(`benchmark.model.resnet.build_resnet`, GroupNorm) compiled as
+`benchmark.training.central` compiles it (`central.make_optimizer`: Adam
+1e-4, clipnorm 10; the suite's metrics). Variants, any combination of these
+words joined by "_":
 
 * `fast`: the model as the suite builds it (float32);
 * `keras_gn`: with Keras' own `tf.keras.layers.GroupNormalization` instead of
-  `benchmark.model.GroupNormalization`;
+  `benchmark.model.layers.GroupNormalization`;
 * `bf16`: `precision="bfloat16"`;
 * `jit`: `compile(jit_compile=True)` (XLA);
 * `nometrics`: compiled without metrics;
 * `keras_adam`: Keras' `tf.keras.optimizers.Adam` (same settings) instead of
   central's optimizer (the fused legacy Adam);
 * `zeropad`: a `ZeroPadding2D` layer in front of every 3x3 convolution
-  instead of padding inside the stride-1 ones (see `benchmark.model`,
-  "Padding");
+  instead of padding inside the stride-1 ones (see
+  `benchmark.model.resnet`, "Padding");
 * `convop`: every convolution through TensorFlow's convolution op, also
   those that the suite computes as a matrix product over their patches
-  (`benchmark.model.PatchConv2D`, "Small maps").
+  (`benchmark.model.layers.PatchConv2D`).
 
 Each variant is built and warmed up (one `fit` of `--steps` steps), then the
 variants are timed in turn, `--repeats` times, so that load from other
@@ -55,6 +56,7 @@ from benchmark.model import metrics
 from benchmark.model import mixed_precision
 from benchmark.model import resnet
 from benchmark.training import central
+from benchmark.training import config as config_lib
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -90,12 +92,13 @@ def _build(variant: str) -> tf.keras.Model:
         num_classes=_NUM_OUTPUTS, crop_size=(_CROP.value, _CROP.value),
         precision=mixed_precision.BFLOAT16 if "bf16" in words else
         mixed_precision.FLOAT32)
-  config = central.CentralConfig(tfrecords_dir="unused", learning_rate=1e-4,
-                                 clipnorm=10.0)
+  training = config_lib.CentralTrainingConfig(learning_rate=1e-4,
+                                             clipnorm=10.0)
   keras_model.compile(
-      optimizer=(tf.keras.optimizers.Adam(config.learning_rate,
-                                          clipnorm=config.clipnorm)
-                 if "keras_adam" in words else central.make_optimizer(config)),
+      optimizer=(tf.keras.optimizers.Adam(training.learning_rate,
+                                          clipnorm=training.clipnorm)
+                 if "keras_adam" in words
+                 else central.make_optimizer(training)),
       loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
       metrics=(None if "nometrics" in words else
                metrics.make_metrics(_NUM_OUTPUTS)),

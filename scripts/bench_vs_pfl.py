@@ -13,21 +13,22 @@ time (timed images / timed seconds), measured one after the other in this
 run, never side by side:
 
 * "central": the product's centralized model and compile step
-  (`benchmark.central._build_model`, in the scope of
+  (`benchmark.training.central.build_model`, in the scope of
   `central.distribution_strategy()` as `train_central` builds it: Adam,
   clipnorm 10, the suite's metrics) trained with Keras `fit` on central's
-  own input pipeline (`central._train_dataset`: the users interleaved and
+  own input pipeline (`central.train_dataset`: the users interleaved and
   shuffled together, batches of `--batch_size`) over the chosen users, each
   read up to its first `--images_per_client` images, so that it decodes only
   the images it trains on, as central training does; `--epochs` passes per
   timed epoch-round.
 * "FedAvg": the product's learning process on its default backend
-  (`benchmark.federated.build_learning_process`, `factory.open_backend`
-  with `FederatedConfig.backend`, in-process): client SGD 0.1 with
+  (`benchmark.training.fedavg.build_learning_process`,
+  `factory.open_backend` with the default `--backend`, in-process): client
+  SGD 0.1 with
   per-weight clipping, weighted FedAvg, server Adam. Everything a round
   costs is in the figure.
-* bfloat16 is the product's `--precision bfloat16` (`CentralConfig` and
-  `FederatedConfig`'s `precision`: Keras mixed precision).
+* bfloat16 is the product's `--precision bfloat16` (the `precision` of both
+  trainers' `ModelConfig`: Keras mixed precision).
 * pfl-research (when `--pfl_python` and `--pfl_driver` are given, after
   ours): its FedAvg and a plain PyTorch loop on the same users and settings,
   run by the given driver with the given interpreter (pfl 0.6 lives in its
@@ -78,7 +79,9 @@ from benchmark.data import pipeline
 from benchmark.model import layers
 from benchmark.model import mixed_precision
 from benchmark.training import central
-from benchmark.training import federated
+from benchmark.training import config as config_lib
+from benchmark.training import fedavg
+from benchmark.training import models
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -111,7 +114,7 @@ _KERAS_GROUP_NORM = flags.DEFINE_boolean(
     "keras_group_norm", True,
     "Also time central float32 training of the same model built with Keras' "
     "own tf.keras.layers.GroupNormalization (the formulation before "
-    "benchmark.model.GroupNormalization), for the ratio.")
+    "benchmark.model.layers.GroupNormalization), for the ratio.")
 _SKIP_FEDAVG = flags.DEFINE_boolean(
     "skip_fedavg", False, "Measure central training only.")
 _PFL_PYTHON = flags.DEFINE_string(
@@ -197,13 +200,12 @@ def _check_flags() -> None:
 
 
 def _prepare_synthetic(root: str) -> tuple[str, str]:
-  from benchmark import synthetic_dataset  # pylint: disable=g-import-not-at-top
-  import prepare_tfrecords  # pylint: disable=g-import-not-at-top
+  from benchmark.prepare import synthetic  # pylint: disable=g-import-not-at-top
+  from benchmark.prepare import tfrecords  # pylint: disable=g-import-not-at-top
   dataset_dir = os.path.join(root, "dataset")
   tfrecords_dir = os.path.join(root, "tfrecords")
-  synthetic_dataset.generate(dataset_dir, num_users=_SYNTHETIC_USERS.value,
-                             seed=0)
-  prepare_tfrecords.prepare(dataset_dir, tfrecords_dir, show_progress=False)
+  synthetic.generate(dataset_dir, num_users=_SYNTHETIC_USERS.value, seed=0)
+  tfrecords.prepare(dataset_dir, tfrecords_dir, show_progress=False)
   return dataset_dir, tfrecords_dir
 
 
@@ -225,7 +227,7 @@ def _central_seconds(tfrecords_dir: str, label_spec, clients: list[str],
   """Wall and CPU seconds of `--rounds` timed epoch-rounds of central Keras
   `fit`; with `keras_group_norm`, the model uses Keras' GroupNormalization.
 
-  The input is central's own training pipeline (`central._train_dataset`:
+  The input is central's own training pipeline (`central.train_dataset`:
   users interleaved, shuffled, batched) over the chosen users, each user
   file read up to its first `--images_per_client` images, so that every
   image decoded is trained on, as in central training."""
@@ -233,17 +235,17 @@ def _central_seconds(tfrecords_dir: str, label_spec, clients: list[str],
   chosen = tff.simulation.datasets.FilePerUserClientData(
       {client_id: files[client_id] for client_id in clients},
       pipeline.create_dataset_fn(label_spec,
-                             max_records=_IMAGES_PER_CLIENT.value))
-  config = central.CentralConfig(
+                                 max_records=_IMAGES_PER_CLIENT.value))
+  config = config_lib.build(config_lib.CentralConfig, dict(
       tfrecords_dir=tfrecords_dir, save_model_dir=tempfile.gettempdir(),
       image_height=_CROP.value, image_width=_CROP.value,
-      train_batch_size=_BATCH_SIZE.value, precision=precision)
-  dataset = central._train_dataset(chosen, config).repeat(_EPOCHS.value)  # pylint: disable=protected-access
+      train_batch_size=_BATCH_SIZE.value, precision=precision))
+  dataset = central.train_dataset(chosen, config).repeat(_EPOCHS.value)
   patch = (mock.patch.object(layers, "GroupNormalization",
                              tf.keras.layers.GroupNormalization)
            if keras_group_norm else contextlib.nullcontext())
   with patch, central.distribution_strategy().scope():
-    keras_model = central._build_model(config, label_spec.num_outputs)  # pylint: disable=protected-access
+    keras_model = central.build_model(config, label_spec.num_outputs)
   keras_model.fit(dataset, epochs=1, verbose=0)  # Warm-up.
   with _Timer() as timer:
     keras_model.fit(dataset, epochs=_ROUNDS.value, verbose=0)
@@ -261,13 +263,15 @@ def _fedavg_seconds(tfrecords_dir: str, label_spec, train_data,
       clients_per_round=_NUM_CLIENTS.value,
       max_elements_per_client=_IMAGES_PER_CLIENT.value,
       image_height=_CROP.value, image_width=_CROP.value, show_progress=False)
-  config = federated.FederatedConfig(precision=precision, **settings)
-  initial_weights = federated.keras_model_weights(
-      federated._build_keras_model(config, label_spec.num_outputs))  # pylint: disable=protected-access
-  _, composed = federated.build_learning_process(
+  config = config_lib.build(config_lib.FederatedConfig,
+                            dict(settings, precision=precision))
+  initial_weights = models.model_weights(
+      models.build_model(config.model, label_spec.num_outputs))
+  process = fedavg.build_learning_process(
       config, label_spec, train_data,
       tff.learning.add_debug_measurements(tff.aggregators.MeanFactory()))
-  with factory.open_backend(config.backend, composed, len(clients)) as backend:
+  with factory.open_backend(config.run.backend, process,
+                            len(clients)) as backend:
     backend.set_state(backend.initialize(initial_weights))
     backend.run_round(clients)  # Warm-up.
     with _Timer() as timer:
@@ -341,7 +345,8 @@ def _print_ratio(name: str, samples: dict[str, list[float]], numerator: str,
 
 def _benchmark(dataset_dir: str, tfrecords_dir: str, root: str) -> None:
   label_spec = label_sets.load_label_spec(tfrecords_dir)
-  train_data = pipeline.load_partition(tfrecords_dir, constants.TRAIN, label_spec)
+  train_data = pipeline.load_partition(tfrecords_dir, constants.TRAIN,
+                                       label_spec)
   clients, images_per_pass = _pick_clients(train_data, _NUM_CLIENTS.value,
                                            _IMAGES_PER_CLIENT.value)
   images_per_round = images_per_pass * _EPOCHS.value

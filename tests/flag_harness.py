@@ -1,9 +1,9 @@
 """A command's flags parsed in the test process, in a FlagValues of their
 own, and the trainers run from them in-process (`run_from_flags`): what the
 command does after parsing, minus the wrapper that turns errors into one
-line and an exit status (`errors.exit_on_input_error`, which the subprocess
-tests check). No flag lands in absl's global FLAGS, so any number of
-commands can be parsed in one test process."""
+line and an exit status (`cli.commands.exit_on_input_error`, which the
+subprocess tests check). No flag lands in absl's global FLAGS, so any number
+of commands can be parsed in one test process."""
 
 import importlib
 

@@ -1,11 +1,14 @@
 """Shared by the tests that run one FedAvg round on a backend
-(test_backends.py, test_optimizers.py): a deterministic round on the real
-sample, and checks of what a backend leaves behind.
+(tests/backends/test_backends.py, tests/training/test_optimizers.py): a
+deterministic round on the real sample, and checks of what a backend leaves
+behind.
 
-Client training is made deterministic so that rounds can be compared
-exactly: the model's random crop and flip are replaced by their inference
-behaviour (centre crop, no flip) while the process is built, and each
-client's images fit in one batch (so the data's shuffle order does not
+The process is built on the tiny network (`--model_layout tiny`): the
+backends and optimizers run whatever computation TFF compiled, whatever the
+network. Client training is made deterministic so that rounds can be
+compared exactly: the model's random crop and flip are replaced by their
+inference behaviour (centre crop, no flip) while the process is built, and
+each client's images fit in one batch (so the data's shuffle order does not
 matter). What remains is float32 summation order: TFF's worker, the
 in-process runner and two Ray actors add client updates in different orders,
 which changes results in the last bits (measured: at most 1.2e-7 on weights
@@ -27,14 +30,17 @@ from benchmark.data import label_sets
 from benchmark.data import pipeline
 from benchmark.model import layers
 from benchmark.model import resnet
-from benchmark.training import federated
+from benchmark.training import config as config_lib
+from benchmark.training import fedavg
+from benchmark.training import models
 
 ATOL = 1e-5
 COHORT_SIZE = 4
 # One batch per client: no user of the sample has more than 8 images.
 CLIENT_SETTINGS = dict(image_height=32, image_width=32, client_batch_size=8,
                        max_elements_per_client=8, client_epochs_per_round=1,
-                       clients_per_round=COHORT_SIZE, show_progress=False)
+                       clients_per_round=COHORT_SIZE, show_progress=False,
+                       model_layout=resnet.TINY)
 
 
 def listening_inodes() -> set[str]:
@@ -82,17 +88,21 @@ def deterministic_augmentation(monkeypatch):
 
 
 def build(tfrecords_dir, aggregator, weighted, **overrides):
-  config = federated.FederatedConfig(
-      tfrecords_dir=tfrecords_dir, save_model_dir="unused",
-      **dict(CLIENT_SETTINGS, **overrides))
+  """The FedAvg process over client ids (`fedavg.build_learning_process`)
+  of `CLIENT_SETTINGS` with `overrides` (setting names, `config_lib.build`)
+  on the training users of `tfrecords_dir`, initial weights of the same
+  network (seed 3) and the sorted training client ids."""
+  config = config_lib.build(config_lib.FederatedConfig, dict(
+      CLIENT_SETTINGS, tfrecords_dir=tfrecords_dir, save_model_dir="unused",
+      **overrides))
   label_spec = label_sets.load_label_spec(tfrecords_dir)
   train = pipeline.load_partition(tfrecords_dir, constants.TRAIN, label_spec)
-  _, composed = federated.build_learning_process(
+  process = fedavg.build_learning_process(
       config, label_spec, train, aggregator, weighted=weighted)
-  keras_model = resnet.build_resnet(
-      num_classes=label_spec.num_outputs, crop_size=(32, 32), seed=3)
-  weights = federated.keras_model_weights(keras_model)
-  return composed, weights, sorted(train.client_ids)
+  keras_model = models.build_model(config_lib.replace(config, seed=3).model,
+                                   label_spec.num_outputs)
+  weights = models.model_weights(keras_model)
+  return process, weights, sorted(train.client_ids)
 
 
 def cohort_of(client_ids):
@@ -114,14 +124,14 @@ def _compile_once(process):
   return _last_compiled[1]
 
 
-def run_one_round(name, composed, weights, cohort, state=None, **kwargs):
+def run_one_round(name, process, weights, cohort, state=None, **kwargs):
   # Children this process had before (e.g. multiprocessing's resource
   # tracker, started by an earlier test in the same process) are not the
   # backend's.
   before = process_guard.descendants(os.getpid())
   with unittest.mock.patch.object(mapreduce, "compile_process",
                                   _compile_once), \
-      factory.open_backend(name, composed, len(cohort), **kwargs) as backend:
+      factory.open_backend(name, process, len(cohort), **kwargs) as backend:
     initial = backend.initialize(weights)
     backend.set_state(initial if state is None else state)
     metrics = backend.run_round(cohort)

@@ -261,17 +261,17 @@ class ClientConfig:
   def __post_init__(self):
     _check_declared(self)
     _in_unit_interval("client_momentum", self.client_momentum)
+    if not (isinstance(self.proximal_strength, (int, float))
+            and self.proximal_strength >= 0
+            and math.isfinite(self.proximal_strength)):
+      raise FlairInputError("--proximal_strength must be >= 0, got "
+                            f"{self.proximal_strength!r}")
 
   def build_optimizer(self):
     """The clients' optimizer (`optimizers.build_client_optimizer`)."""
     return optimizers.build_client_optimizer(
         self.client_optimizer, self.client_learning_rate,
         self.client_clipnorm, self.client_momentum)
-    if not (isinstance(self.proximal_strength, (int, float))
-            and self.proximal_strength >= 0
-            and math.isfinite(self.proximal_strength)):
-      raise FlairInputError("--proximal_strength must be >= 0, got "
-                            f"{self.proximal_strength!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""Tests of the FedAvg backends (benchmark/backends.py, mapreduce.py,
-graph_runner.py, process_guard.py): the same round on every backend, the DP
-noise, no socket and no process left behind (see round_harness.py for how
-rounds are made deterministic and what tolerance they are compared with).
+"""Tests of the FedAvg backends (benchmark/backends/: factory.py,
+mapreduce.py, graph_runner.py, process_guard.py, ray_actors.py): the same
+round on every backend, the DP noise, no socket and no process left behind
+(see tests/round_harness.py for how rounds are made deterministic and what
+tolerance they are compared with).
 """
 
 import numpy as np
@@ -14,19 +15,18 @@ from benchmark.backends import mapreduce
 from benchmark.backends import ray_actors
 from benchmark.core import constants
 from benchmark.core.errors import FlairInputError
+from benchmark.training import config as config_lib
 from benchmark.training import dp
-from benchmark.training import federated
 import round_harness
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("small_resnet")
 @pytest.mark.parametrize("variant", ["fedavg", "dp_noise0"])
 def test_one_round_is_the_same_on_every_backend(prepared_sample_dir,
                                                 monkeypatch, variant):
-  """The shallow test ResNet (tests/small_model.py): the backends run
+  """The tiny network (round_harness.CLIENT_SETTINGS): the backends run
   whatever computation TFF compiled, whatever the network. (ResNet-18's
-  full set of weights through TFF's worker: test_model.py's
+  full set of weights through TFF's worker: tests/model/test_resnet.py's
   test_one_federated_round_in_tff.)"""
   round_harness.deterministic_augmentation(monkeypatch)
   if variant == "fedavg":
@@ -34,7 +34,7 @@ def test_one_round_is_the_same_on_every_backend(prepared_sample_dir,
         tff.aggregators.MeanFactory())
   else:  # Adaptive clipping with no noise: deterministic.
     aggregator = dp.build_aggregator(0.0, round_harness.COHORT_SIZE, 0.1, 0.5)
-  composed, weights, client_ids = round_harness.build(
+  process, weights, client_ids = round_harness.build(
       prepared_sample_dir, aggregator, weighted=variant == "fedavg")
   cohort = round_harness.cohort_of(client_ids)
   results = {}
@@ -42,7 +42,7 @@ def test_one_round_is_the_same_on_every_backend(prepared_sample_dir,
                constants.BACKEND_RAY):
     state = None if not results else results["inprocess"]["initial"]
     results[name] = round_harness.run_one_round(
-        name, composed, weights, cohort, state=state,
+        name, process, weights, cohort, state=state,
         num_workers=2 if name == constants.BACKEND_RAY else None)
   want = results[constants.BACKEND_INPROCESS]
   # The initial state (weights set, optimizer state zero) is the same.
@@ -63,12 +63,11 @@ def test_one_round_is_the_same_on_every_backend(prepared_sample_dir,
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("small_resnet")
 def test_dp_round_adds_noise_of_the_stated_stddev(prepared_sample_dir):
   """Fixed clipping at 0.1, noise multiplier 1, 3 clients whose updates are
   ~0 (client learning rate 1e-12): the averaged update is the noise alone,
   N(0, (z * clip / cohort)^2) per weight, and its L2 norm over D weights is
-  that stddev times sqrt(D) to within 1/sqrt(2D) (the shallow test ResNet's
+  that stddev times sqrt(D) to within 1/sqrt(2D) (the tiny network's
   D = 82k: 0.25%, so the 1% tolerance is 4 standard deviations). Run
   in-process: the other backends run the same noise-adding graph (Ray) or
   TFF's own runtime of the same aggregator (`tff_worker`), and equal the
@@ -76,10 +75,10 @@ def test_dp_round_adds_noise_of_the_stated_stddev(prepared_sample_dir):
   (test_one_round_is_the_same_on_every_backend)."""
   z, clip, cohort_size = 1.0, 0.1, 3
   aggregator = dp.build_aggregator(z, cohort_size, clip, 0.0)
-  composed, weights, client_ids = round_harness.build(
+  process, weights, client_ids = round_harness.build(
       prepared_sample_dir, aggregator, weighted=False,
       clients_per_round=cohort_size, client_learning_rate=1e-12)
-  result = round_harness.run_one_round(constants.BACKEND_INPROCESS, composed,
+  result = round_harness.run_one_round(constants.BACKEND_INPROCESS, process,
                                        weights, client_ids[:cohort_size])
   num_weights = sum(w.size for w in weights.trainable)
   norm = float(result["metrics"]["aggregator"]["server_update_norm"])
@@ -135,10 +134,12 @@ def test_open_backend_rejects_bad_choices():
   with pytest.raises(FlairInputError, match="--num_workers"):
     with factory.open_backend("inprocess", None, 1, num_workers=0):
       pass
+  paths = {"tfrecords_dir": "x", "save_model_dir": "unused"}
   with pytest.raises(FlairInputError, match="--ray_address"):
-    federated.FederatedConfig(tfrecords_dir="x", ray_address="1.2.3.4:6379")
+    config_lib.build(config_lib.FederatedConfig,
+                     dict(paths, ray_address="1.2.3.4:6379"))
   with pytest.raises(FlairInputError, match="--backend"):
-    federated.FederatedConfig(tfrecords_dir="x", backend="gpu")
+    config_lib.build(config_lib.FederatedConfig, dict(paths, backend="gpu"))
 
 
 def test_ray_actors_are_one_per_gpu_else_one_per_node_using_its_cores():

@@ -1,5 +1,5 @@
-"""Tests of benchmark/validate.py, the one owner of integer and number checks,
-and of the configs and functions that use it."""
+"""Tests of benchmark/core/validate.py, the one owner of integer and number
+checks, and of the configs and functions that use it."""
 
 import numpy as np
 import pytest
@@ -54,23 +54,24 @@ def test_check_ints_and_positive_number():
 
 def test_the_modules_refuse_bad_integers_with_the_shared_wording(tmp_path):
   # pylint: disable=import-outside-toplevel
-  from benchmark import synthetic_dataset
   from benchmark.data import pipeline
   from benchmark.model import metrics
-  from benchmark.training import central
-  from benchmark.training import federated
+  from benchmark.prepare import synthetic
+  from benchmark.training import config as config_lib
   with pytest.raises(errors.FlairInputError,
                      match=r"--num_epochs must be an integer >= 1, got 0"):
-    central.CentralConfig(tfrecords_dir="t", save_model_dir=str(tmp_path),
-                          num_epochs=0)
+    config_lib.build(config_lib.CentralConfig, {
+        "tfrecords_dir": "t", "save_model_dir": str(tmp_path),
+        "num_epochs": 0})
   with pytest.raises(errors.FlairInputError,
                      match=r"--seed must be an integer >= 0, got -1"):
-    central.CentralConfig(tfrecords_dir="t", save_model_dir=str(tmp_path),
-                          seed=-1)
+    config_lib.build(config_lib.CentralConfig, {
+        "tfrecords_dir": "t", "save_model_dir": str(tmp_path), "seed": -1})
   with pytest.raises(errors.FlairInputError,
                      match=r"--total_rounds must be an integer >= 1, got 0"):
-    federated.FederatedConfig(tfrecords_dir="t",
-                              save_model_dir=str(tmp_path), total_rounds=0)
+    config_lib.build(config_lib.FederatedConfig, {
+        "tfrecords_dir": "t", "save_model_dir": str(tmp_path),
+        "total_rounds": 0})
   with pytest.raises(errors.FlairInputError,
                      match=r"ClientSpec.batch_size must be an integer >= 1"):
     pipeline.ClientSpec(num_epochs=1, batch_size=True)
@@ -79,4 +80,4 @@ def test_the_modules_refuse_bad_integers_with_the_shared_wording(tmp_path):
     metrics.metric_names(0)
   with pytest.raises(errors.FlairInputError,
                      match=r"num_users must be an integer >= 3"):
-    synthetic_dataset.make_metadata(2)
+    synthetic.make_metadata(2)

@@ -1,4 +1,4 @@
-"""Tests of FLAIR-IID (benchmark/iid.py and federated_main --iid)."""
+"""Tests of FLAIR-IID (benchmark/data/iid.py and federated_main --iid)."""
 
 import json
 import os
@@ -73,16 +73,17 @@ def test_iid_keeps_users_counts_and_images_and_is_more_uniform(
 
 
 def _main(tfrecords_dir, save_dir, *extra):
-  """federated_main in this process (tests/flag_harness.py), one tiny round;
-  returns its final metrics (the shallow test ResNet when the test uses
-  the `small_resnet` fixture)."""
+  """federated_main in this process (tests/flag_harness.py), one tiny round
+  of the tiny network (--model_layout=tiny: a test of the run, not of the
+  network); returns its final metrics."""
   return flag_harness.run_from_flags(
       "benchmark.federated_main",
       f"--tfrecords_dir={tfrecords_dir}", f"--save_model_dir={save_dir}",
       "--total_rounds=1", "--clients_per_round=2", "--rounds_per_eval=1",
       "--image_height=24", "--image_width=24", "--client_batch_size=4",
       "--max_elements_per_client=4", "--client_epochs_per_round=1",
-      "--eval_batch_size=16", "--client_datasets_random_seed=1", *extra)
+      "--eval_batch_size=16", "--client_datasets_random_seed=1",
+      "--model_layout=tiny", *extra)
 
 
 def _files(directory):
@@ -92,14 +93,13 @@ def _files(directory):
           for d, _, names in os.walk(directory) for n in names}
 
 
-@pytest.mark.usefixtures("small_resnet")
 def test_federated_main_trains_on_iid_and_never_mixes_it_with_non_iid(
     prepared_sample_dir, tmp_path):
   """federated_main --iid trains and records both flags in the run's
   identity; the non-IID command on its directory is refused with one line
   naming --iid, nothing changed. (In this process; as a command, `main`
   prints the refusal as one `error:` line and exits 1, as it does for the
-  output and backend errors that tests/test_federated.py checks as
+  output and backend errors that tests/training/test_federated.py checks as
   commands.)"""
   save_dir = str(tmp_path / "run")
   returned = _main(prepared_sample_dir, save_dir, "--iid", "--iid_seed=3")

@@ -1,4 +1,5 @@
-"""Tests of benchmark.data: label index, decoding, partitions, preprocessing."""
+"""Tests of benchmark.data (label_sets, formats, pipeline): label index,
+decoding, partitions, preprocessing."""
 
 import collections
 import json
@@ -91,7 +92,8 @@ def test_label_spec_names_follow_index_not_file_order(tmp_path):
   with open(tmp_path / "d" / constants.LABEL_INDEX_FILE, "w") as f:
     json.dump({"labels": {"b": 1, "a": 2, "c": 0},
                "fine_grained_labels": {"x": 0}}, f)
-  assert label_sets.load_label_spec(str(tmp_path / "d")).names == ("c", "b", "a")
+  assert label_sets.load_label_spec(str(tmp_path / "d")).names == ("c", "b",
+                                                                   "a")
 
 
 def test_unknown_binary_label_lists_valid_names(tiny_dir):
@@ -173,7 +175,8 @@ def test_decode_tiny_fine_and_binary(tiny_dir):
   np.testing.assert_array_equal(np.stack(got), np.stack(expected))
 
   binary = pipeline.load_partition(
-      tiny_dir, "train", label_sets.load_label_spec(tiny_dir, binary_label="food"))
+      tiny_dir, "train",
+      label_sets.load_label_spec(tiny_dir, binary_label="food"))
   assert binary.element_type_structure[1].shape == (1,)
   got = [y for _, y in _elements(binary, "u1@N01")]
   want = [[int(1 in c)] for c, _ in TINY_USERS["train"]["u1@N01"]]
@@ -233,7 +236,8 @@ def test_label_index_out_of_range_fails(tmp_path, tiny_dir):
   path = os.path.join(root, "train", "u" + constants.TFRECORD_SUFFIX)
   with tf.io.TFRecordWriter(path) as writer:
     writer.write(formats.encode_example(_jpeg(0), [len(COARSE)], [0]))
-  cd = pipeline.load_partition(root, "train", label_sets.load_label_spec(tiny_dir))
+  cd = pipeline.load_partition(root, "train",
+                               label_sets.load_label_spec(tiny_dir))
   with pytest.raises(tf.errors.InvalidArgumentError, match="label index"):
     _elements(cd, "u")
 
@@ -241,7 +245,8 @@ def test_label_index_out_of_range_fails(tmp_path, tiny_dir):
 def test_serializable_dataset_fn_in_graph(tiny_dir):
   """The client dataset can be built from a tf.string id inside a graph (as
   TFF does)."""
-  cd = pipeline.load_partition(tiny_dir, "test", label_sets.load_label_spec(tiny_dir))
+  cd = pipeline.load_partition(tiny_dir, "test",
+                               label_sets.load_label_spec(tiny_dir))
 
   @tf.function
   def count(client_id):
@@ -256,7 +261,8 @@ def test_dataset_fn_reads_the_first_max_records(tiny_dir, max_records,
                                                  expected):
   spec = label_sets.load_label_spec(tiny_dir)
   path = pipeline.partition_files(tiny_dir, "train")["u1@N01"]
-  full = [(x.numpy(), y.numpy()) for x, y in pipeline.create_dataset_fn(spec)(path)]
+  full = [(x.numpy(), y.numpy())
+          for x, y in pipeline.create_dataset_fn(spec)(path)]
   assert len(full) == 3
   dataset_fn = pipeline.create_dataset_fn(spec, max_records=max_records)
   some = [(x.numpy(), y.numpy())
@@ -288,8 +294,10 @@ def test_decode_real_sample(request):
   seen = {n for r in records for n in r[constants.LABELS_KEY]}
   assert seen <= set(spec.names) <= set(constants.COARSE_LABELS)
   assert spec.num_outputs == len(spec.names)
-  fine_spec = label_sets.load_label_spec(tfrecords_dir, use_fine_grained_labels=True)
-  binary_spec = label_sets.load_label_spec(tfrecords_dir, binary_label="structure")
+  fine_spec = label_sets.load_label_spec(tfrecords_dir,
+                                         use_fine_grained_labels=True)
+  binary_spec = label_sets.load_label_spec(tfrecords_dir,
+                                           binary_label="structure")
 
   # Expected label multisets per user (order within a user file is not
   # part of the contract).
@@ -402,7 +410,8 @@ def test_eval_dataset_pools_every_client_without_autotune_model(tiny_dir):
 
 
 def test_train_preprocess_seed_and_no_shuffle():
-  spec = pipeline.ClientSpec(num_epochs=1, batch_size=50, shuffle_buffer_size=64)
+  spec = pipeline.ClientSpec(num_epochs=1, batch_size=50,
+                             shuffle_buffer_size=64)
   def run(seed):
     fn = pipeline.create_train_preprocess_fn(spec, seed=seed)
     return np.concatenate([b.numpy() for b in fn(_range_dataset(50))])
@@ -417,7 +426,8 @@ def test_train_preprocess_seed_and_no_shuffle():
 
 
 def test_preprocess_on_client_data_shapes(tiny_dir):
-  cd = pipeline.load_partition(tiny_dir, "train", label_sets.load_label_spec(tiny_dir))
+  cd = pipeline.load_partition(tiny_dir, "train",
+                               label_sets.load_label_spec(tiny_dir))
   spec = pipeline.ClientSpec(num_epochs=2, batch_size=2, max_elements=2)
   train = cd.preprocess(pipeline.create_train_preprocess_fn(spec, seed=0))
   shapes = [(x.shape, y.shape) for x, y in
@@ -435,9 +445,11 @@ def test_preprocessed_dataset_traces_into_tff_computation(tiny_dir):
   """Decoding plus training preprocessing serialise into a TFF computation
   (as `compose_dataset_computation_with_learning_process` needs)."""
   import tensorflow_federated as tff
-  cd = pipeline.load_partition(tiny_dir, "train", label_sets.load_label_spec(tiny_dir))
+  cd = pipeline.load_partition(tiny_dir, "train",
+                               label_sets.load_label_spec(tiny_dir))
   preprocess = pipeline.create_train_preprocess_fn(
-      pipeline.ClientSpec(num_epochs=2, batch_size=2, max_elements=3), seed=None)
+      pipeline.ClientSpec(num_epochs=2, batch_size=2, max_elements=3),
+      seed=None)
 
   @tff.tensorflow.computation(tf.string)
   def build_dataset(client_id):
@@ -483,7 +495,8 @@ def test_skip_bad_records_trains_on_a_mirror_without_them(damaged_sample,
   assert sorted(c.path for c in bad) == sorted([cut, bad_label])
   mirror = triage.mirror_without_bad_records(copy, bad,
                                            str(tmp_path / "mirror"))
-  assert triage.check_tfrecords(mirror, label_sets.load_label_spec(mirror)) == []
+  assert triage.check_tfrecords(mirror,
+                                label_sets.load_label_spec(mirror)) == []
   name = os.path.basename
   mirrored = lambda p: os.path.join(mirror, constants.TRAIN, name(p))
   assert len(_records_of(mirrored(cut))) == 1

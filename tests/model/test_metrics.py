@@ -1,4 +1,5 @@
-"""Tests of benchmark.metrics against scikit-learn, in Keras and in TFF."""
+"""Tests of benchmark.model.metrics against scikit-learn, in Keras and in
+TFF."""
 
 import warnings
 

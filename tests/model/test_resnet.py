@@ -1,5 +1,5 @@
-"""Tests of benchmark.model: layout, parameter counts, preprocessing, seeds,
-frozen BatchNorm and use inside TFF."""
+"""Tests of benchmark.model.resnet: layout, parameter counts, preprocessing,
+seeds, frozen BatchNorm and use inside TFF."""
 
 import numpy as np
 import pytest
@@ -116,9 +116,12 @@ def test_output_shape(crop, batch):
 
 
 def test_same_seed_same_weights_different_seed_different():
-  a = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP, seed=3)
-  b = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP, seed=3)
-  c = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP, seed=4)
+  a = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
+                          seed=3)
+  b = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
+                          seed=3)
+  c = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
+                          seed=4)
   for wa, wb in zip(a.get_weights(), b.get_weights()):
     np.testing.assert_array_equal(wa, wb)
   kernels_a = [l.kernel.numpy() for l in a.layers if hasattr(l, "kernel")]
@@ -140,10 +143,29 @@ def test_same_seed_same_weights_different_seed_different():
     (dict(input_shape=(256, 256, 1)), "input_shape"),
     (dict(num_classes=0), "num_classes"),
     (dict(seed=1.5), "seed"),
+    (dict(layout="resnet50"), "--model_layout"),
 ])
 def test_invalid_arguments(kwargs, argument):
   with pytest.raises(ValueError, match=argument):
     resnet.build_resnet(**kwargs)
+
+
+def test_tiny_layout_has_its_stages_and_the_same_layer_names():
+  # The smoke-test network (--model_layout tiny): the stem, two stages of one
+  # block (the second downsampling) and the classifier, named as ResNet-18's.
+  tiny = resnet.LAYOUTS[resnet.TINY]
+  m = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
+                          layout=resnet.TINY)
+  assert m.name == resnet.TINY
+  names = {layer.name for layer in m.layers}
+  assert {"initial_conv", "layer1_block1_conv1_3x3",
+          "layer2_block1_conv1_padding", "layer2_downsample_conv_1x1",
+          "global_pooling", "classifier"} <= names
+  assert not any(n.startswith(("layer3", "layer1_block2")) for n in names)
+  assert m.get_layer("initial_conv").kernel.shape[-1] == (
+      tiny.initial_filters)
+  assert m.get_layer("classifier").kernel.shape == (
+      tiny.stage_filters[-1], NUM_CLASSES)
 
 
 def _preprocessing_model(m):
@@ -251,7 +273,7 @@ def test_one_federated_round_in_tff():
 
   def model_fn():
     keras_model = resnet.build_resnet(SMALL_INPUT, 3, pretrained=True,
-                                 crop_size=SMALL_CROP)
+                                      crop_size=SMALL_CROP)
     return tff.learning.models.from_keras_model(
         keras_model,
         loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
@@ -366,7 +388,7 @@ def test_group_norm_model_weights_load_into_a_keras_group_norm_model(
   # the same model built with Keras' layer (what earlier versions wrote and
   # read), and both compute the same logits.
   fast = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
-                        seed=5)
+                             seed=5)
   rng = np.random.default_rng(2)
   for layer in fast.layers:
     if isinstance(layer, tf.keras.layers.GroupNormalization):
@@ -379,8 +401,8 @@ def test_group_norm_model_weights_load_into_a_keras_group_norm_model(
   fast.save_weights(path)
   monkeypatch.setattr(layers, "GroupNormalization",
                       tf.keras.layers.GroupNormalization)
-  reference = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
-                             seed=6)
+  reference = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES,
+                                  crop_size=SMALL_CROP, seed=6)
   norms = [l for l in reference.layers
            if isinstance(l, tf.keras.layers.GroupNormalization)]
   assert norms and all(type(l) is tf.keras.layers.GroupNormalization
@@ -399,12 +421,12 @@ def test_fast_convolutions_equal_the_plain_layout(crop, monkeypatch):
   # convolution op everywhere): equal logits and weight gradients to 1e-5
   # relative, on even and odd feature map sizes.
   fast = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=crop, seed=3,
-                        augmentation_seed=1)
+                             augmentation_seed=1)
   builder = resnet._Builder  # pylint: disable=protected-access
   monkeypatch.setattr(builder, "pad_inside_conv", False)
   monkeypatch.setattr(builder, "patch_small_maps", False)
-  reference = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=crop, seed=3,
-                             augmentation_seed=1)
+  reference = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=crop,
+                                  seed=3, augmentation_seed=1)
   paddings = [l for l in reference.layers
               if isinstance(l, tf.keras.layers.ZeroPadding2D)]
   assert len(paddings) == 2 + 2 * sum(blocks for _, blocks in STAGES)
@@ -444,9 +466,9 @@ def test_checkpoint_of_the_plain_layout_restores_into_the_model(
     patch.setattr(builder, "pad_inside_conv", False)
     patch.setattr(builder, "patch_small_maps", False)
     plain = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
-                           seed=1)
+                                seed=1)
   fast = resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
-                        seed=2)
+                             seed=2)
   assert len(plain.layers) > len(fast.layers)
   path = tf.train.Checkpoint(model=plain).save(str(tmp_path / "plain"))
   tf.train.Checkpoint(model=fast).restore(
@@ -521,7 +543,7 @@ def test_invalid_precision_is_a_one_line_flag_error(value):
   assert "\n" not in str(info.value)
   with pytest.raises(errors.FlairInputError, match="--precision"):
     resnet.build_resnet(SMALL_INPUT, NUM_CLASSES, crop_size=SMALL_CROP,
-                   precision=value)
+                        precision=value)
 
 
 # bfloat16 keeps 8 significand bits (relative rounding 2**-9 ~ 0.2%); through
@@ -535,9 +557,10 @@ BF16_LOGIT_TOLERANCE = 0.10
 
 
 def test_bfloat16_model_is_mixed_precision_and_close_to_float32():
-  f32 = resnet.build_resnet((72, 72, 3), NUM_CLASSES, crop_size=(64, 64), seed=7)
-  bf16 = resnet.build_resnet((72, 72, 3), NUM_CLASSES, crop_size=(64, 64), seed=7,
-                        precision=mixed_precision.BFLOAT16)
+  f32 = resnet.build_resnet((72, 72, 3), NUM_CLASSES, crop_size=(64, 64),
+                            seed=7)
+  bf16 = resnet.build_resnet((72, 72, 3), NUM_CLASSES, crop_size=(64, 64),
+                             seed=7, precision=mixed_precision.BFLOAT16)
   # Same weights, all float32 (so weights files do not depend on precision).
   assert [w.name for w in bf16.weights] == [w.name for w in f32.weights]
   assert all(w.dtype == tf.float32 for w in bf16.weights)

@@ -1,4 +1,5 @@
-"""Tests of benchmark.restore: loading Keras weights .h5 files by layer name."""
+"""Tests of benchmark.model.restore: loading Keras weights .h5 files by layer
+name."""
 
 import os
 
@@ -17,7 +18,7 @@ CROP = (32, 32)
 
 def _small_resnet(num_classes, pretrained, seed):
   return resnet.build_resnet(INPUT, num_classes, pretrained=pretrained,
-                        crop_size=CROP, seed=seed)
+                             crop_size=CROP, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,27 @@
-"""Tests of centralized training: `benchmark.central.train_central` and the
+"""Tests of centralized training: `benchmark.training.central.train_central`
+(and its outputs, `training.central_outputs`) and the
 `benchmark.central_main` command line.
 
 Runs use tiny crops (32x32), batches of 8 and one or two epochs on the real
 FLAIR sample (35 images) or the generated FLAIR-like data, so that ResNet-18
 stays affordable on a CPU. Tests of the loop and the command line (resume,
-errors, label kinds, outputs) use the shallow test ResNet of
-tests/small_model.py; the learning, restore, full-disk and write-every-output
-tests keep ResNet-18. The command's work after flag parsing runs in this
-process (`tests/flag_harness.py`, flags in a FlagValues of their own);
-subprocesses only where the process itself is what is checked: exit status
-and the one `error:` line, kill -9 and a full disk's missing crash.
+errors, label kinds, outputs) use the tiny network (`--model_layout tiny`);
+the learning, restore, full-disk and write-every-output tests keep
+ResNet-18. The command's work after flag parsing runs in this process
+(`tests/flag_harness.py`, flags in a FlagValues of their own); subprocesses
+only where the process itself is what is checked: exit status and the one
+`error:` line, kill -9 and a full disk's missing crash.
 """
 
 import csv
+import dataclasses
 import json
 import logging
 import math
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import h5py
@@ -26,30 +29,60 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from benchmark.cli import trainers
 from benchmark.core import constants
 from benchmark.core import errors
 from benchmark.core.errors import FlairInputError
+from benchmark.data import label_sets
 from benchmark.data import pipeline
 from benchmark.model import metrics
 from benchmark.model import resnet
 from benchmark.training import central
+from benchmark.training import central_outputs
+from benchmark.training import config as config_lib
+from benchmark.training import run_dir
 import flag_harness
-import small_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 CROP = 32
 # Long enough for any CLI run here, even on a busy 2-core machine.
 _CLI_TIMEOUT_S = 900
+# The flag of the tiny network, for tests of the loop and the command line.
+_TINY_FLAG = f"--model_layout={resnet.TINY}"
 
 
-def _config(tfrecords_dir, save_dir, **overrides) -> central.CentralConfig:
-  settings = dict(tfrecords_dir=tfrecords_dir, save_model_dir=str(save_dir),
-                  learning_rate=1e-3, train_batch_size=8, eval_batch_size=8,
-                  num_epochs=1, image_height=CROP, image_width=CROP,
+def _config(tfrecords_dir, save_dir,
+            **overrides) -> config_lib.CentralConfig:
+  settings = dict(tfrecords_dir=str(tfrecords_dir),
+                  save_model_dir=str(save_dir), learning_rate=1e-3,
+                  train_batch_size=8, eval_batch_size=8, num_epochs=1,
+                  image_height=CROP, image_width=CROP,
                   shuffle_buffer_size=64)
   settings.update(overrides)
-  return central.CentralConfig(**settings)
+  return config_lib.build(config_lib.CentralConfig, settings)
+
+
+def _label_spec(config):
+  """The labels of `config.data` (`label_sets.load_label_spec`)."""
+  data = config.data
+  return label_sets.load_label_spec(
+      data.tfrecords_dir, data.use_fine_grained_labels, data.binary_label)
+
+
+def _inputs(config):
+  """`(label_spec, {partition: client data})` of `config.data`."""
+  label_spec = _label_spec(config)
+  return label_spec, pipeline.load_client_data(config.data.tfrecords_dir,
+                                               label_spec)
+
+
+def _train(config):
+  """`train_central` as central_main runs it: with the labels of
+  `config.data`, data errors named (`trainers.data_errors_named`)."""
+  label_spec = _label_spec(config)
+  with trainers.data_errors_named(config.data.tfrecords_dir, label_spec):
+    return central.train_central(config, label_spec)
 
 
 def _read_csv(path):
@@ -67,23 +100,24 @@ def _label_index(tfrecords_dir):
 def _evaluate_untrained(config, num_outputs, partition=constants.VAL):
   """The metrics of the model `train_central` starts from (same seed), before
   any training, on `partition`."""
-  label_spec, client_data = central.load_inputs(config)
+  label_spec, client_data = _inputs(config)
   assert label_spec.num_outputs == num_outputs
   model = resnet.build_resnet(num_classes=num_outputs,
-                             crop_size=(config.image_height,
-                                        config.image_width),
-                             seed=config.seed)
+                              crop_size=config.model.crop_size,
+                              seed=config.model.seed,
+                              layout=config.model.model_layout)
   model.compile(loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
                 metrics=metrics.make_metrics(num_outputs))
   dataset = client_data[partition].create_tf_dataset_from_all_clients().batch(
-      config.eval_batch_size)
+      config.data.eval_batch_size)
   return model.evaluate(dataset, return_dict=True, verbose=0)
 
 
-def _check_outputs(save_dir, num_outputs, num_epochs, final, width=None):
+def _check_outputs(save_dir, num_outputs, num_epochs, final,
+                   architecture=resnet.RESNET18):
   """Asserts every output file of a finished run and returns the CSV rows.
-  `width`: the classifier's input width; default that of the model this
-  process builds (ResNet-18's 512, or the `small_resnet` fixture's)."""
+  `architecture`: the run's `--model_layout` (its best-weights file name and
+  the classifier's input width, its last stage's)."""
   names = metrics.metric_names(num_outputs)
   save_dir = str(save_dir)
 
@@ -114,15 +148,15 @@ def _check_outputs(save_dir, num_outputs, num_epochs, final, width=None):
 
   # Best weights: Keras HDF5 with a classifier of num_outputs logits.
   weights = os.path.join(
-      save_dir, f"resnet18_central_{num_outputs}labels.h5")
-  assert central.best_weights_path(save_dir, num_outputs) == weights
+      save_dir, f"{architecture}_central_{num_outputs}labels.h5")
+  assert run_dir.best_weights_path(save_dir, central.TRAINER_NAME,
+                                   num_outputs, architecture) == weights
   with h5py.File(weights, "r") as f:
     kernels = []
     f["classifier"].visititems(
         lambda name, obj: kernels.append(obj.shape)
         if name.endswith("kernel:0") else None)
-  if width is None:
-    width = resnet.STAGE_FILTERS[-1]
+  width = resnet.LAYOUTS[architecture].stage_filters[-1]
   assert kernels == [(width, num_outputs)]
 
   # TensorBoard event files for training and validation.
@@ -132,7 +166,8 @@ def _check_outputs(save_dir, num_outputs, num_epochs, final, width=None):
   assert any("train" in e for e in events)
   assert any("validation" in e for e in events)
   # No backup is left behind by a finished run, and no temporary files.
-  assert not os.path.exists(os.path.join(save_dir, central.BACKUP_DIR))
+  assert not os.path.exists(os.path.join(save_dir,
+                                         constants.CENTRAL_BACKUP_DIR))
   assert not [n for n in os.listdir(save_dir) if n.endswith(".tmp")]
   return rows
 
@@ -154,33 +189,42 @@ def _check_outputs(save_dir, num_outputs, num_epochs, final, width=None):
     ("precision", "float16", "--precision"),
     ("tfrecords_dir", "", "--tfrecords_dir"),
     ("restore_model_path", "/nonexistent/resnet18.h5", "--restore_model_path"),
+    ("model_layout", "resnet50", "--model_layout"),
+    ("save_model_dir", "", "--save_model_dir"),
 ])
 def test_config_rejects_bad_values_naming_the_flag(tmp_path, field, value,
                                                    flag):
   settings = dict(tfrecords_dir=str(tmp_path), save_model_dir=str(tmp_path))
   settings[field] = value
   with pytest.raises(FlairInputError) as info:
-    central.CentralConfig(**settings)
+    config_lib.build(config_lib.CentralConfig, settings)
   message = str(info.value)
   assert message.startswith(flag + " ")
   assert "\n" not in message
 
 
 def test_config_defaults_are_the_reference_flags():
-  config = central.CentralConfig(tfrecords_dir="T")
-  assert (config.learning_rate, config.clipnorm, config.train_batch_size,
-          config.eval_batch_size, config.num_epochs, config.restore_model_path,
-          config.save_model_dir, config.image_height, config.image_width,
-          config.use_fine_grained_labels, config.binary_label) == (
-              1e-4, 10.0, 512, 512, 100, None, "./", 224, 224, False, None)
+  config = config_lib.build(config_lib.CentralConfig,
+                            {"tfrecords_dir": "T", "save_model_dir": "out"})
+  training, model, data = config.training, config.model, config.data
+  assert (training.learning_rate, training.clipnorm,
+          training.train_batch_size, data.eval_batch_size,
+          training.num_epochs, model.restore_model_path, model.image_height,
+          model.image_width, data.use_fine_grained_labels,
+          data.binary_label, model.model_layout) == (
+              1e-4, 10.0, 512, 512, 100, None, 224, 224, False, None,
+              resnet.RESNET18)
+  # Unset, --save_model_dir is a new run directory (the command's choice:
+  # tests/cli/test_trainers.py).
+  [output] = dataclasses.fields(config_lib.OutputConfig)
+  assert (output.name, output.default) == ("save_model_dir", None)
 
 
 def test_the_fused_adam_updates_as_keras_adam():
   """central's optimizer (legacy Adam, one fused kernel per weight) gives the
   weights of `tf.keras.optimizers.Adam` with the same settings, within
   float32 round-off, over steps where clipnorm clips."""
-  config = central.CentralConfig(tfrecords_dir="T", learning_rate=1e-2,
-                                 clipnorm=0.5)
+  config = _config("T", "unused", learning_rate=1e-2, clipnorm=0.5)
   rng = np.random.default_rng(0)
   x = rng.normal(size=(32, 6)).astype(np.float32)
   y = (rng.normal(size=(32, 3)) * 50).astype(np.float32)  # Large gradients.
@@ -194,7 +238,7 @@ def test_the_fused_adam_updates_as_keras_adam():
     keras_model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
     return keras_model.get_weights(), keras_model.optimizer
 
-  fused, optimizer = train(central.make_optimizer(config))
+  fused, optimizer = train(central.make_optimizer(config.training))
   reference, _ = train(tf.keras.optimizers.Adam(learning_rate=1e-2,
                                                 clipnorm=0.5))
   initial, _ = train(tf.keras.optimizers.SGD(learning_rate=0.0))
@@ -220,8 +264,8 @@ def test_keras_pipelines_have_no_autotune_model(prepared_sample_dir):
   run without tf.data's autotuning model, whose thread delays the end of
   each pass (`pipeline.keras_input`)."""
   config = _config(prepared_sample_dir, "unused")
-  _, client_data = central.load_inputs(config)
-  train = central._train_dataset(client_data[constants.TRAIN], config)  # pylint: disable=protected-access
+  _, client_data = _inputs(config)
+  train = central.train_dataset(client_data[constants.TRAIN], config)
   val = pipeline.eval_dataset(client_data[constants.VAL], 8)
   assert train.options().autotune.enabled is False
   assert val.options().autotune.enabled is False
@@ -230,25 +274,36 @@ def test_keras_pipelines_have_no_autotune_model(prepared_sample_dir):
   assert y.shape[0] == x.shape[0]
 
 
-def test_load_inputs_rejects_missing_and_empty_dirs(tmp_path):
+def _start_run(config):
+  """central_main's check of `config`'s data before it writes anything
+  (`trainers.start_run`, its other flags at their defaults)."""
+  flag_values = flag_harness.parse(
+      "benchmark.central_main", f"--tfrecords_dir={config.data.tfrecords_dir}")
+  return trainers.start_run(config, central.TRAINER_NAME, flag_values)
+
+
+def test_start_run_rejects_missing_and_empty_dirs(tmp_path):
   missing = _config(str(tmp_path / "missing"), tmp_path / "out")
   with pytest.raises(FlairInputError, match="--tfrecords_dir"):
-    central.load_inputs(missing)
+    _start_run(missing)
   (tmp_path / "empty").mkdir()
   empty = _config(str(tmp_path / "empty"), tmp_path / "out")
   with pytest.raises(FlairInputError, match="--tfrecords_dir"):
-    central.load_inputs(empty)
+    _start_run(empty)
+  assert not (tmp_path / "out").exists()
 
 
-def test_load_inputs_rejects_unknown_binary_label_listing_valid_ones(
+def test_start_run_rejects_unknown_binary_label_listing_valid_ones(
     prepared_sample_dir, tmp_path):
-  config = _config(prepared_sample_dir, tmp_path, binary_label="no_such")
+  config = _config(prepared_sample_dir, tmp_path / "out",
+                   binary_label="no_such")
   with pytest.raises(FlairInputError) as info:
-    central.load_inputs(config)
+    _start_run(config)
   message = str(info.value)
   assert "--binary_label" in message and "no_such" in message
   for name in _label_index(prepared_sample_dir)[constants.LABELS_KEY]:
     assert name in message
+  assert not (tmp_path / "out").exists()
 
 
 # --- Resume bookkeeping (fast, no training) ---------------------------------
@@ -268,7 +323,7 @@ def test_resume_drops_rows_of_epochs_trained_again_and_keeps_best(tmp_path):
   # Epochs 0-3 have rows; the backup holds epoch 1, so training resumes at 2.
   _write_metrics_csv(csv_path, [0.9, 0.5, 0.3, 0.4])
   model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)])
-  callback = central._ResumableBestWeights(weights_path, csv_path)
+  callback = central_outputs.ResumableBestWeights(weights_path, csv_path)
   callback.set_model(model)
   callback.set_params({"epochs": 4})
   callback.on_epoch_begin(2)
@@ -292,7 +347,8 @@ def test_resume_drops_rows_of_epochs_trained_again_and_keeps_best(tmp_path):
 def test_fresh_start_drops_every_row(tmp_path):
   csv_path = str(tmp_path / "metrics.csv")
   _write_metrics_csv(csv_path, [0.9])  # epoch 0 written, never backed up
-  callback = central._ResumableBestWeights(str(tmp_path / "w.h5"), csv_path)
+  callback = central_outputs.ResumableBestWeights(str(tmp_path / "w.h5"),
+                                                  csv_path)
   callback.on_epoch_begin(0)
   fieldnames, rows = _read_csv(csv_path)
   assert fieldnames == ["epoch", "loss", "val_loss"] and rows == []
@@ -306,7 +362,7 @@ def test_train_central_on_sample_writes_every_output(prepared_sample_dir,
                                                      tmp_path):
   num_outputs = len(_label_index(prepared_sample_dir)[constants.LABELS_KEY])
   config = _config(prepared_sample_dir, tmp_path, num_epochs=2)
-  final = central.train_central(config)
+  final = _train(config)
   assert [list(final[p]) for p in ("val", "test")] == [
       metrics.metric_names(num_outputs)] * 2
   rows = _check_outputs(tmp_path, num_outputs, 2, final)
@@ -317,27 +373,27 @@ def test_train_central_on_sample_writes_every_output(prepared_sample_dir,
            (constants.METRICS_CSV_FILE, constants.FINAL_METRICS_FILE,
             f"resnet18_central_{num_outputs}labels.h5")]
   mtimes = [os.stat(p).st_mtime_ns for p in paths]
-  assert central.train_central(config) == final
+  assert _train(config) == final
   assert [os.stat(p).st_mtime_ns for p in paths] == mtimes
   assert _read_csv(paths[0])[1] == rows
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("small_resnet")
 @pytest.mark.parametrize("label_kind", ["binary", "fine_grained"])
 def test_train_central_binary_and_fine_grained(prepared_sample_dir, tmp_path,
                                                label_kind):
   index = _label_index(prepared_sample_dir)
   if label_kind == "binary":
     assert "structure" in index[constants.LABELS_KEY]
-    config = _config(prepared_sample_dir, tmp_path, binary_label="structure")
+    config = _config(prepared_sample_dir, tmp_path, binary_label="structure",
+                     model_layout=resnet.TINY)
     num_outputs = 1
   else:
     config = _config(prepared_sample_dir, tmp_path,
-                     use_fine_grained_labels=True)
+                     use_fine_grained_labels=True, model_layout=resnet.TINY)
     num_outputs = len(index[constants.FINE_GRAINED_LABELS_KEY])
-  final = central.train_central(config)
-  _check_outputs(tmp_path, num_outputs, 1, final)
+  final = _train(config)
+  _check_outputs(tmp_path, num_outputs, 1, final, resnet.TINY)
   if label_kind == "binary":
     assert list(final["test"]) == [
         "loss", "averaged_precision", "precision", "recall", "f1"]
@@ -354,7 +410,7 @@ def test_restore_model_path_fine_tunes_from_the_file(prepared_sample_dir,
   # another seed than the run's, and moving statistics that no fresh model
   # has (fresh ones are 0 and 1), saved as Keras weights HDF5.
   source = resnet.build_resnet(num_classes=num_outputs + 3, pretrained=True,
-                              crop_size=(CROP, CROP), seed=123)
+                               crop_size=(CROP, CROP), seed=123)
   rng = np.random.default_rng(0)
   norm = source.get_layer("initial_norm")
   gamma, beta, mean, var = norm.get_weights()
@@ -369,13 +425,14 @@ def test_restore_model_path_fine_tunes_from_the_file(prepared_sample_dir,
   # file's, while a fresh initialisation differs by O(0.01-0.1).
   config = _config(prepared_sample_dir, save_dir, learning_rate=1e-6,
                    restore_model_path=source_path)
-  final = central.train_central(config)
+  final = _train(config)
   _check_outputs(save_dir, num_outputs, 1, final)
 
   trained = resnet.build_resnet(num_classes=num_outputs, pretrained=True,
-                               crop_size=(CROP, CROP), seed=config.seed)
+                                crop_size=(CROP, CROP), seed=config.model.seed)
   fresh = trained.get_layer("layer3_block1_conv1_3x3").get_weights()[0]
-  trained.load_weights(central.best_weights_path(str(save_dir), num_outputs))
+  trained.load_weights(run_dir.best_weights_path(
+      str(save_dir), central.TRAINER_NAME, num_outputs, resnet.RESNET18))
   for name in ("initial_conv", "layer3_block1_conv1_3x3"):
     kernel = trained.get_layer(name).get_weights()[0]
     np.testing.assert_allclose(
@@ -398,7 +455,7 @@ def test_restore_model_path_rejects_an_unreadable_file(prepared_sample_dir,
   config = _config(prepared_sample_dir, tmp_path / "run",
                    restore_model_path=str(bad))
   with pytest.raises(FlairInputError, match="not_weights.h5"):
-    central.train_central(config)
+    _train(config)
   assert not os.path.exists(os.path.join(str(tmp_path / "run"),
                                          constants.METRICS_CSV_FILE))
 
@@ -416,15 +473,15 @@ def _cli_flags(tfrecords_dir, save_dir, *extra):
 
 def _cli(tfrecords_dir, save_dir, *extra, resnet18=False):
   """`python -m benchmark.central_main` at tiny settings; the model is the
-  shallow test ResNet (tests/small_model.py) unless `resnet18`."""
-  return small_model.command("benchmark.central_main",
-                             _cli_flags(tfrecords_dir, save_dir, *extra),
-                             shallow=not resnet18)
+  tiny network (`--model_layout tiny`) unless `resnet18`."""
+  layout = [] if resnet18 else [_TINY_FLAG]
+  return [sys.executable, "-m", "benchmark.central_main",
+          *_cli_flags(tfrecords_dir, save_dir, *extra), *layout]
 
 
 def _run_in_process(flag_list):
-  """central_main's work on `flag_list` in this process (the model is
-  whatever `benchmark.model` builds here); returns the final metrics."""
+  """central_main's work on `flag_list` in this process (the model is the
+  one the flags set, ResNet-18 by default); returns the final metrics."""
   return flag_harness.run_from_flags("benchmark.central_main", *flag_list)
 
 
@@ -470,13 +527,13 @@ def test_unknown_binary_label_is_refused_listing_the_labels(
 @pytest.mark.parametrize("case", ["missing_dir", "batch_size"])
 def test_bad_input_is_refused_naming_the_flag_before_writing(
     prepared_sample_dir, tmp_path, case):
-  """central_main refuses a bad directory (found by `central.load_inputs`)
-  and a bad value (found by `CentralConfig`) with a one-line
+  """central_main refuses a bad directory (found by `trainers.start_run`)
+  and a bad value (found by `training.config`) with a one-line
   FlairInputError naming the flag, before writing anything. That the
   command turns it into one line and exit status 1 is the full-disk test's;
   which values and directories are refused, and their messages, are the
   fast tests further up. (A missing --tfrecords_dir is absl's own error:
-  tests/test_cli.py.)"""
+  tests/cli/test_trainers.py.)"""
   tfrecords_dir, extra, flag = prepared_sample_dir, [], None
   if case == "missing_dir":
     tfrecords_dir, flag = tmp_path / "missing", "--tfrecords_dir"
@@ -499,17 +556,16 @@ def _csv_rows(path):
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("small_resnet")
 def test_cli_resumes_after_kill(prepared_sample_dir, tmp_path, caplog,
                                 capsys):
   """The command killed (kill -9) after two epochs; the same command run
-  again (in this process, with the same shallow model) resumes after the
+  again (in this process, with the same tiny network) resumes after the
   last backed-up epoch and completes every output."""
   num_epochs = 5
   save_dir = tmp_path / "run"
   csv_path = str(save_dir / constants.METRICS_CSV_FILE)
   flag_list = _cli_flags(prepared_sample_dir, save_dir, "--num_epochs",
-                        str(num_epochs))
+                         str(num_epochs), _TINY_FLAG)
   args = _cli(prepared_sample_dir, save_dir, "--num_epochs", str(num_epochs))
 
   # First run: SIGKILL as soon as two epochs are in metrics.csv. Epoch 0's
@@ -548,9 +604,11 @@ def test_cli_resumes_after_kill(prepared_sample_dir, tmp_path, caplog,
   with open(save_dir / constants.FINAL_METRICS_FILE, encoding="utf-8") as f:
     final = json.load(f)
   assert printed == final
-  assert json.loads(stdout[stdout.rindex("\n{"):]) == final
+  # The command's last words: the final metrics as a table.
+  assert stdout.endswith(
+      trainers.format_final_metrics(final, str(save_dir)) + "\n")
   after = _check_outputs(save_dir, num_outputs, num_epochs, final,
-                         width=small_model.WIDTH)
+                         resnet.TINY)
   # Epochs finished before the kill (all but possibly the last one, which
   # may have been killed before its backup) keep their rows unchanged.
   assert after[:len(before) - 1] == before[:len(before) - 1]
@@ -564,7 +622,8 @@ def test_cli_resumes_after_kill(prepared_sample_dir, tmp_path, caplog,
       "save_model_dir": str(save_dir), "image_height": CROP,
       "image_width": CROP, "use_fine_grained_labels": False,
       "binary_label": None, "seed": 0, "skip_bad_records": False,
-      "overwrite": False, "precision": "float32"}
+      "overwrite": False, "precision": "float32",
+      "model_layout": resnet.TINY}
 
 
 # --- Save directory: one run per directory, full disks -----------------------
@@ -581,7 +640,6 @@ def _dir_files(directory):
   return found
 
 
-@pytest.mark.usefixtures("small_resnet")
 def test_a_run_directory_refuses_another_run_until_overwrite(
     prepared_sample_dir, tmp_path, monkeypatch, caplog):
   """central_main (in this process) without --save_model_dir writes to its
@@ -589,7 +647,8 @@ def test_a_run_directory_refuses_another_run_until_overwrite(
   the working directory. A binary-label rerun and a federated run into that
   directory are refused with one line, nothing changed; `--overwrite`
   removes the old run's files and starts afresh."""
-  flag_list = _cli_flags(prepared_sample_dir, "unused", "--num_epochs", "1")
+  flag_list = _cli_flags(prepared_sample_dir, "unused", "--num_epochs", "1",
+                         _TINY_FLAG)
   i = flag_list.index("--save_model_dir")
   del flag_list[i:i + 2]
   cwd = tmp_path / "cwd"
@@ -605,10 +664,10 @@ def test_a_run_directory_refuses_another_run_until_overwrite(
 
   num_labels = len(_label_index(prepared_sample_dir)[constants.LABELS_KEY])
   before = _dir_files(save_dir)
-  assert f"resnet18_central_{num_labels}labels.h5" in before
+  assert f"tiny_central_{num_labels}labels.h5" in before
 
   binary = _cli_flags(prepared_sample_dir, save_dir, "--num_epochs", "1",
-                      "--binary_label", "structure")
+                      "--binary_label", "structure", _TINY_FLAG)
   with pytest.raises(FlairInputError, match="--binary_label") as info:
     _run_in_process(binary)
   line = str(info.value)
@@ -621,21 +680,22 @@ def test_a_run_directory_refuses_another_run_until_overwrite(
     flag_harness.run_from_flags(
         "benchmark.federated_main", "--tfrecords_dir",
         str(prepared_sample_dir), "--save_model_dir", str(save_dir),
-        "--total_rounds", "1")
+        "--total_rounds", "1", _TINY_FLAG)
   assert "\n" not in str(info.value)
   assert "holds a central run, this is a federated run" in str(info.value)
   assert _dir_files(save_dir) == before
 
   final = _run_in_process(binary + ["--overwrite"])
-  assert not (save_dir / f"resnet18_central_{num_labels}labels.h5").exists()
+  assert not (save_dir / f"tiny_central_{num_labels}labels.h5").exists()
   with open(save_dir / constants.FINAL_METRICS_FILE, encoding="utf-8") as f:
     assert json.load(f) == final
   # 11 columns, one row per epoch.
-  _check_outputs(save_dir, 1, 1, final, width=small_model.WIDTH)
+  _check_outputs(save_dir, 1, 1, final, resnet.TINY)
   with open(save_dir / constants.RUN_IDENTITY_FILE, encoding="utf-8") as f:
     identity = json.load(f)
   assert identity["settings"]["binary_label"] == "structure"
   assert identity["model"]["num_outputs"] == 1
+  assert identity["model"]["architecture"] == resnet.TINY
 
 
 @pytest.mark.slow
@@ -652,7 +712,7 @@ def test_cli_full_disk_is_one_line_and_the_rerun_completes(
   returncode, _, stderr = _run_cli(args, str(tmp_path / "full"))
   line = _assert_one_line_error(
       returncode, stderr,
-      os.path.join(save_dir, central.BACKUP_DIR) + "/")
+      os.path.join(save_dir, constants.CENTRAL_BACKUP_DIR) + "/")
   assert "No space left on device" in line and "rerun the same command" in line
   leftovers = [os.path.join(d, n) for d, dirs, files in os.walk(save_dir)
                for n in dirs + files if n.endswith((".tmp", "_temp"))]
@@ -678,9 +738,10 @@ def test_best_weights_on_a_full_disk_raise_one_line_and_leave_nothing(
   that used to end in a segmentation fault)."""
   root = small_filesystem(4 * 1024, fill_to_kib=1024)
   weights_path = os.path.join(root, "best.h5")
-  callback = central._ResumableBestWeights(  # pylint: disable=protected-access
+  callback = central_outputs.ResumableBestWeights(
       weights_path, os.path.join(root, constants.METRICS_CSV_FILE))
-  callback.set_model(resnet.build_resnet(num_classes=2, crop_size=(CROP, CROP)))
+  callback.set_model(resnet.build_resnet(num_classes=2,
+                                         crop_size=(CROP, CROP)))
   callback.on_epoch_begin(0)
   with pytest.raises(errors.OutputWriteError,
                      match=f"^cannot write {weights_path}: No space left"):
@@ -709,7 +770,7 @@ def test_tensorboard_on_a_full_disk_is_one_line_and_tidied(small_filesystem):
     with file_io.output_errors(save_dir):
       model.fit(x, x[:, :1], validation_data=(x, x[:, :1]), epochs=2000,
                 verbose=0, callbacks=callbacks)
-  central.tidy_after_write_error(save_dir)
+  central_outputs.tidy_after_write_error(save_dir)
   message = str(info.value)
   assert "\n" not in message
   named = message.split(": ", 1)[0][len("cannot write "):]
@@ -728,23 +789,23 @@ def test_tensorboard_on_a_full_disk_is_one_line_and_tidied(small_filesystem):
     assert f.read().endswith(b"\n")
 
 
-# --- Bad data -------------------------------------------------------------------
+# --- Bad data ----------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("small_resnet")
 def test_image_tensorflow_cannot_decode_ends_training_naming_the_file(
     damaged_sample, prepared_sample_dir, tmp_path):
   """A JPEG that passes the pre-check (right first bytes) but that
   TensorFlow cannot decode: one error naming the user file, not a graph
-  traceback."""
+  traceback (`trainers.data_errors_named` around `train_central`, as
+  central_main runs it)."""
   import shutil  # pylint: disable=g-import-not-at-top
   copy, cut, bad_label, bad_jpeg = damaged_sample
   for path in (cut, bad_label):  # Only the bad JPEG is left.
     shutil.copyfile(os.path.join(prepared_sample_dir, constants.TRAIN,
                                  os.path.basename(path)), path)
-  config = _config(copy, tmp_path / "run")
+  config = _config(copy, tmp_path / "run", model_layout=resnet.TINY)
   with pytest.raises(FlairInputError) as info:
-    central.train_central(config)
+    _train(config)
   lines = str(info.value).splitlines()
   assert lines[0].startswith("data error during training in 1 user file(s)")
   assert "rerun the same command to resume" in lines[0]
@@ -753,9 +814,9 @@ def test_image_tensorflow_cannot_decode_ends_training_naming_the_file(
   # The file fixed, the same run completes.
   shutil.copyfile(os.path.join(prepared_sample_dir, constants.TRAIN,
                                os.path.basename(bad_jpeg)), bad_jpeg)
-  final = central.train_central(config)
+  final = _train(config)
   _check_outputs(tmp_path / "run", len(_label_index(copy)["labels"]), 1,
-                 final)
+                 final, resnet.TINY)
 
 
 @pytest.mark.parametrize("kind", ["read_only", "permission"])
@@ -784,7 +845,6 @@ def test_cli_unwritable_save_dir_is_one_line(prepared_sample_dir, tmp_path,
   assert os.listdir(parent) == []
 
 
-@pytest.mark.usefixtures("small_resnet")
 def test_bad_tfrecords_are_listed_at_once_or_skipped(
     damaged_sample, prepared_sample_dir, tmp_path, caplog):
   """central_main (in this process) on a truncated copy of a user file and a
@@ -796,7 +856,7 @@ def test_bad_tfrecords_are_listed_at_once_or_skipped(
   shutil.copyfile(os.path.join(prepared_sample_dir, constants.TRAIN,
                                os.path.basename(bad_jpeg)), bad_jpeg)
   save_dir = tmp_path / "run"
-  flag_list = _cli_flags(copy, save_dir, "--num_epochs", "1")
+  flag_list = _cli_flags(copy, save_dir, "--num_epochs", "1", _TINY_FLAG)
   with pytest.raises(FlairInputError) as info:
     _run_in_process(flag_list)
   line, *following = str(info.value).splitlines()
@@ -842,7 +902,7 @@ def test_train_central_learns_on_synthetic_data(prepared_synthetic_dir,
                    num_epochs=15, train_batch_size=8, eval_batch_size=64,
                    shuffle_buffer_size=256)
   initial = _evaluate_untrained(config, num_outputs)
-  final = central.train_central(config)
+  final = _train(config)
   assert final["val"]["macro_averaged_precision"] > (
       initial["macro_averaged_precision"] + 0.05), (initial, final)
   assert final["val"]["loss"] < initial["loss"]

@@ -1,4 +1,5 @@
-"""Tests of DP noise calibration and the DP aggregator (benchmark/dp.py).
+"""Tests of DP noise calibration and the DP aggregator
+(benchmark/training/dp.py).
 
 The reference values are computed here independently, with dp_accounting's
 RDP accountant and tensorflow_privacy's `compute_noise` (the function the

@@ -1,12 +1,13 @@
-"""Tests of federated training (benchmark/federated.py, federated_main.py).
+"""Tests of federated training (benchmark/training/federated.py and the
+pieces of its round loop: fedavg, outputs, checkpoints, cohorts; and
+benchmark/federated_main.py).
 
 End-to-end runs use tiny settings (32x32 crops, batch 4, at most 8 images per
 client, 1 local epoch, 3 rounds of 3 clients) so that ResNet-18 trains in
 seconds per round on a CPU; building the TFF computations dominates. Tests of
-the loop (resume, kill, errors, backends' outputs) use the shallow test
-ResNet of tests/small_model.py (a 3-round run: 14 s in-process against 46 s
-with ResNet-18); the learning,
-restore and full-disk tests keep ResNet-18.
+the loop (resume, kill, errors, backends' outputs) use the tiny network
+(`--model_layout tiny`; a 3-round run: 14 s in-process against 46 s with
+ResNet-18); the learning, restore and full-disk tests keep ResNet-18.
 
 federated_main runs in this process (`_run_main`: tests/flag_harness.py, the
 command after its flags are parsed; each start of the command costs about
@@ -29,25 +30,32 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 from absl import logging as absl_logging
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_federated as tff
 
 from benchmark.backends import process_guard
 from benchmark.backends import tff_runtime
 from benchmark.backends import tff_worker
+from benchmark.cli import trainers
 from benchmark.core import constants
 from benchmark.core import errors
-from benchmark.core import file_io
 from benchmark.core.errors import FlairInputError
+from benchmark.data import label_sets
+from benchmark.data import pipeline
 from benchmark.model import metrics as metrics_lib
+from benchmark.model import resnet
+from benchmark.training import checkpoints
+from benchmark.training import cohorts
+from benchmark.training import config as config_lib
 from benchmark.training import federated
+from benchmark.training import outputs
+from benchmark.training import run_dir
 import flag_harness
-import small_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -62,7 +70,14 @@ def _config(tfrecords_dir, save_dir, **overrides):
   kwargs = dict(TINY, tfrecords_dir=tfrecords_dir,
                 save_model_dir=str(save_dir))
   kwargs.update(overrides)
-  return federated.FederatedConfig(**kwargs)
+  return config_lib.build(config_lib.FederatedConfig, kwargs)
+
+
+def _run_federated(config):
+  """`federated.run_federated` with the labels of `config.data`."""
+  data = config.data
+  return federated.run_federated(config, label_sets.load_label_spec(
+      data.tfrecords_dir, data.use_fine_grained_labels, data.binary_label))
 
 
 def _read_csv(path):
@@ -80,10 +95,10 @@ def _tiny_flags(tfrecords_dir, save_dir, **overrides):
 
 def _main_command(tfrecords_dir, save_dir, resnet18=False, **overrides):
   """`python -m benchmark.federated_main` with the TINY flags; the model is
-  the shallow test ResNet (tests/small_model.py) unless `resnet18`."""
-  return small_model.command(
-      "benchmark.federated_main",
-      _tiny_flags(tfrecords_dir, save_dir, **overrides), shallow=not resnet18)
+  the tiny network (`--model_layout tiny`) unless `resnet18`."""
+  layout = {} if resnet18 else {"model_layout": resnet.TINY}
+  return [sys.executable, "-m", "benchmark.federated_main",
+          *_tiny_flags(tfrecords_dir, save_dir, **dict(layout, **overrides))]
 
 
 def _run_main(tfrecords_dir, save_dir, *extra, **overrides):
@@ -119,7 +134,10 @@ def _subprocess_env():
   return env
 
 
-def _check_outputs(save_dir, num_outputs, total_rounds, dp_on):
+def _check_outputs(save_dir, num_outputs, total_rounds, dp_on,
+                   architecture=resnet.RESNET18):
+  """Asserts every output of a finished run of `--model_layout`
+  `architecture`; returns `(final metrics, metrics.csv rows)`."""
   names = metrics_lib.metric_names(num_outputs)
   final = json.load(open(os.path.join(save_dir,
                                       constants.FINAL_METRICS_FILE)))
@@ -127,8 +145,7 @@ def _check_outputs(save_dir, num_outputs, total_rounds, dp_on):
     assert sorted(final[partition]) == sorted(names)
     assert all(np.isfinite(v) for v in final[partition].values())
   assert os.path.isfile(os.path.join(
-      save_dir, constants.BEST_WEIGHTS_FILE_PATTERN.format(
-          trainer="federated", num_outputs=num_outputs)))
+      save_dir, f"{architecture}_federated_{num_outputs}labels.h5"))
   assert os.listdir(os.path.join(save_dir, constants.TENSORBOARD_DIR))
   rows = _read_csv(os.path.join(save_dir, constants.METRICS_CSV_FILE))
   assert [int(r["round"]) for r in rows] == list(range(total_rounds + 1))
@@ -165,21 +182,34 @@ def test_config_rejects_bad_values_naming_the_flag():
                              ("client_learning_rate", 0.0,
                               "--client_learning_rate")]:
     with pytest.raises(FlairInputError, match=flag):
-      federated.FederatedConfig(tfrecords_dir="x", **{field: value})
+      config_lib.build(config_lib.FederatedConfig, {
+          "tfrecords_dir": "x", "save_model_dir": "unused", field: value})
 
 
 def test_config_defaults_are_the_reference_flags():
-  c = federated.FederatedConfig(tfrecords_dir="x")
-  assert (c.client_learning_rate, c.client_clipnorm, c.server_learning_rate,
-          c.client_epochs_per_round, c.client_batch_size, c.clients_per_round,
-          c.clients_per_thread, c.total_rounds, c.rounds_per_eval,
-          c.max_elements_per_client, c.eval_batch_size, c.image_height,
-          c.image_width, c.epsilon, c.l2_norm_clip,
-          c.target_unclipped_quantile) == (0.1, 10.0, 0.1, 2, 16, 200, 50,
-                                           5000, 10, 512, 512, 224, 224, 0.0,
-                                           0.1, 0.1)
-  assert c.client_datasets_random_seed is None
-  assert c.simulated_clients_per_round is None
+  """federated_main's config with every flag at its default."""
+  from benchmark import federated_main  # pylint: disable=g-import-not-at-top
+  flag_values = flag_harness.parse("benchmark.federated_main",
+                                   "--tfrecords_dir=x",
+                                   "--save_model_dir=unused")
+  c = federated_main.config_from_flags(flag_values)
+  client, cohort, run, dp = c.client, c.cohort, c.run, c.dp
+  assert (client.client_learning_rate, client.client_clipnorm,
+          c.server.server_learning_rate, client.client_epochs_per_round,
+          client.client_batch_size, cohort.clients_per_round,
+          flag_values["clients_per_thread"].value, run.total_rounds,
+          run.rounds_per_eval, client.max_elements_per_client,
+          c.data.eval_batch_size, c.model.image_height, c.model.image_width,
+          dp.epsilon, dp.l2_norm_clip,
+          dp.target_unclipped_quantile) == (0.1, 10.0, 0.1, 2, 16, 200, 50,
+                                            5000, 10, 512, 512, 224, 224,
+                                            0.0, 0.1, 0.1)
+  assert cohort.client_datasets_random_seed is None
+  assert dp.simulated_clients_per_round is None
+  assert c.model.model_layout == resnet.RESNET18
+  # The same defaults as the config's own (`training.config`).
+  assert c == config_lib.build(config_lib.FederatedConfig, {
+      "tfrecords_dir": "x", "save_model_dir": "unused"})
 
 
 def test_round_columns_pick_train_and_aggregator_measurements():
@@ -192,15 +222,27 @@ def test_round_columns_pick_train_and_aggregator_measurements():
                      "dp_query_metrics": {"clip": 0.3}},
       "finalizer": {"update_non_finite": 0},
   }
-  row, next_clip = federated._round_columns(metrics, ["loss", "macro_f1"])
-  assert row == {"train_loss": 0.5, "train_macro_f1": 0.2,
-                 "train_num_examples": 7.0, "train_num_batches": 2.0,
-                 "client_update_norm_mean": 1.5,
-                 "client_update_norm_std": 0.1}
-  assert next_clip == pytest.approx(0.3)
+  expected = {"train_loss": 0.5, "train_macro_f1": 0.2,
+              "train_num_examples": 7.0, "train_num_batches": 2.0,
+              "client_update_norm_mean": 1.5,
+              "client_update_norm_std": 0.1}
+  # Without DP: no DP columns.
+  row = outputs.RoundColumns(["loss", "macro_f1"], 0.1)(metrics)
+  assert row == expected
+  # With DP: the round's clip (--l2_norm_clip in round 1), the noise
+  # stddev on the sum, and the adaptive clip measured for the next round,
+  # which is also what a checkpoint keeps.
+  columns = outputs.RoundColumns(["loss", "macro_f1"], 0.1,
+                                 sum_noise_multiplier=2.0)
+  row = columns(metrics)
+  assert row == dict(expected, dp_clip=pytest.approx(0.1),
+                     dp_noise_stddev=pytest.approx(0.2))
+  assert columns.resume_state() == {"dp_clip": pytest.approx(0.3)}
+  row = columns(metrics)
+  assert row[outputs.DP_CLIP_KEY] == pytest.approx(0.3)
+  assert row[outputs.DP_NOISE_STDDEV_KEY] == pytest.approx(0.6)
 
 
-@pytest.mark.usefixtures("small_resnet")
 def test_worker_stops_after_an_error_inside_the_run(prepared_sample_dir,
                                                     tmp_path, monkeypatch):
   seen = []
@@ -212,8 +254,9 @@ def test_worker_stops_after_an_error_inside_the_run(prepared_sample_dir,
 
   monkeypatch.setattr(tff_worker.TffWorkerBackend, "run_round", failing_round)
   with pytest.raises(RuntimeError, match="injected failure"):
-    federated.run_federated(_config(prepared_sample_dir, tmp_path,
-                                    backend=constants.BACKEND_TFF_WORKER))
+    _run_federated(_config(prepared_sample_dir, tmp_path,
+                           backend=constants.BACKEND_TFF_WORKER,
+                           model_layout=resnet.TINY))
   assert seen, "the TFF worker was not running inside run_federated"
   assert tff_runtime.worker_pids(os.getpid()) == []
   assert not set(seen) & set(tff_runtime.worker_pids())
@@ -222,8 +265,7 @@ def test_worker_stops_after_an_error_inside_the_run(prepared_sample_dir,
 def test_adaptive_clipping_with_too_few_clients_is_an_input_error(
     prepared_sample_dir, tmp_path):
   with pytest.raises(FlairInputError, match="--target_unclipped_quantile 0"):
-    federated.run_federated(_config(prepared_sample_dir, tmp_path,
-                                    epsilon=10.0))
+    _run_federated(_config(prepared_sample_dir, tmp_path, epsilon=10.0))
   assert tff_runtime.worker_pids(os.getpid()) == []
 
 
@@ -232,8 +274,9 @@ def test_bad_binary_label_is_an_input_error_from_main(prepared_sample_dir,
   """federated_main (in this process) refuses an unknown --binary_label with
   a one-line FlairInputError naming the flag, before it writes or trains
   anything."""
-  def no_training(config):
-    raise AssertionError(f"trained despite a bad label: {config}")
+  def no_training(config, label_spec):
+    raise AssertionError(
+        f"trained despite a bad label: {config}, {label_spec}")
 
   monkeypatch.setattr(federated, "run_federated", no_training)
   save_dir = tmp_path / "run"
@@ -249,36 +292,33 @@ def test_bad_binary_label_is_an_input_error_from_main(prepared_sample_dir,
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("small_resnet")
 def test_fedavg_on_the_real_sample_resumes_under_another_backend(
     prepared_sample_dir, tmp_path):
   """FedAvg without DP writes every output; two rounds in-process, then the
   same run continued to round 3 by TFF's worker: the checkpointed state has
   the same structure on both, and each backend stops what it started."""
-  federated.run_federated(_config(prepared_sample_dir, tmp_path,
-                                  total_rounds=2))
+  _run_federated(_config(prepared_sample_dir, tmp_path, total_rounds=2,
+                         model_layout=resnet.TINY))
   assert tff_runtime.worker_pids(os.getpid()) == []  # Normal end: no worker.
-  final = federated.run_federated(_config(
-      prepared_sample_dir, tmp_path, backend=constants.BACKEND_TFF_WORKER))
+  final = _run_federated(_config(
+      prepared_sample_dir, tmp_path, backend=constants.BACKEND_TFF_WORKER,
+      model_layout=resnet.TINY))
   assert tff_runtime.worker_pids(os.getpid()) == []
   assert final["rounds_completed"] == 3
   assert final["best_round"] in (0, 2, 3)
   _, rows = _check_outputs(str(tmp_path), _num_outputs(prepared_sample_dir),
-                           3, dp_on=False)
+                           3, dp_on=False, architecture=resnet.TINY)
   assert all(r["train_loss"] for r in rows[1:])
   # Checkpoints every 2 rounds and at the end.
-  versions = sorted(os.listdir(os.path.join(str(tmp_path),
-                                            federated.CHECKPOINT_DIR)))
+  versions = sorted(os.listdir(checkpoints.checkpoint_dir(str(tmp_path))))
   assert versions == ["program_state_2", "program_state_3"]
 
 
 def _num_outputs(tfrecords_dir, **kwargs):
-  from benchmark.data import label_sets
   return label_sets.load_label_spec(tfrecords_dir, **kwargs).num_outputs
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("small_resnet")
 @pytest.mark.parametrize("backend,binary_label", [
     (constants.BACKEND_INPROCESS, None),
     (constants.BACKEND_TFF_WORKER, "structure"),
@@ -288,18 +328,20 @@ def test_fedavg_with_adaptive_dp_on_the_real_sample(
   """FedAvg with DP and adaptive clipping on each backend; the TFF worker's
   run also trains on a binary label (--binary_label: one output, its
   metrics). Fixed clipping (--target_unclipped_quantile 0) is the README's
-  DP command, checked in tests/test_readme.py. The shallow test ResNet: the
-  DP aggregator does not depend on the model."""
+  DP command, checked in tests/test_readme.py. The tiny network: the DP
+  aggregator does not depend on the model."""
   # 3 of the 13 training users per round; the noise is calibrated for the
   # whole population (simulated cohort 13, q = 1) and scaled by 3/13, which
-  # keeps the adaptive clip's count noise feasible (see benchmark.dp).
-  final = federated.run_federated(_config(
+  # keeps the adaptive clip's count noise feasible (see
+  # benchmark.training.dp).
+  final = _run_federated(_config(
       prepared_sample_dir, tmp_path, epsilon=10.0,
       simulated_clients_per_round=13, target_unclipped_quantile=0.5,
-      backend=backend, binary_label=binary_label))
+      backend=backend, binary_label=binary_label, model_layout=resnet.TINY))
   num_outputs = _num_outputs(prepared_sample_dir, binary_label=binary_label)
   assert set(final["val"]) == set(metrics_lib.metric_names(num_outputs))
-  _, rows = _check_outputs(str(tmp_path), num_outputs, 3, dp_on=True)
+  _, rows = _check_outputs(str(tmp_path), num_outputs, 3, dp_on=True,
+                           architecture=resnet.TINY)
   privacy = final["privacy"]
   assert privacy["num_train_clients"] == 13
   assert privacy["sampling_rate"] == pytest.approx(1.0)
@@ -324,11 +366,10 @@ def test_restore_model_path_initialises_the_federated_model(
   convolution must stay within 1e-3 of the file's, while a model that ignored
   the file (seed 0, zero means, unit variances) differs by ~0.1.
   """
-  from benchmark.model import resnet
   num_outputs = _num_outputs(prepared_sample_dir)
   crop = (TINY["image_height"], TINY["image_width"])
   source = resnet.build_resnet(pretrained=True, num_classes=num_outputs + 3,
-                              crop_size=crop, seed=7)
+                               crop_size=crop, seed=7)
   rng = np.random.default_rng(0)
   for layer in source.layers:
     if isinstance(layer, tf.keras.layers.BatchNormalization):
@@ -340,16 +381,15 @@ def test_restore_model_path_initialises_the_federated_model(
   source.save_weights(source_path)
   save_dir = tmp_path / "run"
 
-  federated.run_federated(_config(
+  _run_federated(_config(
       prepared_sample_dir, save_dir, total_rounds=1, rounds_per_eval=1,
       server_learning_rate=1e-4, restore_model_path=source_path))
 
   restored = resnet.build_resnet(pretrained=True, num_classes=num_outputs,
-                                crop_size=crop, seed=0)
+                                 crop_size=crop, seed=0)
   fresh = [w.numpy() for w in restored.weights]
-  restored.load_weights(os.path.join(
-      str(save_dir), constants.BEST_WEIGHTS_FILE_PATTERN.format(
-          trainer="federated", num_outputs=num_outputs)))
+  restored.load_weights(run_dir.best_weights_path(
+      str(save_dir), federated.TRAINER_NAME, num_outputs, resnet.RESNET18))
   fresh_by_name = dict(zip([w.name for w in restored.weights], fresh))
   for name in ("initial_norm", "layer4_block2_norm2"):
     for stat in ("moving_mean", "moving_variance"):
@@ -367,20 +407,20 @@ def test_restore_model_path_initialises_the_federated_model(
   assert restored.get_layer("classifier").kernel.shape[-1] == num_outputs
 
 
-# --- Learning ------------------------------------------------------------------
+# --- Learning ----------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def prepared_learning_dir(tmp_path_factory):
   """A 120-user synthetic dataset (seed 0): 96 training users and 12 val
   users, enough val images for a stable macro averaged precision."""
-  from benchmark import synthetic_dataset  # pylint: disable=g-import-not-at-top
-  import prepare_tfrecords  # pylint: disable=g-import-not-at-top
+  from benchmark.prepare import synthetic  # pylint: disable=g-import-not-at-top
+  from benchmark.prepare import tfrecords  # pylint: disable=g-import-not-at-top
   dataset_dir = str(tmp_path_factory.mktemp("learning_dataset"))
   tfrecords_dir = str(tmp_path_factory.mktemp("learning_tfrecords"))
-  synthetic_dataset.generate(dataset_dir, num_users=120, seed=0)
-  prepare_tfrecords.prepare(dataset_dir, tfrecords_dir, num_workers=1,
-                            show_progress=False)
+  synthetic.generate(dataset_dir, num_users=120, seed=0)
+  tfrecords.prepare(dataset_dir, tfrecords_dir, num_workers=1,
+                    show_progress=False)
   return tfrecords_dir
 
 
@@ -412,7 +452,7 @@ def test_fedavg_raises_val_macro_averaged_precision(prepared_learning_dir,
   that learned only the label priors stays at 0.17-0.19.
   """
   rounds, every = 24, 4
-  final = federated.run_federated(_config(
+  final = _run_federated(_config(
       prepared_learning_dir, tmp_path, total_rounds=rounds,
       clients_per_round=5, rounds_per_eval=every, rounds_per_checkpoint=100,
       client_batch_size=8, max_elements_per_client=16,
@@ -448,8 +488,10 @@ def _wait_for(predicate, process, timeout_s):
 
 
 def test_sigterm_stops_main_and_its_worker(prepared_sample_dir, tmp_path):
+  # Far more rounds than can run before the SIGTERM, however loaded the
+  # machine (with 50 rounds, a loaded run once finished first).
   process = subprocess.Popen(
-      _main_command(prepared_sample_dir, tmp_path, total_rounds=50,
+      _main_command(prepared_sample_dir, tmp_path, total_rounds=10000,
                     backend=constants.BACKEND_TFF_WORKER),
       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
       env=_subprocess_env(), cwd=REPO_ROOT)
@@ -514,15 +556,15 @@ def _still_running(processes: dict[int, str]) -> set[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("small_resnet")  # In the rerun as in the command.
 @pytest.mark.parametrize("backend", constants.BACKENDS)
 def test_killed_run_resumes_without_gaps_or_repeats(prepared_sample_dir,
                                                      tmp_path, caplog,
                                                      backend):
+  # The tiny network in the rerun as in the command.
   flags = dict(total_rounds=6, rounds_per_checkpoint=2, rounds_per_eval=2,
-               backend=backend)
-  checkpoint = os.path.join(str(tmp_path), federated.CHECKPOINT_DIR,
-                            federated.CHECKPOINT_PREFIX + "2")
+               backend=backend, model_layout=resnet.TINY)
+  checkpoint = os.path.join(checkpoints.checkpoint_dir(str(tmp_path)),
+                            checkpoints.CHECKPOINT_PREFIX + "2")
   process = subprocess.Popen(
       _main_command(prepared_sample_dir, tmp_path, **flags),
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -575,10 +617,11 @@ def test_killed_run_resumes_without_gaps_or_repeats(prepared_sample_dir,
 def test_full_disk_is_one_line_and_leaves_nothing_partial(
     prepared_sample_dir, small_filesystem, capfd):
   """federated_main (in this process) on a full disk: the initial model's
-  weights (ResNet-18's 45 MB; the shallow test model's would fit) do not
-  fit: a one-line OutputWriteError naming the file, no traceback printed
-  (a crash would end this test process), no partial file (resuming after space is freed is the normal resume). The
-  exit status 1 and `error:` line that `main` makes of it are checked by
+  weights (ResNet-18's 45 MB; the tiny network's would fit) do not fit: a
+  one-line OutputWriteError naming the file, no traceback printed (a crash
+  would end this test process), no partial file (resuming after space is
+  freed is the normal resume). The exit status 1 and `error:` line that
+  `main` makes of it are checked by
   test_cli_unwritable_save_dir_is_one_line."""
   root = small_filesystem(64 * 1024, fill_to_kib=30 * 1024)
   save_dir = os.path.join(root, "run")
@@ -602,8 +645,9 @@ def test_unwritable_save_dir_is_an_output_error_before_training(
   --clients_per_thread, when given, is warned about. (Permissions:
   test_cli_unwritable_save_dir_is_one_line, as a command.)"""
   from conftest import UNWRITABLE_REASONS  # pylint: disable=g-import-not-at-top
-  def no_training(config):
-    raise AssertionError(f"trained into an unwritable directory: {config}")
+  def no_training(config, label_spec):
+    raise AssertionError(
+        f"trained into an unwritable directory: {config}, {label_spec}")
 
   monkeypatch.setattr(federated, "run_federated", no_training)
   save_dir, prefix = make_unwritable("read_only")
@@ -654,25 +698,22 @@ def test_cli_unwritable_save_dir_is_one_line(prepared_sample_dir,
 
 
 def test_checkpoint_on_a_full_disk_leaves_no_partial_state(small_filesystem):
-  """A checkpoint cut by a full disk: one-line OutputWriteError naming it,
-  TFF's temporary directory removed, and after space is freed the same
-  save succeeds and loads (so a rerun resumes)."""
+  """A checkpoint (`checkpoints.CheckpointManager`) cut by a full disk:
+  one-line OutputWriteError naming it, TFF's temporary directory removed,
+  and after space is freed the same save succeeds and loads (so a rerun
+  resumes)."""
   root = small_filesystem(4096, fill_to_kib=256)
-  manager = tff.program.FileProgramStateManager(
-      os.path.join(root, federated.CHECKPOINT_DIR),
-      prefix=federated.CHECKPOINT_PREFIX)
+  manager = checkpoints.CheckpointManager(root)
   state = collections.OrderedDict(
       weights=np.ones([256, 1024], np.float32), round=1)  # 1 MiB.
-  path = os.path.join(root, federated.CHECKPOINT_DIR,
-                      federated.CHECKPOINT_PREFIX + "1")
+  directory = checkpoints.checkpoint_dir(root)
+  path = os.path.join(directory, checkpoints.CHECKPOINT_PREFIX + "1")
   with pytest.raises(errors.OutputWriteError,
                      match=f"^cannot write {path}: No space left on device"):
-    with file_io.tff_output(path):
-      asyncio.run(manager.save(state, 1))
-  assert os.listdir(os.path.join(root, federated.CHECKPOINT_DIR)) == []
-  os.remove(os.path.join(root, "filler"))
-  with file_io.tff_output(path):
     asyncio.run(manager.save(state, 1))
+  assert os.listdir(directory) == []
+  os.remove(os.path.join(root, "filler"))
+  asyncio.run(manager.save(state, 1))
   loaded, version = asyncio.run(manager.load_latest(state))
   assert version == 1 and np.array_equal(loaded["weights"], state["weights"])
 
@@ -715,18 +756,19 @@ def _scalar_steps(directory):
 
 def test_tensorboard_on_a_full_disk_is_one_line_and_keeps_the_events(
     small_filesystem):
-  """TensorBoard summaries of the rounds (TFF's TensorBoardReleaseManager,
-  as `_train` writes them) on a full disk: a one-line OutputWriteError
-  naming the events file; the events file keeps complete records only;
-  after space is freed, a rerun's summaries are written."""
+  """TensorBoard summaries of the rounds (`outputs.TensorBoardManager`, over
+  TFF's TensorBoardReleaseManager, as `run_federated` writes them) on a full
+  disk: a one-line OutputWriteError naming the events file; the events file
+  keeps complete records only; after space is freed, a rerun's summaries
+  are written."""
   root = small_filesystem(512, fill_to_kib=8)
   directory = os.path.join(root, constants.TENSORBOARD_DIR)
-  manager = tff.program.TensorBoardReleaseManager(directory)
-  row = {f"train/metric_{i}": float(i) for i in range(40)}
+  manager = outputs.TensorBoardManager(directory)
+  # metrics.csv's column names; TensorBoard's tags are "train/metric_<i>".
+  row = {f"train_metric_{i}": float(i) for i in range(40)}
   with pytest.raises(errors.OutputWriteError) as info:
     for round_num in range(1, 200):
-      with file_io.summary_output(directory):
-        asyncio.run(manager.release(row, round_num))
+      asyncio.run(manager.release(row, round_num))
   message = str(info.value)
   events, = _event_files(directory)
   assert message.startswith(f"cannot write {events}: No space left on "
@@ -735,7 +777,7 @@ def test_tensorboard_on_a_full_disk_is_one_line_and_keeps_the_events(
   assert _ends_after_a_complete_record(events)
   written = _scalar_steps(directory)
   os.remove(os.path.join(root, "filler"))
-  rerun = tff.program.TensorBoardReleaseManager(directory)
+  rerun = outputs.TensorBoardManager(directory)
   asyncio.run(rerun.release(row, 1))
   del rerun
   # The new events file is flushed when the writer is deleted.
@@ -748,17 +790,16 @@ def test_resume_skips_an_unfinished_or_damaged_checkpoint(tmp_path, caplog):
   checkpoint is renamed only when complete): it is removed. A latest
   checkpoint damaged after it was written (a data file cut short) is logged,
   removed, and the previous one is resumed; that round can be saved again.
-  A checkpoint of another structure is a one-line input error."""
-  directory = str(tmp_path / federated.CHECKPOINT_DIR)
-  manager = tff.program.FileProgramStateManager(
-      directory, prefix=federated.CHECKPOINT_PREFIX,
-      keep_total=federated.CHECKPOINTS_KEPT, keep_first=False)
+  A checkpoint of another structure is a one-line input error
+  (`checkpoints.CheckpointManager.load_latest`)."""
+  directory = checkpoints.checkpoint_dir(str(tmp_path))
+  manager = checkpoints.CheckpointManager(str(tmp_path))
   def state(round_num):
     return collections.OrderedDict(
         weights=np.full([64, 64], round_num, np.float32), round=round_num)
   for round_num in (2, 4):
     asyncio.run(manager.save(state(round_num), round_num))
-  latest = os.path.join(directory, federated.CHECKPOINT_PREFIX + "4")
+  latest = os.path.join(directory, checkpoints.CHECKPOINT_PREFIX + "4")
   data_files = [os.path.join(d, n) for d, _, names in os.walk(latest)
                 for n in names if ".data-" in n]
   assert data_files
@@ -766,32 +807,33 @@ def test_resume_skips_an_unfinished_or_damaged_checkpoint(tmp_path, caplog):
     with open(path, "r+b") as f:
       f.truncate(os.path.getsize(path) // 2)
   # What kill -9 leaves in the middle of saving round 6.
-  unfinished = os.path.join(directory, federated.CHECKPOINT_PREFIX +
+  unfinished = os.path.join(directory, checkpoints.CHECKPOINT_PREFIX +
                             "6_temp1234")
   os.makedirs(os.path.join(unfinished, "variables"))
   with open(os.path.join(unfinished, "saved_model.pb"), "wb") as f:
     f.write(b"\x08\x01partial")
 
   caplog.set_level("WARNING")
-  loaded, version = federated.load_latest_checkpoint(manager, state(0),
-                                                     directory)
+  loaded, version = asyncio.run(manager.load_latest(state(0)))
   assert version == 2 and loaded["round"] == 2
   assert np.array_equal(loaded["weights"], state(2)["weights"])
-  assert sorted(os.listdir(directory)) == [federated.CHECKPOINT_PREFIX + "2"]
+  assert sorted(os.listdir(directory)) == [
+      checkpoints.CHECKPOINT_PREFIX + "2"]
   messages = [r.getMessage() for r in caplog.records]
   assert any(m.startswith(f"Checkpoint {latest} cannot be read") and
              "resuming from the previous checkpoint" in m for m in messages)
   assert any(m.startswith(f"Removing {unfinished}") for m in messages)
   # The resumed run saves round 4 again and resumes from it next time.
   asyncio.run(manager.save(state(4), 4))
-  loaded, version = federated.load_latest_checkpoint(manager, state(0),
-                                                     directory)
+  loaded, version = asyncio.run(manager.load_latest(state(0)))
   assert version == 4 and loaded["round"] == 4
+  assert sorted(os.listdir(directory)) == [
+      checkpoints.CHECKPOINT_PREFIX + str(r) for r in (2, 4)]
 
   other = collections.OrderedDict(weights=np.zeros([3], np.int64), round=0,
                                   extra=0)
   with pytest.raises(FlairInputError) as info:
-    federated.load_latest_checkpoint(manager, other, directory)
+    asyncio.run(manager.load_latest(other))
   assert "\n" not in str(info.value)
   assert str(info.value).startswith(
       f"no checkpoint in {directory} can be read with this configuration")
@@ -799,22 +841,19 @@ def test_resume_skips_an_unfinished_or_damaged_checkpoint(tmp_path, caplog):
 
 def _seed_sampling_user_in_round_2_only(tfrecords_dir, user, cohort_size):
   """A `--client_datasets_random_seed` whose round-1 cohort leaves `user`
-  out and whose round-2 cohort has it (`run_federated`'s sampling)."""
-  from benchmark.data import label_sets  # pylint: disable=g-import-not-at-top
-  from benchmark.data import pipeline  # pylint: disable=g-import-not-at-top
+  out and whose round-2 cohort has it (`run_federated`'s sampling,
+  `cohorts.ClientSampler`)."""
   ids = list(pipeline.load_partition(tfrecords_dir, constants.TRAIN,
                                      label_sets.load_label_spec(tfrecords_dir))
              .client_ids)
   for seed in range(1000):
-    sample = tff.simulation.build_uniform_sampling_fn(
-        ids, replace=False, random_seed=seed)
-    if user not in sample(1, cohort_size) and user in sample(2, cohort_size):
+    sample = cohorts.ClientSampler(ids, cohort_size, seed)
+    if user not in sample(1) and user in sample(2):
       return seed
   raise AssertionError(f"no seed samples {user} in round 2 only")
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("small_resnet")
 def test_bad_records_skipped_then_train_time_error_then_fixed_run_resumes(
     damaged_sample, prepared_sample_dir, tmp_path, caplog, capfd):
   """federated_main (in this process) on a damaged copy of the real sample.
@@ -835,7 +874,7 @@ def test_bad_records_skipped_then_train_time_error_then_fixed_run_resumes(
   seed = _seed_sampling_user_in_round_2_only(copy, user, 3)
   save_dir = str(tmp_path / "run")
   flags = dict(total_rounds=2, rounds_per_checkpoint=1, rounds_per_eval=2,
-               client_datasets_random_seed=seed)
+               client_datasets_random_seed=seed, model_layout=resnet.TINY)
 
   def printed():
     """What the runs printed since the last call (stdout, stderr and the
@@ -869,8 +908,8 @@ def test_bad_records_skipped_then_train_time_error_then_fixed_run_resumes(
   assert "rerun the same command to resume" in lines[0], lines
   assert len(lines) == 2, lines
   assert lines[1].strip().startswith(os.path.realpath(bad_jpeg) + ": "), lines
-  assert os.listdir(os.path.join(save_dir, federated.CHECKPOINT_DIR)) == [
-      federated.CHECKPOINT_PREFIX + "1"]
+  assert os.listdir(checkpoints.checkpoint_dir(save_dir)) == [
+      checkpoints.CHECKPOINT_PREFIX + "1"]
   first_rows = _read_csv(os.path.join(save_dir, constants.METRICS_CSV_FILE))
   assert [int(r["round"]) for r in first_rows] == [0, 1]
   assert not os.path.exists(os.path.join(save_dir,
@@ -890,19 +929,37 @@ def test_bad_records_skipped_then_train_time_error_then_fixed_run_resumes(
   with open(os.path.join(copy, constants.LABEL_INDEX_FILE),
             encoding="utf-8") as f:
     num_outputs = len(json.load(f)[constants.LABELS_KEY])
-  final, rows = _check_outputs(save_dir, num_outputs, 2, dp_on=False)
+  final, rows = _check_outputs(save_dir, num_outputs, 2, dp_on=False,
+                               architecture=resnet.TINY)
   assert rows[:2] == first_rows
   assert final["rounds_completed"] == 2
   assert final["skipped_records"] == {"count": 2,
                                       "files": {cut: 1, bad_label: 1}}
-  assert json.loads(out) == final
+  assert out == trainers.format_final_metrics(final, save_dir) + "\n"
   assert returned == final
 
 
-def test_overwrite_knows_every_output_of_both_trainers():
+def test_overwrite_knows_every_output_of_both_trainers(tmp_path):
   """--overwrite removes, and the run-identity rule looks for, the names in
-  constants.RUN_OUTPUT_NAMES: they must cover what the trainers write."""
+  constants.RUN_OUTPUT_NAMES and the best-weights files
+  (`run_dir.run_outputs_in`): they must cover what the trainers write."""
   from benchmark.training import central  # pylint: disable=g-import-not-at-top
-  for name in (central.BACKUP_DIR, federated.CHECKPOINT_DIR,
-               federated.WORKER_LOG_FILE):
-    assert name in constants.RUN_OUTPUT_NAMES
+  save_dir = str(tmp_path)
+  config = config_lib.build(config_lib.CentralConfig, {
+      "tfrecords_dir": "x", "save_model_dir": save_dir})
+  paths = central._Paths(config, 17)  # pylint: disable=protected-access
+  written = [paths.csv, paths.final, paths.backup, paths.tensorboard,
+             checkpoints.checkpoint_dir(save_dir),
+             os.path.join(save_dir, constants.FEDERATED_WORKER_LOG_FILE)]
+  for path in written:
+    assert os.path.dirname(path) == save_dir, path
+    assert os.path.basename(path) in constants.RUN_OUTPUT_NAMES, path
+  weights = [run_dir.best_weights_path(save_dir, trainer, n, architecture)
+             for trainer in (central.TRAINER_NAME, federated.TRAINER_NAME)
+             for n in (1, 17) for architecture in resnet.LAYOUTS]
+  assert paths.weights in weights
+  for path in weights:
+    with open(path, "w", encoding="utf-8") as f:
+      f.write("weights")
+  assert run_dir.run_outputs_in(save_dir) == sorted(
+      os.path.basename(path) for path in weights)

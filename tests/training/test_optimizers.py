@@ -1,6 +1,7 @@
-"""Tests of the server/client optimizers and FedProx (benchmark/optimizers.py,
-the `--server_optimizer`, `--client_optimizer`, `--algorithm` settings of
-benchmark/federated.py)."""
+"""Tests of the server/client optimizers and FedProx
+(benchmark/training/optimizers.py, the `--server_optimizer`,
+`--client_optimizer`, `--algorithm` settings of benchmark/training/config.py
+and the process of benchmark/training/fedavg.py)."""
 
 import numpy as np
 import pytest
@@ -10,9 +11,12 @@ import tensorflow_federated as tff
 from benchmark.backends import mapreduce
 from benchmark.core import constants
 from benchmark.core.errors import FlairInputError
-from benchmark.training import federated
+from benchmark.training import config as config_lib
+from benchmark.training import models
 from benchmark.training import optimizers
 import round_harness
+
+_PATHS = {"tfrecords_dir": "x", "save_model_dir": "unused"}
 
 
 def _step(optimizer, weights, gradients, steps=1):
@@ -27,8 +31,7 @@ def _step(optimizer, weights, gradients, steps=1):
 
 @pytest.mark.parametrize("name", optimizers.SERVER_OPTIMIZERS)
 def test_each_server_optimizer_steps_against_the_gradient(name):
-  optimizer = optimizers.ServerOptimizerSpec(name=name,
-                                             learning_rate=0.1).build()
+  optimizer = optimizers.build_server_optimizer(name, 0.1)
   weights = (tf.constant([1.0, -1.0]),)
   gradients = (tf.constant([0.5, -0.25]),)
   (new,), = _step(optimizer, weights, gradients)
@@ -36,14 +39,30 @@ def test_each_server_optimizer_steps_against_the_gradient(name):
   assert np.all(delta * gradients[0].numpy() < 0), (name, delta)
 
 
+def _hparams(optimizer):
+  """`{name: float}` of a TFF optimizer's hyperparameters."""
+  state = optimizer.initialize((tf.TensorSpec([2], tf.float32),))
+  return {k: float(v) for k, v in optimizer.get_hparams(state).items()}
+
+
 def test_server_optimizer_defaults_are_the_reference_adam():
-  spec = optimizers.ServerOptimizerSpec()
-  assert (spec.name, spec.epsilon, spec.beta_1, spec.beta_2) == (
-      "adam", 0.01, 0.9, 0.999)
-  config = federated.FederatedConfig(tfrecords_dir="x")
-  assert config.server_optimizer_spec == optimizers.ServerOptimizerSpec(
-      learning_rate=0.1)
-  assert (config.algorithm, config.client_optimizer) == ("fedavg", "sgd")
+  reference = {"learning_rate": 0.1, "beta_1": 0.9, "beta_2": 0.999,
+               "epsilon": 0.01}
+  adam = tff.learning.optimizers.build_adam(**reference)
+  assert _hparams(optimizers.build_server_optimizer("adam", 0.1)) == (
+      pytest.approx(_hparams(adam)))
+  server = config_lib.ServerConfig()
+  assert (server.server_optimizer, server.server_learning_rate,
+          server.server_epsilon, server.server_beta_1,
+          server.server_beta_2) == ("adam", 0.1, 0.01, 0.9, 0.999)
+  config = config_lib.build(config_lib.FederatedConfig, _PATHS)
+  assert config.server == server
+  built = config.server.build_optimizer()
+  assert type(built) is type(adam)  # pylint: disable=unidiomatic-typecheck
+  assert _hparams(built) == pytest.approx(_hparams(adam))
+  assert _hparams(built) == pytest.approx(reference)
+  assert (config.client.algorithm,
+          config.client.client_optimizer) == ("fedavg", "sgd")
 
 
 @pytest.mark.parametrize("field,value,flag", [
@@ -57,7 +76,7 @@ def test_server_optimizer_defaults_are_the_reference_adam():
     ("proximal_strength", -1.0, "--proximal_strength")])
 def test_bad_optimizer_settings_name_the_flag(field, value, flag):
   with pytest.raises(FlairInputError, match=flag):
-    federated.FederatedConfig(tfrecords_dir="x", **{field: value})
+    config_lib.build(config_lib.FederatedConfig, dict(_PATHS, **{field: value}))
 
 
 def test_client_optimizer_clips_each_weight_separately():
@@ -116,7 +135,6 @@ def _fedavg_aggregator():
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("small_resnet")
 def test_fedprox_with_zero_strength_equals_fedavg(prepared_sample_dir,
                                                   monkeypatch):
   """Same state and cohort, server SGD and client SGD with momentum (so
@@ -125,12 +143,12 @@ def test_fedprox_with_zero_strength_equals_fedavg(prepared_sample_dir,
   settings = dict(server_optimizer="sgd", client_optimizer="sgdm",
                   server_learning_rate=1.0)
   results = {}
-  for algorithm in federated.ALGORITHMS:
-    composed, weights, client_ids = round_harness.build(
+  for algorithm in config_lib.ALGORITHMS:
+    process, weights, client_ids = round_harness.build(
         prepared_sample_dir, _fedavg_aggregator(), weighted=True,
         algorithm=algorithm, proximal_strength=0.0, **settings)
     results[algorithm] = round_harness.run_one_round(
-        constants.BACKEND_INPROCESS, composed, weights,
+        constants.BACKEND_INPROCESS, process, weights,
         round_harness.cohort_of(client_ids))
   round_harness.assert_close(results["fedprox"]["model_weights"],
                              results["fedavg"]["model_weights"], "weights")
@@ -141,15 +159,14 @@ def test_fedprox_with_zero_strength_equals_fedavg(prepared_sample_dir,
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("small_resnet")
 @pytest.mark.parametrize("name", ["sgdm", "adagrad", "yogi"])
 def test_one_round_with_each_server_optimizer_changes_the_model(
     prepared_sample_dir, name):
-  composed, weights, client_ids = round_harness.build(
+  process, weights, client_ids = round_harness.build(
       prepared_sample_dir, _fedavg_aggregator(), weighted=True,
       server_optimizer=name, algorithm="fedprox", proximal_strength=0.1)
   result = round_harness.run_one_round(
-      constants.BACKEND_INPROCESS, composed, weights,
+      constants.BACKEND_INPROCESS, process, weights,
       round_harness.cohort_of(client_ids))
   new = mapreduce.to_flat(result["model_weights"])
   assert all(np.all(np.isfinite(w)) for w in new)
@@ -161,12 +178,12 @@ def test_one_round_with_each_server_optimizer_changes_the_model(
 def test_bfloat16_precision_reaches_the_federated_model(tmp_path):
   """`--precision bfloat16` builds the clients' and evaluation model with
   bfloat16 layers (float32 weights); a bad value names the flag."""
-  config = federated.FederatedConfig(tfrecords_dir="x",
-                                     precision="bfloat16", image_height=32,
-                                     image_width=32)
-  keras_model = federated._build_keras_model(config, 3)  # pylint: disable=protected-access
+  config = config_lib.build(config_lib.FederatedConfig, dict(
+      _PATHS, precision="bfloat16", image_height=32, image_width=32))
+  keras_model = models.build_model(config.model, 3)
   dtypes = {layer.compute_dtype for layer in keras_model.layers}
   assert "bfloat16" in dtypes
   assert all(w.dtype == tf.float32 for w in keras_model.weights)
   with pytest.raises(FlairInputError, match="--precision"):
-    federated.FederatedConfig(tfrecords_dir="x", precision="float16")
+    config_lib.build(config_lib.FederatedConfig,
+                     dict(_PATHS, precision="float16"))
