@@ -5,11 +5,9 @@ behind.
 
 The process is built on the tiny network (`--model_layout tiny`): the
 backends and optimizers run whatever computation TFF compiled, whatever the
-network. Client training is made deterministic so that rounds can be
-compared exactly: the model's random crop and flip are replaced by their
-inference behaviour (centre crop, no flip) while the process is built, and
-each client's images fit in one batch (so the data's shuffle order does not
-matter). What remains is float32 summation order: TFF's worker, the
+network. Each client's shuffle, crops and flips come from its seed
+(`training.cohorts`), so every backend trains the same batches. What
+remains is float32 summation order: TFF's worker, the
 in-process runner and two Ray actors add client updates in different orders,
 which changes results in the last bits (measured: at most 1.2e-7 on weights
 of order 0.1); `ATOL` = 1e-5 leaves two orders of magnitude of margin and is
@@ -28,9 +26,9 @@ from benchmark.backends import process_guard
 from benchmark.core import constants
 from benchmark.data import label_sets
 from benchmark.data import pipeline
-from benchmark.model import layers
 from benchmark.model import resnet
 from benchmark.training import config as config_lib
+from benchmark.training import seeds
 from benchmark.training import fedavg
 from benchmark.training import models
 
@@ -75,18 +73,6 @@ def alive(processes: dict[int, str]) -> set[int]:
           if running.get(pid) == start}
 
 
-def deterministic_augmentation(monkeypatch):
-  """Centre crop and no flip also when training (see module docstring)."""
-  for cls in (layers.CropImages, layers.RandomHorizontalFlip):
-    original = cls.call
-
-    def call(self, images, training=None, _original=original):
-      del training
-      return _original(self, images, training=False)
-
-    monkeypatch.setattr(cls, "call", call)
-
-
 def build(tfrecords_dir, aggregator, weighted, **overrides):
   """The FedAvg process over client ids (`fedavg.build_learning_process`)
   of `CLIENT_SETTINGS` with `overrides` (setting names, `config_lib.build`)
@@ -105,10 +91,12 @@ def build(tfrecords_dir, aggregator, weighted, **overrides):
   return process, weights, sorted(train.client_ids)
 
 
-def cohort_of(client_ids):
-  # Users with 5 images and users with 1 (the sample's sizes), so the
-  # weighted mean differs from the unweighted one.
-  return [client_ids[i] for i in (4, 5, 0, 7)]
+def cohort_of(client_ids, round_num=1):
+  """Users with 5 images and users with 1 (the sample's sizes), so the
+  weighted mean differs from the unweighted one, as the client inputs of
+  round `round_num` (`cohorts.ClientInput`: id and seed)."""
+  return [(client_ids[i], seeds.client_seed(0, round_num, i))
+          for i in (4, 5, 0, 7)]
 
 
 # The last process compiled by `run_one_round` and its `CompiledRound`: the

@@ -28,7 +28,6 @@ def test_one_round_is_the_same_on_every_backend(prepared_sample_dir,
   whatever computation TFF compiled, whatever the network. (ResNet-18's
   full set of weights through TFF's worker: tests/model/test_resnet.py's
   test_one_federated_round_in_tff.)"""
-  round_harness.deterministic_augmentation(monkeypatch)
   if variant == "fedavg":
     aggregator = tff.learning.add_debug_measurements(
         tff.aggregators.MeanFactory())
@@ -78,8 +77,9 @@ def test_dp_round_adds_noise_of_the_stated_stddev(prepared_sample_dir):
   process, weights, client_ids = round_harness.build(
       prepared_sample_dir, aggregator, weighted=False,
       clients_per_round=cohort_size, client_learning_rate=1e-12)
-  result = round_harness.run_one_round(constants.BACKEND_INPROCESS, process,
-                                       weights, client_ids[:cohort_size])
+  result = round_harness.run_one_round(
+      constants.BACKEND_INPROCESS, process, weights,
+      round_harness.cohort_of(client_ids)[:cohort_size])
   num_weights = sum(w.size for w in weights.trainable)
   norm = float(result["metrics"]["aggregator"]["server_update_norm"])
   stddev = dp.sum_noise_multiplier(z, cohort_size, adaptive=False) * clip

@@ -342,6 +342,9 @@ def _range_dataset(n):
   return tf.data.Dataset.range(n)
 
 
+_SEED = tf.constant([3, 5], tf.int64)
+
+
 @pytest.mark.parametrize("kwargs, field", [
     (dict(num_epochs=0, batch_size=1), "num_epochs"),
     (dict(num_epochs=1, batch_size=0), "batch_size"),
@@ -359,7 +362,8 @@ def test_client_spec_validation(kwargs, field):
 def test_train_preprocess_take_repeat_batch():
   spec = pipeline.ClientSpec(num_epochs=3, batch_size=4, max_elements=5,
                          shuffle_buffer_size=100)
-  out = pipeline.create_train_preprocess_fn(spec, seed=1)(_range_dataset(20))
+  out = pipeline.create_train_preprocess_fn(spec)(_range_dataset(20),
+                                                  _SEED)
   batches = [b.numpy() for b in out]
   assert [len(b) for b in batches] == [4, 4, 4, 3]  # 15 = 3 epochs x 5.
   flat = np.concatenate(batches)
@@ -409,19 +413,20 @@ def test_eval_dataset_pools_every_client_without_autotune_model(tiny_dir):
     pipeline.eval_dataset(train, batch_size=0)
 
 
-def test_train_preprocess_seed_and_no_shuffle():
+def test_train_preprocess_order_follows_the_seed_and_no_shuffle():
   spec = pipeline.ClientSpec(num_epochs=1, batch_size=50,
                              shuffle_buffer_size=64)
   def run(seed):
-    fn = pipeline.create_train_preprocess_fn(spec, seed=seed)
-    return np.concatenate([b.numpy() for b in fn(_range_dataset(50))])
-  np.testing.assert_array_equal(run(7), run(7))
-  assert sorted(run(7)) == list(range(50))
-  assert not np.array_equal(run(None), run(None))  # 1 / 50! chance to fail.
+    fn = pipeline.create_train_preprocess_fn(spec)
+    dataset = fn(_range_dataset(50), tf.constant(seed, tf.int64))
+    return np.concatenate([b.numpy() for b in dataset])
+  np.testing.assert_array_equal(run([7, 1]), run([7, 1]))
+  assert sorted(run([7, 1])) == list(range(50))
+  assert not np.array_equal(run([7, 1]), run([7, 2]))  # 1 / 50! to fail.
   plain = pipeline.create_train_preprocess_fn(
       pipeline.ClientSpec(num_epochs=2, batch_size=3, shuffle_buffer_size=1))
   np.testing.assert_array_equal(
-      np.concatenate([b.numpy() for b in plain(_range_dataset(4))]),
+      np.concatenate([b.numpy() for b in plain(_range_dataset(4), _SEED)]),
       [0, 1, 2, 3, 0, 1, 2, 3])
 
 
@@ -429,9 +434,9 @@ def test_preprocess_on_client_data_shapes(tiny_dir):
   cd = pipeline.load_partition(tiny_dir, "train",
                                label_sets.load_label_spec(tiny_dir))
   spec = pipeline.ClientSpec(num_epochs=2, batch_size=2, max_elements=2)
-  train = cd.preprocess(pipeline.create_train_preprocess_fn(spec, seed=0))
-  shapes = [(x.shape, y.shape) for x, y in
-            train.create_tf_dataset_for_client("u1@N01")]
+  preprocess = pipeline.create_train_preprocess_fn(spec, crop_size=(8, 8))
+  train = preprocess(cd.create_tf_dataset_for_client("u1@N01"), _SEED)
+  shapes = [(x.shape, y.shape) for x, y in train]
   assert shapes == [((2,) + constants.IMAGE_SHAPE, (2, len(COARSE)))] * 2
   evaluation = cd.preprocess(pipeline.create_eval_preprocess_fn(2))
   sizes = [x.shape[0] for x, _ in
@@ -449,11 +454,11 @@ def test_preprocessed_dataset_traces_into_tff_computation(tiny_dir):
                                label_sets.load_label_spec(tiny_dir))
   preprocess = pipeline.create_train_preprocess_fn(
       pipeline.ClientSpec(num_epochs=2, batch_size=2, max_elements=3),
-      seed=None)
+      crop_size=(16, 16))
 
-  @tff.tensorflow.computation(tf.string)
-  def build_dataset(client_id):
-    return preprocess(cd.serializable_dataset_fn(client_id))
+  @tff.tensorflow.computation(tf.string, tf.TensorSpec([2], tf.int64))
+  def build_dataset(client_id, seed):
+    return preprocess(cd.serializable_dataset_fn(client_id), seed)
 
   element = build_dataset.type_signature.result.element
   images, labels = element

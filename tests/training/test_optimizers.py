@@ -139,7 +139,6 @@ def test_fedprox_with_zero_strength_equals_fedavg(prepared_sample_dir,
                                                   monkeypatch):
   """Same state and cohort, server SGD and client SGD with momentum (so
   those run in a round too): FedProx with mu = 0 is FedAvg."""
-  round_harness.deterministic_augmentation(monkeypatch)
   settings = dict(server_optimizer="sgd", client_optimizer="sgdm",
                   server_learning_rate=1.0)
   results = {}
