@@ -136,6 +136,7 @@ def start_run(config, trainer: str,
       save_model_dir, _identity(config, label_spec, trainer,
                                 skip_bad_records),
       recorded, overwrite=overwrite)
+  console.log_into(save_model_dir, constants.RUN_IDENTITY_FILE)
   logging.info("This run writes to %s (rerun with --save_model_dir %s to "
                "resume it).", save_model_dir, save_model_dir)
   if bad:
