@@ -23,6 +23,7 @@ setuptools.setup(
             "flair-federated=benchmark.federated_main:run",
             "flair-explore=benchmark.explore:run",
             "flair-synthetic=benchmark.synthetic_dataset:run",
+            "flair-report=benchmark.report:run",
         ],
     },
 )

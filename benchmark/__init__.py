@@ -1,5 +1,12 @@
 """FLAIR benchmark suite: data preparation, ResNet-18, central and federated training.
 
+When a command of the suite imports the package (`python -m
+benchmark.<command>`, a top-level command script or a `flair-...` console
+script), the package first routes file descriptor 2 through
+`cli.stderr_filter`, before TensorFlow is imported: TensorFlow's C++ INFO
+and known-harmless messages go to the command's log file, every other
+line to the console.
+
 Importing `tensorflow_federated` installs a default execution context whose
 executor factory owns a `ServiceManager`; that object's `__del__` runs during
 interpreter shutdown, after the `subprocess` module it uses has been torn
@@ -11,6 +18,11 @@ whole (`_release_tff_default_context`). It imports nothing heavy itself.
 
 import atexit
 import sys
+
+from benchmark.cli import stderr_filter
+
+if stderr_filter.is_command(getattr(sys, "orig_argv", sys.argv)):
+  stderr_filter.start()
 
 
 def _release_tff_default_context() -> None:

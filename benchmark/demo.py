@@ -6,16 +6,19 @@
   2. prepares per-user TFRecords (`prepare_tfrecords`);
   3. trains centrally (`benchmark.central_main`), with FedAvg and with FedAvg
      plus central DP (`benchmark.federated_main`), all at a small crop and
-     a few epochs and rounds (`SCALES`) so that a laptop CPU runs it; each
-     step is the suite's own command, run in a child process and printed
-     first;
+     a few epochs and rounds (`SCALES`) so that a laptop CPU runs it;
      With `--iid`, FedAvg also runs on FLAIR-IID (`federated_main --iid`:
      the same users and image counts, images dealt out at random) beside the
      users' own non-IID data, so the table shows the cost of heterogeneity;
-  4. prints one table (test metrics, wall time, DP guarantee), writes it as
-     `summary.csv`/`summary.json`, and plots the validation metrics over
-     epochs and rounds as `val_metrics.png`, all in one results folder whose
-     path is the last line printed (`benchmark.analysis.demo_summary`).
+  4. compares the runs (`benchmark.report`): one table of their test and
+     best validation metrics (`results.md`, `results.csv`) and a figure of
+     their validation metrics over epochs and rounds (`val_curves.png`), in
+     the results folder whose path is the last line printed.
+
+Each step is the suite's own command, run in a child process and printed
+first as it can be run again (the interpreter's path included); each
+writes its own log file (`log.txt`) into its output folder, the demo its
+own into the results folder.
 
 The settings are a demonstration, not the paper's: 32x32 crops, a few epochs
 and rounds. Use the `central_main` / `federated_main` commands for real runs.
@@ -23,8 +26,8 @@ and rounds. Use the `central_main` / `federated_main` commands for real runs.
 
 import dataclasses
 import datetime
-import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -32,8 +35,9 @@ from typing import Any, Optional
 
 from absl import flags
 
-from benchmark.analysis import demo_summary
 from benchmark.cli import commands
+from benchmark.cli import console
+from benchmark.cli import stderr_filter
 from benchmark.core import constants
 from benchmark.core import errors
 from benchmark.core import validate
@@ -112,28 +116,25 @@ def _command(module: str, **flag_values: Any) -> list[str]:
 
 def _run_step(argv: list[str]) -> float:
   """Runs one benchmark command in its own process, its output streaming to
-  ours; returns its wall time in seconds.
+  ours (its stderr to the console itself: it filters its own, see
+  `cli.stderr_filter`); returns its wall time in seconds.
 
   Raises:
     FlairInputError: the command failed (its own error is printed above).
   """
-  print("$ " + " ".join(argv[1:]), flush=True)
+  print("$ " + shlex.join(argv), flush=True)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH")) if p))
-  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   start = time.monotonic()
-  returncode = subprocess.run(argv, env=env,
-                              stdin=subprocess.DEVNULL).returncode
+  returncode = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL,
+                              stderr=stderr_filter.console_fd(),
+                              check=False).returncode
   if returncode != 0:
     raise errors.FlairInputError(
-        f"demo step failed with exit code {returncode}: "
-        f"{' '.join(argv[1:])}")
-  return time.monotonic() - start
-
-
-def _read_final_metrics(save_dir: str) -> dict[str, Any]:
-  with open(os.path.join(save_dir, constants.FINAL_METRICS_FILE)) as f:
-    return json.load(f)
+        f"demo step failed with exit code {returncode}: {shlex.join(argv)}")
+  seconds = time.monotonic() - start
+  print(f"(done in {seconds:.0f} s)", flush=True)
+  return seconds
 
 
 def _check_arguments(dataset_dir: Optional[str], scale: str) -> DemoScale:
@@ -155,12 +156,14 @@ def _check_arguments(dataset_dir: Optional[str], scale: str) -> DemoScale:
 
 
 def _new_results_folder(results_dir: str) -> str:
-  """Makes `<results_dir>/demo-<UTC time, %Y%m%d-%H%M%S>` (and its parents)
-  and returns its absolute path."""
+  """Makes `<results_dir>/demo-<UTC time, %Y%m%d-%H%M%S>` (and its parents),
+  sends the demo's log there (`console.log_into`) and returns its absolute
+  path."""
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime(
       "%Y%m%d-%H%M%S")
   out_dir = os.path.abspath(os.path.join(results_dir, f"demo-{stamp}"))
   os.makedirs(out_dir, exist_ok=True)
+  console.log_into(out_dir)
   return out_dir
 
 
@@ -193,24 +196,17 @@ def _prepare_step(plan: _Plan, dataset_dir: str) -> str:
 
 
 def _train(plan: _Plan, setting: str, module: str,
-           **flag_values: Any) -> dict[str, Any]:
+           **flag_values: Any) -> str:
   """Runs trainer `module` with `--save_model_dir=<out_dir>/<setting>` and
-  `flag_values` (in that order).
-
-  Returns:
-    The run: `{"setting", "final_metrics" (its final_metrics.json),
-    "wall_time_s" (the command's, start-up included), "save_dir"}`.
-  """
+  `flag_values` (in that order); returns that run directory."""
   save_dir = os.path.join(plan.out_dir, setting)
-  seconds = _run_step(_command(module, save_model_dir=save_dir,
-                               **flag_values))
-  return dict(setting=setting, final_metrics=_read_final_metrics(save_dir),
-              wall_time_s=seconds, save_dir=save_dir)
+  _run_step(_command(module, save_model_dir=save_dir, **flag_values))
+  return save_dir
 
 
-def _central_step(plan: _Plan, common: dict[str, Any]) -> dict[str, Any]:
-  """Step 3: centralized training (setting `central`); returns the run
-  (`_train`)."""
+def _central_step(plan: _Plan, common: dict[str, Any]) -> str:
+  """Step 3: centralized training (setting `central`); returns its run
+  directory."""
   sizes = plan.sizes
   _step(f"3/{plan.total_steps} centralized training ({sizes.central_epochs} "
         f"epochs, {sizes.crop}x{sizes.crop} crops)")
@@ -232,10 +228,9 @@ def _federated_settings(sizes: DemoScale,
 
 
 def _federated_step(plan: _Plan, number: int, setting: str, epsilon: float,
-                    on_iid: bool, federated_common: dict[str, Any]
-                    ) -> dict[str, Any]:
-  """Step `number`: one FedAvg setting (`_federated_settings`); returns the
-  run (`_train`)."""
+                    on_iid: bool, federated_common: dict[str, Any]) -> str:
+  """Step `number`: one FedAvg setting (`_federated_settings`); returns its
+  run directory."""
   what = "FedAvg" + (" on FLAIR-IID" if on_iid else "") + (
       f" with central DP (epsilon {epsilon:g})" if epsilon else "")
   _step(f"{number}/{plan.total_steps} {what}: {plan.sizes.rounds} rounds of "
@@ -244,19 +239,13 @@ def _federated_step(plan: _Plan, number: int, setting: str, epsilon: float,
                 iid=on_iid or None, **federated_common)
 
 
-def _summary_step(plan: _Plan, runs: list[dict[str, Any]]) -> None:
-  """Writes summary.json, summary.csv and val_metrics.png into `out_dir`
-  (`demo_summary`), then prints the table, the plot's path and, last, the
-  results folder."""
-  rows = demo_summary.summary_rows(runs)
-  table = demo_summary.format_table(rows)
-  demo_summary.write_summary(plan.out_dir, rows)
-  plot_path = os.path.join(plan.out_dir, demo_summary.VAL_METRICS_FIGURE)
-  demo_summary.plot_val_metrics(runs, plot_path)
-  print("\nTest-set results (demo scale: small crops, few rounds; "
-        "not comparable with the paper):\n")
-  print(table)
-  print(f"\nPlot: {plot_path}")
+def _report_step(plan: _Plan, run_dirs: list[str]) -> None:
+  """The last step: `benchmark.report` on the runs, writing its table and
+  figure into the results folder; then the results folder, last."""
+  _step(f"{plan.total_steps}/{plan.total_steps} comparing the runs")
+  print("Demo scale (small crops, few epochs and rounds): not comparable "
+        "with the paper.", flush=True)
+  _run_step(_command("benchmark.report", output_dir=plan.out_dir) + run_dirs)
   print(f"Results: {plan.out_dir}", flush=True)
 
 
@@ -268,10 +257,9 @@ def run_demo(results_dir: str, dataset_dir: Optional[str] = None,
   """Runs data generation/preparation, central, FedAvg and DP-FedAvg.
 
   Each step is the suite's own command (`benchmark.synthetic_dataset`,
-  `prepare_tfrecords`, `benchmark.central_main`, `benchmark.federated_main`)
-  run in a child process, exactly as a user would type it; the commands are
-  printed before they run. Wall times include each command's start-up
-  (importing TensorFlow).
+  `prepare_tfrecords`, `benchmark.central_main`, `benchmark.federated_main`,
+  `benchmark.report`) run in a child process, exactly as a user would type
+  it; the commands are printed before they run.
 
   Args:
     results_dir: parent folder; a new `demo-<UTC time>` folder is made in it.
@@ -284,15 +272,16 @@ def run_demo(results_dir: str, dataset_dir: Optional[str] = None,
       `fedavg`).
 
   Returns:
-    The results folder (summary.csv, summary.json, val_metrics.png and one
-    sub-folder per setting with its own outputs).
+    The results folder (the report's results.md, results.csv and
+    val_curves.png, the demo's log.txt, and one sub-folder per setting with
+    its own outputs).
 
   Raises:
     FlairInputError: bad `dataset_dir` or `scale`, or a step failed.
   """
   sizes = _check_arguments(dataset_dir, scale)
   plan = _Plan(out_dir=_new_results_folder(results_dir), sizes=sizes,
-               total_steps=6 if iid else 5, seed=seed)
+               total_steps=7 if iid else 6, seed=seed)
   dataset_dir = _data_step(plan, dataset_dir, sizes.num_users or num_users)
   tfrecords_dir = _prepare_step(plan, dataset_dir)
 
@@ -311,7 +300,7 @@ def run_demo(results_dir: str, dataset_dir: Optional[str] = None,
       _federated_settings(sizes, iid), 4):
     runs.append(_federated_step(plan, number, setting, epsilon, on_iid,
                                 federated_common))
-  _summary_step(plan, runs)
+  _report_step(plan, runs)
   return plan.out_dir
 
 
@@ -361,8 +350,9 @@ def _define_flags() -> None:
       "images dealt out at random to the same users) beside the non-IID run.")
 
 
-# Console-script entry point: defines the flags, then runs `main` under absl.
-run = commands.entry_point(_define_flags, main)
+# Console-script entry point: defines the flags, then runs `main` under absl;
+# the demo's log goes to its results folder (`_new_results_folder`).
+run = commands.entry_point(_define_flags, main, log_dir_flags=())
 
 
 if __name__ == "__main__":

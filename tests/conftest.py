@@ -209,10 +209,10 @@ def damaged_sample(prepared_sample_dir, tmp_path):
 
 
 def pytest_collection_modifyitems(session, config, items):
-  """Orders the tests: tests/test_tff_runtime.py first, then the slow ones,
-  then the rest (each group in file order).
+  """Orders the tests: tests/backends/test_tff_runtime.py first, then the
+  slow ones, then the rest (each group in file order).
 
-  tests/test_tff_runtime.py first: in a full run of the suite (2026-11-22),
+  test_tff_runtime.py first: in a full run of the suite (2026-11-22),
   its three tests of the TFF worker watchdog (a SIGINT to the main thread
   when the worker dies) failed when they ran last, after the Ray and
   in-process backend tests had run in the same pytest process: the main

@@ -1,35 +1,25 @@
 """Fast tests of `benchmark.demo`'s steps, with the commands it starts
 replaced (the whole `make demo` path runs at tiny scale in
-tests/test_readme.py; the summary's table and plot are tested in
-tests/analysis/test_demo_summary.py)."""
+tests/test_readme.py; the report it ends with is tested in
+tests/analysis/test_report.py)."""
 
-import csv
 import os
+import shlex
+import sys
 
 import pytest
 
 from benchmark import demo
-from benchmark.analysis import demo_summary
 from benchmark.core import constants
 from benchmark.core import errors
 
 
-def _final():
-  metrics = {"macro_averaged_precision": 0.5, "micro_averaged_precision": 0.6,
-             "macro_f1": 0.25, "loss": 0.3}
-  return {"val": dict(metrics), "test": dict(metrics)}
-
-
 @pytest.fixture
 def started(monkeypatch):
-  """The commands the demo starts (argv lists), none of them run; each run's
-  final metrics are `_final()` and no plot is drawn."""
+  """The commands the demo starts (argv lists), none of them run."""
   commands = []
   monkeypatch.setattr(demo, "_run_step",
                       lambda argv: commands.append(argv) or 1.0)
-  monkeypatch.setattr(demo, "_read_final_metrics", lambda save_dir: _final())
-  monkeypatch.setattr(demo_summary, "plot_val_metrics",
-                      lambda runs, path: None)
   return commands
 
 
@@ -47,23 +37,28 @@ def test_run_demo_steps_in_order(tmp_path, started, capsys):
   modules = [argv[2] for argv in started]
   assert modules == ["benchmark.synthetic_dataset", "prepare_tfrecords",
                      "benchmark.central_main", "benchmark.federated_main",
-                     "benchmark.federated_main"]
+                     "benchmark.federated_main", "benchmark.report"]
+  assert all(argv[:2] == [sys.executable, "-m"] for argv in started)
   assert f"--dataset_dir={os.path.join(out, 'dataset')}" in started[0]
   assert "--num_users=24" in started[0]  # tiny's users, not --num_users
-  for argv, setting in zip(started[2:], ["central", "fedavg", "fedavg_dp"]):
+  settings = ["central", "fedavg", "fedavg_dp"]
+  for argv, setting in zip(started[2:5], settings):
     # The run's folder is the first flag, named after the setting.
     assert argv[3] == f"--save_model_dir={os.path.join(out, setting)}"
     assert f"--tfrecords_dir={os.path.join(out, 'tfrecords')}" in argv
     assert "--seed=3" in argv and "--image_height=24" in argv
+  # The report compares the three runs, into the results folder.
+  assert started[5][3:] == [f"--output_dir={out}"] + [
+      os.path.join(out, s) for s in settings]
   printed = capsys.readouterr().out
   assert [l for l in printed.splitlines() if l.startswith("=== ")] == [
-      "=== 1/5 generating a FLAIR-like dataset (24 users)",
-      "=== 2/5 preparing per-user TFRecords",
-      "=== 3/5 centralized training (1 epochs, 24x24 crops)",
-      "=== 4/5 FedAvg: 2 rounds of 5 clients",
-      "=== 5/5 FedAvg with central DP (epsilon 8): 2 rounds of 5 clients"]
+      "=== 1/6 generating a FLAIR-like dataset (24 users)",
+      "=== 2/6 preparing per-user TFRecords",
+      "=== 3/6 centralized training (1 epochs, 24x24 crops)",
+      "=== 4/6 FedAvg: 2 rounds of 5 clients",
+      "=== 5/6 FedAvg with central DP (epsilon 8): 2 rounds of 5 clients",
+      "=== 6/6 comparing the runs"]
   assert printed.splitlines()[-1] == f"Results: {out}"
-  assert os.path.isfile(os.path.join(out, demo_summary.SUMMARY_JSON_FILE))
 
 
 def test_run_demo_with_iid_runs_fedavg_on_flair_iid_beside_non_iid(
@@ -74,6 +69,21 @@ def test_run_demo_with_iid_runs_fedavg_on_flair_iid_beside_non_iid(
   assert ["--iid" in c for c in federated] == [False, True, False]
   assert any(a.startswith("--epsilon=") and a != "--epsilon=0.0"
              for a in federated[2])
-  with open(os.path.join(out, demo_summary.SUMMARY_CSV_FILE), newline="") as f:
-    settings = [row["setting"] for row in csv.DictReader(f)]
-  assert settings == ["central", "fedavg", "fedavg_iid", "fedavg_dp"]
+  assert started[-1][4:] == [os.path.join(out, s) for s in (
+      "central", "fedavg", "fedavg_iid", "fedavg_dp")]
+
+
+def test_a_step_is_printed_as_it_can_be_run_again(capsys):
+  argv = [sys.executable, "-c", "import sys; print('step ran', sys.argv[1])",
+          "a b"]
+  demo._run_step(argv)  # pylint: disable=protected-access
+  printed = capsys.readouterr().out.splitlines()
+  assert printed[0].startswith("$ ")
+  assert shlex.split(printed[0][2:]) == argv  # interpreter and quoting
+
+
+def test_a_failing_step_stops_the_demo_in_one_line():
+  argv = [sys.executable, "-c", "raise SystemExit(3)"]
+  with pytest.raises(errors.FlairInputError,
+                     match="demo step failed with exit code 3"):
+    demo._run_step(argv)  # pylint: disable=protected-access

@@ -25,6 +25,7 @@ from benchmark.analysis import dataset_report
 from benchmark.core import constants
 from download_server import build_tree
 from download_server import FileServer
+import run_dirs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO_ROOT, "README.md")
@@ -47,6 +48,7 @@ SMALL_SCALE_FLAGS = {
         "--client_epochs_per_round=1", "--eval_batch_size=16",
         "--target_unclipped_quantile=0"] + SMALL_MODEL,
     "benchmark.synthetic_dataset": ["--num_users=12"],
+    "benchmark.report": [],
 }
 # `make test` is the command that runs this test (CI runs it on every
 # submission); running it from here would recurse.
@@ -99,13 +101,62 @@ def _write_imagenet_like_weights(path: str) -> None:
 
 
 def _run(argv: list[str], cwd: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO_ROOT)
+  # TensorFlow's C++ log level as users have it: the commands' consoles are
+  # quiet by their own filtering (checked on the demo's console below).
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  env["PYTHONPATH"] = REPO_ROOT
   result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=900, stdin=subprocess.DEVNULL)
   assert result.returncode == 0, (
       f"{' '.join(argv)} failed ({result.returncode}):\n"
       f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
   return result
+
+
+# What TensorFlow, TFF and the suite printed on `make demo`'s console before
+# it was made quiet (2026-12-03), none of which it may print now: the C++
+# errors of plugin registration and of Grappler, the deprecation of
+# tf_record_iterator, TFF's INFO about default metrics, the final metrics
+# as JSON, and step commands without their interpreter.
+_NOT_ON_THE_DEMOS_CONSOLE = re.compile("|".join([
+    r"Unable to register cu(DNN|FFT|BLAS) factory",
+    r"meta_optimizer\.cc.*function_optimizer failed",
+    r"grappler_item_builder\.cc.*Failed to detect the fetch node",
+    r"Grappler has raised the error",
+    r"tf_record_iterator .* is deprecated",
+    r"Adding default num_(examples|batches) metric",
+    r'^\s*"(macro|micro)_averaged_precision": ',
+    r"^\$ -m ",
+]))
+
+
+def _check_demo_console(result: subprocess.CompletedProcess,
+                        work: str) -> None:
+  """`make demo`'s console: none of `_NOT_ON_THE_DEMOS_CONSOLE`; each step
+  printed as it runs (the interpreter first; the report step run again as
+  printed, from another folder); the report's table and files, and each
+  step's log."""
+  lines = (result.stdout + result.stderr).splitlines()
+  noisy = [l for l in lines if _NOT_ON_THE_DEMOS_CONSOLE.search(l)]
+  assert not noisy, "\n".join(noisy)
+  steps = [shlex.split(l[2:]) for l in result.stdout.splitlines()
+           if l.startswith("$ ")]
+  assert len(steps) == 6 and all(s[0] == sys.executable for s in steps)
+  last_line = result.stdout.strip().splitlines()[-1]
+  assert last_line.startswith("Results: "), last_line
+  results = last_line[len("Results: "):]
+  assert any(l.startswith("| central ") for l in lines)
+  for name in ("results.md", "results.csv", "val_curves.png", "log.txt"):
+    assert os.path.isfile(os.path.join(results, name)), name
+  for step in ("central", "fedavg", "fedavg_dp"):
+    assert os.path.isfile(os.path.join(results, step, "log.txt")), step
+  # Beside the data, which keeps its bytes.
+  for data in ("dataset", "tfrecords"):
+    assert os.path.isfile(os.path.join(results, data + ".log")), data
+    assert not os.path.exists(os.path.join(results, data, "log.txt")), data
+  os.remove(os.path.join(results, "results.md"))
+  _run(steps[-1], cwd=work)
+  assert os.path.isfile(os.path.join(results, "results.md"))
 
 
 @pytest.fixture(scope="module")
@@ -212,13 +263,12 @@ def test_readme_command_runs_at_small_scale(readme_workdir, command):
   writes what the README says it writes."""
   argv = _argv_at_small_scale(command, readme_workdir)
   program = program_of(shlex.split(command))
+  if program == "benchmark.report":
+    # A finished run to compare, whichever trainer commands ran before.
+    run_dirs.central_run(os.path.join(readme_workdir, "runs", "finished"))
   result = _run(argv, cwd=readme_workdir)
   if program == "make demo":
-    last_line = result.stdout.strip().splitlines()[-1]
-    assert last_line.startswith("Results: "), last_line
-    results = last_line[len("Results: "):]
-    assert os.path.isfile(os.path.join(results, "val_metrics.png"))
-    assert os.path.isfile(os.path.join(results, "summary.csv"))
+    _check_demo_console(result, readme_workdir)
   elif program in ("benchmark.central_main", "benchmark.federated_main"):
     save_dir = os.path.join(readme_workdir, _flag_value(argv, "--save_model_dir"))
     assert os.path.isfile(os.path.join(save_dir, constants.FINAL_METRICS_FILE))
@@ -232,6 +282,11 @@ def test_readme_command_runs_at_small_scale(readme_workdir, command):
       assert [float(r["dp_clip"]) for r in rows] == pytest.approx(
           [0.1] * len(rows))
       assert all(float(r["dp_noise_stddev"]) > 0 for r in rows)
+  elif program == "benchmark.report":
+    output_dir = os.path.join(readme_workdir, _flag_value(argv, "--output_dir"))
+    with open(os.path.join(output_dir, "results.md"), encoding="utf-8") as f:
+      assert "| finished " in f.read()
+    assert os.path.isfile(os.path.join(output_dir, "val_curves.png"))
   elif program == "benchmark.explore":
     output_dir = os.path.join(readme_workdir, _flag_value(argv, "--output_dir"))
     assert os.path.isfile(os.path.join(output_dir, dataset_report.REPORT_TEXT_FILE)), (

@@ -1,6 +1,6 @@
-"""Statistics, tables and figures of datasets (explore) and of demo runs.
+"""Statistics, tables and figures of datasets and of runs.
 
 `dataset_stats`, `dataset_figures` and `dataset_report` make the report of
-`python -m benchmark.explore`; `demo_summary` the results table and figure of
-`python -m benchmark.demo`.
+`python -m benchmark.explore`; `runs`, `results_table` and `run_figures` the
+table and curves of `python -m benchmark.report` (also the demo's).
 """

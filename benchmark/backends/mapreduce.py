@@ -84,6 +84,26 @@ class CompiledRound:
     return {k: self.pieces[k] for k in ("work", "zero", "accumulate")}
 
 
+def grappler_config() -> tf.compat.v1.ConfigProto:
+  """Grappler's options for TFF's compiler of the round: TFF's own
+  (aggressive constant folding, arithmetic, loop and function optimization,
+  memory heuristics), with the memory heuristics narrowed to swapping.
+
+  TFF's memory heuristics include recomputation, which rewrites the
+  clients' training loop into nodes that Grappler's function optimizer
+  then refuses: it logged "function_optimizer failed: ... has inputs from
+  different frames" as an error at every compile and its pass was lost.
+  Without recomputation the function optimizer runs; a round's results
+  differ only by TensorFlow's run-to-run round-off (docs/performance.md,
+  "Compiling the round": measured with scripts/check_grappler_config.py).
+  Swapping moves tensors to host memory only when a GPU would run out.
+  """
+  config = tf.compat.v1.ConfigProto()
+  rewrite = config.graph_options.rewrite_options
+  rewrite.memory_optimization = rewrite.SWAPPING_HEURISTICS
+  return config
+
+
 def compile_process(process: tff.learning.templates.LearningProcess
                    ) -> CompiledRound:
   """Compiles a learning process into TensorFlow graphs.
@@ -95,8 +115,8 @@ def compile_process(process: tff.learning.templates.LearningProcess
       computation, `training.fedavg.build_learning_process`).
 
   Returns:
-    The `CompiledRound` (TFF's compiler and Grappler take tens of seconds of
-    CPU for ResNet-18 FedAvg).
+    The `CompiledRound` (TFF's compiler and Grappler, with
+    `grappler_config`, take tens of seconds of CPU for ResNet-18 FedAvg).
 
   Raises:
     FlairInputError: the process cannot be expressed in MapReduceForm, or
@@ -105,9 +125,9 @@ def compile_process(process: tff.learning.templates.LearningProcess
   start = time.monotonic()
   try:
     form = tff.backends.mapreduce.get_map_reduce_form_for_computation(
-        process.next)
+        process.next, grappler_config())
     initialize = tff.backends.mapreduce.get_state_initialization_computation(
-        process.initialize)
+        process.initialize, grappler_config())
   except (TypeError, ValueError) as e:
     raise FlairInputError(
         "this learning process cannot be compiled to TFF's MapReduceForm "

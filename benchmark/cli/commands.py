@@ -1,16 +1,19 @@
 """What every command shares: its `main` wrapped so that errors are one line
-and SIGTERM or Ctrl-C end it cleanly, positional arguments refused, and
-its console-script entry point."""
+and SIGTERM or Ctrl-C end it cleanly, positional arguments refused (except
+by commands that take paths), a quiet console with a log file
+(`cli.console`), and its console-script entry point."""
 
 import functools
 import logging
 import os
 import signal
 import sys
-from typing import Callable, NoReturn, Sequence
+from typing import Callable, NoReturn, Optional, Sequence
 
 from absl import app
+from absl import flags
 
+from benchmark.cli import console
 from benchmark.core import errors
 
 
@@ -70,17 +73,25 @@ def shorten_library_logs() -> None:
     absl_logger.addFilter(_GRPC_FILTER)
 
 
-def exit_on_input_error(main: Callable) -> Callable:
+def exit_on_input_error(main: Optional[Callable] = None, *,
+                        positional_args: bool = False) -> Callable:
   """Wraps an absl `main(argv)` for the command line.
 
-  Positional arguments are refused (`reject_positional_args`); a
+  Positional arguments are refused (`reject_positional_args`) unless
+  `positional_args` (then `main` reads them from `argv[1:]`); a
   `FlairInputError`, `OutputWriteError` or `BackendDiedError` becomes one
   line on stderr ("error: <message>") and exit status 1; Ctrl-C becomes exit
   status 130 and SIGTERM 143 (`install_sigterm_handler`), after every
   `finally` has run. Also shortens library log records
   (`shorten_library_logs`) and, on the way out, releases TFF's default
   context when TFF was loaded (`backends.tff_runtime`).
+
+  Use as `@exit_on_input_error` or
+  `@exit_on_input_error(positional_args=True)`.
   """
+  if main is None:
+    return functools.partial(exit_on_input_error,
+                             positional_args=positional_args)
 
   @functools.wraps(main)
   def wrapped(argv):
@@ -88,7 +99,8 @@ def exit_on_input_error(main: Callable) -> Callable:
     shorten_library_logs()
     try:
       try:
-        reject_positional_args(argv)
+        if not positional_args:
+          reject_positional_args(argv)
         return main(argv)
       except (errors.FlairInputError, errors.OutputWriteError,
               errors.BackendDiedError) as e:
@@ -125,12 +137,22 @@ def reject_positional_args(argv: Sequence[str]) -> None:
 
 
 def entry_point(define_flags: Callable[[], None],
-                main: Callable[[list[str]], None]) -> Callable[[], None]:
+                main: Callable[[list[str]], None],
+                log_dir_flags: tuple[str, ...] = console.OUTPUT_DIR_FLAGS
+               ) -> Callable[[], None]:
   """A command's console-script entry point (`run`): defines the command's
-  flags when called, not at import, then runs `main` under absl."""
+  flags when called, not at import, then runs `main` under absl, with the
+  console and log file set up once the flags are parsed
+  (`console.configure`: the log goes to the folder named by the first of
+  `log_dir_flags` the command defines; `()`: the command names it with
+  `console.log_into`)."""
+
+  def configured_main(argv: list[str]) -> None:
+    console.configure(flags.FLAGS, log_dir_flags)
+    return main(argv)
 
   def run() -> None:
     define_flags()
-    app.run(main)
+    app.run(configured_main)
 
   return run

@@ -6,18 +6,20 @@ printed results.
 `define_trainer_flags` (every setting of their config, declared once in
 `training.config`, plus `--skip_bad_records` and `--overwrite`), then
 `config_from_flags`, `start_run` (check the data, claim the run
-directory), the trainer, inside `data_errors_named`, and `finish_run`.
+directory), the trainer, inside `data_errors_named`, and `finish_run`
+(the final metrics as a short table, and where the files are).
 """
 
 import contextlib
 import dataclasses
-import json
 import os
 from typing import Any, Iterator
 
 from absl import flags
 from absl import logging
 
+from benchmark.analysis import runs as runs_lib
+from benchmark.cli import console
 from benchmark.cli import flags as flags_lib
 from benchmark.core import constants
 from benchmark.core import errors
@@ -134,6 +136,7 @@ def start_run(config, trainer: str,
       save_model_dir, _identity(config, label_spec, trainer,
                                 skip_bad_records),
       recorded, overwrite=overwrite)
+  console.log_into(save_model_dir, constants.RUN_IDENTITY_FILE)
   logging.info("This run writes to %s (rerun with --save_model_dir %s to "
                "resume it).", save_model_dir, save_model_dir)
   if bad:
@@ -164,13 +167,47 @@ def data_errors_named(tfrecords_dir: str,
     raise triage.training_data_error(tfrecords_dir, label_spec, e) from None
 
 
+def format_final_metrics(final: dict, save_model_dir: str) -> str:
+  """The trainers' last words: the final val and test metrics of the best
+  weights as a short table (`analysis.runs.METRICS`), the DP guarantee
+  and skipped records when there are any, and where final_metrics.json and
+  the log file are."""
+  columns = [m.label for m in runs_lib.METRICS]
+  cells = [[constants.VAL], [constants.TEST]]
+  for line in cells:
+    values = runs_lib.pick_metrics(final.get(line[0]) or {})
+    line += [f"{values[m.key]:.4f}" for m in runs_lib.METRICS]
+  widths = [max(len(c), 4) for c in [""] + columns]
+  table = ["  ".join(c.ljust(w) for c, w in zip([""] + columns, widths))]
+  table += ["  ".join(c.ljust(w) for c, w in zip(line, widths))
+            for line in cells]
+  best = (f", round {final['best_round']}" if "best_round" in final else "")
+  lines = [f"Final metrics (best weights by val loss{best}):"]
+  lines += ["  " + line.rstrip() for line in table]
+  privacy = final.get("privacy") or {}
+  if privacy.get("guarantee"):
+    lines.append(f"Privacy: {privacy['guarantee']}")
+  skipped = final.get("skipped_records") or {}
+  if skipped.get("count"):
+    lines.append(f"Skipped bad records: {skipped['count']} (listed in "
+                 f"{constants.FINAL_METRICS_FILE})")
+  lines.append("All metrics: " + os.path.join(
+      os.path.abspath(save_model_dir), constants.FINAL_METRICS_FILE))
+  log_path = console.log_file_path()
+  if log_path:
+    lines.append(f"Log: {log_path}")
+  return "\n".join(lines)
+
+
 def finish_run(save_model_dir: str, final: dict,
                bad: list[triage.FileCheck]) -> dict:
   """Adds the skipped bad records, when there were any, to the final
   metrics and to final_metrics.json (`triage.record_skipped_records`),
-  prints the final metrics as JSON on stdout (the command's output) and
-  returns them."""
+  sends the log to the run directory (when no --save_model_dir named it at
+  the start, `console.log_into`), prints `format_final_metrics` on stdout
+  (the command's output) and returns the final metrics."""
   if bad:
     final = triage.record_skipped_records(save_model_dir, final, bad)
-  print(json.dumps(final, indent=2, sort_keys=True))
+  console.log_into(save_model_dir, constants.RUN_IDENTITY_FILE)
+  print(format_final_metrics(final, save_model_dir), flush=True)
   return final

@@ -4,6 +4,7 @@ directory without them), and named when TensorFlow fails on one during
 training (one line per user file)."""
 
 import dataclasses
+import inspect
 import os
 from typing import Optional
 
@@ -19,6 +20,15 @@ from benchmark.data import pipeline
 
 # The first bytes of every JPEG file (ITU-T T.81 Annex B).
 _JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+# TF's record reader (length and CRC of every record checked, in C++), without
+# the decorator that logs its deprecation notice when it is called: the
+# replacement the notice names, one `tf.data.TFRecordDataset` per user file,
+# is the same reader behind a dataset set up for each file: hundreds of
+# times slower per file for FLAIR's small user files (docs/performance.md,
+# "Checking user files").
+_read_records = inspect.unwrap(tf.compat.v1.io.tf_record_iterator)
 
 
 # Threads reading user files in `check_tfrecords` (reading is I/O bound and
@@ -98,7 +108,7 @@ def check_user_file(path: str, label_spec: label_sets.LabelSpec) -> FileCheck:
   """
   bad, first, count, tail = [], None, 0, False
   try:
-    for serialized in tf.compat.v1.io.tf_record_iterator(path):
+    for serialized in _read_records(path):
       problem = _record_problem(serialized, label_spec)
       if problem is not None:
         bad.append(count)
@@ -230,7 +240,7 @@ def mirror_without_bad_records(tfrecords_dir: str, bad: list[FileCheck],
       continue
     with file_io.atomic_path(target) as tmp:
       with tf.io.TFRecordWriter(tmp) as writer:
-        records = tf.compat.v1.io.tf_record_iterator(path)
+        records = _read_records(path)
         for index in range(check.num_records):
           serialized = next(records)
           if index not in skipped:

@@ -29,13 +29,8 @@ def source() -> Any:
 
 
 def _init_worker(source_: Any) -> None:
-  """Pool initializer: quiets TensorFlow's C++ start-up and sets the source.
-
-  TensorFlow prints GPU plugin registration noise at level ERROR in every
-  process that imports it; a failure still reaches the parent as a Python
-  exception.
-  """
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  """Pool initializer: sets the source in the worker process (its fd 2 is
+  the parent's, filtered by `cli.stderr_filter`)."""
   set_source(source_)
 
 

@@ -246,12 +246,11 @@ def _final_metrics(model: tf.keras.Model, val_dataset: tf.data.Dataset,
   model.load_weights(paths.weights)
   test_dataset = pipeline.eval_dataset(client_data[constants.TEST],
                                        config.data.eval_batch_size)
-  verbose = _keras_verbosity()
   final = {
-      constants.VAL: evaluation.evaluate(model, val_dataset, verbose),
-      constants.TEST: evaluation.evaluate(model, test_dataset, verbose),
+      constants.VAL: evaluation.evaluate(model, val_dataset),
+      constants.TEST: evaluation.evaluate(model, test_dataset),
   }
   file_io.write_json_atomic(paths.final, final)
-  logging.info("Best weights (%s) on val: %s; on test: %s", paths.weights,
-               final[constants.VAL], final[constants.TEST])
+  logging.info("Evaluated the best weights (%s) on val and test.",
+               paths.weights)
   return final

@@ -279,7 +279,6 @@ def calibrate(epsilon: float, num_train_clients: int, clients_per_round: int,
         "DP noise multiplier, %s calibration (%d compositions at q=%.4g): "
         "%.6g%s", name, compositions[name], q, value,
         " [used]" if name == calibration else "")
-  logging.info("Guarantee: %s", result.guarantee)
   return result
 
 

@@ -167,7 +167,8 @@ def _train(config: config_lib.FederatedConfig,
                 [loop.EVAL_TIME_KEY] + val_columns),
             outputs.TensorBoardManager(
                 os.path.join(save_model_dir, constants.TENSORBOARD_DIR)),
-            best, outputs.LoggingManager(), progress],
+            best, outputs.LoggingManager(outputs.VAL_PREFIX + names[1]),
+            progress],
         evaluation_fn=evaluation_fn,
         rounds_per_evaluation=config.run.rounds_per_eval,
         rounds_per_saving_program_state=config.run.rounds_per_checkpoint,
@@ -197,9 +198,8 @@ def _final_metrics(config: config_lib.FederatedConfig, client_data: dict,
   }
   if calibration is not None:
     final["privacy"] = calibration.to_dict()
-    logging.info("Privacy guarantee: %s", calibration.guarantee)
   file_io.write_json_atomic(os.path.join(config.output.save_model_dir,
                                          constants.FINAL_METRICS_FILE), final)
-  logging.info("Best round %d; final val %s; test %s", best.best_round,
-               final[constants.VAL], final[constants.TEST])
+  logging.info("Evaluated the best weights (round %d) on val and test.",
+               best.best_round)
   return final

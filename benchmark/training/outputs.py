@@ -201,13 +201,17 @@ class BestWeightsManager(tff.program.ReleaseManager, loop.Resumable):
 
 
 class LoggingManager(tff.program.ReleaseManager):
-  """Logs each evaluated round's val metrics (absl INFO)."""
+  """Logs each evaluated round's val loss and `key_metric` (absl INFO; the
+  other metrics are in metrics.csv)."""
+
+  def __init__(self, key_metric: str):
+    self._key_metric = key_metric
 
   async def release(self, value: Mapping[str, Any], key: int) -> None:
-    val = {k[len(VAL_PREFIX):]: round(float(v), 4) for k, v in value.items()
-           if k.startswith(VAL_PREFIX)}
-    if val:
-      logging.info("Round %d: val %s", key, val)
+    if VAL_PREFIX + "loss" in value:
+      logging.info("Round %d: val loss %.4f, %s %.4f", key,
+                   value[VAL_PREFIX + "loss"], self._key_metric,
+                   value.get(self._key_metric, float("nan")))
 
 
 class ProgressManager(tff.program.ReleaseManager):

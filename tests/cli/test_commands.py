@@ -1,4 +1,5 @@
-"""The one-line error helpers of benchmark.errors."""
+"""What every command shares (benchmark/cli/commands.py): one-line errors
+and logs."""
 
 import logging
 import os
