@@ -2,6 +2,7 @@
 cluster, each actor training the clients it is handed."""
 
 import contextlib
+import os
 from typing import Optional
 
 from absl import logging
@@ -14,6 +15,10 @@ from benchmark.backends import process_guard
 from benchmark.core import errors
 from benchmark.core.errors import BackendDiedError
 from benchmark.core.errors import FlairInputError
+
+
+# Environment variables the actors get from the driver.
+_INHERITED_VARIABLES = ("TF_DETERMINISTIC_OPS",)
 
 
 def ray_actor_plan(resources: dict, nodes: list[dict],
@@ -124,11 +129,17 @@ def _ray_session(ray_address: Optional[str]):
         "run make install)") from e
   if ray.is_initialized():
     ray.shutdown()
+  # The actors, on any node, with the driver's choice of deterministic
+  # kernels (`training.seeds.use_deterministic_ops`).
+  runtime_env = {"env_vars": {
+      name: os.environ[name] for name in _INHERITED_VARIABLES
+      if name in os.environ}}
   with contextlib.ExitStack() as stack:
     try:
       if ray_address:
         ray.init(address=ray_address, include_dashboard=False,
-                 log_to_driver=False, logging_level="warning")
+                 log_to_driver=False, logging_level="warning",
+                 runtime_env=runtime_env)
       else:
         stack.enter_context(process_guard.guard())
         # "local": a new Ray of our own even where RAY_ADDRESS is set or a
@@ -137,7 +148,7 @@ def _ray_session(ray_address: Optional[str]):
         ray.init(address="local", num_cpus=inprocess.cpu_count(),
                  include_dashboard=False,
                  log_to_driver=False, logging_level="warning",
-                 _node_ip_address="127.0.0.1")
+                 _node_ip_address="127.0.0.1", runtime_env=runtime_env)
     except (ConnectionError, ValueError, RuntimeError) as e:
       ray.shutdown()
       where = (f"--ray_address {ray_address!r}" if ray_address

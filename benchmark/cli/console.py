@@ -32,7 +32,7 @@ import tqdm
 from benchmark.cli import stderr_filter
 from benchmark.core import constants
 
-LOG_FILE = "log.txt"
+LOG_FILE = constants.LOG_FILE
 # The folders whose modules' INFO messages are the suite's own: the package
 # and the top-level command scripts beside it.
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

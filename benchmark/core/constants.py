@@ -79,6 +79,9 @@ BEST_WEIGHTS_FILE_PATTERN = "{architecture}_{trainer}_{num_outputs}labels.h5"
 CENTRAL_BACKUP_DIR = "backup"
 FEDERATED_CHECKPOINT_DIR = "checkpoints"
 FEDERATED_WORKER_LOG_FILE = "tff_worker.log"
+# A command's log (library messages and TensorFlow's C++ lines that the
+# console leaves out; see cli.console), in its results folder.
+LOG_FILE = "log.txt"
 # With --skip_bad_records: the TFRecords directory the run trains on (links
 # to the good user files, copies of the bad ones without their bad records).
 TFRECORDS_WITHOUT_BAD_RECORDS_DIR = "tfrecords_without_bad_records"
@@ -88,6 +91,7 @@ TFRECORDS_WITHOUT_BAD_RECORDS_DIR = "tfrecords_without_bad_records"
 RUN_OUTPUT_NAMES = (FLAGS_FILE, RUN_IDENTITY_FILE, METRICS_CSV_FILE,
                     FINAL_METRICS_FILE, TENSORBOARD_DIR, CENTRAL_BACKUP_DIR,
                     FEDERATED_CHECKPOINT_DIR, FEDERATED_WORKER_LOG_FILE,
+                    LOG_FILE,
                     TFRECORDS_WITHOUT_BAD_RECORDS_DIR)
 # Default parent of a run's --save_model_dir (a fresh directory per run).
 DEFAULT_RUNS_DIR = "runs"

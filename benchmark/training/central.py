@@ -214,6 +214,7 @@ def train_central(config: config_lib.CentralConfig,
                  paths.save_dir, paths.final)
     with open(paths.final, encoding="utf-8") as f:
       return json.load(f)
+  seeds.use_deterministic_ops(config.model.deterministic_ops)
   client_data = pipeline.load_client_data(config.data.tfrecords_dir,
                                           label_spec)
   strategy = distribution_strategy()

@@ -38,8 +38,8 @@ def _row_epoch(row: dict) -> Optional[int]:
 class EpochCheckpoint:
   """The model's weights, the optimizer's state and the number of epochs
   done, saved after every epoch in `<save_model_dir>/backup/` (TensorFlow
-  checkpoints, `tf.train.CheckpointManager`, the latest two kept). A save
-  cut short is never listed in the manager's index, so a restore reads the
+  checkpoints, `tf.train.CheckpointManager`, the latest kept). A save cut
+  short is never listed in the manager's index, so a restore reads the
   previous complete one.
 
   Args:
@@ -52,7 +52,7 @@ class EpochCheckpoint:
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer,
                                      epochs_done=self._epochs_done)
     self._manager = tf.train.CheckpointManager(checkpoint, directory,
-                                               max_to_keep=2)
+                                               max_to_keep=1)
 
   @staticmethod
   def epochs_done_in(directory: str) -> int:

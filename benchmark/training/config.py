@@ -151,6 +151,12 @@ class ModelConfig:
       0, "Seed of all of the run's randomness: initial weights, client "
       "sampling (unless --client_datasets_random_seed), each client's or "
       "epoch's data order, crops and flips.", minimum=0)
+  deterministic_ops: bool = setting(
+      False, "Ask TensorFlow for deterministic kernels "
+      "(tf.config.experimental.enable_op_determinism, also in the processes "
+      "the run starts). CPU runs repeat bit for bit without it; GPU kernels "
+      "need it, and TensorFlow refuses ops that have no deterministic GPU "
+      "kernel.", identity=IDENTITY_NEVER)
 
   def __post_init__(self):
     _check_declared(self)

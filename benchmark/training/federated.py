@@ -47,6 +47,7 @@ from benchmark.training import loop
 from benchmark.training import models
 from benchmark.training import outputs
 from benchmark.training import run_dir
+from benchmark.training import seeds
 
 TRAINER_NAME = "federated"
 
@@ -98,6 +99,7 @@ def run_federated(config: config_lib.FederatedConfig,
     errors.ClientDataError: a client's data could not be read.
     BackendDiedError, OutputWriteError: see `backends`, `core.file_io`.
   """
+  seeds.use_deterministic_ops(config.model.deterministic_ops)
   client_data = _client_data(config, label_spec)
   train_ids = list(client_data[constants.TRAIN].client_ids)
   cohort_size = _cohort_size(config, len(train_ids))

@@ -1,6 +1,7 @@
-"""The seeds of a run, all derived from `--seed`: which clients train in a
+"""The seeds of a run, all derived from `--seed` (which clients train in a
 round, each client's shuffle and augmentation in each round, each epoch's
-order and augmentation in central training.
+order and augmentation in central training), and TensorFlow's deterministic
+kernels on request (`--deterministic_ops`).
 
 Each seed is a function of `--seed` and of what it is for (a purpose tag,
 the round or epoch, the client's index among the training users), through
@@ -10,7 +11,10 @@ it, nor on what ran before it, and a resumed run draws what the
 uninterrupted one did.
 """
 
+import os
+
 import numpy as np
+import tensorflow as tf
 
 # Purpose tags: each kind of seed its own stream.
 _COHORTS = 1
@@ -49,3 +53,20 @@ def epoch_seed(seed: int, epoch: int) -> np.ndarray:
   """The seed of one epoch of central training: its order of users and
   images, and its examples' augmentation. int64 `[2]`."""
   return _derive(seed, _EPOCH, epoch, words=2)
+
+
+# The variable that makes TensorFlow (Python and C++, in this process and in
+# the processes it starts, e.g. Ray actors) choose deterministic kernels.
+_DETERMINISM_VARIABLE = "TF_DETERMINISTIC_OPS"
+
+
+def use_deterministic_ops(enabled: bool) -> None:
+  """With `enabled`, makes TensorFlow use deterministic kernels from now on,
+  in this process (`tf.config.experimental.enable_op_determinism`) and in
+  the processes it starts later (`TF_DETERMINISTIC_OPS=1` in the
+  environment); otherwise does nothing. Ops without a deterministic kernel
+  on the device then raise `tf.errors.UnimplementedError` (TensorFlow's
+  rule)."""
+  if enabled:
+    os.environ[_DETERMINISM_VARIABLE] = "1"
+    tf.config.experimental.enable_op_determinism()

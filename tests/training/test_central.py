@@ -165,9 +165,10 @@ def _check_outputs(save_dir, num_outputs, num_epochs, final,
             for n in files if n.startswith("events.out.tfevents")]
   assert any("train" in e for e in events)
   assert any("validation" in e for e in events)
-  # No backup is left behind by a finished run, and no temporary files.
-  assert not os.path.exists(os.path.join(save_dir,
-                                         constants.CENTRAL_BACKUP_DIR))
+  # The last epoch's checkpoint stays (a longer run continues from it);
+  # no temporary files.
+  assert central_outputs.EpochCheckpoint.epochs_done_in(os.path.join(
+      save_dir, constants.CENTRAL_BACKUP_DIR)) == num_epochs
   assert not [n for n in os.listdir(save_dir) if n.endswith(".tmp")]
   return rows
 
@@ -265,7 +266,7 @@ def test_keras_pipelines_have_no_autotune_model(prepared_sample_dir):
   each pass (`pipeline.keras_input`)."""
   config = _config(prepared_sample_dir, "unused")
   _, client_data = _inputs(config)
-  train = central.train_dataset(client_data[constants.TRAIN], config)
+  train = central.train_dataset(client_data[constants.TRAIN], config, 0)
   val = pipeline.eval_dataset(client_data[constants.VAL], 8)
   assert train.options().autotune.enabled is False
   assert val.options().autotune.enabled is False
@@ -320,7 +321,8 @@ def _write_metrics_csv(path, val_losses):
 def test_resume_drops_rows_of_epochs_trained_again_and_keeps_best(tmp_path):
   csv_path = str(tmp_path / "metrics.csv")
   weights_path = str(tmp_path / "best.h5")
-  # Epochs 0-3 have rows; the backup holds epoch 1, so training resumes at 2.
+  # Epochs 0-3 have rows; the checkpoint holds 2 epochs, so training
+  # resumes at epoch 2.
   _write_metrics_csv(csv_path, [0.9, 0.5, 0.3, 0.4])
   model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)])
   callback = central_outputs.ResumableBestWeights(weights_path, csv_path)
@@ -560,7 +562,7 @@ def test_cli_resumes_after_kill(prepared_sample_dir, tmp_path, caplog,
                                 capsys):
   """The command killed (kill -9) after two epochs; the same command run
   again (in this process, with the same tiny network) resumes after the
-  last backed-up epoch and completes every output."""
+  last checkpointed epoch and completes every output."""
   num_epochs = 5
   save_dir = tmp_path / "run"
   csv_path = str(save_dir / constants.METRICS_CSV_FILE)
@@ -569,8 +571,8 @@ def test_cli_resumes_after_kill(prepared_sample_dir, tmp_path, caplog,
   args = _cli(prepared_sample_dir, save_dir, "--num_epochs", str(num_epochs))
 
   # First run: SIGKILL as soon as two epochs are in metrics.csv. Epoch 0's
-  # backup is then certainly saved (callbacks run best-weights, CSV,
-  # TensorBoard, backup; epoch 1's row comes after epoch 0's backup).
+  # checkpoint is then certainly saved (callbacks run best-weights, CSV,
+  # TensorBoard, then the checkpoint; epoch 1's row comes after it).
   with open(tmp_path / "first.out", "w") as out, \
       open(tmp_path / "first.err", "w") as err:
     process = subprocess.Popen(args, cwd=REPO_ROOT, stdout=out, stderr=err)
@@ -597,7 +599,7 @@ def test_cli_resumes_after_kill(prepared_sample_dir, tmp_path, caplog,
   with caplog.at_level(logging.INFO, logger="absl"):
     printed = _run_in_process(flag_list)
   stdout = capsys.readouterr().out
-  assert "Resuming from the backup" in caplog.text
+  assert "Resuming from" in caplog.text
   assert f"Epoch {num_epochs}/{num_epochs}" in stdout  # Keras' header,
   assert "Epoch 1/" not in stdout  # 1-based, printed for each epoch trained.
   num_outputs = len(_label_index(prepared_sample_dir)[constants.LABELS_KEY])
@@ -610,7 +612,7 @@ def test_cli_resumes_after_kill(prepared_sample_dir, tmp_path, caplog,
   after = _check_outputs(save_dir, num_outputs, num_epochs, final,
                          resnet.TINY)
   # Epochs finished before the kill (all but possibly the last one, which
-  # may have been killed before its backup) keep their rows unchanged.
+  # may have been killed before its checkpoint) keep their rows unchanged.
   assert after[:len(before) - 1] == before[:len(before) - 1]
 
   with open(save_dir / constants.FLAGS_FILE, encoding="utf-8") as f:
@@ -701,8 +703,8 @@ def test_a_run_directory_refuses_another_run_until_overwrite(
 @pytest.mark.slow
 def test_cli_full_disk_is_one_line_and_the_rerun_completes(
     prepared_sample_dir, tmp_path, small_filesystem):
-  """The best weights (45 MB) fit, the epoch's backup (weights and Adam
-  moments, about 135 MB) does not: exit 1, one line naming the backup, no
+  """The best weights (45 MB) fit, the epoch's checkpoint (weights and Adam
+  moments, about 135 MB) does not: exit 1, one line naming it, no
   traceback or crash (the command runs as a subprocess), nothing partial;
   after space is freed the same command completes."""
   root = small_filesystem(400 * 1024, fill_to_kib=60 * 1024)
@@ -712,7 +714,7 @@ def test_cli_full_disk_is_one_line_and_the_rerun_completes(
   returncode, _, stderr = _run_cli(args, str(tmp_path / "full"))
   line = _assert_one_line_error(
       returncode, stderr,
-      os.path.join(save_dir, constants.CENTRAL_BACKUP_DIR) + "/")
+      os.path.join(save_dir, constants.CENTRAL_BACKUP_DIR))
   assert "No space left on device" in line and "rerun the same command" in line
   leftovers = [os.path.join(d, n) for d, dirs, files in os.walk(save_dir)
                for n in dirs + files if n.endswith((".tmp", "_temp"))]

@@ -847,8 +847,9 @@ def _seed_sampling_user_in_round_2_only(tfrecords_dir, user, cohort_size):
                                      label_sets.load_label_spec(tfrecords_dir))
              .client_ids)
   for seed in range(1000):
-    sample = cohorts.ClientSampler(ids, cohort_size, seed)
-    if user not in sample(1) and user in sample(2):
+    sample = cohorts.ClientSampler(ids, cohort_size, sampling_seed=seed)
+    round_1, round_2 = ([client for client, _ in sample(r)] for r in (1, 2))
+    if user not in round_1 and user in round_2:
       return seed
   raise AssertionError(f"no seed samples {user} in round 2 only")
 
@@ -948,7 +949,7 @@ def test_overwrite_knows_every_output_of_both_trainers(tmp_path):
   config = config_lib.build(config_lib.CentralConfig, {
       "tfrecords_dir": "x", "save_model_dir": save_dir})
   paths = central._Paths(config, 17)  # pylint: disable=protected-access
-  written = [paths.csv, paths.final, paths.backup, paths.tensorboard,
+  written = [paths.csv, paths.final, paths.checkpoints, paths.tensorboard,
              checkpoints.checkpoint_dir(save_dir),
              os.path.join(save_dir, constants.FEDERATED_WORKER_LOG_FILE)]
   for path in written:
