@@ -1,17 +1,17 @@
 """Where FedAvg rounds run: in this process, in TFF's worker, or on Ray.
 
-The round loop (`benchmark.federated`) is the same for every backend; a
+The round loop (`training.loop`) is the same for every backend; a
 backend only executes a round of the learning process TFF built:
 
 * `inprocess` (default): the round compiled once to TensorFlow graphs
-  (`benchmark.mapreduce`, TFF's MapReduceForm) and run by TensorFlow in this
+  (`backends.mapreduce`, TFF's MapReduceForm) and run by TensorFlow in this
   process. No listening socket, no other process. Clients run on every
   visible GPU (one copy of the client graph per GPU, each GPU taking the next
   client of the round when it finishes one), else on the CPU cores. Each
   client's update is folded into its device's running sum as soon as it is
   computed, so memory does not grow with the cohort.
 * `tff_worker`: TFF 0.87's own runtime, its C++ `worker_binary` in a child
-  process (`benchmark.tff_runtime`), the reference. It is built without
+  process (`backends.tff_runtime`), the reference. It is built without
   CUDA (CPU only) and holds a round's client updates until the round's
   aggregation, so its memory grows with the cohort.
 * `ray`: the same compiled graphs in Ray actors (one per GPU, else one per

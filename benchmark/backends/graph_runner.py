@@ -11,7 +11,7 @@ client side of a FedAvg round (`work` chained into `accumulate`, and `zero`).
 
 This module imports TensorFlow but not TFF, so processes that only train
 clients (Ray actors, see `benchmark.backends`) start quickly.
-`benchmark.mapreduce` compiles a learning process into these pieces.
+`backends.mapreduce` compiles a learning process into these pieces.
 """
 
 import dataclasses

@@ -15,7 +15,7 @@ Bonawitz et al. 2019, arXiv 1902.01046):
     new_state, round_metrics = update(server_state, aggregate)
 
 This module compiles a process once (`compile_process`) into `CompiledRound`:
-`benchmark.graph_runner.GraphPiece`s (the serialized `GraphDef` of each piece
+`graph_runner.GraphPiece`s (the serialized `GraphDef` of each piece
 and the tensor names of its parameter and result), so the algorithm stays
 exactly what TFF built (FedAvg, the DP aggregator, the metrics), run by
 TensorFlow alone (`graph_runner.GraphRunner`, on a GPU when given one).

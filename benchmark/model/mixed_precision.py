@@ -33,7 +33,7 @@ def check_precision(precision, flag: str = "precision") -> str:
     flag: the flag name used in the error message.
 
   Raises:
-    benchmark.errors.FlairInputError: any other value (one line, naming
+    benchmark.core.errors.FlairInputError: any other value (one line, naming
       `--{flag}` and the valid values).
   """
   if precision not in PRECISIONS:
@@ -62,7 +62,7 @@ def layer_dtype(precision: str, role: str = "compute"
     A `tf.keras.mixed_precision.Policy` to pass as a layer's `dtype`.
 
   Raises:
-    benchmark.errors.FlairInputError: `precision` is not valid.
+    benchmark.core.errors.FlairInputError: `precision` is not valid.
     ValueError: unknown `role`.
   """
   check_precision(precision)

@@ -108,7 +108,7 @@ class PerWeightClippedSGD(tff.learning.optimizers.Optimizer):
   state and hyperparameters). Without momentum the update is
   `w - (lr * clip_factor(g)) * g`: the clipping folds into the learning rate
   and never rescales the gradient tensor; equal to `tf.clip_by_norm` then
-  `build_sgdm` within float32 round-off (tests/test_optimizers.py).
+  `build_sgdm` within float32 round-off (tests/training/test_optimizers.py).
   """
 
   def __init__(self, learning_rate: float, clipnorm: float,
