@@ -1,1 +1,3 @@
-"""The command-line layer: what every command shares, and the trainers' flags and run set-up."""
+"""The command-line layer: what every command shares, and the trainers' flags
+and run set-up.
+"""

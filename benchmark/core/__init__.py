@@ -1,1 +1,3 @@
-"""What every stage shares: file and flag names, error types, value checks, atomic output files."""
+"""What every stage shares: file and flag names, error types, value checks,
+atomic output files.
+"""

@@ -1,1 +1,3 @@
-"""Stage 2: prepared TFRecords to client datasets: formats, labels, the input pipeline, bad-record triage, FLAIR-IID."""
+"""Stage 2: prepared TFRecords to client datasets: formats, labels, the input
+pipeline, bad-record triage, FLAIR-IID.
+"""

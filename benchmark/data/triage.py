@@ -71,7 +71,8 @@ class FileCheck:
     return len(self.bad_records) + int(self.unreadable_tail)
 
 
-def _record_problem(serialized: bytes, label_spec: label_sets.LabelSpec) -> Optional[str]:
+def _record_problem(serialized: bytes,
+                    label_spec: label_sets.LabelSpec) -> Optional[str]:
   """What is wrong with one serialized record, or None."""
   from google.protobuf import message  # pylint: disable=g-import-not-at-top
   try:
@@ -270,8 +271,8 @@ def record_skipped_records(save_model_dir: str, final: dict,
   return final
 
 
-def find_files_failing_in_tensorflow(tfrecords_dir: str,
-                                     label_spec: label_sets.LabelSpec) -> list[str]:
+def find_files_failing_in_tensorflow(
+    tfrecords_dir: str, label_spec: label_sets.LabelSpec) -> list[str]:
   """Reads every user file through the training parse function (records,
   features, labels and a full JPEG decode by TensorFlow) and returns one
   line `"<file>: <problem>"` per file that fails. Slower than

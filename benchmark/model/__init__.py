@@ -1,1 +1,3 @@
-"""Stage 3: the model: ResNet-18 and its layers, mixed precision, FLAIR's metrics, weights files."""
+"""Stage 3: the model: ResNet-18 and its layers, mixed precision, FLAIR's
+metrics, weights files.
+"""

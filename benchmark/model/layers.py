@@ -84,8 +84,8 @@ class GroupNormalization(tf.keras.layers.GroupNormalization):
   The statistics and the normalisation are computed in float32 (a bfloat16
   input is upcast and the result cast back to the input's dtype);
   `resnet.build_resnet(precision="bfloat16")` keeps these layers' policy
-  float32, so gamma and beta are read in float32 too. Any other case (a mask, another
-  rank or axis) runs Keras' own implementation.
+  float32, so gamma and beta are read in float32 too. Any other case (a
+  mask, another rank or axis) runs Keras' own implementation.
   """
 
   def call(self, inputs, mask=None):

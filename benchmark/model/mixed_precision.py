@@ -47,8 +47,8 @@ def layer_dtype(precision: str, role: str = "compute"
   """The Keras dtype policy of one layer of the model at `precision`.
 
   The one place that decides which layers run in bfloat16, used by
-  `resnet.build_resnet(precision=...)`: with "float32" every layer is float32; with
-  "bfloat16" convolutions, paddings, ReLUs, max-pooling and residual adds use
+  `resnet.build_resnet(precision=...)`: with "float32" every layer is
+  float32; with "bfloat16" convolutions, paddings, ReLUs, max-pooling and residual adds use
   the "mixed_bfloat16" policy (float32 variables read as bfloat16, bfloat16
   activations), while the roles in `_FLOAT32_ROLES` ("preprocessing",
   "norm", "pooling_output", "classifier") stay float32, so the logits, and

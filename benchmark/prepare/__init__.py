@@ -1,1 +1,3 @@
-"""Stage 1: raw FLAIR (download, Hugging Face or pfl-research copies, generated data) to per-user TFRecords."""
+"""Stage 1: raw FLAIR (download, Hugging Face or pfl-research copies, generated
+data) to per-user TFRecords.
+"""

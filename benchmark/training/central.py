@@ -2,8 +2,8 @@
 all training images pooled (the upper bound federated results are compared
 with), to its final metrics.
 
-`train_central(config, label_spec)` is the whole run (docs/original_benchmark.md,
-"Command lines"): every training user's images pooled into one dataset,
+`train_central(config, label_spec)` is the whole run
+(docs/original_benchmark.md, "Command lines"): every training user's images pooled into one dataset,
 Adam on binary cross-entropy over logits, the weights with the best val
 loss kept and evaluated on val and test at the end; the flags live in
 `benchmark.central_main`.

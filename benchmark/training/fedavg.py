@@ -5,8 +5,9 @@ the DP mean of `training.dp`).
 A learning process runs on client datasets; the backends take client ids
 with a seed (`backends.factory.open_backend`, `cohorts.ClientSampler`), so
 the process is composed with a TFF computation that builds each client's
-dataset from its id and seed inside the round (`compose_with_client_ids`). Any `tff.learning` process over
-`(images, labels)` batches composes the same way (docs/extending.md).
+dataset from its id and seed inside the round (`compose_with_client_ids`).
+Any `tff.learning` process over `(images, labels)` batches composes the same
+way (docs/extending.md).
 """
 
 import functools
