@@ -169,10 +169,16 @@ def _benchmark(tfrecords_dir: str) -> None:
     seconds.setdefault(name, []).append(time.perf_counter() - start)
 
   for backend_name in _BACKENDS.value:
+    start = time.perf_counter()
     with factory.open_backend(backend_name, process, len(clients),
                                num_workers=_NUM_WORKERS.value) as backend:
       backend.set_state(backend.initialize(initial_weights))
       backend.run_round(clients)  # Warm-up.
+      # On a GPU whose kernels are compiled from PTX, mostly compilation
+      # (benchmark/core/cuda_env.py); a rerun finds them in CUDA's cache.
+      print(f"time to first round, {backend_name}: "
+            f"{time.perf_counter() - start:.1f} s (backend start, graph "
+            "compilation, first round)", flush=True)
       # TFF built Keras models inside v1 `wrap_function` graphs, and Keras
       # then switched the base classes of the model's (shared) classes to
       # its v1 ones; building one model eagerly switches them back, so the

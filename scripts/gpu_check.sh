@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One FedAvg round per backend at 224x224 with 20 clients on a GPU machine:
-# prints images/s (scripts/bench_fedavg_throughput.py, 1 warm-up + 1 timed
-# round) and the GPU utilisation nvidia-smi saw during each backend's run.
+# prints the time to the first round (on a GPU that TensorFlow 2.14 ships only
+# PTX for, mostly kernel compilation; a rerun shows the cached start), images/s
+# (scripts/bench_fedavg_throughput.py, 1 warm-up + 1 timed round) and the GPU
+# utilisation nvidia-smi saw during each backend's run.
 #
 #   bash scripts/gpu_check.sh            # installs with GPU=1 if needed
 #   BACKENDS="inprocess ray" bash scripts/gpu_check.sh

@@ -3,6 +3,8 @@ cluster, each actor training the clients it is handed."""
 
 import contextlib
 import os
+import signal
+import threading
 from typing import Optional
 
 from absl import logging
@@ -65,17 +67,53 @@ class RayBackend(base.CompiledBackend):
                num_workers: Optional[int]):
     super().__init__(compiled)
     ray = self._ray = ray_module
-    count, options, threads = ray_actor_plan(
-        ray.cluster_resources(), ray.nodes(), num_workers)
-    actor_class = ray.remote(graph_runner.ClientTrainer)
-    pieces = ray.put(compiled.client_pieces)
-    self._actors = [
-        actor_class.options(**options).remote(
-            pieces, None, graph_runner.session_config(threads))
-        for _ in range(count)]
+    self._num_workers = num_workers
+    self._actor_class = ray.remote(graph_runner.ClientTrainer)
+    self._pieces = ray.put(compiled.client_pieces)
+    self._actors = []
+    count, options, _ = self._add_actors(None)
     logging.info("Ray FedAvg clients: %d actors (%s each)", count, options)
 
+  def _add_actors(self, limit: Optional[int]) -> tuple[int, dict, int]:
+    """Starts the actors `ray_actor_plan` wants beyond those alive, at most
+    `limit` (None: all); returns how many started, their options and
+    threads."""
+    ray = self._ray
+    count, options, threads = ray_actor_plan(
+        ray.cluster_resources(), ray.nodes(), self._num_workers)
+    count = max(0, count - len(self._actors))
+    if limit is not None:
+      count = min(count, limit)
+    self._actors += [
+        self._actor_class.options(**options).remote(
+            self._pieces, None, graph_runner.session_config(threads))
+        for _ in range(count)]
+    return count, options, threads
+
+  def _replace_lost_actors(self) -> None:
+    """Before a round: when the plan wants more actors than are alive (an
+    actor was lost) and the cluster has the resources for them free now (a
+    node came back, or another joined), starts replacements."""
+    _, options, _ = ray_actor_plan(self._ray.cluster_resources(),
+                                   self._ray.nodes(), self._num_workers)
+    free = self._ray.available_resources()
+    needs = {"CPU": options.get("num_cpus", 1),
+             "GPU": options.get("num_gpus", 0)}
+    room = min(int(free.get(name, 0) // amount)
+               for name, amount in needs.items() if amount)
+    started, _, _ = self._add_actors(room)
+    if started:
+      logging.warning("Started %d Ray actor(s) in place of lost ones (%d "
+                      "now).", started, len(self._actors))
+
   def _get(self, refs):
+    """`ray.get(refs)`, a client's data error raised as itself.
+
+    Raises:
+      errors.ClientDataError: a client's data could not be read.
+      ray.exceptions.RayActorError: the actor (or its node) died; the
+        caller retries its clients elsewhere (`_train_clients`).
+    """
     ray = self._ray
     try:
       return ray.get(refs)
@@ -83,36 +121,114 @@ class RayBackend(base.CompiledBackend):
       if isinstance(e.cause, errors.ClientDataError):
         raise errors.ClientDataError(e.cause.client_id, e.cause.detail) from None
       raise
-    except ray.exceptions.RayActorError as e:
+
+  def _lose(self, actor, error) -> None:
+    """Drops a dead actor; when none is left, stops the run.
+
+    Raises:
+      BackendDiedError: no actor is left (one line: Ray's reason).
+    """
+    self._actors.remove(actor)
+    reason = str(error).strip().splitlines()[0]
+    if not self._actors:
       raise BackendDiedError(
-          "a Ray actor training FedAvg clients died (out of memory? see the "
-          "Ray logs; try a smaller --clients_per_round, "
-          "--max_elements_per_client or crop): "
-          f"{str(e).strip().splitlines()[0]}") from None
+          "every Ray actor training FedAvg clients died (a node lost, or out "
+          "of memory: try a smaller --clients_per_round, "
+          f"--max_elements_per_client or crop); the last: {reason}")
+    logging.warning(
+        "A Ray actor training FedAvg clients died (%s); its clients of this "
+        "round are trained again on the %d actor(s) left.", reason,
+        len(self._actors))
 
   def _train_clients(self, broadcast, cohort):
+    """Trains `cohort` on the actors, each client once in the partial sums
+    returned. An actor that dies (its node lost, say) is dropped and every
+    client it trained in this round is trained again on the others, from
+    the same broadcast and client inputs (seeds included), so the round
+    equals one without the loss up to float32 summation order."""
+    self._replace_lost_actors()
+    broadcast_ref = self._ray.put(broadcast)
+    partials, remaining = [], list(cohort)
+    while remaining:
+      done, remaining = self._attempt(broadcast_ref, remaining)
+      partials += done
+    return partials or self._attempt(broadcast_ref, [])[0]
+
+  def _attempt(self, broadcast_ref, cohort):
+    """One pass of `cohort` over the live actors: `(partial sums of the
+    actors that finished, clients of those that died at the end)`."""
     ray = self._ray
-    broadcast_ref = ray.put(broadcast)
-    self._get([a.begin.remote(broadcast_ref) for a in self._actors])
-    pending = list(reversed(cohort))
-    in_flight = {}  # ObjectRef -> actor
-    for actor in self._actors:
+    actors = list(self._actors)
+    begun = {actor: actor.begin.remote(broadcast_ref) for actor in actors}
+    trained = {actor: [] for actor in actors}  # Clients in its sum.
+    pending, in_flight = list(reversed(cohort)), {}
+    for actor, ref in begun.items():
+      try:
+        self._get(ref)
+      except ray.exceptions.RayActorError as e:
+        self._lose(actor, e)
+        trained.pop(actor)
+    for actor in trained:
       if pending:
-        in_flight[actor.train.remote(pending.pop())] = actor
+        client = pending.pop()
+        in_flight[actor.train.remote(client)] = (actor, client)
     while in_flight:
-      done, _ = ray.wait(list(in_flight), num_returns=1)
-      actor = in_flight.pop(done[0])
-      self._get(done[0])
+      [ref], _ = ray.wait(list(in_flight), num_returns=1)
+      actor, client = in_flight.pop(ref)
+      try:
+        self._get(ref)
+        trained[actor].append(client)
+      except ray.exceptions.RayActorError as e:
+        self._lose(actor, e)
+        pending += [client] + trained.pop(actor)
+        idle = [a for a in trained if a not in
+                {held for held, _ in in_flight.values()}]
+        for other in idle:
+          if pending:
+            client = pending.pop()
+            in_flight[other.train.remote(client)] = (other, client)
+        continue
       if pending:
-        in_flight[actor.train.remote(pending.pop())] = actor
-    del broadcast_ref
-    return self._get([a.end.remote() for a in self._actors])
+        client = pending.pop()
+        in_flight[actor.train.remote(client)] = (actor, client)
+    return self._end(trained)
+
+  def _end(self, trained):
+    """The partial sums of the actors in `trained`, and the clients of
+    those that died before giving theirs."""
+    ray = self._ray
+    ends = {actor: actor.end.remote() for actor in trained}
+    partials, lost = [], []
+    for actor, ref in ends.items():
+      try:
+        partials.append(self._get(ref))
+      except ray.exceptions.RayActorError as e:
+        self._lose(actor, e)
+        lost += trained[actor]
+    return partials, lost
 
   def close(self):
     for actor in self._actors:
       with contextlib.suppress(Exception):
         self._ray.kill(actor)
     super().close()
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler():
+  """Restores this process's SIGTERM handler after the block: `ray.init`
+  replaces it with one that exits at once (status 15, or 1 when it started
+  a local Ray), which skips the command's clean stop
+  (`cli.commands.install_sigterm_handler`: every `finally` runs, exit 143)
+  and ends in Ray's C++ abort (status 134) at interpreter teardown."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  handler = signal.getsignal(signal.SIGTERM)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, handler)
 
 
 @contextlib.contextmanager
@@ -137,18 +253,20 @@ def _ray_session(ray_address: Optional[str]):
   with contextlib.ExitStack() as stack:
     try:
       if ray_address:
-        ray.init(address=ray_address, include_dashboard=False,
-                 log_to_driver=False, logging_level="warning",
-                 runtime_env=runtime_env)
+        with _keeping_sigterm_handler():
+          ray.init(address=ray_address, include_dashboard=False,
+                   log_to_driver=False, logging_level="warning",
+                   runtime_env=runtime_env)
       else:
         stack.enter_context(process_guard.guard())
         # "local": a new Ray of our own even where RAY_ADDRESS is set or a
         # `ray start` cluster runs on this machine (--ray_address is the one
         # way to use those).
-        ray.init(address="local", num_cpus=inprocess.cpu_count(),
-                 include_dashboard=False,
-                 log_to_driver=False, logging_level="warning",
-                 _node_ip_address="127.0.0.1", runtime_env=runtime_env)
+        with _keeping_sigterm_handler():
+          ray.init(address="local", num_cpus=inprocess.cpu_count(),
+                   include_dashboard=False,
+                   log_to_driver=False, logging_level="warning",
+                   _node_ip_address="127.0.0.1", runtime_env=runtime_env)
     except (ConnectionError, ValueError, RuntimeError) as e:
       ray.shutdown()
       where = (f"--ray_address {ray_address!r}" if ray_address

@@ -5,6 +5,9 @@ round on every backend, the DP noise, no socket and no process left behind
 tolerance they are compared with).
 """
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 import tensorflow_federated as tff
@@ -17,6 +20,7 @@ from benchmark.core import constants
 from benchmark.core.errors import FlairInputError
 from benchmark.training import config as config_lib
 from benchmark.training import dp
+from benchmark.training import seeds
 import round_harness
 
 
@@ -85,6 +89,36 @@ def test_dp_round_adds_noise_of_the_stated_stddev(prepared_sample_dir):
   stddev = dp.sum_noise_multiplier(z, cohort_size, adaptive=False) * clip
   assert norm / np.sqrt(num_weights) == pytest.approx(stddev / cohort_size,
                                                       rel=0.01)
+
+
+@pytest.mark.slow
+def test_non_ascii_client_ids_train_on_tff_workers_as_in_process(
+    prepared_sample_dir, tmp_path):
+  """User ids that prepare accepts but are not ASCII (an accent in NFC and
+  in NFD, CJK) name clients on TFF's worker as in process: TFF 0.87's
+  serialization refuses non-ASCII Python strings, so the backend sends the
+  ids as UTF-8 bytes."""
+  data = tmp_path / "tfrecords"
+  shutil.copytree(prepared_sample_dir, data)
+  train = data / constants.TRAIN
+  old_ids = sorted(p.stem for p in train.glob("*.tfrecords"))
+  new_ids = ["caf\u00e9", "cafe\u0301", "\u5199\u771f"]
+  for old, new in zip(old_ids, new_ids):
+    os.rename(train / f"{old}.tfrecords", train / f"{new}.tfrecords")
+  process, weights, client_ids = round_harness.build(
+      str(data), tff.learning.add_debug_measurements(
+          tff.aggregators.MeanFactory()), weighted=True, clients_per_round=3)
+  assert set(new_ids) <= set(client_ids)
+  cohort = [(client_id, seeds.client_seed(0, 1, client_ids.index(client_id)))
+            for client_id in new_ids]
+  results = {name: round_harness.run_one_round(name, process, weights, cohort)
+             for name in (constants.BACKEND_INPROCESS,
+                          constants.BACKEND_TFF_WORKER)}
+  want = results[constants.BACKEND_INPROCESS]
+  assert int(want["metrics"]["client_work"]["train"]["num_examples"]) > 0
+  for part in ("metrics", "model_weights"):
+    round_harness.assert_close(results[constants.BACKEND_TFF_WORKER][part],
+                               want[part], f"tff_worker {part}")
 
 
 def test_flat_values_round_trip_through_tff_types():
@@ -160,3 +194,49 @@ def test_ray_actors_are_one_per_gpu_else_one_per_node_using_its_cores():
   assert ray_actors.ray_actor_plan({"CPU": 12.0, "GPU": 3.0}, nodes, None) == (
       3, {"num_gpus": 1, "num_cpus": 1}, 0)
   assert ray_actors.ray_actor_plan({"CPU": 12.0, "GPU": 3.0}, nodes, 6)[0] == 6
+
+
+class _FakeCluster:
+  """What `RayBackend` asks of Ray to replace lost actors: two one-CPU
+  nodes, the actors started so far, and the CPUs they leave free."""
+
+  def __init__(self, nodes_alive, free_cpus):
+    self.nodes_alive, self.free_cpus, self.started = nodes_alive, free_cpus, []
+
+  def cluster_resources(self):
+    return {"CPU": float(self.nodes_alive)}
+
+  def nodes(self):
+    return [{"Alive": True, "Resources": {"CPU": 1.0}}] * self.nodes_alive
+
+  def available_resources(self):
+    return {"CPU": float(self.free_cpus)}
+
+  def options(self, **options):
+    assert options["num_cpus"] == 1
+    return self
+
+  def remote(self, *args):
+    del args
+    self.started.append(f"actor{len(self.started)}")
+    return self.started[-1]
+
+
+def test_lost_ray_actors_are_replaced_when_the_cluster_has_room():
+  """One actor per node; one node's actor was lost. While the node is
+  gone, or back but its CPU taken, nothing starts; once it is back with a
+  free CPU, one actor starts in place of the lost one."""
+  fake = _FakeCluster(nodes_alive=1, free_cpus=0)
+  backend = object.__new__(ray_actors.RayBackend)
+  backend._ray, backend._num_workers = fake, None  # pylint: disable=protected-access
+  backend._actor_class, backend._pieces = fake, None  # pylint: disable=protected-access
+  backend._actors = ["survivor"]  # pylint: disable=protected-access
+  backend._replace_lost_actors()  # pylint: disable=protected-access
+  fake.nodes_alive = 2  # Back, but its CPU is in use.
+  backend._replace_lost_actors()  # pylint: disable=protected-access
+  assert backend._actors == ["survivor"] and not fake.started  # pylint: disable=protected-access
+  fake.free_cpus = 1
+  backend._replace_lost_actors()  # pylint: disable=protected-access
+  assert backend._actors == ["survivor", "actor0"]  # pylint: disable=protected-access
+  backend._replace_lost_actors()  # pylint: disable=protected-access
+  assert len(backend._actors) == 2  # pylint: disable=protected-access

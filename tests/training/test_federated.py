@@ -56,6 +56,7 @@ from benchmark.training import federated
 from benchmark.training import outputs
 from benchmark.training import run_dir
 import flag_harness
+import round_harness
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -509,6 +510,82 @@ def test_sigterm_stops_main_and_its_worker(prepared_sample_dir, tmp_path):
   time.sleep(0.5)
   alive = set(tff_runtime.worker_pids()) & set(workers)
   assert not alive, f"worker(s) {alive} outlived the SIGTERM'd run"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_ray_run_with_status_143(prepared_sample_dir,
+                                                 tmp_path):
+  """`ray.init` installs its own SIGTERM handler, which exited with Ray's
+  C++ abort (status 134 and a stack dump): the run keeps the command's
+  handler, so SIGTERM stops it as any other (143, no dump) and Ray's
+  processes end with it."""
+  csv_path = tmp_path / constants.METRICS_CSV_FILE
+  process = subprocess.Popen(
+      _main_command(prepared_sample_dir, tmp_path, total_rounds=10000,
+                    backend=constants.BACKEND_RAY),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+      env=_subprocess_env(), cwd=REPO_ROOT)
+  try:
+    # Round 0's evaluation is in metrics.csv once the actors train.
+    assert _wait_for(lambda: os.path.isfile(csv_path)
+                     and len(_read_csv(csv_path)) >= 2, process, 300), (
+        "the run never trained a round")
+    started = process_guard.descendants(process.pid)
+    assert started, "the local Ray started no process"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+  stderr = stderr.decode()
+  assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+  assert "SIGABRT" not in stderr and "Stack trace" not in stderr, stderr[-2000:]
+  deadline = time.monotonic() + 30
+  while round_harness.alive(started) and time.monotonic() < deadline:
+    time.sleep(0.5)
+  left = round_harness.alive(started)
+  assert not left, f"Ray process(es) {left} outlived the SIGTERM'd run"
+
+
+@pytest.mark.slow
+def test_a_ray_run_with_every_actor_lost_ends_in_one_line(prepared_sample_dir,
+                                                          tmp_path):
+  """The local Ray's one actor killed (as the out-of-memory killer would)
+  with no other to retry its clients on: exit 1, one line saying so (a lost
+  node or memory); the lost actors of a cluster with others left are
+  retried (tests/backends/test_ray_cluster.py)."""
+  csv_path = tmp_path / constants.METRICS_CSV_FILE
+  process = subprocess.Popen(
+      _main_command(prepared_sample_dir, tmp_path, total_rounds=10000,
+                    backend=constants.BACKEND_RAY),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+      env=_subprocess_env(), cwd=REPO_ROOT)
+  try:
+    assert _wait_for(lambda: os.path.isfile(csv_path)
+                     and len(_read_csv(csv_path)) >= 2, process, 300), (
+                         "the run never trained a round")
+    actors = [pid for pid in process_guard.descendants(process.pid)
+              if "ClientTrainer" in _cmdline(pid)]
+    assert len(actors) == 1, actors
+    os.kill(actors[0], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=300)
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+  lines = stderr.decode().strip().splitlines()
+  assert process.returncode == 1, "\n".join(lines[-30:])
+  assert lines[-1].startswith(
+      "error: every Ray actor training FedAvg clients died"), lines[-30:]
+
+
+def _cmdline(pid):
+  try:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+      return f.read().decode(errors="replace")
+  except OSError:
+    return ""
 
 
 def test_a_killed_worker_ends_main_with_a_one_line_error(prepared_sample_dir,
