@@ -5,15 +5,23 @@ printed results.
 `central_main` and `federated_main` define their flags with
 `define_trainer_flags` (every setting of their config, declared once in
 `training.config`, plus `--skip_bad_records` and `--overwrite`), then
-`config_from_flags`, `start_run` (check the data, claim the run
-directory), the trainer, inside `data_errors_named`, and `finish_run`
-(the final metrics as a short table, and where the files are).
+`config_from_flags`, `start_run` (check the data and every setting that
+needs only the data's counts, lock and claim the run directory), the
+trainer, inside `data_errors_named`, and `finish_run` (the final metrics as
+a short table, and where the files are).
+
+The run directory's lock (`run_dir.lock_save_dir`) is held by the process
+from `start_run` until `release_run_lock`, the next `start_run` in the same
+process (runs in one process follow each other), or the process's end (the
+operating system releases it however the process ends).
 """
 
+import atexit
 import contextlib
 import dataclasses
+import json
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from absl import flags
 from absl import logging
@@ -22,10 +30,16 @@ from benchmark.analysis import runs as runs_lib
 from benchmark.cli import console
 from benchmark.cli import flags as flags_lib
 from benchmark.core import constants
+from benchmark.core import cuda_env
 from benchmark.core import errors
+from benchmark.core import locks
+from benchmark.data import formats
 from benchmark.data import label_sets
+from benchmark.data import pipeline
 from benchmark.data import triage
+from benchmark.prepare import manifest
 from benchmark.training import config as config_lib
+from benchmark.training import federated
 from benchmark.training import run_dir
 
 # Flags that steer the command, not the run's settings: recorded in
@@ -96,17 +110,155 @@ def _identity(config, label_spec: label_sets.LabelSpec, trainer: str,
       settings)
 
 
+def check_label_index(tfrecords_dir: str) -> None:
+  """Checks the label index of `tfrecords_dir` against the digest that
+  `prepare_manifest.jsonl` records for every user file
+  (`prepare.manifest.label_index_sha256`, the one function that computes
+  it): a label index edited after prepare (two names swapped, say) would
+  train each name on another label's images. A directory without a
+  manifest (prepared before manifests existed) gets one warning.
+
+  Raises:
+    FlairInputError: the label index is not the one the user files were
+      written with (one line naming both files and what to do).
+  """
+  manifest_path = os.path.join(tfrecords_dir, manifest.MANIFEST_FILE)
+  counts = manifest.label_index_sha256_counts(manifest.read(manifest_path))
+  path = formats.find_label_index_file(tfrecords_dir)
+  if not counts:
+    logging.warning(
+        "%s has no %s (prepared before manifests existed): %s cannot be "
+        "checked against the user files; rerun prepare_tfrecords.py into it "
+        "to add one (it keeps the files that are current).", tfrecords_dir,
+        manifest.MANIFEST_FILE, os.path.basename(path))
+    return
+  with open(path, "rb") as f:  # Read and checked by load_label_spec.
+    digest = manifest.label_index_sha256(json.load(f))
+  others = sum(n for d, n in counts.items() if d != digest)
+  if others:
+    raise errors.FlairInputError(
+        f"{path} is not the label index that {others} of the "
+        f"{sum(counts.values())} user files of --tfrecords_dir were written "
+        f"with ({manifest_path} records another digest): it was changed "
+        "after prepare_tfrecords.py, or a prepare was interrupted, and label "
+        "names would not match the labels of the images; rerun "
+        "prepare_tfrecords.py into this --tfrecords_dir")
+
+
+def _users_per_partition(tfrecords_dir: str,
+                         bad: list[triage.FileCheck]) -> dict[str, int]:
+  """The users each partition trains or evaluates on: its user files, less
+  those with no usable record when bad records are skipped (which
+  `triage.mirror_without_bad_records` leaves out).
+
+  Raises:
+    FlairInputError: a partition holds no user file
+      (`pipeline.partition_files`), or none left once bad records are
+      skipped.
+  """
+  left_out = {os.path.abspath(c.path) for c in bad
+              if c.num_records == len(set(c.bad_records))}
+  counts = {}
+  for partition in constants.PARTITIONS:
+    files = pipeline.partition_files(tfrecords_dir, partition)
+    counts[partition] = sum(os.path.abspath(p) not in left_out
+                            for p in files.values())
+    if not counts[partition]:
+      raise errors.FlairInputError(
+          f"partition {partition!r} of --tfrecords_dir {tfrecords_dir!r} has "
+          f"no user left once its bad records are skipped (all its "
+          f"{len(files)} user file(s) are bad): rerun prepare_tfrecords.py "
+          "on the dataset")
+  return counts
+
+
+def check_settings(config, trainer: str, tfrecords_dir: str,
+                   bad: list[triage.FileCheck]) -> None:
+  """The refusals that need only `config` and the data's counts, made
+  before anything is written: an empty partition (none left with bad
+  records skipped), and the trainer's own
+  (`federated.check_settings`: DP that cannot be calibrated, or adaptive
+  clipping with too small a cohort).
+
+  Raises:
+    FlairInputError: one line naming the partition or the flags.
+  """
+  counts = _users_per_partition(tfrecords_dir, bad)
+  if trainer == federated.TRAINER_NAME:
+    federated.check_settings(config, counts[constants.TRAIN])
+
+
+# The run directory lock this process holds (`start_run`), or None.
+_run_lock: Optional[locks.DirectoryLock] = None
+
+
+def release_run_lock() -> None:
+  """Releases the run directory's lock that `start_run` took (nothing when
+  none is held). Runs at exit; a caller that runs more than one run in a
+  process may call it when a run ends."""
+  global _run_lock
+  lock, _run_lock = _run_lock, None
+  if lock is not None:
+    lock.release()
+
+
+atexit.register(release_run_lock)
+
+
+def _claim(config, trainer: str, flag_values: flags.FlagValues,
+           label_spec: label_sets.LabelSpec,
+           bad: list[triage.FileCheck]) -> Any:
+  """Locks and claims `--save_model_dir` (run.json, flags.json), sends the
+  log there, and builds the mirror without the bad records; the lock stays
+  held when this returns (`release_run_lock`), and is released when it
+  raises."""
+  global _run_lock
+  release_run_lock()  # An earlier run of this process has ended.
+  data = config.data
+  skip_bad_records = flag_values[SKIP_BAD_RECORDS].value
+  overwrite = flag_values[OVERWRITE].value
+  recorded = dict(config_lib.flag_settings(config))
+  recorded.update({SKIP_BAD_RECORDS: skip_bad_records, OVERWRITE: overwrite})
+  save_model_dir = config.output.save_model_dir
+  lock = run_dir.lock_save_dir(save_model_dir)
+  try:
+    run_dir.claim_save_dir(
+        save_model_dir, _identity(config, label_spec, trainer,
+                                  skip_bad_records),
+        recorded, overwrite=overwrite)
+    console.log_into(save_model_dir, constants.RUN_IDENTITY_FILE)
+    logging.info("This run writes to %s (rerun with --save_model_dir %s to "
+                 "resume it).", save_model_dir, save_model_dir)
+    if bad:
+      mirror = triage.mirror_without_bad_records(
+          data.tfrecords_dir, bad, os.path.join(
+              save_model_dir, constants.TFRECORDS_WITHOUT_BAD_RECORDS_DIR))
+      config = dataclasses.replace(
+          config, data=dataclasses.replace(data, tfrecords_dir=mirror))
+  except BaseException:
+    lock.release()
+    raise
+  _run_lock = lock
+  return config
+
+
 def start_run(config, trainer: str,
               flag_values: flags.FlagValues = flags.FLAGS
              ) -> tuple[Any, label_sets.LabelSpec, list[triage.FileCheck]]:
-  """Checks the data and claims the run directory; returns what to train.
+  """Checks the data and the settings, then locks and claims the run
+  directory; returns what to train.
 
-  Reads the label index (`label_sets.load_label_spec`) and every user file
-  of `--tfrecords_dir` once, no image decoded, so that all bad files are
-  reported at once before anything is written (`triage.check_tfrecords`).
-  Then claims `--save_model_dir` (`run_dir.claim_save_dir`: run.json holds
-  the run's identity, flags.json every flag's value). With bad records
-  skipped, the returned config reads a mirror of the data without them.
+  Reads the label index (`label_sets.load_label_spec`) and checks it
+  against the manifest (`check_label_index`), reads every user file of
+  `--tfrecords_dir` once, no image decoded, so that all bad files are
+  reported at once (`triage.check_tfrecords`), and makes the refusals that
+  need only the settings and the data's counts (`check_settings`), all
+  before anything is written. Then locks `--save_model_dir`
+  (`run_dir.lock_save_dir`: a run already writing there refuses this one)
+  and claims it (`run_dir.claim_save_dir`: run.json holds the run's
+  identity, flags.json every flag's value). The lock stays held until
+  `release_run_lock` (see the module doc). With bad records skipped, the
+  returned config reads a mirror of the data without them.
 
   Args:
     config: the validated config (`config_from_flags`).
@@ -118,33 +270,23 @@ def start_run(config, trainer: str,
     when none)`.
 
   Raises:
-    FlairInputError: a bad data directory, label flag or user file (all
-      listed), or a save directory that holds another run.
-    OutputWriteError: run.json, flags.json or the mirror cannot be written.
+    FlairInputError: a bad data directory, label index, label flag, user
+      file (all listed) or setting, a save directory that holds another
+      run, or one that another run is writing to
+      (`locks.DirectoryLockedError`, naming that process).
+    OutputWriteError: the lock file, run.json, flags.json or the mirror
+      cannot be written.
   """
+  cuda_env.warn_if_kernels_compile()
   data = config.data
   label_spec = label_sets.load_label_spec(
       data.tfrecords_dir, data.use_fine_grained_labels, data.binary_label)
-  skip_bad_records = flag_values[SKIP_BAD_RECORDS].value
-  overwrite = flag_values[OVERWRITE].value
-  bad = triage.check_tfrecords(data.tfrecords_dir, label_spec,
-                               skip_bad_records=skip_bad_records)
-  recorded = dict(config_lib.flag_settings(config))
-  recorded.update({SKIP_BAD_RECORDS: skip_bad_records, OVERWRITE: overwrite})
-  save_model_dir = config.output.save_model_dir
-  run_dir.claim_save_dir(
-      save_model_dir, _identity(config, label_spec, trainer,
-                                skip_bad_records),
-      recorded, overwrite=overwrite)
-  console.log_into(save_model_dir, constants.RUN_IDENTITY_FILE)
-  logging.info("This run writes to %s (rerun with --save_model_dir %s to "
-               "resume it).", save_model_dir, save_model_dir)
-  if bad:
-    mirror = triage.mirror_without_bad_records(
-        data.tfrecords_dir, bad, os.path.join(
-            save_model_dir, constants.TFRECORDS_WITHOUT_BAD_RECORDS_DIR))
-    config = dataclasses.replace(
-        config, data=dataclasses.replace(data, tfrecords_dir=mirror))
+  check_label_index(data.tfrecords_dir)
+  bad = triage.check_tfrecords(
+      data.tfrecords_dir, label_spec,
+      skip_bad_records=flag_values[SKIP_BAD_RECORDS].value)
+  check_settings(config, trainer, data.tfrecords_dir, bad)
+  config = _claim(config, trainer, flag_values, label_spec, bad)
   return config, label_spec, bad
 
 

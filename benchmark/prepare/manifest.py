@@ -4,15 +4,18 @@ a file found on disk may be kept.
 One JSON object per line and user file (sorted keys, no spaces):
 `{"file": "<partition>/<user_id>.tfrecords", "label_index_sha256": ...,
 "options": WRITER_OPTIONS, "records_sha256": ...}`, where the digests are
-sha256 hex digests of canonical JSON (`digest`). A file is kept by a rerun
-only when all three inputs are unchanged (`rebuild_reason`). The writer
-appends one line per file finished (`line`), so the last line of a file
-wins when reading (`read`), and a line cut short by a kill is ignored.
+sha256 hex digests of canonical JSON (`digest`; the label index's is
+`label_index_sha256`, which the trainers also check label_index.json
+against). A file is kept by a rerun only when all three inputs are
+unchanged (`rebuild_reason`). The writer appends one line per file finished
+(`line`), so the last line of a file wins when reading (`read`), and a line
+cut short by a kill is ignored.
 """
 
+import collections
 import hashlib
 import json
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from benchmark.core import constants
 from benchmark.core import file_io
@@ -36,6 +39,24 @@ def digest(obj: Any) -> str:
   return hashlib.sha256(json.dumps(
       obj, sort_keys=True, ensure_ascii=False,
       separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def label_index_sha256(label_index: Mapping[str, Any]) -> str:
+  """The digest of a label index that each entry records
+  (`label_index_sha256`): `digest` of the label index as
+  `formats.build_label_index` returns it and `label_index.json` holds it
+  (`{"labels": {name: index}, "fine_grained_labels": {name: index}}`), so
+  that a reader can check the file against the manifest."""
+  return digest(label_index)
+
+
+def label_index_sha256_counts(entries: Mapping[str, Mapping[str, Any]]
+                              ) -> collections.Counter:
+  """How many entries of a manifest (`read`) record each label index
+  digest; entries without one are not counted."""
+  return collections.Counter(
+      e["label_index_sha256"] for e in entries.values()
+      if isinstance(e.get("label_index_sha256"), str))
 
 
 def entry(relative_path: str, label_index_digest: str,

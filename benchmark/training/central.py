@@ -39,7 +39,9 @@ naming the output, and nothing cut short is left
 """
 
 import contextlib
+import csv
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -197,10 +199,10 @@ def train_central(config: config_lib.CentralConfig,
     `final_metrics.json`.
 
   Raises:
-    FlairInputError: a bad data directory, or a `--restore_model_path` that
-      cannot be read or matches no layer.
-    RuntimeError: no epoch produced a finite val loss, so there are no best
-      weights to evaluate.
+    FlairInputError: a bad data directory, a `--restore_model_path` that
+      cannot be read or does not fit the model, or training that diverged
+      (no epoch had a finite val loss, so there are no best weights to
+      evaluate: one line naming the flags to change).
     OutputWriteError: a storage failure while saving.
   """
   num_outputs = label_spec.num_outputs
@@ -215,6 +217,7 @@ def train_central(config: config_lib.CentralConfig,
     with open(paths.final, encoding="utf-8") as f:
       return json.load(f)
   seeds.use_deterministic_ops(config.model.deterministic_ops)
+  seeds.clear_global_seed()
   client_data = pipeline.load_client_data(config.data.tfrecords_dir,
                                           label_spec)
   strategy = distribution_strategy()
@@ -237,13 +240,43 @@ def train_central(config: config_lib.CentralConfig,
   return _final_metrics(model, val_dataset, client_data, config, paths)
 
 
+def _is_finite(text) -> bool:
+  """Whether a CSV cell holds a finite number."""
+  try:
+    return math.isfinite(float(text))
+  except (TypeError, ValueError):
+    return False
+
+
+def _no_best_weights_error(config: config_lib.CentralConfig,
+                           paths: _Paths) -> errors.FlairInputError:
+  """Why a run that trained has no best weights, as one line: training
+  diverged (no epoch in metrics.csv has a finite val loss), with what to
+  change; or the weights file was removed."""
+  val_losses = []
+  with contextlib.suppress(FileNotFoundError), \
+      open(paths.csv, newline="", encoding="utf-8") as f:
+    val_losses = [row.get("val_loss") for row in csv.DictReader(f)]
+  if not val_losses or any(_is_finite(v) for v in val_losses):
+    return errors.FlairInputError(
+        f"--save_model_dir {paths.save_dir!r}: the best weights "
+        f"{os.path.basename(paths.weights)} are missing (removed after "
+        "training?); rerun with --overwrite to train again")
+  training = config.training
+  return errors.FlairInputError(
+      f"training diverged: none of the {len(val_losses)} epoch(s) in "
+      f"{paths.csv} had a finite val loss, so there are no best weights to "
+      f"evaluate; lower --learning_rate (now {training.learning_rate:g}) or "
+      f"--clipnorm (now {training.clipnorm:g}) and rerun with --overwrite "
+      "(or another --save_model_dir)")
+
+
 def _final_metrics(model: tf.keras.Model, val_dataset: tf.data.Dataset,
                    client_data: dict, config: config_lib.CentralConfig,
                    paths: _Paths) -> dict[str, Any]:
   """The best weights on val and test, written to final_metrics.json."""
   if not os.path.isfile(paths.weights):
-    raise RuntimeError(
-        f"no best weights at {paths.weights}: no epoch had a finite val loss")
+    raise _no_best_weights_error(config, paths)
   model.load_weights(paths.weights)
   test_dataset = pipeline.eval_dataset(client_data[constants.TEST],
                                        config.data.eval_batch_size)

@@ -28,15 +28,19 @@ def build_initial_model(model: config_lib.ModelConfig,
                         num_outputs: int) -> tf.keras.Model:
   """`build_model`, then `model.restore_model_path`'s weights loaded by
   layer name when it is set (`restore.restore_weights_by_name`: layers
-  whose shapes differ, the classifier, are skipped and logged).
+  whose shapes differ, the classifier, are skipped and logged; a file that
+  leaves every normalisation layer or most layers unrestored is refused
+  unless `model.restore_partial`).
 
   Raises:
-    FlairInputError: the weights file cannot be read or matches no layer.
+    FlairInputError: the weights file cannot be read, matches no layer, or
+      (without `model.restore_partial`) fits the model too little.
   """
   keras_model = build_model(model, num_outputs)
   if model.pretrained:
-    report = restore.restore_weights_by_name(keras_model,
-                                             model.restore_model_path)
+    report = restore.restore_weights_by_name(
+        keras_model, model.restore_model_path,
+        allow_partial=model.restore_partial)
     logging.info("Starting from %s: %d layer(s) restored, %d not (%s).",
                  model.restore_model_path, len(report.loaded),
                  len(report.skipped),

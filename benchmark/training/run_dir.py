@@ -1,5 +1,14 @@
 """A trainer's run directory (`--save_model_dir`): what run it holds
-(`run.json`), claimed by one run, refused to another, fresh by default."""
+(`run.json`), locked and claimed by one run, refused to another, fresh by
+default.
+
+A run locks its directory (`lock_save_dir`: `core.locks.DirectoryLock`, the
+file `.lock`, released by the operating system when the process dies) before
+it claims it (`claim_save_dir`), and holds the lock until it ends, so that a
+second run into the same directory is refused while the first runs. The
+lock file is not a run output: it never makes a directory look like it
+holds a run (`run_outputs_in`) and `--overwrite` never removes it.
+"""
 
 import datetime
 import fnmatch
@@ -14,6 +23,7 @@ from absl import logging
 from benchmark.core import constants
 from benchmark.core import errors
 from benchmark.core import file_io
+from benchmark.core import locks
 
 
 def labels_identity(names: Sequence[str], use_fine_grained_labels: bool,
@@ -101,8 +111,8 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 def run_outputs_in(save_model_dir: str) -> list[str]:
   """The names in `save_model_dir` that a trainer writes (sorted): the
   `constants.RUN_OUTPUT_NAMES`, best-weights files and temporary files of
-  `atomic_path` for them. Other files are not a run's and are never
-  touched."""
+  `atomic_path` for them. Other files, the lock file (`locks.LOCK_FILE`)
+  among them, are not a run's and are never touched."""
   try:
     names = os.listdir(save_model_dir)
   except FileNotFoundError:
@@ -181,12 +191,52 @@ def _write_flags(save_model_dir: str, flag_values: Mapping[str, Any]) -> None:
   file_io.write_json_atomic(path, dict(flag_values))
 
 
+# The flag that names a run directory, in messages.
+FLAG = "--save_model_dir"
+
+
+def _make_save_dir(save_model_dir: str) -> None:
+  """Creates `save_model_dir` with its parents (FlairInputError, one line,
+  when it cannot be)."""
+  try:
+    os.makedirs(save_model_dir, exist_ok=True)
+  except OSError as e:
+    raise errors.FlairInputError(
+        f"{FLAG} {save_model_dir!r} cannot be created: "
+        f"{e.strerror}") from e
+
+
+def lock_save_dir(save_model_dir: str) -> locks.DirectoryLock:
+  """Creates `save_model_dir` and takes its lock for a run (see the module
+  doc); the caller releases it when the run ends (`release`).
+
+  Returns:
+    The held `locks.DirectoryLock` (its file, `locks.LOCK_FILE`, names this
+    process while held).
+
+  Raises:
+    locks.DirectoryLockedError: another process holds the lock: a run is
+      writing there (one line naming the flag, the directory and that
+      process).
+    FlairInputError: the directory cannot be created.
+    OutputWriteError: the lock file cannot be written (read-only, no
+      permission, full disk), naming it.
+  """
+  _make_save_dir(save_model_dir)
+  lock = locks.DirectoryLock(save_model_dir, FLAG)
+  try:
+    return lock.acquire()
+  except OSError as e:
+    raise file_io.output_write_error(lock.path, e, FLAG, exact=True) from e
+
+
 def claim_save_dir(save_model_dir: str, identity: Mapping[str, Any],
                    flag_values: Mapping[str, Any],
                    overwrite: bool = False) -> bool:
   """Makes `save_model_dir` this run's: refuses another run's directory.
 
-  Creates the directory, then:
+  Called with the directory's lock held (`lock_save_dir`), so that no other
+  run reads or writes it meanwhile. Creates the directory, then:
   * with `overwrite`, removes every output of an earlier run there
     (`run_outputs_in`; other files are kept) and starts afresh;
   * if `run.json` holds the same identity, the run resumes (returns True);
@@ -214,12 +264,7 @@ def claim_save_dir(save_model_dir: str, identity: Mapping[str, Any],
     OutputWriteError: a storage failure removing old files or writing
       `run.json`/`flags.json`.
   """
-  try:
-    os.makedirs(save_model_dir, exist_ok=True)
-  except OSError as e:
-    raise errors.FlairInputError(
-        f"--save_model_dir {save_model_dir!r} cannot be created: "
-        f"{e.strerror}") from e
+  _make_save_dir(save_model_dir)
   outputs = run_outputs_in(save_model_dir)
   resumed = bool(outputs) and not overwrite
   if outputs and overwrite:

@@ -1,7 +1,8 @@
 """The seeds of a run, all derived from `--seed` (which clients train in a
 round, each client's shuffle and augmentation in each round, each epoch's
 order and augmentation in central training), and TensorFlow's deterministic
-kernels on request (`--deterministic_ops`).
+kernels on request (`--deterministic_ops`), from a process state that
+earlier work in the process cannot change (`clear_global_seed`).
 
 Each seed is a function of `--seed` and of what it is for (a purpose tag,
 the round or epoch, the client's index among the training users), through
@@ -70,3 +71,15 @@ def use_deterministic_ops(enabled: bool) -> None:
   if enabled:
     os.environ[_DETERMINISM_VARIABLE] = "1"
     tf.config.experimental.enable_op_determinism()
+
+
+def clear_global_seed() -> None:
+  """Clears TensorFlow's global seed (`tf.random.set_seed(None)`), as in a
+  fresh process.
+
+  `tf.data.Dataset.shuffle(seed=s)` draws from the pair (global seed, `s`),
+  the global seed defaulting to a constant when none is set: a run made in a
+  process where something set one (`tf.keras.utils.set_random_seed`, say)
+  would otherwise shuffle differently from the same run in a fresh process.
+  The trainers call this before they build any dataset."""
+  tf.random.set_seed(None)

@@ -8,6 +8,7 @@ import pytest
 
 from benchmark.core import constants
 from benchmark.core import errors
+from benchmark.core import locks
 from benchmark.data import iid
 from benchmark.data import label_sets
 from benchmark.data import pipeline
@@ -87,10 +88,12 @@ def _main(tfrecords_dir, save_dir, *extra):
 
 
 def _files(directory):
-  """{path: (size, modification time)} of every file under `directory`."""
+  """{path: (size, modification time)} of every file under `directory` but
+  the run directory's lock file (not a run output: each run rewrites it)."""
   return {os.path.join(d, n): (os.stat(os.path.join(d, n)).st_size,
                                os.stat(os.path.join(d, n)).st_mtime_ns)
-          for d, _, names in os.walk(directory) for n in names}
+          for d, _, names in os.walk(directory) for n in names
+          if n != locks.LOCK_FILE}
 
 
 def test_federated_main_trains_on_iid_and_never_mixes_it_with_non_iid(

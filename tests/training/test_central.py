@@ -32,6 +32,7 @@ import tensorflow as tf
 from benchmark.cli import trainers
 from benchmark.core import constants
 from benchmark.core import errors
+from benchmark.core import locks
 from benchmark.core.errors import FlairInputError
 from benchmark.data import label_sets
 from benchmark.data import pipeline
@@ -462,6 +463,27 @@ def test_restore_model_path_rejects_an_unreadable_file(prepared_sample_dir,
                                          constants.METRICS_CSV_FILE))
 
 
+def test_training_that_diverges_ends_in_one_line_naming_what_to_change(
+    prepared_sample_dir, tmp_path):
+  """A learning rate of 1e30: every val loss is NaN, so there are no best
+  weights; the run ends with one line naming the cause and the flags to
+  change (one `error:` line and exit 1 from the command, which prints any
+  FlairInputError so), not a bare RuntimeError."""
+  save_dir = tmp_path / "run"
+  config = _config(prepared_sample_dir, save_dir, learning_rate=1e30,
+                   model_layout=resnet.TINY)
+  with pytest.raises(FlairInputError) as info:
+    _train(config)
+  message = str(info.value)
+  assert message.startswith(
+      "training diverged: none of the 1 epoch(s) in "
+      f"{save_dir / constants.METRICS_CSV_FILE} had a finite val loss"), (
+          message)
+  assert "lower --learning_rate (now 1e+30)" in message
+  assert "--overwrite" in message and "\n" not in message
+  assert not (save_dir / constants.FINAL_METRICS_FILE).exists()
+
+
 # --- Command line ------------------------------------------------------------
 
 
@@ -625,17 +647,22 @@ def test_cli_resumes_after_kill(prepared_sample_dir, tmp_path, caplog,
       "image_width": CROP, "use_fine_grained_labels": False,
       "binary_label": None, "seed": 0, "skip_bad_records": False,
       "overwrite": False, "precision": "float32",
-      "model_layout": resnet.TINY}
+      "model_layout": resnet.TINY, "deterministic_ops": False,
+      "restore_partial": False}
 
 
 # --- Save directory: one run per directory, full disks -----------------------
 
 
 def _dir_files(directory):
-  """{relative path: bytes} of every file under `directory`."""
+  """{relative path: bytes} of every file under `directory`, but the run
+  directory's lock file (not a run output: each run rewrites it with its
+  own process)."""
   found = {}
   for root, _, names in os.walk(directory):
     for name in names:
+      if name == locks.LOCK_FILE:
+        continue
       path = os.path.join(root, name)
       with open(path, "rb") as f:
         found[os.path.relpath(path, directory)] = f.read()
