@@ -5,7 +5,9 @@ function of the round number and the sampling seed (TFF's
 `tff.simulation.build_uniform_sampling_fn`); each client's seed (its
 shuffle and augmentation, `training.seeds.client_seed`) a function of the
 run's `--seed`, the round and the client. So a rerun, a resumed run and
-every backend train the same clients on the same batches.
+every backend train the same clients on the same batches. With DP-FTRL
+(`--dp_mechanism tree`) the cohorts instead go through the users in passes,
+each user at most once per pass (`CyclicSampler`).
 """
 
 from typing import Any, Mapping, Optional, Sequence
@@ -63,3 +65,29 @@ class ClientSampler(loop.Resumable):
                                            self._index[client_id]))
             for client_id in self._sample(round_num,
                                           self._clients_per_round)]
+
+
+class CyclicSampler(ClientSampler):
+  """A `ClientSampler` whose cohorts go through the users in passes: pass
+  `k` (rounds `k * P + 1 .. (k + 1) * P`, `P = len(client_ids) //
+  clients_per_round`) draws a permutation of the users from the sampling
+  seed and `k` (NumPy's `default_rng([sampling_seed, k])`) and gives round
+  `k * P + i + 1` its `i`-th block of `clients_per_round` users; the users
+  past the last full block sit that pass out. Each user is in at most one
+  cohort per pass, as DP-FTRL's accounting requires between two restarts of
+  its tree (`training.dp`, "tree"). A function of the seed and the round:
+  resumes as `ClientSampler` does. Arguments as `ClientSampler`'s.
+  """
+
+  def _set_sampling_seed(self, sampling_seed: int) -> None:
+    self.sampling_seed = int(sampling_seed)
+    rounds_per_pass = len(self._client_ids) // self._clients_per_round
+
+    def sample(round_num: int, size: int) -> list[str]:
+      cycle, block = divmod(round_num - 1, rounds_per_pass)
+      order = np.random.default_rng([self.sampling_seed, cycle]).permutation(
+          len(self._client_ids))
+      return [self._client_ids[i]
+              for i in order[block * size:(block + 1) * size]]
+
+    self._sample = sample

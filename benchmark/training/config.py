@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional
 from benchmark.core import constants
 from benchmark.core import validate
 from benchmark.core.errors import FlairInputError
+from benchmark.data import iid as iid_lib
 from benchmark.model import mixed_precision
 from benchmark.model import resnet
 from benchmark.training import dp
@@ -35,6 +36,8 @@ IDENTITY_ALWAYS = "always"
 IDENTITY_NEVER = "never"  # More epochs/rounds continue the run; paths; speed.
 IDENTITY_WITH_DP = "with_dp"  # Only when --epsilon > 0 (the noise depends).
 IDENTITY_WITH_IID = "with_iid"  # Only with --iid (old runs keep resuming).
+# Only with DP or a learning-rate schedule (both depend on the run's length).
+IDENTITY_WITH_DP_OR_SCHEDULE = "with_dp_or_schedule"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +50,9 @@ class Declaration:
   positive: bool = False
   flag: bool = True
   required: bool = False
+  # In the identity only when the value is not the default: a setting added
+  # after runs existed leaves their run.json valid (they keep resuming).
+  identity_if_changed: bool = False
 
 
 _DECLARATION = "declaration"
@@ -64,7 +70,8 @@ def setting(default: Any, help: str,  # pylint: disable=redefined-builtin
       `IDENTITY_*`, default always), `choices` (an enum flag), `minimum`
       (an integer's smallest value; None is allowed when the default is
       None), `positive` (a finite float > 0), `flag` (False: no flag sets
-      it), `required` (the flag must be given).
+      it), `required` (the flag must be given), `identity_if_changed` (in
+      the identity only when not the default).
 
   Returns:
     A `dataclasses.field` carrying the `Declaration`.
@@ -137,6 +144,11 @@ class ModelConfig:
       None, "Optional Keras weights .h5 (e.g. the ImageNet resnet18.h5) "
       "{restore_use}: builds the BatchNorm model and loads layers by name, "
       "skipping the classifier when its size differs.")
+  restore_partial: bool = setting(
+      False, "With --restore_model_path: accept a file that leaves every "
+      "normalisation layer, or more than half of the layers with weights, at "
+      "their initial values (refused otherwise, as the wrong file: e.g. "
+      "GroupNorm weights for the BatchNorm model).", identity=IDENTITY_NEVER)
   model_layout: str = setting(
       resnet.DEFAULT_LAYOUT, "The network's depth and widths: resnet18 (the "
       "benchmark's), or tiny (two narrow stages of one block: a smoke test "
@@ -232,6 +244,10 @@ class CentralTrainingConfig:
 ALGORITHM_FEDAVG = "fedavg"
 ALGORITHM_FEDPROX = "fedprox"
 ALGORITHMS = (ALGORITHM_FEDAVG, ALGORITHM_FEDPROX)
+# How the server averages client updates without DP (with DP: uniform).
+WEIGHTING_EXAMPLES = "examples"
+WEIGHTING_UNIFORM = "uniform"
+WEIGHTINGS = (WEIGHTING_EXAMPLES, WEIGHTING_UNIFORM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +259,12 @@ class ClientConfig:
   client_clipnorm: float = setting(
       10.0, "Clients clip each weight's gradient to this L2 norm before the "
       "SGD step (as Keras SGD(clipnorm=...)).", positive=True)
+  client_clip_scope: str = setting(
+      optimizers.CLIP_PER_WEIGHT, "What --client_clipnorm bounds: the norm "
+      "of each weight's gradient (per_weight, ml-flair's Keras clipnorm) or "
+      "of all gradients together (global, pfl-research's "
+      "torch.nn.utils.clip_grad_norm_).", choices=optimizers.CLIP_SCOPES,
+      identity_if_changed=True)
   client_epochs_per_round: int = setting(
       2, "Passes each sampled client makes over its (truncated) data per "
       "round.", minimum=1)
@@ -263,6 +285,11 @@ class ClientConfig:
       "2020).", choices=ALGORITHMS)
   proximal_strength: float = setting(
       0.01, "With --algorithm fedprox: mu, >= 0.")
+  client_weighting: str = setting(
+      WEIGHTING_EXAMPLES, "Without DP: the server averages client updates "
+      "weighted by their number of examples (examples, ml-flair's) or "
+      "equally (uniform, pfl-research's FLAIR benchmark). With DP: always "
+      "uniform.", choices=WEIGHTINGS, identity_if_changed=True)
 
   def __post_init__(self):
     _check_declared(self)
@@ -277,7 +304,7 @@ class ClientConfig:
     """The clients' optimizer (`optimizers.build_client_optimizer`)."""
     return optimizers.build_client_optimizer(
         self.client_optimizer, self.client_learning_rate,
-        self.client_clipnorm, self.client_momentum)
+        self.client_clipnorm, self.client_momentum, self.client_clip_scope)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,20 +327,63 @@ class ServerConfig:
   server_beta_2: float = setting(
       optimizers.BETA_2, "With --server_optimizer adam or yogi: beta_2.")
   server_epsilon: float = setting(
-      optimizers.SERVER_EPSILON, "With --server_optimizer adagrad, adam or "
-      "yogi: epsilon (the reference Adam's 0.01).", positive=True)
+      optimizers.SERVER_EPSILON, "With --server_optimizer adagrad, adam, "
+      "adamw or yogi: epsilon (the reference Adam's 0.01).", positive=True)
+  server_weight_decay: float = setting(
+      0.0, "With --server_optimizer adamw: the decoupled weight decay, >= 0 "
+      "(pfl-research's --weight_decay, default 0).", identity_if_changed=True)
+  server_lr_schedule: str = setting(
+      optimizers.SCHEDULE_CONSTANT, "The server learning rate over rounds: "
+      "constant, polynomial (linear warm-up over --server_lr_warmup_rounds, "
+      "then polynomial decay of power --server_lr_decay_power to "
+      "--server_lr_end at --total_rounds; pfl-research's) or cosine (the "
+      "same warm-up, then cosine decay to --server_lr_end).",
+      choices=optimizers.SCHEDULES, identity_if_changed=True)
+  server_lr_warmup_rounds: int = setting(
+      0, "With a --server_lr_schedule: rounds of linear warm-up from 0.",
+      minimum=0, identity_if_changed=True)
+  server_lr_decay_power: float = setting(
+      1.0, "With --server_lr_schedule polynomial: the decay's power.",
+      positive=True, identity_if_changed=True)
+  server_lr_end: float = setting(
+      0.0, "With a --server_lr_schedule: the learning rate the decay ends at "
+      "(in [0, --server_learning_rate]).", identity_if_changed=True)
 
   def __post_init__(self):
     _check_declared(self)
     for name in ("server_momentum", "server_beta_1", "server_beta_2"):
       _in_unit_interval(name, getattr(self, name))
+    if not (isinstance(self.server_weight_decay, (int, float))
+            and 0 <= self.server_weight_decay < math.inf):
+      raise FlairInputError("--server_weight_decay must be >= 0, got "
+                            f"{self.server_weight_decay!r}")
+    if not (isinstance(self.server_lr_end, (int, float))
+            and 0 <= self.server_lr_end <= self.server_learning_rate):
+      raise FlairInputError(
+          "--server_lr_end must be in [0, --server_learning_rate "
+          f"{self.server_learning_rate}], got {self.server_lr_end!r}")
 
-  def build_optimizer(self):
-    """The server optimizer (`optimizers.build_server_optimizer`)."""
-    return optimizers.build_server_optimizer(
+  @property
+  def scheduled(self) -> bool:
+    """Whether the learning rate follows a schedule (not constant)."""
+    return self.server_lr_schedule != optimizers.SCHEDULE_CONSTANT
+
+  def build_optimizer(self, total_rounds: Optional[int] = None):
+    """The server optimizer (`optimizers.build_server_optimizer`) with its
+    learning-rate schedule over `total_rounds` rounds
+    (`optimizers.schedule_server_learning_rate`; needed when `scheduled`)."""
+    optimizer = optimizers.build_server_optimizer(
         self.server_optimizer, self.server_learning_rate,
         momentum=self.server_momentum, beta_1=self.server_beta_1,
-        beta_2=self.server_beta_2, epsilon=self.server_epsilon)
+        beta_2=self.server_beta_2, epsilon=self.server_epsilon,
+        weight_decay=self.server_weight_decay)
+    if not self.scheduled:
+      return optimizer
+    return optimizers.schedule_server_learning_rate(
+        optimizer, optimizers.LearningRateSchedule(
+            self.server_lr_schedule, self.server_learning_rate,
+            total_rounds, self.server_lr_warmup_rounds,
+            self.server_lr_decay_power, self.server_lr_end))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,7 +392,8 @@ class DpConfig:
   `training.dp` calibrates the noise and builds the aggregator."""
   epsilon: float = setting(
       0.0, "User-level DP epsilon over all --total_rounds rounds (delta = "
-      "1/n^1.1, n = training users); 0 disables DP.")
+      "1/n^1.1, n = training users, unless --dp_delta, --dp_population); 0 "
+      "disables DP.")
   l2_norm_clip: float = setting(
       0.1, "With DP: the L2 clip of each client's model update (fixed "
       "clipping), or its initial value (adaptive clipping).",
@@ -342,6 +413,28 @@ class DpConfig:
       "reproduces the original benchmark, which accounted for "
       "total_rounds*n/cohort rounds (about 10x the noise at FLAIR's "
       "settings).", identity=IDENTITY_WITH_DP, choices=dp.CALIBRATIONS)
+  dp_mechanism: str = setting(
+      dp.MECHANISM_GAUSSIAN, "With DP: gaussian (independent noise each "
+      "round, amplified by sampling) or tree (DP-FTRL: tree-aggregated "
+      "noise, each user at most once per tree, the tree restarted at every "
+      "pass over the users; needs --target_unclipped_quantile 0; "
+      "docs/dp.md).", identity=IDENTITY_WITH_DP, choices=dp.MECHANISMS,
+      identity_if_changed=True)
+  accountant: str = setting(
+      dp.ACCOUNTANT_RDP, "With DP: the dp_accounting accountant that "
+      "calibrates the noise and reports the guarantee: rdp (Renyi DP) or "
+      "pld (privacy loss distributions, tighter; pfl-research's).",
+      identity=IDENTITY_WITH_DP, choices=dp.ACCOUNTANTS,
+      identity_if_changed=True)
+  dp_population: Optional[int] = setting(
+      None, "With DP: the number of users the accounting assumes (default: "
+      "the training users); another value reproduces a configuration that "
+      "assumes another population (pfl-research's default is 10^7).",
+      identity=IDENTITY_WITH_DP, minimum=1, identity_if_changed=True)
+  dp_delta: Optional[float] = setting(
+      None, "With DP: the guarantee's delta, in (0, 1) (default: 1/N^1.1, N "
+      "the accounted population).", identity=IDENTITY_WITH_DP,
+      identity_if_changed=True)
 
   def __post_init__(self):
     _check_declared(self)
@@ -351,6 +444,13 @@ class DpConfig:
           f"--epsilon must be >= 0 (0 = no DP), got {self.epsilon!r}")
     _in_unit_interval("target_unclipped_quantile",
                       self.target_unclipped_quantile, " (0 = fixed clipping)")
+    if self.dp_delta is not None and not (
+        isinstance(self.dp_delta, (int, float)) and 0 < self.dp_delta < 1):
+      raise FlairInputError(
+          f"--dp_delta must be in (0, 1), got {self.dp_delta!r}")
+    if self.enabled:
+      dp.check_combination(self.dp_mechanism, self.accountant,
+                           self.dp_calibration, self.adaptive)
 
   @property
   def enabled(self) -> bool:
@@ -374,13 +474,26 @@ class CohortConfig:
       "depends only on the seed and r). Unset: derived from --seed.",
       minimum=0)
   iid: bool = setting(
-      False, "Train on FLAIR-IID: the training images dealt out uniformly at "
-      "random to the training users, each user keeping its number of images "
-      "(benchmark.data.iid); val and test are unchanged.",
+      False, "Train on FLAIR-IID: by default (--iid_definition real_users) "
+      "the training images dealt out uniformly at random to the training "
+      "users, each user keeping its number of images (benchmark.data.iid); "
+      "val and test are unchanged.",
       identity=IDENTITY_WITH_IID)
   iid_seed: int = setting(
       0, "With --iid: the seed of the dealing (the same seed gives the same "
       "clients, also on resume).", identity=IDENTITY_WITH_IID, minimum=0)
+  iid_definition: str = setting(
+      iid_lib.REAL_USERS, "With --iid: real_users (the training users keep "
+      "their number of images, dealt at random with --iid_seed) or pfl "
+      "(pfl-research's flair_iid: as many made-up users, each drawing "
+      "--iid_user_size images uniformly at random, with replacement, from "
+      "all training images every time it is sampled; the draws follow "
+      "--seed).", identity=IDENTITY_WITH_IID, choices=iid_lib.DEFINITIONS,
+      identity_if_changed=True)
+  iid_user_size: int = setting(
+      iid_lib.PFL_USER_SIZE, "With --iid --iid_definition pfl: the images of "
+      "each made-up user (pfl-research's mean_datapoints_per_user).",
+      identity=IDENTITY_WITH_IID, minimum=1, identity_if_changed=True)
 
   def __post_init__(self):
     _check_declared(self)
@@ -391,8 +504,8 @@ class RunConfig:
   """How a federated run proceeds: rounds, evaluation, checkpoints, where
   rounds run and where the outputs go."""
   total_rounds: int = setting(
-      5000, "Number of federated rounds.", identity=IDENTITY_WITH_DP,
-      minimum=1)
+      5000, "Number of federated rounds.",
+      identity=IDENTITY_WITH_DP_OR_SCHEDULE, minimum=1)
   rounds_per_eval: int = setting(
       10, "Evaluate the global model on val every this many rounds (and "
       "after the last); the weights are saved when val loss improves.",
@@ -504,11 +617,15 @@ def identity_settings(config) -> dict[str, Any]:
   `IDENTITY_*`): `{setting name: value}`."""
   dp_on = getattr(getattr(config, "dp", None), "enabled", False)
   iid_on = getattr(getattr(config, "cohort", None), "iid", False)
+  scheduled = getattr(getattr(config, "server", None), "scheduled", False)
   wanted = {IDENTITY_ALWAYS: True, IDENTITY_NEVER: False,
-            IDENTITY_WITH_DP: dp_on, IDENTITY_WITH_IID: iid_on}
+            IDENTITY_WITH_DP: dp_on, IDENTITY_WITH_IID: iid_on,
+            IDENTITY_WITH_DP_OR_SCHEDULE: dp_on or scheduled}
   values = settings_of(config)
   return {f.name: values[f.name] for f in declared_settings(type(config))
-          if wanted[declaration(f).identity]}
+          if wanted[declaration(f).identity] and not (
+              declaration(f).identity_if_changed
+              and values[f.name] == f.default)}
 
 
 def replace(config, **values):

@@ -1,6 +1,6 @@
 """The FedAvg learning process of a configuration, built with TFF's own
-builders (`tff.learning.algorithms`), and its aggregator (plain mean, or
-the DP mean of `training.dp`).
+builders (`tff.learning.algorithms`), and its aggregator (plain mean,
+example-weighted or uniform, or the DP mean of `training.dp`).
 
 A learning process runs on client datasets; the backends take client ids
 with a seed (`backends.factory.open_backend`, `cohorts.ClientSampler`), so
@@ -18,6 +18,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from benchmark.data import augmentation
+from benchmark.data import iid
 from benchmark.data import label_sets
 from benchmark.data import pipeline
 from benchmark.model import metrics as metrics_lib
@@ -37,9 +38,24 @@ def _client_dataset_options() -> tf.data.Options:
   return options
 
 
+# Folded into a client's seed to draw a pfl-IID user's images, so that the
+# draw and the shuffle/augmentation use different streams.
+_PFL_DRAW_SEED_TAG = 1
+
+
+def _examples_fn(train_data):
+  """`(client_id, seed) -> the client's examples` of `train_data`: a
+  `ClientData`'s dataset of that id, or a pfl-IID user's draw from the
+  seed folded with `_PFL_DRAW_SEED_TAG` (`iid.PflIidClients`)."""
+  if isinstance(train_data, iid.PflIidClients):
+    return lambda client_id, seed: train_data.seeded_dataset_fn(
+        tf.random.experimental.stateless_fold_in(seed, _PFL_DRAW_SEED_TAG))
+  dataset_fn = train_data.serializable_dataset_fn
+  return lambda client_id, seed: dataset_fn(client_id)
+
+
 def client_dataset_computation(
-    train_data: tff.simulation.datasets.ClientData,
-    client_spec: pipeline.ClientSpec,
+    train_data, client_spec: pipeline.ClientSpec,
     crop_size: Optional[Sequence[int]] = None) -> tff.Computation:
   """A TFF computation `(client_id tf.string, seed int64 [2]) -> the
   client's training dataset`: its examples shuffled, truncated, repeated,
@@ -47,14 +63,16 @@ def client_dataset_computation(
   drawn from `seed` (`pipeline.create_train_preprocess_fn`); elements
   `(uint8 [b, 256, 256, 3], int32 [b, num_outputs])`. The client inputs
   a backend sends are such `(client id, seed)` pairs
-  (`cohorts.ClientSampler`)."""
+  (`cohorts.ClientSampler`). `train_data` is a
+  `tff.simulation.datasets.ClientData`, or `iid.PflIidClients`, whose
+  users draw their images from the seed too."""
   preprocess = pipeline.create_train_preprocess_fn(client_spec, crop_size)
-  dataset_fn = train_data.serializable_dataset_fn
+  examples = _examples_fn(train_data)
 
   @tff.tensorflow.computation(
       tf.string, tf.TensorSpec(augmentation.SEED_SHAPE, tf.int64))
   def client_dataset(client_id, seed):
-    return preprocess(dataset_fn(client_id), seed).with_options(
+    return preprocess(examples(client_id, seed), seed).with_options(
         _client_dataset_options())
 
   return client_dataset
@@ -93,20 +111,24 @@ def _builder(client: config_lib.ClientConfig, weighted: bool):
 
 def build_learning_process(
     config: config_lib.FederatedConfig, label_spec: label_sets.LabelSpec,
-    train_data: tff.simulation.datasets.ClientData, aggregator,
+    train_data, aggregator,
     weighted: bool = True) -> tff.learning.templates.LearningProcess:
   """FedAvg (or FedProx) for this configuration, over client ids.
 
   Args:
     config: the run's configuration (model, client and server parts).
     label_spec: the labels (gives the number of model outputs).
-    train_data: the training clients.
+    train_data: the training clients (`client_dataset_computation`).
     aggregator: the model-update aggregation factory (weighted when
       `weighted`, else unweighted, e.g. a DP factory).
-    weighted: weight client updates by their number of examples.
+    weighted: weight client updates by their number of examples
+      (`is_weighted`).
 
   Returns:
-    The process, `next(state, client_ids)`; building it needs no runtime,
+    The process, `next(state, client_ids)`, its server optimizer following
+    `--server_lr_schedule` over `--total_rounds` (the schedule's round
+    count is in the state, so checkpoints carry it); building it needs no
+    runtime,
     `backends.factory.open_backend` runs it. Clients train with TFF's
     dataset-iterator loop (the training step in a while loop of the client
     graph, instantiated once per round rather than once per client).
@@ -128,39 +150,59 @@ def build_learning_process(
 
   process = _builder(client, weighted)(
       model_fn, client_optimizer_fn=client.build_optimizer(),
-      server_optimizer_fn=config.server.build_optimizer(),
+      server_optimizer_fn=config.server.build_optimizer(
+          config.run.total_rounds),
       model_aggregator=aggregator,
       loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR)
   return compose_with_client_ids(process, client_dataset)
 
 
+def is_weighted(config: config_lib.FederatedConfig) -> bool:
+  """Whether the server weights client updates by their number of examples:
+  without DP and with `--client_weighting examples` (the DP mean is
+  uniform)."""
+  return (not config.dp.enabled and config.client.client_weighting ==
+          config_lib.WEIGHTING_EXAMPLES)
+
+
 def build_aggregator(dp_config: config_lib.DpConfig, num_train_clients: int,
-                     clients_per_round: int, total_rounds: int
+                     clients_per_round: int, total_rounds: int, *,
+                     weighted: bool = True, seed: Optional[int] = None
                     ) -> tuple[tff.aggregators.AggregationFactory,
                                Optional[dp.DpCalibration]]:
   """The model-update aggregator of a run and its DP calibration.
 
-  Without DP: the example-weighted mean. With DP: the noise multiplier for
-  `dp_config.epsilon` (`dp.calibrate`) and TFF's Gaussian aggregator, fixed
-  or adaptive clipping (`dp.build_aggregator`; an unweighted mean). Both
-  report client update norms (`tff.learning.add_debug_measurements`).
+  Without DP: the mean, example-weighted when `weighted` (`is_weighted`)
+  else uniform. With DP: the noise multiplier for `dp_config.epsilon` by
+  its mechanism, accountant, population and delta (`dp.calibrate`) and the
+  DP mean of that mechanism (`dp.build_aggregator`: TFF's Gaussian
+  aggregator with fixed or adaptive clipping, or DP-FTRL's tree restarted
+  every `rounds_per_tree` rounds, its noise seeded from the run's `seed`,
+  `dp.tree_noise_seed`; an unweighted mean). All report client update
+  norms (`tff.learning.add_debug_measurements`).
 
   Returns:
     `(aggregator, calibration)`; calibration None without DP. The
-    aggregator is weighted exactly when calibration is None.
+    aggregator is weighted exactly when calibration is None and `weighted`.
 
   Raises:
     FlairInputError: DP settings that cannot be calibrated or that TFF's
       adaptive clipping refuses (naming the flags to change).
   """
   if not dp_config.enabled:
-    return (tff.learning.add_debug_measurements(
-        tff.aggregators.MeanFactory()), None)
+    mean = (tff.aggregators.MeanFactory() if weighted
+            else tff.aggregators.UnweightedMeanFactory())
+    return tff.learning.add_debug_measurements(mean), None
   calibration = dp.calibrate(
       dp_config.epsilon, num_train_clients, clients_per_round, total_rounds,
-      dp_config.simulated_clients_per_round, dp_config.dp_calibration)
+      dp_config.simulated_clients_per_round, dp_config.dp_calibration,
+      mechanism=dp_config.dp_mechanism, accountant=dp_config.accountant,
+      population=dp_config.dp_population, delta=dp_config.dp_delta)
   logging.info("DP: %s", calibration.guarantee)
   return dp.build_aggregator(
       calibration.noise_multiplier, clients_per_round,
-      dp_config.l2_norm_clip,
-      dp_config.target_unclipped_quantile), calibration
+      dp_config.l2_norm_clip, dp_config.target_unclipped_quantile,
+      mechanism=dp_config.dp_mechanism,
+      rounds_per_tree=calibration.rounds_per_tree,
+      noise_seed=None if seed is None else dp.tree_noise_seed(seed)
+  ), calibration

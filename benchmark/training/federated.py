@@ -5,11 +5,12 @@ TFF, optionally with user-level central DP, to its final metrics.
 `training.loop.run_rounds` (docs/original_benchmark.md, "A FedAvg round"):
 
 * the clients: one per training user file (`data.pipeline`), or with
-  `--iid` the same users holding FLAIR-IID's dealing of the training images
-  (`data.iid`); val and test are the users' own data;
+  `--iid` the same users holding FLAIR-IID's dealing of the training images,
+  or pfl-research's made-up users (`data.iid`); val and test are the
+  users' own data;
 * the process: FedAvg (or FedProx) with TFF's builders
-  (`training.fedavg`), example-weighted, or with DP the unweighted mean
-  with Gaussian noise (`training.dp`);
+  (`training.fedavg`), example-weighted or uniform, or with DP the
+  unweighted mean with Gaussian or DP-FTRL tree noise (`training.dp`);
 * the backend that runs rounds (`backends.factory.open_backend`:
   `inprocess`, `tff_worker`, `ray`), stopped however the run ends;
 * the cohort of each round (`training.cohorts`), the evaluation of the
@@ -56,14 +57,21 @@ def _client_data(config: config_lib.FederatedConfig,
                  label_spec: label_sets.LabelSpec
                 ) -> dict[str, tff.simulation.datasets.ClientData]:
   """The three partitions' clients; FLAIR-IID's training clients with
-  `--iid`."""
+  `--iid` (`--iid_definition`: `real_users` or `pfl`)."""
   tfrecords_dir = config.data.tfrecords_dir
   client_data = pipeline.load_client_data(tfrecords_dir, label_spec)
-  if config.cohort.iid:
+  cohort = config.cohort
+  if cohort.iid and cohort.iid_definition == iid.PFL:
+    client_data[constants.TRAIN] = iid.load_pfl_iid_partition(
+        tfrecords_dir, label_spec, cohort.iid_user_size)
+    logging.info("FLAIR-IID (pfl): made-up users drawing %d training images "
+                 "each at random every time they are sampled",
+                 cohort.iid_user_size)
+  elif cohort.iid:
     client_data[constants.TRAIN] = iid.load_iid_partition(
-        tfrecords_dir, label_spec, config.cohort.iid_seed)
+        tfrecords_dir, label_spec, cohort.iid_seed)
     logging.info("FLAIR-IID: training images dealt out at random to the "
-                 "training users (--iid_seed %d)", config.cohort.iid_seed)
+                 "training users (--iid_seed %d)", cohort.iid_seed)
   return client_data
 
 
@@ -76,6 +84,30 @@ def _cohort_size(config: config_lib.FederatedConfig,
         "--clients_per_round %d is more than the %d training users; using %d",
         size, num_train_clients, num_train_clients)
   return min(size, num_train_clients)
+
+
+def check_settings(config: config_lib.FederatedConfig,
+                   num_train_clients: int) -> None:
+  """Refuses the settings that cannot work with `num_train_clients`
+  training users, before anything is written (`cli.trainers.start_run`
+  calls it before it claims the run directory; `run_federated` meets the
+  same refusals when called alone): DP that cannot be calibrated, or
+  adaptive clipping whose noised clipped count needs a larger cohort
+  (`fedavg.build_aggregator`).
+
+  Raises:
+    FlairInputError: naming the flags to change.
+  """
+  _aggregator(config, num_train_clients,
+              min(config.cohort.clients_per_round, num_train_clients))
+
+
+def _aggregator(config: config_lib.FederatedConfig, num_train_clients: int,
+                cohort_size: int):
+  """`fedavg.build_aggregator` of this configuration."""
+  return fedavg.build_aggregator(
+      config.dp, num_train_clients, cohort_size, config.run.total_rounds,
+      weighted=fedavg.is_weighted(config), seed=config.model.seed)
 
 
 def run_federated(config: config_lib.FederatedConfig,
@@ -100,14 +132,14 @@ def run_federated(config: config_lib.FederatedConfig,
     BackendDiedError, OutputWriteError: see `backends`, `core.file_io`.
   """
   seeds.use_deterministic_ops(config.model.deterministic_ops)
+  seeds.clear_global_seed()
   client_data = _client_data(config, label_spec)
   train_ids = list(client_data[constants.TRAIN].client_ids)
   cohort_size = _cohort_size(config, len(train_ids))
-  aggregator, calibration = fedavg.build_aggregator(
-      config.dp, len(train_ids), cohort_size, config.run.total_rounds)
+  aggregator, calibration = _aggregator(config, len(train_ids), cohort_size)
   process = fedavg.build_learning_process(
       config, label_spec, client_data[constants.TRAIN], aggregator,
-      weighted=calibration is None)
+      weighted=fedavg.is_weighted(config))
   save_model_dir = config.output.save_model_dir
   os.makedirs(save_model_dir, exist_ok=True)
   with factory.open_backend(
@@ -124,11 +156,23 @@ def _round_columns(config: config_lib.FederatedConfig, names: list[str],
                    cohort_size: int,
                    calibration: Optional[dp.DpCalibration]
                   ) -> outputs.RoundColumns:
+  """metrics.csv's columns; with DP-FTRL `dp_noise_stddev` is the tree
+  node's noise (docs/dp.md)."""
   noise = None
-  if calibration is not None:
+  if calibration is not None and calibration.mechanism == dp.MECHANISM_TREE:
+    noise = calibration.noise_multiplier
+  elif calibration is not None:
     noise = dp.sum_noise_multiplier(calibration.noise_multiplier,
                                     cohort_size, adaptive=config.dp.adaptive)
   return outputs.RoundColumns(names, config.dp.l2_norm_clip, noise)
+
+
+def _sampler(config: config_lib.FederatedConfig) -> type:
+  """The cohorts' sampler: DP-FTRL's passes over the users
+  (`cohorts.CyclicSampler`) with `--dp_mechanism tree`, else uniform."""
+  if config.dp.enabled and config.dp.dp_mechanism == dp.MECHANISM_TREE:
+    return cohorts.CyclicSampler
+  return cohorts.ClientSampler
 
 
 def _train(config: config_lib.FederatedConfig,
@@ -159,8 +203,8 @@ def _train(config: config_lib.FederatedConfig,
       show=config.run.show_progress) as progress:
     loop.run_rounds(
         backend, initial_state,
-        cohorts.ClientSampler(train_ids, cohort_size, config.model.seed,
-                              config.cohort.client_datasets_random_seed),
+        _sampler(config)(train_ids, cohort_size, config.model.seed,
+                         config.cohort.client_datasets_random_seed),
         config.run.total_rounds,
         checkpoints.CheckpointManager(save_model_dir),
         metrics_managers=[
