@@ -21,6 +21,7 @@ setuptools.setup(
             "flair-export-pfl-hdf5=export_pfl_hdf5:run",
             "flair-central=benchmark.central_main:run",
             "flair-federated=benchmark.federated_main:run",
+            "flair-active=benchmark.active_main:run",
             "flair-explore=benchmark.explore:run",
             "flair-synthetic=benchmark.synthetic_dataset:run",
             "flair-report=benchmark.report:run",

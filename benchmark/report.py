@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 
 from absl import flags
 
+from benchmark.analysis import active_figures
 from benchmark.analysis import results_table
 from benchmark.analysis import run_figures
 from benchmark.analysis import runs as runs_lib
@@ -39,6 +40,7 @@ from benchmark.core import file_io
 RESULTS_MARKDOWN = "results.md"
 RESULTS_CSV = "results.csv"
 VAL_CURVES_FIGURE = "val_curves.png"
+ACTIVE_FIGURE = "active_learning.png"
 # Parent of the default --output_dir.
 DEFAULT_REPORTS_DIR = "reports"
 _FLAG = "--output_dir"
@@ -101,6 +103,9 @@ def make_report(arguments: Sequence[str], output_dir: str,
     lines.append(f"Figure: {figure}")
   else:
     lines.append("Figure: none (no run has a validation point yet)")
+  active = os.path.join(output_dir, ACTIVE_FIGURE)
+  if active_figures.plot_active_learning(paths, active):
+    lines.append(f"Figure: {active} (test macro AP against labelled images)")
   lines.append(f"Table: {os.path.join(output_dir, RESULTS_MARKDOWN)} "
                f"(and {RESULTS_CSV})")
   return "\n".join(lines)

@@ -47,6 +47,11 @@ SMALL_SCALE_FLAGS = {
         "--client_batch_size=4", "--max_elements_per_client=8",
         "--client_epochs_per_round=1", "--eval_batch_size=16",
         "--target_unclipped_quantile=0"] + SMALL_MODEL,
+    "benchmark.active_main": [
+        "--num_cycles=2", "--rounds_per_cycle=1", "--clients_per_round=3",
+        "--client_batch_size=4", "--max_elements_per_client=8",
+        "--client_epochs_per_round=1", "--eval_batch_size=16",
+        "--budget_per_cycle=2"] + SMALL_MODEL,
     "benchmark.synthetic_dataset": ["--num_users=12"],
     "benchmark.report": [],
 }
@@ -269,7 +274,8 @@ def test_readme_command_runs_at_small_scale(readme_workdir, command):
   result = _run(argv, cwd=readme_workdir)
   if program == "make demo":
     _check_demo_console(result, readme_workdir)
-  elif program in ("benchmark.central_main", "benchmark.federated_main"):
+  elif program in ("benchmark.central_main", "benchmark.federated_main",
+                   "benchmark.active_main"):
     save_dir = os.path.join(readme_workdir, _flag_value(argv, "--save_model_dir"))
     assert os.path.isfile(os.path.join(save_dir, constants.FINAL_METRICS_FILE))
     if "--epsilon" in argv:
