@@ -119,6 +119,9 @@ def build_process(config: config_lib.ActiveConfig,
           model_fn, client.build_optimizer(), spec,
           data_computation.type_signature.result),
       aggregator,
+      # Every cycle starts from a fresh server optimizer state
+      # (`active.cycles`): a learning-rate schedule spans one cycle's rounds.
       tff.learning.templates.build_apply_optimizer_finalizer(
-          config.server.build_optimizer(), weights_type))
+          config.server.build_optimizer(config.active.rounds_per_cycle),
+          weights_type))
   return compose_with_client_inputs(process, data_computation)
