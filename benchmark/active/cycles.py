@@ -38,7 +38,6 @@ from benchmark.active import process as process_lib
 from benchmark.active import records
 from benchmark.active import selection
 from benchmark.backends import base
-from benchmark.backends import factory
 from benchmark.core import constants
 from benchmark.core import file_io
 from benchmark.data import label_sets
@@ -47,6 +46,7 @@ from benchmark.model import metrics as metrics_lib
 from benchmark.training import checkpoints
 from benchmark.training import cohorts
 from benchmark.training import evaluation
+from benchmark.training import federated
 from benchmark.training import loop
 from benchmark.training import models
 from benchmark.training import outputs
@@ -171,20 +171,14 @@ def run_active(config: config_lib.ActiveConfig,
       `training.federated.run_federated`.
   """
   seeds.use_deterministic_ops(config.model.deterministic_ops)
+  seeds.clear_global_seed()
   tfrecords_dir = config.data.tfrecords_dir
   images = pools.read_train_images(tfrecords_dir, label_spec)
   cohort_size = min(config.cohort.clients_per_round, len(images.client_ids))
   process = process_lib.build_process(
       config, label_spec, os.path.join(tfrecords_dir, constants.TRAIN),
       cohort_size, images.max_images)
-  save_model_dir = config.output.save_model_dir
-  os.makedirs(save_model_dir, exist_ok=True)
-  with factory.open_backend(
-      config.run.backend, process, cohort_size,
-      worker_log_path=os.path.join(save_model_dir,
-                                   constants.FEDERATED_WORKER_LOG_FILE),
-      num_workers=config.run.num_workers,
-      ray_address=config.run.ray_address) as backend:
+  with federated.open_run_backend(config, process, cohort_size) as backend:
     return _run_cycles(config, label_spec, images, cohort_size, backend)
 
 

@@ -140,16 +140,24 @@ def run_federated(config: config_lib.FederatedConfig,
   process = fedavg.build_learning_process(
       config, label_spec, client_data[constants.TRAIN], aggregator,
       weighted=fedavg.is_weighted(config))
+  with open_run_backend(config, process, cohort_size) as backend:
+    return _train(config, label_spec, client_data, train_ids, cohort_size,
+                  calibration, backend)
+
+
+def open_run_backend(config, process, cohort_size: int):
+  """`factory.open_backend` of `config.run`'s backend for `process` and
+  cohorts of `cohort_size` clients, its worker log in the run directory
+  (created if missing). `config`: a federated run's config (e.g.
+  `FederatedConfig`, or active learning's)."""
   save_model_dir = config.output.save_model_dir
   os.makedirs(save_model_dir, exist_ok=True)
-  with factory.open_backend(
+  return factory.open_backend(
       config.run.backend, process, cohort_size,
       worker_log_path=os.path.join(save_model_dir,
                                    constants.FEDERATED_WORKER_LOG_FILE),
       num_workers=config.run.num_workers,
-      ray_address=config.run.ray_address) as backend:
-    return _train(config, label_spec, client_data, train_ids, cohort_size,
-                  calibration, backend)
+      ray_address=config.run.ray_address)
 
 
 def _round_columns(config: config_lib.FederatedConfig, names: list[str],
