@@ -44,6 +44,7 @@ from benchmark.backends import tff_worker
 from benchmark.cli import trainers
 from benchmark.core import constants
 from benchmark.core import errors
+from benchmark.core import locks
 from benchmark.core.errors import FlairInputError
 from benchmark.data import label_sets
 from benchmark.data import pipeline
@@ -735,9 +736,10 @@ def test_unwritable_save_dir_is_an_output_error_before_training(
               clients_per_thread=7)
   assert "--clients_per_thread 7 has no effect" in caplog.text
   message = str(info.value)
-  run_json = os.path.join(save_dir, constants.RUN_IDENTITY_FILE)
+  # The first file a run writes: its directory's lock.
+  lock_file = os.path.join(save_dir, locks.LOCK_FILE)
   assert message.startswith(
-      f"cannot write {run_json}: {UNWRITABLE_REASONS['read_only']}"), message
+      f"cannot write {lock_file}: {UNWRITABLE_REASONS['read_only']}"), message
   assert "--save_model_dir" in message and "\n" not in message, message
   assert os.listdir(save_dir) == []
 
@@ -747,7 +749,7 @@ def test_cli_unwritable_save_dir_is_one_line(prepared_sample_dir,
   """The command line with an existing --save_model_dir it has no permission
   to write to (as root, run without the capabilities that bypass file
   permissions, which only a process of its own can drop): exit 1 before
-  training, one line naming the first file and the reason, no traceback,
+  training, one line naming the first file (the lock) and the reason, no traceback,
   nothing written. This is the file's check that federated_main's `main`
   turns an OutputWriteError into one line and exit status 1 (read-only file
   system: test_unwritable_save_dir_is_an_output_error_before_training, in
@@ -766,9 +768,9 @@ def test_cli_unwritable_save_dir_is_one_line(prepared_sample_dir,
   error_lines = [line for line in result.stderr.splitlines()
                  if line.startswith("error:")]
   assert len(error_lines) == 1, result.stderr[-3000:]
-  run_json = os.path.join(save_dir, constants.RUN_IDENTITY_FILE)
+  lock_file = os.path.join(save_dir, locks.LOCK_FILE)
   assert error_lines[0].startswith(
-      f"error: cannot write {run_json}: {UNWRITABLE_REASONS['permission']}"), (
+      f"error: cannot write {lock_file}: {UNWRITABLE_REASONS['permission']}"), (
           error_lines[0])
   assert "--save_model_dir" in error_lines[0]
   assert os.listdir(save_dir) == []
