@@ -4,10 +4,12 @@ by commands that take paths), a quiet console with a log file
 (`cli.console`), and its console-script entry point."""
 
 import functools
+import gc
 import logging
 import os
 import signal
 import sys
+import threading
 from typing import Callable, NoReturn, Optional, Sequence
 
 from absl import app
@@ -22,8 +24,53 @@ class Terminated(SystemExit):
   `code` is the exit status, 128 + SIGTERM = 143."""
 
 
-def _exit_on_sigterm(signum, frame) -> NoReturn:
-  del frame
+# Seconds a SIGTERM'd command has to stop cleanly before it exits anyway.
+SIGTERM_GRACE_S = 60
+# Seconds before a SIGTERM that arrived inside a finalizer is delivered again.
+_REDELIVERY_DELAY_S = 0.05
+
+
+def _exit_now(code: int) -> NoReturn:
+  """Ends the process at once with `code`, logs and streams flushed."""
+  logging.shutdown()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
+
+
+def _in_finalizer(frame) -> bool:
+  """Whether `frame` (or a caller of it) is a garbage-collector callback or
+  a `__del__`: Python prints and drops any exception raised there ("Exception
+  ignored in ..."), so a `Terminated` raised there would never stop the
+  command (jax, which TFF imports, runs a gc callback at every collection)."""
+  callbacks = {getattr(c, "__code__", None) for c in gc.callbacks}
+  while frame is not None:
+    if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
+      return True
+    frame = frame.f_back
+  return False
+
+
+def _deliver_again(signum: int) -> None:
+  """Sends `signum` to this process again shortly, from a timer thread."""
+  timer = threading.Timer(_REDELIVERY_DELAY_S, os.kill,
+                          args=(os.getpid(), signum))
+  timer.daemon = True
+  timer.start()
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+  """Raises `Terminated` in the main thread. Inside a finalizer, where it
+  would be dropped, the signal is delivered again instead, to land outside
+  it. If the exception has not ended the process within `SIGTERM_GRACE_S`,
+  a timer thread ends it with the same status (a run's helper processes
+  are stopped even then, by `backends.process_guard`)."""
+  if _in_finalizer(frame):
+    _deliver_again(signum)
+    return
+  timer = threading.Timer(SIGTERM_GRACE_S, _exit_now, args=(128 + signum,))
+  timer.daemon = True
+  timer.start()
   raise Terminated(128 + signum)
 
 
@@ -119,10 +166,7 @@ def exit_on_input_error(main: Optional[Callable] = None, *,
       # interpreter's own teardown is skipped: after a SIGTERM in the middle
       # of a TFF call, TFF's and gRPC's threads are still blocked, and
       # teardown then hung for minutes or crashed (SIGSEGV) in a loaded run.
-      logging.shutdown()
-      sys.stdout.flush()
-      sys.stderr.flush()
-      os._exit(e.code)
+      _exit_now(e.code)
 
   return wrapped
 

@@ -1,10 +1,15 @@
 """What every command shares (benchmark/cli/commands.py): one-line errors
 and logs."""
 
+import gc
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
+
+import pytest
 
 from benchmark.cli import commands
 
@@ -48,3 +53,33 @@ def test_importing_the_suite_leaves_no_tff_traceback_at_exit():
   assert result.returncode == 0, result.stderr[-2000:]
   assert "Traceback" not in result.stderr, result.stderr[-2000:]
   assert "Exception ignored" not in result.stderr, result.stderr[-2000:]
+
+
+def test_a_sigterm_inside_a_gc_callback_is_delivered_again(monkeypatch):
+  """Python drops exceptions raised in garbage-collector callbacks (jax,
+  imported by TFF, runs one at every collection): a SIGTERM whose handler
+  runs there is delivered again rather than raising `Terminated` into the
+  void, which left a SIGTERM'd run training on. Outside one it raises, and
+  arms the exit that ends a command whose `Terminated` got lost anyway."""
+  resent, exits = [], []
+  monkeypatch.setattr(commands, "_deliver_again", resent.append)
+  monkeypatch.setattr(commands, "_exit_now", exits.append)
+  monkeypatch.setattr(commands, "SIGTERM_GRACE_S", 0.01)
+
+  def callback(phase, info):
+    del phase, info
+    commands._exit_on_sigterm(signal.SIGTERM, sys._getframe())  # pylint: disable=protected-access
+
+  gc.callbacks.append(callback)
+  try:
+    gc.collect()
+  finally:
+    gc.callbacks.remove(callback)
+  assert resent == [signal.SIGTERM, signal.SIGTERM]  # Start, stop.
+  with pytest.raises(commands.Terminated) as info:
+    commands._exit_on_sigterm(signal.SIGTERM, sys._getframe())  # pylint: disable=protected-access
+  assert info.value.code == 128 + signal.SIGTERM
+  deadline = time.monotonic() + 10
+  while not exits and time.monotonic() < deadline:
+    time.sleep(0.01)
+  assert exits == [128 + signal.SIGTERM]
