@@ -513,6 +513,28 @@ def test_sigterm_stops_main_and_its_worker(prepared_sample_dir, tmp_path):
   assert not alive, f"worker(s) {alive} outlived the SIGTERM'd run"
 
 
+@contextlib.contextmanager
+def _ray_run_past_round_one(tfrecords_dir, save_dir):
+  """federated_main on a local Ray (10,000 rounds: it never ends by itself)
+  as a subprocess, yielded once round 1 is in metrics.csv (its actors
+  train); killed on the way out if still running. stderr is a pipe."""
+  csv_path = save_dir / constants.METRICS_CSV_FILE
+  process = subprocess.Popen(
+      _main_command(tfrecords_dir, save_dir, total_rounds=10000,
+                    backend=constants.BACKEND_RAY),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+      env=_subprocess_env(), cwd=REPO_ROOT)
+  try:
+    assert _wait_for(lambda: os.path.isfile(csv_path)
+                     and len(_read_csv(csv_path)) >= 2, process, 300), (
+                         "the run never trained a round")
+    yield process
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+
+
 @pytest.mark.slow
 def test_sigterm_stops_a_ray_run_with_status_143(prepared_sample_dir,
                                                  tmp_path):
@@ -520,25 +542,11 @@ def test_sigterm_stops_a_ray_run_with_status_143(prepared_sample_dir,
   C++ abort (status 134 and a stack dump): the run keeps the command's
   handler, so SIGTERM stops it as any other (143, no dump) and Ray's
   processes end with it."""
-  csv_path = tmp_path / constants.METRICS_CSV_FILE
-  process = subprocess.Popen(
-      _main_command(prepared_sample_dir, tmp_path, total_rounds=10000,
-                    backend=constants.BACKEND_RAY),
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-      env=_subprocess_env(), cwd=REPO_ROOT)
-  try:
-    # Round 0's evaluation is in metrics.csv once the actors train.
-    assert _wait_for(lambda: os.path.isfile(csv_path)
-                     and len(_read_csv(csv_path)) >= 2, process, 300), (
-        "the run never trained a round")
+  with _ray_run_past_round_one(prepared_sample_dir, tmp_path) as process:
     started = process_guard.descendants(process.pid)
     assert started, "the local Ray started no process"
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
-  finally:
-    if process.poll() is None:
-      process.kill()
-      process.wait()
   stderr = stderr.decode()
   assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
   assert "SIGABRT" not in stderr and "Stack trace" not in stderr, stderr[-2000:]
@@ -556,25 +564,12 @@ def test_a_ray_run_with_every_actor_lost_ends_in_one_line(prepared_sample_dir,
   with no other to retry its clients on: exit 1, one line saying so (a lost
   node or memory); the lost actors of a cluster with others left are
   retried (tests/backends/test_ray_cluster.py)."""
-  csv_path = tmp_path / constants.METRICS_CSV_FILE
-  process = subprocess.Popen(
-      _main_command(prepared_sample_dir, tmp_path, total_rounds=10000,
-                    backend=constants.BACKEND_RAY),
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-      env=_subprocess_env(), cwd=REPO_ROOT)
-  try:
-    assert _wait_for(lambda: os.path.isfile(csv_path)
-                     and len(_read_csv(csv_path)) >= 2, process, 300), (
-                         "the run never trained a round")
+  with _ray_run_past_round_one(prepared_sample_dir, tmp_path) as process:
     actors = [pid for pid in process_guard.descendants(process.pid)
               if "ClientTrainer" in _cmdline(pid)]
     assert len(actors) == 1, actors
     os.kill(actors[0], signal.SIGKILL)
     _, stderr = process.communicate(timeout=300)
-  finally:
-    if process.poll() is None:
-      process.kill()
-      process.wait()
   lines = stderr.decode().strip().splitlines()
   assert process.returncode == 1, "\n".join(lines[-30:])
   assert lines[-1].startswith(
