@@ -33,7 +33,6 @@ import subprocess
 import sys
 import time
 
-from absl import logging as absl_logging
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -56,6 +55,7 @@ from benchmark.training import config as config_lib
 from benchmark.training import federated
 from benchmark.training import outputs
 from benchmark.training import run_dir
+import command_harness
 import flag_harness
 import round_harness
 
@@ -113,27 +113,6 @@ def _run_main(tfrecords_dir, save_dir, *extra, **overrides):
   return flag_harness.run_from_flags(
       "benchmark.federated_main",
       *_tiny_flags(tfrecords_dir, save_dir, **overrides), *extra)
-
-
-@contextlib.contextmanager
-def _absl_info_logs(caplog):
-  """Records absl's INFO logs in `caplog` inside the block, as the command
-  logs them to stderr (its --verbosity is 0, INFO; in a test process absl's
-  verbosity stays at WARNING unless set)."""
-  caplog.set_level(logging.INFO)
-  verbosity = absl_logging.get_verbosity()
-  absl_logging.set_verbosity(absl_logging.INFO)
-  try:
-    yield
-  finally:
-    absl_logging.set_verbosity(verbosity)
-
-
-def _subprocess_env():
-  env = dict(os.environ)
-  env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-  return env
 
 
 def _check_outputs(save_dir, num_outputs, total_rounds, dp_on,
@@ -478,17 +457,6 @@ def test_fedavg_raises_val_macro_averaged_precision(prepared_learning_dir,
 # --- Resume and TFF worker lifecycle with the command line ------------------
 
 
-def _wait_for(predicate, process, timeout_s):
-  deadline = time.monotonic() + timeout_s
-  while time.monotonic() < deadline:
-    if predicate():
-      return True
-    if process.poll() is not None:
-      return predicate()
-    time.sleep(0.2)
-  return False
-
-
 def test_sigterm_stops_main_and_its_worker(prepared_sample_dir, tmp_path):
   # Far more rounds than can run before the SIGTERM, however loaded the
   # machine (with 50 rounds, a loaded run once finished first).
@@ -496,10 +464,11 @@ def test_sigterm_stops_main_and_its_worker(prepared_sample_dir, tmp_path):
       _main_command(prepared_sample_dir, tmp_path, total_rounds=10000,
                     backend=constants.BACKEND_TFF_WORKER),
       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-      env=_subprocess_env(), cwd=REPO_ROOT)
+      env=command_harness.subprocess_env(), cwd=REPO_ROOT)
   try:
-    assert _wait_for(lambda: tff_runtime.worker_pids(process.pid), process,
-                     240), "the worker never started"
+    assert command_harness.wait_for(
+        lambda: tff_runtime.worker_pids(process.pid), process, 240), (
+            "the worker never started")
     workers = tff_runtime.worker_pids(process.pid)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
@@ -523,11 +492,11 @@ def _ray_run_past_round_one(tfrecords_dir, save_dir):
       _main_command(tfrecords_dir, save_dir, total_rounds=10000,
                     backend=constants.BACKEND_RAY),
       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-      env=_subprocess_env(), cwd=REPO_ROOT)
+      env=command_harness.subprocess_env(), cwd=REPO_ROOT)
   try:
-    assert _wait_for(lambda: os.path.isfile(csv_path)
-                     and len(_read_csv(csv_path)) >= 2, process, 300), (
-                         "the run never trained a round")
+    assert command_harness.wait_for(
+        lambda: os.path.isfile(csv_path) and len(_read_csv(csv_path)) >= 2,
+        process, 300), "the run never trained a round"
     yield process
   finally:
     if process.poll() is None:
@@ -592,11 +561,11 @@ def test_a_killed_worker_ends_main_with_a_one_line_error(prepared_sample_dir,
       _main_command(prepared_sample_dir, tmp_path, total_rounds=50,
                     backend=constants.BACKEND_TFF_WORKER),
       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-      env=_subprocess_env(), cwd=REPO_ROOT)
+      env=command_harness.subprocess_env(), cwd=REPO_ROOT)
   csv_path = os.path.join(str(tmp_path), constants.METRICS_CSV_FILE)
   try:
-    assert _wait_for(lambda: os.path.exists(csv_path), process, 300), (
-        "no round finished")
+    assert command_harness.wait_for(lambda: os.path.exists(csv_path),
+                                    process, 300), "no round finished"
     workers = tff_runtime.worker_pids(process.pid)
     assert len(workers) == 1
     os.kill(workers[0], signal.SIGKILL)
@@ -622,12 +591,6 @@ def test_a_killed_worker_ends_main_with_a_one_line_error(prepared_sample_dir,
     assert f.read().endswith(b"\n")
 
 
-def _still_running(processes: dict[int, str]) -> set[int]:
-  running = process_guard.descendants(1)
-  return {pid for pid, start in processes.items()
-          if running.get(pid) == start}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", constants.BACKENDS)
 def test_killed_run_resumes_without_gaps_or_repeats(prepared_sample_dir,
@@ -638,28 +601,17 @@ def test_killed_run_resumes_without_gaps_or_repeats(prepared_sample_dir,
                backend=backend, model_layout=resnet.TINY)
   checkpoint = os.path.join(checkpoints.checkpoint_dir(str(tmp_path)),
                             checkpoints.CHECKPOINT_PREFIX + "2")
-  process = subprocess.Popen(
-      _main_command(prepared_sample_dir, tmp_path, **flags),
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-      env=_subprocess_env(), cwd=REPO_ROOT)
-  try:
-    assert _wait_for(lambda: os.path.isdir(checkpoint), process, 600)
-    started = process_guard.descendants(process.pid)
+
+  def check(pid, started):
     if backend == constants.BACKEND_TFF_WORKER:
-      assert tff_runtime.worker_pids(process.pid)
+      assert tff_runtime.worker_pids(pid)
     if backend == constants.BACKEND_RAY:
       assert len(started) >= 4  # GCS, raylet, agents, actors.
-    process.kill()  # SIGKILL: no clean-up code runs at all.
-    process.wait()
-  finally:
-    if process.poll() is None:
-      process.kill()
-      process.wait()
+
   # Everything the killed run started stops (Ray's agents by the guard).
-  deadline = time.monotonic() + 30
-  while _still_running(started) and time.monotonic() < deadline:
-    time.sleep(0.5)
-  assert not _still_running(started)
+  command_harness.kill_when(
+      _main_command(prepared_sample_dir, tmp_path, **flags),
+      lambda: os.path.isdir(checkpoint), 600, check)
   killed_rows = _read_csv(os.path.join(str(tmp_path),
                                        constants.METRICS_CSV_FILE))
   killed_at = max(int(r["round"]) for r in killed_rows)
@@ -667,7 +619,7 @@ def test_killed_run_resumes_without_gaps_or_repeats(prepared_sample_dir,
 
   # The same command resumes (in this process: what only a subprocess shows,
   # the kill, is above).
-  with _absl_info_logs(caplog):
+  with command_harness.absl_info_logs(caplog):
     final = _run_main(prepared_sample_dir, tmp_path, **flags)
   resumed = re.search(r"Resuming after round (\d+)", caplog.text)
   assert resumed, caplog.text[-3000:]
@@ -755,8 +707,8 @@ def test_cli_unwritable_save_dir_is_one_line(prepared_sample_dir,
   result = subprocess.run(
       prefix + _main_command(prepared_sample_dir, save_dir, total_rounds=1,
                              clients_per_thread=7),
-      capture_output=True, text=True, env=_subprocess_env(), timeout=900,
-      cwd=REPO_ROOT)
+      capture_output=True, text=True, env=command_harness.subprocess_env(),
+      timeout=900, cwd=REPO_ROOT)
   assert "--clients_per_thread 7 has no effect" in result.stderr
   assert result.returncode == 1, result.stderr[-3000:]
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
@@ -971,7 +923,8 @@ def test_bad_records_skipped_then_train_time_error_then_fixed_run_resumes(
   _, err = printed()
   assert "Traceback" not in err, err[-3000:]
 
-  with _absl_info_logs(caplog), pytest.raises(FlairInputError) as info:
+  with command_harness.absl_info_logs(caplog), pytest.raises(
+      FlairInputError) as info:
     _run_main(copy, save_dir, "--skip_bad_records", **flags)
   _, err = printed()
   assert "skipping 2 bad record(s) in 2 user file(s)" in err, err[-3000:]
@@ -995,7 +948,7 @@ def test_bad_records_skipped_then_train_time_error_then_fixed_run_resumes(
 
   shutil.copyfile(os.path.join(prepared_sample_dir, constants.TRAIN,
                                os.path.basename(bad_jpeg)), bad_jpeg)
-  with _absl_info_logs(caplog):
+  with command_harness.absl_info_logs(caplog):
     returned = _run_main(copy, save_dir, "--skip_bad_records", **flags)
   out, err = printed()
   assert "Resuming after round 1" in err, err[-3000:]
