@@ -14,6 +14,7 @@ clients (Ray actors, see `benchmark.backends`) start quickly.
 `backends.mapreduce` compiles a learning process into these pieces.
 """
 
+import copy
 import dataclasses
 import threading
 from typing import Any, Optional, Sequence
@@ -106,6 +107,28 @@ def session_config(threads: int) -> tf.compat.v1.ConfigProto:
   return config
 
 
+def client_session_config(config: tf.compat.v1.ConfigProto,
+                          device: Optional[str]) -> tf.compat.v1.ConfigProto:
+  """`config` for the clients' sessions: with Grappler off when they run on
+  the CPU (`device` a CPU, or None on a machine without a visible GPU).
+
+  TFF's compiler has already optimized the pieces with Grappler
+  (`mapreduce.grappler_config`); what a session's Grappler still does is
+  optimize the client dataset's functions again for every client, as each
+  client's iterator instantiates them afresh: on the CPU that was most of
+  a small client's input cost and changed no result (docs/performance.md,
+  "Per-client cost"). On a GPU the session's Grappler also places layouts
+  and fuses kernels for the device, so it stays on there.
+  """
+  on_cpu = (device is None and not tf.config.list_physical_devices("GPU")
+            ) or (device is not None and "CPU" in device.upper())
+  if not on_cpu:
+    return config
+  config = copy.deepcopy(config)
+  config.graph_options.rewrite_options.disable_meta_optimizer = True
+  return config
+
+
 class GraphRunner:
   """Runs one `GraphPiece`, or a chain of two, in its own graph and session.
 
@@ -191,6 +214,7 @@ class ClientTrainer:
 
   def __init__(self, pieces: dict[str, GraphPiece], device: Optional[str],
                config: tf.compat.v1.ConfigProto):
+    config = client_session_config(config, device)
     self._zero = GraphRunner([pieces["zero"]], device, config)
     work, accumulate = pieces["work"], pieces["accumulate"]
     self._train = GraphRunner([work, accumulate], device, config)

@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_federated as tff
 
 from benchmark.backends import factory
@@ -18,6 +19,8 @@ from benchmark.backends import mapreduce
 from benchmark.backends import ray_actors
 from benchmark.core import constants
 from benchmark.core.errors import FlairInputError
+from benchmark.data import pipeline
+from benchmark.training import cohorts
 from benchmark.training import config as config_lib
 from benchmark.training import dp
 from benchmark.training import seeds
@@ -25,21 +28,26 @@ import round_harness
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["fedavg", "dp_noise0"])
+@pytest.mark.parametrize("variant", ["fedavg", "dp_noise0", "every_user"])
 def test_one_round_is_the_same_on_every_backend(prepared_sample_dir,
                                                 monkeypatch, variant):
   """The tiny network (round_harness.CLIENT_SETTINGS): the backends run
   whatever computation TFF compiled, whatever the network. (ResNet-18's
   full set of weights through TFF's worker: tests/model/test_resnet.py's
-  test_one_federated_round_in_tff.)"""
-  if variant == "fedavg":
+  test_one_federated_round_in_tff.) `every_user`: a round of all the
+  sample's training users, one to five images each (FLAIR's many small
+  clients), where the in-process and Ray client sessions run without
+  Grappler (`graph_runner.client_session_config`) and TFF's worker with
+  its own."""
+  if variant in ("fedavg", "every_user"):
     aggregator = tff.learning.add_debug_measurements(
         tff.aggregators.MeanFactory())
   else:  # Adaptive clipping with no noise: deterministic.
     aggregator = dp.build_aggregator(0.0, round_harness.COHORT_SIZE, 0.1, 0.5)
   process, weights, client_ids = round_harness.build(
-      prepared_sample_dir, aggregator, weighted=variant == "fedavg")
-  cohort = round_harness.cohort_of(client_ids)
+      prepared_sample_dir, aggregator, weighted=variant != "dp_noise0")
+  cohort = (cohorts.client_inputs(client_ids, 1) if variant == "every_user"
+            else round_harness.cohort_of(client_ids))
   results = {}
   for name in (constants.BACKEND_INPROCESS, constants.BACKEND_TFF_WORKER,
                constants.BACKEND_RAY):
@@ -60,9 +68,13 @@ def test_one_round_is_the_same_on_every_backend(prepared_sample_dir,
   # the largest move was 5e-4).
   moved = max(np.abs(a - b).max() for a, b in zip(
       mapreduce.to_flat(want["model_weights"]), mapreduce.to_flat(weights)))
-  assert moved > (1e-3 if variant == "fedavg" else 1e-4)
+  assert moved > (1e-4 if variant == "dp_noise0" else 1e-3)
   train = want["metrics"]["client_work"]["train"]
-  assert int(train["num_examples"]) == 16  # 5 + 5 + 1 + 5 images.
+  images = sum(sum(1 for _ in tf.data.TFRecordDataset(path)) for path in
+               pipeline.partition_files(prepared_sample_dir,
+                                        constants.TRAIN).values())
+  assert int(train["num_examples"]) == (
+      images if variant == "every_user" else 16)  # 5 + 5 + 1 + 5 images.
 
 
 @pytest.mark.slow
@@ -159,6 +171,23 @@ def test_graph_runner_runs_a_tff_computation_and_chains_two():
     chain(np.float32(1))
   single.close()
   chain.close()
+
+
+def test_client_sessions_run_without_grappler_on_the_cpu_only():
+  """The rounds' pieces were optimized when TFF compiled them; on the CPU
+  the clients' sessions skip Grappler (it re-optimized every client's
+  dataset functions), on a GPU they keep it (layouts, fused kernels)."""
+  config = graph_runner.session_config(2)
+  off = graph_runner.client_session_config(config, "/device:CPU:0")
+  assert off.graph_options.rewrite_options.disable_meta_optimizer
+  assert off.intra_op_parallelism_threads == 2  # The rest kept.
+  assert not config.graph_options.rewrite_options.disable_meta_optimizer
+  kept = graph_runner.client_session_config(config, "/device:GPU:0")
+  assert not kept.graph_options.rewrite_options.disable_meta_optimizer
+  # No device named: TensorFlow's choice, the CPU on this GPU-less machine.
+  assert not tf.config.list_physical_devices("GPU")
+  assert graph_runner.client_session_config(
+      config, None).graph_options.rewrite_options.disable_meta_optimizer
 
 
 def test_open_backend_rejects_bad_choices():
