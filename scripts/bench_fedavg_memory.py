@@ -119,6 +119,7 @@ def _child(tfrecords_dir: str, spec: str) -> None:
   from benchmark.core import constants
   from benchmark.data import label_sets
   from benchmark.data import pipeline
+  from benchmark.training import cohorts
   from benchmark.training import config as config_lib
   from benchmark.training import fedavg
   from benchmark.training import models
@@ -148,7 +149,7 @@ def _child(tfrecords_dir: str, spec: str) -> None:
     for _ in range(2):
       chosen = [ids[i] for i in rng.choice(len(ids), cohort, replace=False)]
       start = time.monotonic()
-      backend.run_round(chosen)
+      backend.run_round(cohorts.client_inputs(chosen, len(times) + 1))
       times.append(time.monotonic() - start)
   print("RESULT " + json.dumps({"round_s": times}), flush=True)
 

@@ -43,11 +43,12 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
 import tensorflow as tf
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+
+import bench_common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _TFRECORDS_DIR = flags.DEFINE_string(
     "tfrecords_dir", None,
@@ -73,16 +74,6 @@ _SYNTHETIC_USERS = flags.DEFINE_integer(
     "synthetic_users", 120, "Users of the generated dataset.")
 
 
-def _prepare_synthetic(root: str) -> str:
-  from benchmark.prepare import synthetic  # pylint: disable=g-import-not-at-top
-  from benchmark.prepare import tfrecords  # pylint: disable=g-import-not-at-top
-  dataset_dir = os.path.join(root, "dataset")
-  tfrecords_dir = os.path.join(root, "tfrecords")
-  synthetic.generate(dataset_dir, num_users=_SYNTHETIC_USERS.value, seed=0)
-  tfrecords.prepare(dataset_dir, tfrecords_dir, show_progress=False)
-  return tfrecords_dir
-
-
 def _pick_clients(train_data, count: int,
                   max_images: int) -> tuple[list[str], int]:
   """The `count` training users with the most images; returns their ids and
@@ -103,7 +94,7 @@ def _benchmark(tfrecords_dir: str) -> None:
   from benchmark.core import constants
   from benchmark.data import label_sets
   from benchmark.data import pipeline
-  from benchmark.model import metrics
+  from benchmark.training import cohorts
   from benchmark.training import config as config_lib
   from benchmark.training import fedavg
   from benchmark.training import models
@@ -138,14 +129,8 @@ def _benchmark(tfrecords_dir: str) -> None:
   dataset = dataset.repeat(_EPOCHS.value).prefetch(tf.data.AUTOTUNE)
 
   def compiled_keras_model(with_metrics: bool) -> tf.keras.Model:
-    model = models.build_model(config.model, label_spec.num_outputs)
-    model.compile(
-        optimizer=tf.keras.optimizers.SGD(
-            config.client.client_learning_rate,
-            clipnorm=config.client.client_clipnorm),
-        loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
-        metrics=(metrics.make_metrics(label_spec.num_outputs)
-                 if with_metrics else None))
+    model = bench_common.client_keras_model(config, label_spec.num_outputs,
+                                            with_metrics)
     model.fit(dataset, epochs=1, verbose=0)  # Warm-up (tracing).
     return model
 
@@ -173,7 +158,7 @@ def _benchmark(tfrecords_dir: str) -> None:
     with factory.open_backend(backend_name, process, len(clients),
                                num_workers=_NUM_WORKERS.value) as backend:
       backend.set_state(backend.initialize(initial_weights))
-      backend.run_round(clients)  # Warm-up.
+      backend.run_round(cohorts.client_inputs(clients, 0))  # Warm-up.
       # On a GPU whose kernels are compiled from PTX, mostly compilation
       # (benchmark/core/cuda_env.py); a rerun finds them in CUDA's cache.
       print(f"time to first round, {backend_name}: "
@@ -186,7 +171,7 @@ def _benchmark(tfrecords_dir: str) -> None:
       models.build_model(config.model, label_spec.num_outputs)
       for _ in range(_ROUNDS.value):
         timed(f"FedAvg round, {backend_name}",
-              lambda: backend.run_round(clients))  # pylint: disable=cell-var-from-loop
+              lambda: backend.run_round(cohorts.client_inputs(clients, 1)))  # pylint: disable=cell-var-from-loop
         for keras_name, model in keras_runs.items():
           timed(keras_name, lambda: model.fit(dataset, epochs=1, verbose=0))  # pylint: disable=cell-var-from-loop
 
@@ -207,13 +192,9 @@ def _benchmark(tfrecords_dir: str) -> None:
 
 
 def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  if _TFRECORDS_DIR.value:
-    _benchmark(_TFRECORDS_DIR.value)
-  else:
-    with tempfile.TemporaryDirectory() as root:
-      _benchmark(_prepare_synthetic(root))
+  bench_common.run_on_data(
+      argv, _TFRECORDS_DIR.value, None, _SYNTHETIC_USERS.value,
+      lambda dataset_dir, tfrecords_dir, root: _benchmark(tfrecords_dir))
 
 
 if __name__ == "__main__":

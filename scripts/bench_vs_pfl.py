@@ -52,8 +52,6 @@ import collections
 import contextlib
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,7 +59,6 @@ from unittest import mock
 
 from absl import app
 from absl import flags
-from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
@@ -82,6 +79,9 @@ from benchmark.training import central
 from benchmark.training import config as config_lib
 from benchmark.training import fedavg
 from benchmark.training import models
+from benchmark.training import cohorts
+import bench_common
+import pfl_peer
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -117,31 +117,6 @@ _KERAS_GROUP_NORM = flags.DEFINE_boolean(
     "benchmark.model.layers.GroupNormalization), for the ratio.")
 _SKIP_FEDAVG = flags.DEFINE_boolean(
     "skip_fedavg", False, "Measure central training only.")
-_PFL_PYTHON = flags.DEFINE_string(
-    "pfl_python", None,
-    "Python of an environment with pfl 0.6, torch, torchvision and h5py; "
-    "pfl-research is measured only when given.")
-_PFL_DRIVER = flags.DEFINE_string(
-    "pfl_driver", None, "pfl-research benchmark driver (bench_pfl.py).")
-_PFL_CONVERTER = flags.DEFINE_string(
-    "pfl_converter", None,
-    "Dataset directory -> pfl FLAIR HDF5 converter; default: to_hdf5.py "
-    "beside --pfl_driver.")
-_PFL_TV_SHIM = flags.DEFINE_boolean(
-    "pfl_tv_shim", False,
-    "Let the driver import its tv_shim module (needed only for a CPU-only "
-    "torch with a torchvision wheel built for CUDA torch; with matching "
-    "wheels the shim's op schemas clash with torchvision's and abort).")
-_PFL_THREADS = flags.DEFINE_integer(
-    "pfl_threads", 0,
-    "torch threads of the pfl-research driver (0: the number of CPUs). On a "
-    "loaded machine 1 thread was 8x faster than 2 (OpenMP under "
-    "oversubscription).")
-_PFL_HDF5 = flags.DEFINE_string(
-    "pfl_hdf5", None,
-    "An existing pfl FLAIR HDF5 of the same data (skips the conversion).")
-
-
 def _process_tree_cpu_seconds() -> float:
   """User + system CPU seconds used so far by this process and its living
   descendants (the TFF worker), from /proc/<pid>/stat (Linux)."""
@@ -190,23 +165,7 @@ def _check_flags() -> None:
     raise errors.FlairInputError("--precisions must name at least one")
   for precision in _PRECISIONS.value:
     mixed_precision.check_precision(precision, flag="precisions")
-  if bool(_PFL_PYTHON.value) != bool(_PFL_DRIVER.value):
-    raise errors.FlairInputError(
-        "--pfl_python and --pfl_driver must be given together")
-  for flag in (_PFL_PYTHON, _PFL_DRIVER, _PFL_CONVERTER, _PFL_HDF5):
-    if flag.value and not os.path.isfile(flag.value):
-      raise errors.FlairInputError(
-          f"--{flag.name} {flag.value!r} is not a file")
-
-
-def _prepare_synthetic(root: str) -> tuple[str, str]:
-  from benchmark.prepare import synthetic  # pylint: disable=g-import-not-at-top
-  from benchmark.prepare import tfrecords  # pylint: disable=g-import-not-at-top
-  dataset_dir = os.path.join(root, "dataset")
-  tfrecords_dir = os.path.join(root, "tfrecords")
-  synthetic.generate(dataset_dir, num_users=_SYNTHETIC_USERS.value, seed=0)
-  tfrecords.prepare(dataset_dir, tfrecords_dir, show_progress=False)
-  return dataset_dir, tfrecords_dir
+  pfl_peer.check_flags()
 
 
 def _pick_clients(train_data, count: int,
@@ -273,59 +232,20 @@ def _fedavg_seconds(tfrecords_dir: str, label_spec, train_data,
   with factory.open_backend(config.run.backend, process,
                             len(clients)) as backend:
     backend.set_state(backend.initialize(initial_weights))
-    backend.run_round(clients)  # Warm-up.
+    backend.run_round(cohorts.client_inputs(clients, 0))  # Warm-up.
     with _Timer() as timer:
       for _ in range(_ROUNDS.value):
-        backend.run_round(clients)
+        backend.run_round(cohorts.client_inputs(clients, 1))
   return timer
 
 
-def _pfl_hdf5(dataset_dir: str, tfrecords_dir: str, root: str) -> str:
-  """`--pfl_hdf5`, or the data converted to pfl's FLAIR HDF5 under `root`."""
-  if _PFL_HDF5.value:
-    return _PFL_HDF5.value
-  if not dataset_dir:
-    raise errors.FlairInputError(
-        "--dataset_dir is required with --tfrecords_dir to convert the "
-        "data for pfl-research (or give --pfl_hdf5)")
-  converter = _PFL_CONVERTER.value or os.path.join(
-      os.path.dirname(os.path.abspath(_PFL_DRIVER.value)), "to_hdf5.py")
-  hdf5 = os.path.join(root, "flair_pfl.hdf5")
-  subprocess.run([_PFL_PYTHON.value, converter, dataset_dir, tfrecords_dir,
-                  hdf5], check=True, stdout=subprocess.DEVNULL)
-  return hdf5
-
-
 def _run_pfl(hdf5: str) -> dict:
-  """Runs the pfl-research driver on `hdf5`; returns its RESULT dict."""
-  # Runs the driver as __main__; without --pfl_tv_shim its `import tv_shim`
-  # gets an empty module.
-  prelude = ("import runpy, sys, types\n"
-             "if sys.argv[1] == '0':\n"
-             "  sys.modules['tv_shim'] = types.ModuleType('tv_shim')\n"
-             "sys.argv = sys.argv[2:]\n"
-             "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-  command = [
-      _PFL_PYTHON.value, "-c", prelude, str(int(_PFL_TV_SHIM.value)),
-      _PFL_DRIVER.value, "--hdf5", hdf5,
+  """Runs the pfl-research driver on `hdf5` at this run's settings."""
+  return pfl_peer.run(hdf5, [
       "--crop", str(_CROP.value), "--batch_size", str(_BATCH_SIZE.value),
       "--num_clients", str(_NUM_CLIENTS.value),
       "--images_per_client", str(_IMAGES_PER_CLIENT.value),
-      "--epochs", str(_EPOCHS.value), "--rounds", str(_ROUNDS.value),
-      "--threads", str(_PFL_THREADS.value or os.cpu_count())]
-  environment = dict(os.environ)
-  if _PFL_THREADS.value:
-    environment["OMP_NUM_THREADS"] = str(_PFL_THREADS.value)
-  completed = subprocess.run(command, check=True, capture_output=True,
-                             text=True, env=environment)
-  for line in completed.stdout.splitlines():
-    if not line.startswith("RESULT "):
-      print(f"  pfl: {line}")
-  match = re.search(r"^RESULT (\{.*\})$", completed.stdout, re.MULTILINE)
-  if not match:
-    raise RuntimeError(f"no RESULT line from {command}:\n"
-                       f"{completed.stdout}\n{completed.stderr[-2000:]}")
-  return json.loads(match.group(1))
+      "--epochs", str(_EPOCHS.value), "--rounds", str(_ROUNDS.value)])
 
 
 def _print_ratio(name: str, samples: dict[str, list[float]], numerator: str,
@@ -356,8 +276,8 @@ def _benchmark(dataset_dir: str, tfrecords_dir: str, root: str) -> None:
         f"= {images_per_round} images per round; crop {_CROP.value}, batch "
         f"{_BATCH_SIZE.value}; 1 warm-up + {_ROUNDS.value} timed; "
         f"{os.cpu_count()} CPU(s)", flush=True)
-  hdf5 = (_pfl_hdf5(dataset_dir, tfrecords_dir, root) if _PFL_PYTHON.value
-          else None)
+  hdf5 = (pfl_peer.hdf5_path(dataset_dir, tfrecords_dir, root)
+          if pfl_peer.enabled() else None)
   samples = collections.defaultdict(list)
   for repeat in range(_REPEATS.value):
     if _REPEATS.value > 1:
@@ -433,16 +353,9 @@ def _benchmark(dataset_dir: str, tfrecords_dir: str, root: str) -> None:
 
 @commands.exit_on_input_error
 def main(argv):
-  if len(argv) > 1:
-    raise errors.FlairInputError(
-        f"unexpected positional arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.WARNING)
   _check_flags()
-  with tempfile.TemporaryDirectory() as root:
-    if _TFRECORDS_DIR.value:
-      _benchmark(_DATASET_DIR.value, _TFRECORDS_DIR.value, root)
-    else:
-      _benchmark(*_prepare_synthetic(root), root)
+  bench_common.run_on_data(argv, _TFRECORDS_DIR.value, _DATASET_DIR.value,
+                           _SYNTHETIC_USERS.value, _benchmark)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,16 @@ SAMPLING_SEED_KEY = "sampling_seed"
 ClientInput = tuple[str, np.ndarray]
 
 
+def client_inputs(client_ids: Sequence[str], round_num: int,
+                  seed: int = 0) -> list[ClientInput]:
+  """A given cohort as round `round_num`'s client inputs: each id with the
+  seed `seeds.client_seed(seed, round_num, i)`, `i` its position in
+  `client_ids` (for benchmarks and tests that choose their cohort; a run's
+  sampler indexes clients in the whole population instead)."""
+  return [(client_id, seeds.client_seed(seed, round_num, index))
+          for index, client_id in enumerate(client_ids)]
+
+
 class ClientSampler(loop.Resumable):
   """The `training_selection_fn` of `loop.run_rounds`: round number ->
   `clients_per_round` `ClientInput`s of distinct clients.
