@@ -1,0 +1,170 @@
+"""What one small client costs in a client trainer, Grappler on and off in
+its sessions, interleaved in one process.
+
+    python scripts/bench_client_cost.py [--tfrecords_dir T] [--crop 64] \
+        [--clients 8] [--repeats 5] [--trace]
+
+Both trainers run the same compiled round (the product's learning process:
+ResNet-18 with GroupNorm, client SGD 0.1 with per-weight clipping, batch
+16, one epoch) from the same broadcast, on the `--clients` training users
+with the fewest images (ties by id; one image each on the real sample):
+"grappler on" with the session configuration the backends pass
+(`graph_runner.session_config`), "grappler off" as the client trainers use
+it on the CPU (`graph_runner.client_session_config`). Each repeat times
+every client on one trainer, then on the other; prints milliseconds per
+client (median of the repeats, every repeat beside it) and a checksum of
+each trainer's accumulator (the same computation gives the same sum).
+
+With `--trace`, one more client call on the "grappler off" trainer runs
+with TensorFlow's FULL_TRACE step statistics, and the op types that took
+the most time are printed (tracing slows the call down; read the shares).
+Without `--tfrecords_dir` a population of 40 users is generated
+(`benchmark.prepare.synthetic`) and prepared in a temporary directory.
+"""
+
+import collections
+import os
+import statistics
+import sys
+import tempfile
+import time
+from unittest import mock
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from benchmark.backends import factory
+from benchmark.backends import graph_runner
+from benchmark.core import constants
+from benchmark.data import label_sets
+from benchmark.data import pipeline
+from benchmark.training import cohorts
+from benchmark.training import config as config_lib
+from benchmark.training import fedavg
+from benchmark.training import models
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+_TFRECORDS_DIR = flags.DEFINE_string(
+    "tfrecords_dir", None, "Prepared TFRecords; default: a generated sample.")
+_CROP = flags.DEFINE_integer("crop", 64, "Square crop size in pixels.")
+_CLIENTS = flags.DEFINE_integer("clients", 8, "Clients timed per repeat.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Repeats of each trainer.")
+_TRACE = flags.DEFINE_boolean("trace", False,
+                              "Also print a step profile of one client.")
+
+
+def _smallest_users(tfrecords_dir: str, count: int) -> list[str]:
+  sizes = {client_id: sum(1 for _ in tf.data.TFRecordDataset(path))
+           for client_id, path in pipeline.partition_files(
+               tfrecords_dir, constants.TRAIN).items()}
+  return sorted(sizes, key=lambda u: (sizes[u], u))[:count]
+
+
+def _print_trace(trainer: graph_runner.ClientTrainer, broadcast,
+                 client_input) -> None:
+  """One traced client call; prints the op types with the most time."""
+  # pylint: disable=protected-access
+  runner = trainer._train
+  trainer.begin(broadcast)
+  client_id, seed = client_input
+  values = [np.array(client_id.encode()), np.asarray(seed), *broadcast,
+            *trainer._accumulator, *runner._token_values]
+  if runner._init is not None:
+    runner._init(*runner._token_values)
+  metadata = tf.compat.v1.RunMetadata()
+  runner._session.run(
+      runner.outputs, feed_dict=dict(zip(runner.feeds, values)),
+      options=tf.compat.v1.RunOptions(
+          trace_level=tf.compat.v1.RunOptions.FULL_TRACE),
+      run_metadata=metadata)
+  # pylint: enable=protected-access
+  by_type, count = collections.Counter(), collections.Counter()
+  for device in metadata.step_stats.dev_stats:
+    for node in device.node_stats:
+      op = node.timeline_label.split("(")[0].split("=")[-1].strip() or "?"
+      by_type[op] += node.all_end_rel_micros / 1000
+      count[op] += 1
+  total = sum(by_type.values())
+  print(f"traced client: {total:.1f} ms of op time; by op type:")
+  for op, ms in by_type.most_common(15):
+    print(f"  {ms:7.1f} ms {100 * ms / total:5.1f}% {count[op]:5d} ops  {op}")
+
+
+def _benchmark(tfrecords_dir: str) -> None:
+  config = config_lib.build(config_lib.FederatedConfig, dict(
+      tfrecords_dir=tfrecords_dir, save_model_dir=tempfile.gettempdir(),
+      client_epochs_per_round=1, client_batch_size=16,
+      clients_per_round=_CLIENTS.value, image_height=_CROP.value,
+      image_width=_CROP.value, show_progress=False))
+  label_spec = label_sets.load_label_spec(tfrecords_dir)
+  train = pipeline.load_partition(tfrecords_dir, constants.TRAIN, label_spec)
+  cohort = cohorts.client_inputs(
+      _smallest_users(tfrecords_dir, _CLIENTS.value), 1)
+  weights = models.model_weights(
+      models.build_model(config.model, label_spec.num_outputs))
+  process = fedavg.build_learning_process(config, label_spec, train,
+                                          tff.aggregators.MeanFactory())
+  with factory.open_backend("inprocess", process, len(cohort)) as backend:
+    backend.set_state(backend.initialize(weights))
+    # pylint: disable-next=protected-access
+    compiled, state = backend._compiled, backend._state
+    broadcast = backend._server.prepare(state)  # pylint: disable=protected-access
+  config = graph_runner.session_config(0)
+  with mock.patch.object(
+      graph_runner, "client_session_config", lambda c, d: c):
+    on = graph_runner.ClientTrainer(compiled.client_pieces, "/device:CPU:0",
+                                    config)
+  off = graph_runner.ClientTrainer(compiled.client_pieces, "/device:CPU:0",
+                                   config)
+  trainers = {"grappler on": on, "grappler off": off}
+  times = {name: [] for name in trainers}
+  for trainer in trainers.values():  # Warm-up: the sessions' first run.
+    trainer.begin(broadcast)
+    trainer.train(cohort[0])
+  for _ in range(_REPEATS.value):
+    for name, trainer in trainers.items():
+      trainer.begin(broadcast)
+      start = time.perf_counter()
+      for client_input in cohort:
+        trainer.train(client_input)
+      times[name].append(1000 * (time.perf_counter() - start) / len(cohort))
+  for name, trainer in trainers.items():
+    checksum = sum(float(np.sum(a, dtype=np.float64)) for a in trainer.end())
+    print(f"{name:13s} {statistics.median(times[name]):7.1f} ms per client "
+          f"(repeats: {' '.join(f'{t:.0f}' for t in times[name])}); "
+          f"accumulator checksum {checksum:.10g}")
+  print(f"ratio off / on: "
+        f"{statistics.median(times['grappler off']) / statistics.median(times['grappler on']):.3f}")
+  if _TRACE.value:
+    _print_trace(off, broadcast, cohort[0])
+  for trainer in trainers.values():
+    trainer.close()
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  if _TFRECORDS_DIR.value:
+    _benchmark(_TFRECORDS_DIR.value)
+    return
+  from benchmark.prepare import synthetic  # pylint: disable=g-import-not-at-top
+  from benchmark.prepare import tfrecords  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as root:
+    synthetic.generate(os.path.join(root, "dataset"), num_users=40, seed=0)
+    tfrecords.prepare(os.path.join(root, "dataset"),
+                      os.path.join(root, "tfrecords"), show_progress=False)
+    _benchmark(os.path.join(root, "tfrecords"))
+
+
+if __name__ == "__main__":
+  app.run(main)
