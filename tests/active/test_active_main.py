@@ -212,20 +212,35 @@ def test_a_killed_run_resumes_to_the_same_run(prepared_sample_dir,
   _assert_same_run(whole_dir, tmp_path)
 
 
+@pytest.fixture(scope="module")
+def entropy_run(prepared_sample_dir, tmp_path_factory):
+  """An in-process entropy run of two cycles: its directory."""
+  save_dir = tmp_path_factory.mktemp("active") / "entropy"
+  _run(prepared_sample_dir, save_dir, num_cycles=2, strategy="entropy")
+  return save_dir
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["kafal", "entropy"])
 @pytest.mark.parametrize("backend", [constants.BACKEND_RAY,
                                      constants.BACKEND_TFF_WORKER])
 def test_ray_and_the_tff_worker_make_the_same_choices(
-    prepared_sample_dir, whole_run, tmp_path, backend):
+    prepared_sample_dir, request, tmp_path, backend, strategy):
   """Two cycles (one choice: cycle 1's scores and selection run on the
-  backend too) with --backend ray (a local Ray) or tff_worker end as the
-  first two cycles of the in-process `whole_run`: the same seed sets and
-  chosen images per user, each cycle's counts and val/test metrics within
-  rtol 1e-4 (the backends add client updates in another order, which
-  changes weights in the last bits: tests/round_harness.py)."""
-  whole_dir, _ = whole_run
-  _run(prepared_sample_dir, tmp_path, num_cycles=2, backend=backend)
-  _assert_same_run(whole_dir, tmp_path, num_cycles=2, rtol=1e-4)
+  backend too; kafal's clients train, score and compensate, entropy's only
+  score with the global model) with --backend ray (a local Ray) or
+  tff_worker end as the first two cycles of the in-process run of the same
+  strategy: the same seed sets and chosen images per user, each cycle's
+  counts and val/test metrics within rtol 1e-4 (the backends add client
+  updates in another order, which changes weights in the last bits:
+  tests/round_harness.py). (`random` trains as entropy does and chooses
+  without the backend.)"""
+  expected_dir = (request.getfixturevalue("whole_run")[0]
+                  if strategy == "kafal"
+                  else request.getfixturevalue("entropy_run"))
+  _run(prepared_sample_dir, tmp_path, num_cycles=2, backend=backend,
+       strategy=strategy)
+  _assert_same_run(expected_dir, tmp_path, num_cycles=2, rtol=1e-4)
 
 
 def test_bad_flags_are_refused_naming_the_flag(prepared_sample_dir,
