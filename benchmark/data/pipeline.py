@@ -254,16 +254,20 @@ def augmented(dataset: tf.data.Dataset, seed: tf.Tensor,
               crop_size: Sequence[int]) -> tf.data.Dataset:
   """`dataset`'s `(image, label)` examples with each image augmented
   (`augmentation.augment`), example `i` from seed
-  `augmentation.example_seeds(seed, i)`; order and labels unchanged."""
+  `augmentation.example_seeds(seed, i)`; order and labels unchanged.
+
+  The map is sequential: a crop and a flip cost little beside the JPEG
+  decoding (parallel in `create_dataset_fn`), and a parallel map here made
+  every client's iterator about 20 ms slower to run through on the CPU,
+  most of a one-image client's input cost (docs/performance.md, "Per-client
+  cost"); the elements are the same either way."""
 
   def augment_one(index, example):
     image, label = example
     return augmentation.augment(
         image, augmentation.example_seeds(seed, index), crop_size), label
 
-  return dataset.enumerate().map(augment_one,
-                                 num_parallel_calls=tf.data.AUTOTUNE,
-                                 deterministic=True)
+  return dataset.enumerate().map(augment_one)
 
 
 def create_eval_preprocess_fn(batch_size: int) -> PreprocessFn:
