@@ -1,23 +1,29 @@
-"""What one small client costs in a client trainer, Grappler on and off in
-its sessions, interleaved in one process.
+"""What one small client costs in a client trainer, two trainers
+interleaved in one process.
 
     python scripts/bench_client_cost.py [--tfrecords_dir T] [--crop 64] \
-        [--clients 8] [--repeats 5] [--trace]
+        [--clients 8] [--repeats 5] [--compare resident|grappler] [--trace]
 
 Both trainers run the same compiled round (the product's learning process:
 ResNet-18 with GroupNorm, client SGD 0.1 with per-weight clipping, batch
 16, one epoch) from the same broadcast, on the `--clients` training users
-with the fewest images (ties by id; one image each on the real sample):
-"grappler on" with the session configuration the backends pass
-(`graph_runner.session_config`), "grappler off" as the client trainers use
-it on the CPU (`graph_runner.client_session_config`). Each repeat times
-every client on one trainer, then on the other; prints milliseconds per
-client (median of the repeats, every repeat beside it) and a checksum of
-each trainer's accumulator (the same computation gives the same sum).
+with the fewest images (ties by id; one image each on the real sample).
+`--compare resident` (the default): "fed", a trainer that feeds the
+broadcast and the running accumulator into every client's session call and
+fetches the accumulator back (how `graph_runner.ClientTrainer` worked
+before), against "resident", the product's `ClientTrainer` (the broadcast
+and the sum stay in the session's variables for the round); both with the
+clients' session configuration (`graph_runner.client_session_config`).
+`--compare grappler`: the product's trainer with the sessions' Grappler on
+(`graph_runner.session_config` as the backends pass it) and off (as the
+client trainers use it on the CPU). Each repeat times every client on one
+trainer, then on the other; prints milliseconds per client (median of the
+repeats, every repeat beside it) and a checksum of each trainer's
+accumulator (the same computation gives the same sum).
 
-With `--trace`, one more client call on the "grappler off" trainer runs
-with TensorFlow's FULL_TRACE step statistics, and the op types that took
-the most time are printed (tracing slows the call down; read the shares).
+With `--trace`, one more client on the product's trainer runs with
+TensorFlow's FULL_TRACE step statistics, and the op types that took the
+most time are printed (tracing slows the call down; read the shares).
 Without `--tfrecords_dir` a population of 40 users is generated
 (`benchmark.prepare.synthetic`) and prepared in a temporary directory.
 """
@@ -59,6 +65,10 @@ _TFRECORDS_DIR = flags.DEFINE_string(
 _CROP = flags.DEFINE_integer("crop", 64, "Square crop size in pixels.")
 _CLIENTS = flags.DEFINE_integer("clients", 8, "Clients timed per repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Repeats of each trainer.")
+_COMPARE = flags.DEFINE_enum(
+    "compare", "resident", ["resident", "grappler"],
+    "resident: feeding the broadcast and the sum per client against keeping "
+    "them in the session; grappler: the sessions' Grappler on against off.")
 _TRACE = flags.DEFINE_boolean("trace", False,
                               "Also print a step profile of one client.")
 
@@ -70,20 +80,65 @@ def _smallest_users(tfrecords_dir: str, count: int) -> list[str]:
   return sorted(sizes, key=lambda u: (sizes[u], u))[:count]
 
 
+class _FedTrainer:
+  """The baseline of `--compare resident`: `work` chained into `accumulate`
+  in one graph, the broadcast and the accumulator fed into every client's
+  call and the new accumulator fetched back (the same pieces and ops as
+  `graph_runner.ClientTrainer`, without its resident variables)."""
+
+  # pylint: disable=protected-access
+  def __init__(self, pieces, device, config):
+    work, accumulate = pieces["work"], pieces["accumulate"]
+    self._zero = graph_runner.GraphRunner(pieces["zero"], device, config)
+    graph = tf.Graph()
+    with graph.as_default(), tf.device(device):
+      client = graph_runner._import_piece(work, "work", {})
+      fold = graph_runner._import_piece(accumulate, "accumulate", {
+          len(accumulate.parameter_names) - len(client.outputs) + i: t
+          for i, t in enumerate(client.outputs)})
+    tokens = [t for t in (client.token, fold.token) if t is not None]
+    self._session = tf.compat.v1.Session(graph=graph, config=config)
+    self._tokens = {t: graph_runner._SESSION_TOKEN for t in tokens}
+    self._inits = [op for op in (client.init_op, fold.init_op)
+                   if op is not None]
+    self._feeds, self._outputs = client.feeds + fold.feeds, fold.outputs
+    self._broadcast = self._accumulator = None
+
+  def begin(self, broadcast):
+    self._broadcast, self._accumulator = list(broadcast), self._zero()
+
+  def train(self, client_input):
+    client_id, *rest = client_input
+    values = [np.array(client_id.encode()), *map(np.asarray, rest),
+              *self._broadcast, *self._accumulator]
+    self._session.run(self._inits, self._tokens)
+    self._accumulator = self._session.run(
+        self._outputs, {**dict(zip(self._feeds, values)), **self._tokens})
+
+  def end(self):
+    return self._accumulator
+
+  def close(self):
+    self._zero.close()
+    self._session.close()
+  # pylint: enable=protected-access
+
+
 def _print_trace(trainer: graph_runner.ClientTrainer, broadcast,
                  client_input) -> None:
-  """One traced client call; prints the op types with the most time."""
+  """One traced client on the product's trainer; prints the op types with
+  the most time."""
   # pylint: disable=protected-access
-  runner = trainer._train
   trainer.begin(broadcast)
   client_id, seed = client_input
-  values = [np.array(client_id.encode()), np.asarray(seed), *broadcast,
-            *trainer._accumulator, *runner._token_values]
-  if runner._init is not None:
-    runner._init(*runner._token_values)
+  feeds = dict(zip(trainer._client_feeds,
+                   [np.array(client_id.encode()), np.asarray(seed)]))
+  feeds.update({t: graph_runner._SESSION_TOKEN
+                for t in trainer._train_tokens})
+  trainer._run_inits(trainer._train_inits, trainer._train_tokens)
   metadata = tf.compat.v1.RunMetadata()
-  runner._session.run(
-      runner.outputs, feed_dict=dict(zip(runner.feeds, values)),
+  trainer._session.run(
+      trainer._train, feed_dict=feeds,
       options=tf.compat.v1.RunOptions(
           trace_level=tf.compat.v1.RunOptions.FULL_TRACE),
       run_metadata=metadata)
@@ -98,6 +153,21 @@ def _print_trace(trainer: graph_runner.ClientTrainer, broadcast,
   print(f"traced client: {total:.1f} ms of op time; by op type:")
   for op, ms in by_type.most_common(15):
     print(f"  {ms:7.1f} ms {100 * ms / total:5.1f}% {count[op]:5d} ops  {op}")
+
+
+def _trainers(pieces) -> dict:
+  """The two trainers `--compare` names, baseline first."""
+  config = graph_runner.session_config(0)
+  product = graph_runner.ClientTrainer(pieces, "/device:CPU:0", config)
+  if _COMPARE.value == "resident":
+    return {"fed": _FedTrainer(pieces, "/device:CPU:0",
+                               graph_runner.client_session_config(
+                                   config, "/device:CPU:0")),
+            "resident": product}
+  with mock.patch.object(
+      graph_runner, "client_session_config", lambda c, d: c):
+    on = graph_runner.ClientTrainer(pieces, "/device:CPU:0", config)
+  return {"grappler on": on, "grappler off": product}
 
 
 def _benchmark(tfrecords_dir: str) -> None:
@@ -119,14 +189,8 @@ def _benchmark(tfrecords_dir: str) -> None:
     # pylint: disable-next=protected-access
     compiled, state = backend._compiled, backend._state
     broadcast = backend._server.prepare(state)  # pylint: disable=protected-access
-  config = graph_runner.session_config(0)
-  with mock.patch.object(
-      graph_runner, "client_session_config", lambda c, d: c):
-    on = graph_runner.ClientTrainer(compiled.client_pieces, "/device:CPU:0",
-                                    config)
-  off = graph_runner.ClientTrainer(compiled.client_pieces, "/device:CPU:0",
-                                   config)
-  trainers = {"grappler on": on, "grappler off": off}
+  trainers = _trainers(compiled.client_pieces)
+  names = list(trainers)
   times = {name: [] for name in trainers}
   for trainer in trainers.values():  # Warm-up: the sessions' first run.
     trainer.begin(broadcast)
@@ -140,13 +204,14 @@ def _benchmark(tfrecords_dir: str) -> None:
       times[name].append(1000 * (time.perf_counter() - start) / len(cohort))
   for name, trainer in trainers.items():
     checksum = sum(float(np.sum(a, dtype=np.float64)) for a in trainer.end())
-    print(f"{name:13s} {statistics.median(times[name]):7.1f} ms per client "
+    print(f"{name:12s} {statistics.median(times[name]):7.1f} ms per client "
           f"(repeats: {' '.join(f'{t:.0f}' for t in times[name])}); "
           f"accumulator checksum {checksum:.10g}")
-  print(f"ratio off / on: "
-        f"{statistics.median(times['grappler off']) / statistics.median(times['grappler on']):.3f}")
+  ratio = statistics.median(times[names[1]]) / statistics.median(
+      times[names[0]])
+  print(f"ratio {names[1]} / {names[0]}: {ratio:.3f}")
   if _TRACE.value:
-    _print_trace(off, broadcast, cohort[0])
+    _print_trace(trainers[names[1]], broadcast, cohort[0])
   for trainer in trainers.values():
     trainer.close()
 

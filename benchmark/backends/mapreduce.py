@@ -206,7 +206,7 @@ class ServerRunner:
                config: tf.compat.v1.ConfigProto):
     self._compiled = compiled
     self._runners = {
-        name: GraphRunner([compiled.pieces[name]], device, config)
+        name: GraphRunner(compiled.pieces[name], device, config)
         for name in ("initialize", "prepare", "merge", "report", "update",
                      "get_model_weights", "set_model_weights")}
 

@@ -18,6 +18,7 @@ from benchmark.backends import graph_runner
 from benchmark.backends import mapreduce
 from benchmark.backends import ray_actors
 from benchmark.core import constants
+from benchmark.core import errors
 from benchmark.core.errors import FlairInputError
 from benchmark.data import pipeline
 from benchmark.training import cohorts
@@ -147,30 +148,68 @@ def test_flat_values_round_trip_through_tff_types():
     mapreduce.from_flat(flat + [np.zeros(1)], type_spec)
 
 
-def test_graph_runner_runs_a_tff_computation_and_chains_two():
+def test_graph_runner_runs_a_tff_computation():
   @tff.tensorflow.computation(np.float32, np.float32)
   def add(x, y):
     return x + y
 
-  @tff.tensorflow.computation(np.float32, np.float32)
-  def scale(x, y):
-    return x * y
+  runner = graph_runner.GraphRunner(
+      graph_runner.GraphPiece.from_computation("add", add), None,
+      graph_runner.session_config(1))
+  assert runner(np.float32(2), np.float32(3)) == [5.0]
+  with pytest.raises(ValueError, match="takes 2 values"):
+    runner(np.float32(1))
+  runner.close()
 
-  config = graph_runner.session_config(1)
-  single = graph_runner.GraphRunner(
-      [graph_runner.GraphPiece.from_computation("add", add)], None, config)
-  assert single(np.float32(2), np.float32(3)) == [5.0]
-  # Chain: scale(x, add(a, b)); the chain takes add's (a, b) then x.
-  chain = graph_runner.GraphRunner(
-      [graph_runner.GraphPiece.from_computation("add", add),
-       graph_runner.GraphPiece.from_computation("scale", scale)],
-      None, config)
-  assert chain.num_parameters == 3
-  assert chain(np.float32(2), np.float32(3), np.float32(4)) == [20.0]
-  with pytest.raises(ValueError, match="takes 3 values"):
-    chain(np.float32(1))
-  single.close()
-  chain.close()
+
+def _toy_client_pieces() -> dict[str, graph_runner.GraphPiece]:
+  """`work`: a client (id, seed) and a broadcast `[3]` give the update
+  broadcast * float(id) + seed[0] (an id that is not a number fails, as
+  unreadable data does); `zero` and `accumulate` sum the updates."""
+  client_type = (tff.TensorType(np.str_), tff.TensorType(np.int64, [2]))
+
+  @tff.tensorflow.computation(client_type, tff.TensorType(np.float32, [3]))
+  def work(client, broadcast):
+    return (broadcast * tf.strings.to_number(client[0])
+            + tf.cast(client[1][0], tf.float32))
+
+  @tff.tensorflow.computation
+  def zero():
+    return tf.zeros([3], tf.float32)
+
+  @tff.tensorflow.computation(tff.TensorType(np.float32, [3]),
+                              tff.TensorType(np.float32, [3]))
+  def accumulate(total, update):
+    return total + update
+
+  return {name: graph_runner.GraphPiece.from_computation(name, computation)
+          for name, computation in (("work", work), ("zero", zero),
+                                    ("accumulate", accumulate))}
+
+
+def test_client_trainer_keeps_the_broadcast_and_the_sum_for_a_round():
+  """The broadcast set at `begin` serves every client of the round, each
+  update is added to the sum kept in the session, a failing client leaves
+  the sum as it was, and the next round starts from zero."""
+  pieces = _toy_client_pieces()
+  assert pieces["work"].parameter_groups == (2, 1)
+  assert pieces["accumulate"].parameter_groups == (1, 1)
+  trainer = graph_runner.ClientTrainer(pieces, None,
+                                       graph_runner.session_config(1))
+  trainer.begin([np.array([1, 2, 3], np.float32)])
+  trainer.train(("2", np.array([5, 0])))
+  with pytest.raises(errors.ClientDataError, match="bad"):
+    trainer.train(("bad", np.array([100, 0])))
+  trainer.train(("1", np.array([0, 0])))
+  np.testing.assert_array_equal(trainer.end(), [[8, 11, 14]])
+  assert trainer.clients_trained == 2
+  np.testing.assert_array_equal(trainer.end(), [[8, 11, 14]])  # Unchanged.
+  trainer.begin([np.array([1, 1, 1], np.float32)])
+  assert trainer.clients_trained == 0
+  np.testing.assert_array_equal(trainer.end(), [[0, 0, 0]])
+  trainer.train(("3", np.array([1, 0])))
+  np.testing.assert_array_equal(trainer.end(), [[4, 4, 4]])
+  trainer.close()
 
 
 def test_client_sessions_run_without_grappler_on_the_cpu_only():
