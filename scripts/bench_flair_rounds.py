@@ -6,8 +6,8 @@ pfl-research on the same users.
         [--synthetic_users 2000] \
         [--shapes largest:8:64,smallest:8,random:50,random:200] \
         [--crop 64] [--batch_size 16] [--max_elements_per_client 512] \
-        [--epochs 2] [--rounds 2] [--backend inprocess] [--seed 0] \
-        [--pfl_python PYTHON --pfl_driver bench_pfl.py]
+        [--epochs 2] [--rounds 2] [--backend inprocess] [--num_workers N] \
+        [--seed 0] [--pfl_python PYTHON --pfl_driver bench_pfl.py]
 
 FLAIR's training users hold a median of 2 images (quartiles 1 and 5), and a
 round samples its users uniformly, so a real round is many clients of a few
@@ -95,6 +95,9 @@ _EPOCHS = flags.DEFINE_integer("epochs", 2, "Client epochs per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "Timed rounds per cohort.")
 _BACKEND = flags.DEFINE_enum("backend", constants.BACKEND_INPROCESS,
                              constants.BACKENDS, "Our FedAvg backend.")
+_NUM_WORKERS = flags.DEFINE_integer(
+    "num_workers", None, "Clients trained at once by our backend "
+    "(`--num_workers` of the trainers); default: the backend's.")
 _KERAS = flags.DEFINE_boolean(
     "keras", True, "Also time Keras fit on each cohort's images.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random cohorts.")
@@ -240,7 +243,8 @@ def _benchmark(dataset_dir: str, tfrecords_dir: str, root: str) -> None:
       processes[cap] = fedavg.build_learning_process(
           config_lib.replace(config, max_elements_per_client=cap),
           label_spec, train_data, tff.aggregators.MeanFactory())
-    with factory.open_backend(_BACKEND.value, processes[cap], 1) as backend:
+    with factory.open_backend(_BACKEND.value, processes[cap], 1,
+                              num_workers=_NUM_WORKERS.value) as backend:
       backend.set_state(backend.initialize(weights))
       rows.append(_measure(name, users, cap, sizes, backend, keras,
                            train_data, config, label_spec, hdf5, root))

@@ -68,7 +68,7 @@ def _records(train_dir: str, client_id: tf.Tensor) -> tf.data.Dataset:
   """`(index int64, serialized record)` of the user's file."""
   path = tf.strings.join([train_dir, os.sep, client_id,
                           constants.TFRECORD_SUFFIX])
-  return tf.data.TFRecordDataset(path).enumerate()
+  return pipeline.enumerated(tf.data.TFRecordDataset(path))
 
 
 def _when(dataset: tf.data.Dataset, flag: tf.Tensor) -> tf.data.Dataset:
@@ -103,7 +103,7 @@ def _pool_images(records: tf.data.Dataset, labelled: tf.Tensor, parse,
   def mix(step, batch):
     return scores.mixup(batch, augmentation.example_seeds(mix_seed, step))
 
-  return batches.enumerate().map(mix)
+  return pipeline.enumerated(batches).map(mix)
 
 
 def _parsed(parse):
