@@ -232,7 +232,7 @@ class GraphRunner:
     self._session.close()
 
 
-def _resident(spec: tf.TensorSpec, name: str) -> tuple[tf.Tensor, Any]:
+def _resident(spec: tf.TensorSpec, name: str) -> tuple[tf.Tensor, tf.Tensor]:
   """A resource variable of `spec` in the default graph (uninitialised until
   assigned): returns its handle and a read of it."""
   handle = tf.raw_ops.VarHandleOp(dtype=spec.dtype, shape=spec.shape,
@@ -287,7 +287,8 @@ class ClientTrainer:
     self._broadcast_feeds = [
         tf.compat.v1.placeholder(read.dtype, read.shape)
         for _, read in broadcast]
-    self._begin_init = zero_piece.init_op
+    self._begin_inits = ([zero_piece.init_op]
+                         if zero_piece.init_op is not None else [])
     self._begin_tokens = ([zero_piece.token] if zero_piece.token is not None
                           else [])
     self._begin = tf.group(
@@ -325,8 +326,7 @@ class ClientTrainer:
   def begin(self, broadcast: Sequence[np.ndarray]) -> None:
     """Starts a round: sets the broadcast (flat, in `work`'s order) and a
     zero accumulator."""
-    self._run_inits([self._begin_init] if self._begin_init is not None else [],
-                    self._begin_tokens)
+    self._run_inits(self._begin_inits, self._begin_tokens)
     feeds = dict(zip(self._broadcast_feeds, broadcast))
     feeds.update({t: _SESSION_TOKEN for t in self._begin_tokens})
     self._session.run(self._begin, feeds)
