@@ -130,15 +130,10 @@ def _print_trace(trainer: graph_runner.ClientTrainer, broadcast,
   the most time."""
   # pylint: disable=protected-access
   trainer.begin(broadcast)
-  client_id, seed = client_input
-  feeds = dict(zip(trainer._client_feeds,
-                   [np.array(client_id.encode()), np.asarray(seed)]))
-  feeds.update({t: graph_runner._SESSION_TOKEN
-                for t in trainer._train_tokens})
   trainer._run_inits(trainer._train_inits, trainer._train_tokens)
   metadata = tf.compat.v1.RunMetadata()
   trainer._session.run(
-      trainer._train, feed_dict=feeds,
+      trainer._train, feed_dict=trainer._client_feeds_of(client_input),
       options=tf.compat.v1.RunOptions(
           trace_level=tf.compat.v1.RunOptions.FULL_TRACE),
       run_metadata=metadata)

@@ -74,7 +74,7 @@ class GraphPiece:
   result_names: tuple[str, ...]
   initialize_op: str
   session_token_name: str
-  parameter_groups: tuple[int, ...] = ()
+  parameter_groups: tuple[int, ...]
 
   @classmethod
   def from_computation(cls, name: str, computation) -> "GraphPiece":
@@ -289,8 +289,8 @@ class ClientTrainer:
         for _, read in broadcast]
     self._begin_inits = ([zero_piece.init_op]
                          if zero_piece.init_op is not None else [])
-    self._begin_tokens = ([zero_piece.token] if zero_piece.token is not None
-                          else [])
+    self._begin_tokens = {t: _SESSION_TOKEN for t in (zero_piece.token,)
+                          if t is not None}
     self._begin = tf.group(
         *(tf.raw_ops.AssignVariableOp(resource=handle, value=value)
           for (handle, _), value in zip(broadcast, self._broadcast_feeds)),
@@ -316,19 +316,28 @@ class ClientTrainer:
     self._client_feeds = client.feeds
     self._train_inits = [op for op in (client.init_op, fold.init_op)
                          if op is not None]
-    self._train_tokens = [t for t in (client.token, fold.token)
-                          if t is not None]
+    self._train_tokens = {t: _SESSION_TOKEN
+                          for t in (client.token, fold.token) if t is not None}
 
-  def _run_inits(self, inits: list, tokens: list) -> None:
+  def _run_inits(self, inits: list, tokens: dict) -> None:
     if inits:
-      self._session.run(inits, {t: _SESSION_TOKEN for t in tokens})
+      self._session.run(inits, tokens)
+
+  def _client_feeds_of(self, client_input: Sequence[Any]) -> dict:
+    """The feeds of `train`'s run: the client's input (flattened: id
+    first) and the session tokens."""
+    client_id, *rest = client_input
+    feeds = dict(zip(self._client_feeds,
+                     [np.array(client_id.encode()), *map(np.asarray, rest)]))
+    feeds.update(self._train_tokens)
+    return feeds
 
   def begin(self, broadcast: Sequence[np.ndarray]) -> None:
     """Starts a round: sets the broadcast (flat, in `work`'s order) and a
     zero accumulator."""
     self._run_inits(self._begin_inits, self._begin_tokens)
     feeds = dict(zip(self._broadcast_feeds, broadcast))
-    feeds.update({t: _SESSION_TOKEN for t in self._begin_tokens})
+    feeds.update(self._begin_tokens)
     self._session.run(self._begin, feeds)
     self.clients_trained = 0
 
@@ -344,16 +353,12 @@ class ClientTrainer:
       errors.ClientDataError: TensorFlow failed on this client (unreadable or
         corrupt data); the accumulator is left as it was.
     """
-    client_id, *rest = client_input
-    feeds = dict(zip(self._client_feeds,
-                     [np.array(client_id.encode()), *map(np.asarray, rest)]))
-    feeds.update({t: _SESSION_TOKEN for t in self._train_tokens})
     try:
       self._run_inits(self._train_inits, self._train_tokens)
-      self._session.run(self._train, feeds)
+      self._session.run(self._train, self._client_feeds_of(client_input))
     except tf.errors.OpError as e:
-      raise errors.ClientDataError(
-          client_id, (e.message or str(e)).strip().splitlines()[0]) from None
+      detail = (e.message or str(e)).strip().splitlines()[0]
+      raise errors.ClientDataError(client_input[0], detail) from None
     self.clients_trained += 1
 
   def end(self) -> list[np.ndarray]:
