@@ -66,12 +66,11 @@ def create_parse_fn(label_spec: label_sets.LabelSpec
     image = tf.ensure_shape(image, constants.IMAGE_SHAPE)
     indices = parsed[label_spec.feature_key].values
     checks = [
-        tf.debugging.assert_non_negative(
-            indices, message="negative label index in a TFRecord"),
-        tf.debugging.assert_less(
-            indices, tf.constant(num_labels, tf.int64),
-            message=f"label index >= {num_labels} in a TFRecord "
-            "(does the label index JSON match the records?)"),
+        _check(tf.reduce_all(indices >= 0),
+               "negative label index in a TFRecord", indices),
+        _check(tf.reduce_all(indices < num_labels),
+               f"label index >= {num_labels} in a TFRecord (does the label "
+               "index JSON match the records?)", indices),
     ]
     with tf.control_dependencies(checks):
       if binary_index is not None:
@@ -86,6 +85,20 @@ def create_parse_fn(label_spec: label_sets.LabelSpec
     return image, label
 
   return parse
+
+
+def _check(condition: tf.Tensor, message: str,
+           values: tf.Tensor) -> tf.Operation:
+  """An op that fails with `InvalidArgumentError` ("assertion failed:
+  [message] [values...]") when the boolean scalar `condition` is false.
+
+  TensorFlow's `tf.debugging.assert_*` put their `Assert` in a `tf.cond`,
+  whose two branches are functions of their own; a client's dataset
+  instantiates the functions of its map anew for every client, and those
+  branches cost about 1.3 ms per check and client (docs/performance.md,
+  "Per-client cost"). The plain `Assert` op checks the same."""
+  return tf.raw_ops.Assert(condition=condition,
+                           data=[tf.constant(message), values], summarize=8)
 
 
 def create_dataset_fn(

@@ -60,6 +60,20 @@ def test_the_same_seed_gives_the_same_image():
                                 augmentation.augment(image, seed, CROP))
 
 
+def test_the_flip_is_tensorflows_stateless_random_flip():
+  """`augment`'s cond-free flip draws and flips exactly as
+  `tf.image.stateless_random_flip_left_right`."""
+  image = _image()[:9, :11]
+  flips = 0
+  for i in range(40):
+    seed = tf.constant([3, i], tf.int64)
+    ours = augmentation._flip_left_right(image, seed)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(
+        ours, tf.image.stateless_random_flip_left_right(image, seed))
+    flips += not np.array_equal(ours, image)
+  assert 5 < flips < 35  # Both outcomes were compared.
+
+
 def _client_images(seed, num_epochs=1):
   """The images one client trains on (3 examples, its seed), in order."""
   images = tf.data.Dataset.from_tensor_slices(

@@ -230,15 +230,18 @@ def test_val_and_dev_together_are_ambiguous(tmp_path):
   assert pipeline.partition_files(root, "train")
 
 
-def test_label_index_out_of_range_fails(tmp_path, tiny_dir):
+@pytest.mark.parametrize("index, message", [
+    (len(COARSE), f"label index >= {len(COARSE)} in a TFRecord"),
+    (-1, "negative label index in a TFRecord")])
+def test_label_index_out_of_range_fails(tmp_path, tiny_dir, index, message):
   root = str(tmp_path / "bad")
   os.makedirs(os.path.join(root, "train"))
   path = os.path.join(root, "train", "u" + constants.TFRECORD_SUFFIX)
   with tf.io.TFRecordWriter(path) as writer:
-    writer.write(formats.encode_example(_jpeg(0), [len(COARSE)], [0]))
+    writer.write(formats.encode_example(_jpeg(0), [index], [0]))
   cd = pipeline.load_partition(root, "train",
                                label_sets.load_label_spec(tiny_dir))
-  with pytest.raises(tf.errors.InvalidArgumentError, match="label index"):
+  with pytest.raises(tf.errors.InvalidArgumentError, match=message):
     _elements(cd, "u")
 
 
