@@ -2,12 +2,16 @@
 interleaved in one process.
 
     python scripts/bench_client_cost.py [--tfrecords_dir T] [--crop 64] \
-        [--clients 8] [--repeats 5] [--compare resident|grappler] [--trace]
+        [--clients 8] [--repeats 5] [--epochs 1] \
+        [--compare resident|grappler] [--trace]
 
 Both trainers run the same compiled round (the product's learning process:
 ResNet-18 with GroupNorm, client SGD 0.1 with per-weight clipping, batch
-16, one epoch) from the same broadcast, on the `--clients` training users
-with the fewest images (ties by id; one image each on the real sample).
+16, `--epochs` epochs) from the same broadcast, on the `--clients` training
+users with the fewest images (ties by id; one image each on the real
+sample). A one-image client takes one step per epoch, so the difference
+between `--epochs 2` and `--epochs 1` is what one more step of one image
+costs, the step's passes over the whole model included.
 `--compare resident` (the default): "fed", a trainer that feeds the
 broadcast and the running accumulator into every client's session call and
 fetches the accumulator back (how `graph_runner.ClientTrainer` worked
@@ -23,7 +27,12 @@ accumulator (the same computation gives the same sum).
 
 With `--trace`, one more client on the product's trainer runs with
 TensorFlow's FULL_TRACE step statistics, and the op types that took the
-most time are printed (tracing slows the call down; read the shares).
+most time are printed (tracing slows the call down; read the shares);
+then, untraced, how long the client's graph takes run up to each of its
+stages (the iterator made, the training loop ended, the model delta
+checked, the whole client), and what one elementwise pass over the whole
+model (a `Sub` of two copies of the broadcast's weights) takes: the unit
+of the client update's per-step and per-client passes.
 Without `--tfrecords_dir` a population of 40 users is generated
 (`benchmark.prepare.synthetic`) and prepared in a temporary directory.
 """
@@ -65,6 +74,7 @@ _TFRECORDS_DIR = flags.DEFINE_string(
 _CROP = flags.DEFINE_integer("crop", 64, "Square crop size in pixels.")
 _CLIENTS = flags.DEFINE_integer("clients", 8, "Clients timed per repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Repeats of each trainer.")
+_EPOCHS = flags.DEFINE_integer("epochs", 1, "Client epochs per round.")
 _COMPARE = flags.DEFINE_enum(
     "compare", "resident", ["resident", "grappler"],
     "resident: feeding the broadcast and the sum per client against keeping "
@@ -150,6 +160,55 @@ def _print_trace(trainer: graph_runner.ClientTrainer, broadcast,
     print(f"  {ms:7.1f} ms {100 * ms / total:5.1f}% {count[op]:5d} ops  {op}")
 
 
+def _print_stages(trainer: graph_runner.ClientTrainer, broadcast,
+                  client_input) -> None:
+  """Untraced: the median time of running the product's trainer's client
+  graph only up to each stage's ops (TensorFlow runs just what those
+  need): the dataset's iterator made, the training loop ended (the
+  dataset read and the steps), the model delta's finiteness checked, and
+  the whole client (with the weighting and the sum)."""
+  # pylint: disable=protected-access
+  operations = trainer._graph.get_operations()
+  stages = {
+      "iterator made": [op for op in operations if op.type == "MakeIterator"],
+      "loop ended (data and steps)": [
+          op for op in operations
+          if op.type == "Exit" and op.name.startswith("work/")],
+      "delta checked (finite)": [
+          op for op in operations
+          if op.type == "All" and op.name.startswith("work/")],
+      "whole client": [trainer._train],
+  }
+  feeds = trainer._client_feeds_of(client_input)
+  trainer.begin(broadcast)
+  print("untraced, run up to each stage (median of 15):")
+  for name, targets in stages.items():
+    times = []
+    for _ in range(15):
+      start = time.perf_counter()
+      trainer._session.run(targets, feeds)
+      times.append(1000 * (time.perf_counter() - start))
+    print(f"  {statistics.median(times):7.1f} ms  {name} ({len(targets)} ops)")
+  # pylint: enable=protected-access
+
+
+def _print_model_pass(broadcast) -> None:
+  """Prints the median time of `a - b` over every weight of `broadcast`
+  (one elementwise pass over the model, as TensorFlow runs it here)."""
+  weights = [tf.constant(a) for a in broadcast if a.dtype == np.float32]
+  others = [w + 1 for w in weights]
+  model_pass = tf.function(lambda: [a - b for a, b in zip(weights, others)])
+  model_pass()
+  times = []
+  for _ in range(21):
+    start = time.perf_counter()
+    model_pass()
+    times.append(1000 * (time.perf_counter() - start))
+  floats = sum(int(np.prod(w.shape)) for w in weights)
+  print(f"one elementwise pass over the model ({floats / 1e6:.1f}M floats, "
+        f"{4 * floats / 1e6:.0f} MB): {statistics.median(times):.1f} ms")
+
+
 def _trainers(pieces) -> dict:
   """The two trainers `--compare` names, baseline first."""
   config = graph_runner.session_config(0)
@@ -168,7 +227,7 @@ def _trainers(pieces) -> dict:
 def _benchmark(tfrecords_dir: str) -> None:
   config = config_lib.build(config_lib.FederatedConfig, dict(
       tfrecords_dir=tfrecords_dir, save_model_dir=tempfile.gettempdir(),
-      client_epochs_per_round=1, client_batch_size=16,
+      client_epochs_per_round=_EPOCHS.value, client_batch_size=16,
       clients_per_round=_CLIENTS.value, image_height=_CROP.value,
       image_width=_CROP.value, show_progress=False))
   label_spec = label_sets.load_label_spec(tfrecords_dir)
@@ -207,6 +266,8 @@ def _benchmark(tfrecords_dir: str) -> None:
   print(f"ratio {names[1]} / {names[0]}: {ratio:.3f}")
   if _TRACE.value:
     _print_trace(trainers[names[1]], broadcast, cohort[0])
+    _print_stages(trainers[names[1]], broadcast, cohort[0])
+    _print_model_pass(broadcast)
   for trainer in trainers.values():
     trainer.close()
 
